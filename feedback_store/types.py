@@ -1,0 +1,67 @@
+"""Plain records that cross the store's boundary (no SQLAlchemy, FastAPI or torch types)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class NewChoice:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]  # of the sampled tokens, as sampled (after temperature / top-p)
+    finish_reason: str  # "stop" or "length"
+
+
+@dataclass(frozen=True)
+class NewCompletion:
+    """One served request with all its choices, stored in one transaction."""
+
+    id: str  # the response id ("chatcmpl-..." or "cmpl-..."), used by feedback
+    kind: Literal["chat", "text"]
+    prompt_text: str  # the rendered prompt (chat template applied for chat)
+    prompt_token_ids: list[int]
+    messages: list[dict[str, Any]] | None  # the chat messages, None for text prompts
+    model: str  # served model name
+    policy_version: str  # e.g. "policy-3"
+    params: dict[str, Any]  # sampling parameters as requested (temperature, top_p, n, ...)
+    choices: list[NewChoice]
+    user: str | None = None
+    created_at: float | None = None  # unix seconds; now when None
+
+
+@dataclass(frozen=True)
+class PreferenceGroup:
+    """Answers to one prompt, best first: a ranking of K, or an up/down thumbs pair (K = 2).
+
+    The reward model trains on all K-choose-2 pairs of a group as one element (InstructGPT).
+    """
+
+    prompt_token_ids: list[int]
+    answers: list[list[int]]  # token ids of each answer, best first
+    source: Literal["ranking", "thumbs"]
+
+
+@dataclass(frozen=True)
+class ThumbExample:
+    """A thumbs rating with no opposite rating on the same prompt: a pointwise label."""
+
+    prompt_token_ids: list[int]
+    answer_token_ids: list[int]
+    label: bool  # True for "up"
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: int
+    prompt_token_ids: list[int]
+    prompt_text: str
+    messages: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class RewardData:
+    groups: list[PreferenceGroup] = field(default_factory=list)
+    thumbs: list[ThumbExample] = field(default_factory=list)

@@ -1,0 +1,165 @@
+"""Policy checkpoint directories: written atomically, sealed with a manifest, verified on load.
+
+A checkpoint is a complete Hugging Face model directory plus ``flywheel_manifest.json``::
+
+    {"version": "policy-3", "parent": "policy-2", "sha256": "<digest of every other file>",
+     "files": {"model.safetensors": "<sha256>", ...}, "created_at": "...", "base_model": "..."}
+
+It is written under a temporary name in the same parent directory and renamed into place, so a
+reader sees either nothing or the whole directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+MANIFEST_NAME = "flywheel_manifest.json"
+_CHUNK = 1 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or does not match its digest."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    sha256: str
+    files: dict[str, str]
+    parent: str | None = None
+    created_at: str = ""
+    base_model: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _payload_files(directory: Path) -> list[Path]:
+    return sorted(
+        p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_NAME
+    )
+
+
+def directory_digest(files: dict[str, str]) -> str:
+    """One digest over (relative path, file digest) pairs, in path order."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode())
+        digest.update(b"\0")
+        digest.update(files[name].encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def seal(directory: Path, version: str, parent: str | None = None,
+         base_model: str | None = None) -> Manifest:
+    """Hash every file of ``directory`` and write its manifest; returns the manifest."""
+    files = {str(p.relative_to(directory)): file_sha256(p) for p in _payload_files(directory)}
+    manifest = Manifest(
+        version=version,
+        sha256=directory_digest(files),
+        files=files,
+        parent=parent,
+        created_at=datetime.now(timezone.utc).isoformat(),
+        base_model=base_model,
+    )
+    (directory / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+        return Manifest(**data)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{directory}: no {MANIFEST_NAME}") from exc
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{directory}: unreadable manifest: {exc}") from exc
+
+
+def verify(directory: str | Path, expected_sha256: str | None = None,
+           expected_version: str | None = None) -> Manifest:
+    """Check that ``directory`` is complete and matches its manifest (and the announced digest).
+
+    Raises ``CheckpointError`` naming the first mismatch.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    manifest = read_manifest(directory)
+    if expected_version is not None and manifest.version != expected_version:
+        raise CheckpointError(
+            f"{directory}: manifest is for {manifest.version}, expected {expected_version}"
+        )
+    if expected_sha256 is not None and manifest.sha256 != expected_sha256:
+        raise CheckpointError(f"{directory}: manifest digest differs from the announced one")
+    actual = {str(p.relative_to(directory)) for p in _payload_files(directory)}
+    if actual != set(manifest.files):
+        missing = sorted(set(manifest.files) - actual)
+        extra = sorted(actual - set(manifest.files))
+        raise CheckpointError(f"{directory}: files differ from manifest (missing {missing}, "
+                              f"unexpected {extra})")
+    for name, sha in manifest.files.items():
+        if file_sha256(directory / name) != sha:
+            raise CheckpointError(f"{directory}: {name} does not match its digest")
+    if directory_digest(manifest.files) != manifest.sha256:
+        raise CheckpointError(f"{directory}: manifest digest is inconsistent")
+    return manifest
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``final`` to fill; rename it into place on success.
+
+    On any exception the temporary directory is removed and ``final`` is untouched.
+    """
+    final = Path(final)
+    if final.exists():
+        raise CheckpointError(f"{final} already exists")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(directory: Path) -> None:
+    for p in directory.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,151 @@
+"""One settings tree, built once at start-up and passed down (env prefix ``FLYWHEEL_``, YAML file)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class RewardConfig(BaseModel):
+    """Reward-model training (Bradley-Terry on rankings and thumbs pairs, logistic on lone thumbs)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    lr: float = 5e-5  # OAI-2019 RM learning rate; small models tolerate it
+    epochs: int = 2  # few passes: InstructGPT saw RMs overfit after one epoch over correlated pairs
+    batch_size: int = 16  # groups (one ranking = one group) per optimiser step
+    pointwise_weight: float = 0.5  # weight of the logistic term for thumbs without a partner
+    holdout_fraction: float = 0.2  # share of groups kept out for `reward/accuracy`
+    max_grad_norm: float = 1.0  # gradient clipping, as every reference does
+    weight_decay: float = 0.0  # the trunk is small; decay only slows a few-step run
+    seed: int = 0  # split and shuffling are reproducible
+
+
+class PPOConfig(BaseModel):
+    """PPO on the policy (defaults from ../shared/reference/rlhf-anchors.md, section 2)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kl_coef: float = 0.05  # per-token k1 penalty to the frozen reference (N+, TRL)
+    adaptive_kl: bool = False  # Ziegler controller; off by default in most frameworks
+    kl_target: float = 6.0  # target KL (nats per sequence) for the adaptive controller
+    kl_horizon: int = 10_000  # adaptive controller horizon
+    gamma: float = 1.0  # no discounting within an answer (every reference)
+    lam: float = 0.95  # GAE lambda (OAI, N+, TRL, DeepSpeed-Chat)
+    cliprange: float = 0.2  # policy ratio clip epsilon
+    cliprange_value: float = 0.2  # value clip around the rollout values
+    vf_coef: float = 0.1  # value-loss weight in the joint loss
+    entropy_coef: float = 0.0  # no entropy bonus by default (every reference)
+    missing_eos_penalty: float = 1.0  # subtracted from the RM score of answers that never stop
+    ppo_epochs: int = 4  # passes over each rollout batch (OAI, N+, TRL)
+    num_minibatches: int = 2  # minibatches per epoch
+    rollout_batch_size: int = 32  # prompts x samples per PPO step
+    steps: int = 8  # PPO steps (rollout + update) per training cycle
+    lr: float = 1e-5  # policy learning rate; small models need more than 1e-6
+    critic_lr: float = 5e-5  # critic learns ~10x faster than the policy
+    max_grad_norm: float = 1.0  # gradient clipping
+    target_kl: float | None = 0.1  # stop the epochs of a step early past this approx KL
+    max_new_tokens: int = 48  # rollout length bound
+    temperature: float = 1.0  # sample rollouts from the policy as served
+    whiten_rewards: bool = False  # TRL default; advantages are whitened regardless
+    use_lora: bool = False  # peft LoRA adapters for large models
+    lora_rank: int = 16  # LoRA rank when use_lora
+    seed: int = 0
+
+
+class TrainSettings(BaseModel):
+    """When and how the worker trains."""
+
+    min_new_feedback: int = 64  # feedback events that trigger a cycle
+    poll_seconds: float = 2.0  # how often the worker looks for new feedback
+    eval_prompts: int = 32  # held-out prompts for the gate
+    kl_budget: float = 10.0  # nats per answer: candidates drifting further from the base are rejected
+    min_improvement: float = 0.0  # mean RM score gain over the active policy needed to publish
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk besides the active one
+    lock_ttl_seconds: float = 30.0  # leader lock lifetime, renewed at a third of it
+    device: str = "auto"  # "cpu", "cuda" or "auto"
+
+
+class Settings(BaseSettings):
+    """Everything a Flywheel process needs; see ../CONTRACT.md for the public names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="ignore", frozen=True
+    )
+
+    data_dir: Path = Path(".flywheel")
+    database_url: str = ""  # default: sqlite:///<data_dir>/flywheel.db
+    redis_url: str = ""  # default: embedded Redis under `flywheel up`; none for `serve`
+    redis_namespace: str = "flywheel"  # prefix of every Redis key and channel
+    model: str = ""  # default: <data_dir>/models/base (the demo model)
+    served_model_name: str = "flywheel"
+    engine: Literal["transformers", "vllm"] = "transformers"
+    device: str = "auto"  # "cpu", "cuda", "cuda:1" or "auto"
+    dtype: str = "auto"  # "float32", "bfloat16", "float16" or "auto" (fp32 on CPU, bf16 on GPU)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: str = ""  # comma-separated bearer keys; empty: no auth
+    admin_key: str = ""
+    checkpoint_dir: Path | None = None  # default: <data_dir>/checkpoints
+    max_batch_size: int = 32  # sequences decoded together by the transformers engine
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    stream_interval_ms: float = 0.0  # coalesce stream deltas produced within this window
+    gpu_memory_utilization: float = 0.85  # vLLM only
+    log_level: str = "info"
+
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+    @model_validator(mode="after")
+    def _derive_defaults(self) -> Settings:
+        data_dir = self.data_dir
+        derived: dict[str, object] = {}
+        if not self.database_url:
+            derived["database_url"] = f"sqlite:///{(data_dir / 'flywheel.db').resolve()}"
+        if not self.model:
+            derived["model"] = str((data_dir / "models" / "base").resolve())
+        if self.checkpoint_dir is None:
+            derived["checkpoint_dir"] = (data_dir / "checkpoints").resolve()
+        for key, value in derived.items():
+            object.__setattr__(self, key, value)
+        return self
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def base_model_dir(self) -> Path:
+        return Path(self.model)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("FLYWHEEL_CONFIG")
+        if config_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
+    """Build the settings tree: explicit overrides, then environment, then the YAML file."""
+    if config_file is not None:
+        os.environ["FLYWHEEL_CONFIG"] = str(config_file)
+    return Settings(**overrides)  # type: ignore[arg-type]
