@@ -84,6 +84,13 @@ def seal(directory: Path, version: str, parent: str | None = None,
     return manifest
 
 
+def digest_of(directory: str | Path) -> str:
+    """The digest of a directory as it is (for a base model, which has no manifest)."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): file_sha256(p) for p in _payload_files(directory)}
+    return directory_digest(files)
+
+
 def read_manifest(directory: Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     try:
@@ -104,6 +111,11 @@ def verify(directory: str | Path, expected_sha256: str | None = None,
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory")
+    if not (directory / MANIFEST_NAME).exists() and expected_sha256:
+        # A base model directory carries no manifest: it must match the recorded digest.
+        if digest_of(directory) != expected_sha256:
+            raise CheckpointError(f"{directory}: contents do not match the recorded digest")
+        return Manifest(version=expected_version or "", sha256=expected_sha256, files={})
     manifest = read_manifest(directory)
     if expected_version is not None and manifest.version != expected_version:
         raise CheckpointError(

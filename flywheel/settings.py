@@ -1,4 +1,4 @@
-"""One settings tree, built once at start-up and passed down (env prefix ``FLYWHEEL_``, YAML file)."""
+"""One settings tree, built once at start-up and passed down (env ``FLYWHEEL_*``, YAML)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pydantic_settings import (
 
 
 class RewardConfig(BaseModel):
-    """Reward-model training (Bradley-Terry on rankings and thumbs pairs, logistic on lone thumbs)."""
+    """Reward model: Bradley-Terry on rankings and thumbs pairs, logistic on lone thumbs."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -27,7 +27,8 @@ class RewardConfig(BaseModel):
     holdout_fraction: float = 0.2  # share of groups kept out for `reward/accuracy`
     max_grad_norm: float = 1.0  # gradient clipping, as every reference does
     weight_decay: float = 0.0  # the trunk is small; decay only slows a few-step run
-    seed: int = 0  # split and shuffling are reproducible
+    max_length: int = 1024  # TRL RewardConfig default; longer sequences lose prompt tokens first
+    seed: int = 0  # split, shuffling and head init are reproducible
 
 
 class PPOConfig(BaseModel):
@@ -35,7 +36,8 @@ class PPOConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    kl_coef: float = 0.05  # per-token k1 penalty to the frozen reference (N+, TRL)
+    kl_coef: float = 0.05  # per-token KL penalty to the frozen reference (N+, TRL)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"  # unbiased log-ratio in the reward (OAI, TRL)
     adaptive_kl: bool = False  # Ziegler controller; off by default in most frameworks
     kl_target: float = 6.0  # target KL (nats per sequence) for the adaptive controller
     kl_horizon: int = 10_000  # adaptive controller horizon
@@ -59,7 +61,8 @@ class PPOConfig(BaseModel):
     whiten_rewards: bool = False  # TRL default; advantages are whitened regardless
     use_lora: bool = False  # peft LoRA adapters for large models
     lora_rank: int = 16  # LoRA rank when use_lora
-    seed: int = 0
+    lora_alpha: int = 32  # alpha = 2 x rank, the usual peft scaling
+    seed: int = 0  # prompt order, sampling and minibatch order are reproducible
 
 
 class TrainSettings(BaseModel):
@@ -68,7 +71,7 @@ class TrainSettings(BaseModel):
     min_new_feedback: int = 64  # feedback events that trigger a cycle
     poll_seconds: float = 2.0  # how often the worker looks for new feedback
     eval_prompts: int = 32  # held-out prompts for the gate
-    kl_budget: float = 10.0  # nats per answer: candidates drifting further from the base are rejected
+    kl_budget: float = 10.0  # nats per answer: candidates further from the base are rejected
     min_improvement: float = 0.0  # mean RM score gain over the active policy needed to publish
     keep_checkpoints: int = 3  # newest checkpoints kept on disk besides the active one
     lock_ttl_seconds: float = 30.0  # leader lock lifetime, renewed at a third of it

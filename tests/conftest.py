@@ -83,7 +83,8 @@ def redis_url() -> Iterator[str]:
         pass
     from flywheel.embedded_redis import EmbeddedRedis
 
-    with EmbeddedRedis(Path(os.environ.get("TMPDIR", "/tmp")) / f"fw-redis-{uuid.uuid4().hex[:6]}") as r:
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"fw-redis-{uuid.uuid4().hex[:6]}"
+    with EmbeddedRedis(tmp) as r:
         yield r.url
 
 

@@ -19,7 +19,7 @@ class SamplingParams:
     n: int = 1
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    top_logprobs: int = 0  # alternatives per position, 0..20; the sampled token's logprob is always kept
+    top_logprobs: int = 0  # alternatives per position (0..20); the sampled token's is always kept
 
 
 @dataclass

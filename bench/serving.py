@@ -1,0 +1,262 @@
+"""Serving throughput, measured side by side in one run on one model.
+
+    python bench/serving.py [--model DIR] [--clients 16] [--max-tokens 64] [--engine-only]
+
+Prints tokens/s of (1) raw ``model.generate`` at batch ``--clients`` (sampled), (2) the
+``TransformersEngine`` in-process with that many concurrent requests, and, unless
+``--engine-only``, (3) a live ``flywheel serve`` process under that many streaming HTTP clients and
+(4) under one client; then the ratios (2)/(1), (3)/(1), (3)/(4) and time to first token at full
+concurrency. Tokens are those actually produced (up to and including EOS); the ``fixed length``
+lines ignore EOS on both sides so every row decodes exactly ``--max-tokens`` tokens, which isolates
+the per-step overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from server.engines.base import SamplingParams  # noqa: E402
+from server.engines.transformers_engine import TransformersEngine  # noqa: E402
+
+QUESTIONS = [
+    "What is 7 plus 5?", "What is the capital of France?", "How do you spell apple?",
+    "Hello!", "What is 9 minus 4?", "Which city is the capital of Japan?",
+    "Spell the word river.", "Hi, how is it going?", "Add 3 and 8.",
+    "Tell me the capital of Kenya.", "Can you spell 'music'?", "Good morning!",
+    "What's 12 - 7?", "Capital of Norway?", "Spell cloud for me.", "Hey there!",
+]
+
+
+@dataclass
+class Run:
+    """Tokens produced over wall-clock seconds, with per-request time to first token."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def add(self, other: Run) -> None:
+        self.tokens += other.tokens
+        self.seconds += other.seconds
+        self.ttft += other.ttft
+
+
+def ensure_model(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        from flywheel.demo_model import build_demo_model
+
+        print(f"building the demo model into {path} ...", flush=True)
+        build_demo_model(path, progress=False)
+    return path
+
+
+def conversations(clients: int) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(clients)]
+
+
+def generate_round(engine: TransformersEngine, prompts: list[list[int]], max_new: int,
+                   fixed_length: bool) -> Run:
+    """One ``model.generate`` call on the whole left-padded batch, sampled at temperature 1."""
+    model, pad = engine.model, engine.tokenizer.pad_token_id or 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                        device=model.device)
+    eos = list(engine.eos_token_ids)
+    kwargs = {"min_new_tokens": max_new} if fixed_length else {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                             top_p=1.0, top_k=0, max_new_tokens=max_new, eos_token_id=eos,
+                             pad_token_id=pad, **kwargs)
+    seconds = time.perf_counter() - start
+    tokens = 0
+    for row in out[:, width:].tolist():
+        ends = [i for i, t in enumerate(row) if t in eos]
+        tokens += ends[0] + 1 if ends else len(row)
+    return Run(tokens, seconds)
+
+
+async def engine_round(engine: TransformersEngine, prompts: list[list[int]], max_new: int) -> Run:
+    """All prompts submitted at once to the running engine; tokens counted as they stream."""
+    params = SamplingParams(max_tokens=max_new, temperature=1.0)
+    run = Run()
+
+    async def one(i: int, prompt: list[int]) -> None:
+        sent, first = time.perf_counter(), True
+        async for delta in engine.generate(prompt, params, f"bench-{i}"):
+            if first:
+                run.ttft.append(time.perf_counter() - sent)
+                first = False
+            run.tokens += len(delta.token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+async def engine_vs_generate(model: Path, clients: int, max_new: int, rounds: int,
+                             fixed_length: bool) -> tuple[Run, Run]:
+    """Alternate generate and engine rounds so background load hits both alike."""
+    engine = TransformersEngine(str(model), max_batch_size=max(32, clients),
+                                ignore_eos=fixed_length)
+    await engine.start()
+    prompts = [engine.encode_chat(c) for c in conversations(clients)]
+    generate_round(engine, prompts, max_new, fixed_length)  # warm-up: allocator, kernels
+    await engine_round(engine, prompts, max_new)
+    gen, eng = Run(), Run()
+    for _ in range(rounds):
+        gen.add(generate_round(engine, prompts, max_new, fixed_length))
+        eng.add(await engine_round(engine, prompts, max_new))
+    await engine.stop()
+    return gen, eng
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = dict(os.environ, FLYWHEEL_MODEL=str(model), FLYWHEEL_PORT=str(port),
+               FLYWHEEL_DATABASE_URL=f"sqlite:///{workdir / 'b.db'}",
+               FLYWHEEL_DATA_DIR=str(workdir), FLYWHEEL_LOG_LEVEL="warning")
+    env.pop("FLYWHEEL_REDIS_URL", None)
+    log = (workdir / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[1])
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}")
+            try:
+                if (await client.get(f"{url}/readyz")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError("server not ready")
+
+
+async def stream_one(client: object, url: str, messages: list[dict[str, str]],
+                     max_new: int) -> tuple[int, float]:
+    """One streamed chat completion: (completion tokens from usage, time to first content)."""
+    body = {"model": "flywheel", "messages": messages, "max_tokens": max_new, "stream": True,
+            "temperature": 1.0, "stream_options": {"include_usage": True}}
+    sent, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:  # type: ignore[attr-defined]
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices"):
+                first = time.perf_counter() - sent
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, first if first is not None else time.perf_counter() - sent
+
+
+async def http_run(url: str, clients: int, requests_each: int, max_new: int) -> Run:
+    """``clients`` concurrent clients, each sending ``requests_each`` streamed requests in turn."""
+    import httpx
+
+    convs = conversations(max(clients, len(QUESTIONS)))
+    run = Run()
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+
+        async def worker(c: int) -> None:
+            for r in range(requests_each):
+                tokens, ttft = await stream_one(client, url, convs[(c + r) % len(convs)], max_new)
+                run.tokens += tokens
+                run.ttft.append(ttft)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(c) for c in range(clients)))
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+async def http_runs(model: Path, clients: int, max_new: int, rounds: int) -> tuple[Run, Run]:
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
+        proc, url = start_server(model, Path(tmp))
+        try:
+            await wait_ready(url, proc)
+            await http_run(url, clients, 1, max_new)  # warm-up
+            many = await http_run(url, clients, rounds, max_new)
+            one = await http_run(url, 1, rounds * 2, max_new)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    return many, one
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def report(name: str, run: Run) -> None:
+    print(f"{name:<52} {run.rate:9.1f} tok/s  ({run.tokens} tokens in {run.seconds:.2f}s)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path(".flywheel/models/base"))
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--engine-only", action="store_true")
+    args = parser.parse_args()
+    model, b = ensure_model(args.model.resolve()), args.clients
+    print(f"model {model}, {torch.get_num_threads()} torch threads, max_tokens {args.max_tokens}")
+    for fixed in (True, False):
+        label = "fixed length" if fixed else "until EOS"
+        gen, eng = asyncio.run(engine_vs_generate(model, b, args.max_tokens, args.rounds, fixed))
+        report(f"(1) model.generate, batch {b}, {label}", gen)
+        report(f"(2) engine in-process, {b} concurrent, {label}", eng)
+        print(f"    (2)/(1) = {eng.rate / gen.rate:.2f}x  (target >= 0.95x)")
+    if args.engine_only:
+        return
+    many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.rounds))
+    report(f"(3) HTTP server, {b} streaming clients", many)
+    report("(4) HTTP server, 1 streaming client", one)
+    print(f"    (3)/(1) = {many.rate / gen.rate:.2f}x  (target >= 0.9x)")
+    print(f"    (3)/(4) = {many.rate / one.rate:.2f}x  (target >= 5x)")
+    print(f"    TTFT at {b} clients: p50 {1000 * statistics.median(many.ttft):.1f} ms, "
+          f"p99 {1000 * percentile(many.ttft, 0.99):.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Engine set-up for SQLite and PostgreSQL, and the one-transaction-per-call session helper."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.orm import Session
+
+from feedback_store.errors import StoreUnavailableError
+
+SQLITE_BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for the file lock, then 503
+POSTGRES_CONNECT_TIMEOUT_S = 5  # an unreachable server fails fast into a 503, not a hang
+UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
+
+
+def normalize_url(url: str) -> str:
+    """Plain `postgresql://` (and `postgres://`) URLs use psycopg 3, the driver we ship."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def create_store_engine(url: str, *, pool_size: int = 20) -> Engine:
+    """An engine with the per-backend settings the store relies on."""
+    url = normalize_url(url)
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
+        engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size)
+        _configure_sqlite(engine)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if backend == "postgresql":
+        connect_args["connect_timeout"] = POSTGRES_CONNECT_TIMEOUT_S
+    return sa.create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size // 2,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, foreign keys, a busy timeout, and BEGIN IMMEDIATE for writes.
+
+    The driver's own deferred BEGIN lets two writers read, then fail to upgrade their locks
+    with SQLITE_BUSY; taking the write lock up front makes them queue on busy_timeout instead
+    (SQLAlchemy docs, "Enabling Non-Legacy SQLite Transactional Modes").
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: sa.Connection) -> None:
+        write = conn.get_execution_options().get("flywheel_write", True)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def unix(value: datetime | None) -> int | None:
+    """Unix seconds of a stored timestamp, as the records expose them."""
+    return None if value is None else int(value.timestamp())
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """A stable fingerprint of a request body, to tell an idempotent retry from a new request."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def public_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class StoreBase:
+    """Holds the engine and opens one transaction per public call."""
+
+    def __init__(self, url: str, *, pool_size: int = 20) -> None:
+        self.url = normalize_url(url)
+        self.engine = create_store_engine(self.url, pool_size=pool_size)
+        self._reader = self.engine.execution_options(flywheel_write=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def _tx(self, *, write: bool = True) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on any error.
+
+        Connection failures, at connect or mid-transaction, become StoreUnavailableError.
+        """
+        try:
+            bind = self.engine if write else self._reader
+            with Session(bind, expire_on_commit=False) as s, s.begin():
+                yield s
+        except UNAVAILABLE as error:
+            raise StoreUnavailableError(
+                f"The database is unavailable: {type(error.orig or error).__name__}"
+                if isinstance(error, exc.DBAPIError)
+                else "The database is unavailable: connection pool exhausted"
+            ) from error
+        except exc.DBAPIError as error:
+            if error.connection_invalidated:
+                raise StoreUnavailableError("The database connection was lost") from error
+            raise

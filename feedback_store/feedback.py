@@ -1,0 +1,273 @@
+"""Served completions in, thumbs and rankings on them, with idempotent retries."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
+from feedback_store.errors import IdempotencyMismatchError, InvalidInputError, NotFoundError
+from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking, RankingItem
+from feedback_store.types import NewCompletion
+
+T = TypeVar("T")
+RATINGS = ("up", "down")
+
+
+class FeedbackMixin(StoreBase):
+    """Writes of the serving path: completions, feedback and rankings."""
+
+    def record_completion(self, c: NewCompletion) -> None:
+        """Store a served request with its prompt (deduplicated) and all its choices."""
+        if not c.choices:
+            raise InvalidInputError("A completion needs at least one choice", param="choices")
+        created = (
+            utcnow() if c.created_at is None else datetime.fromtimestamp(c.created_at, timezone.utc)
+        )
+        try:
+            with self._tx() as s:
+                prompt_id = self._prompt_id(s, c, created)
+                s.execute(
+                    sa.insert(Completion),
+                    [
+                        {
+                            "id": c.id,
+                            "prompt_id": prompt_id,
+                            "kind": c.kind,
+                            "model": c.model,
+                            "policy_version": c.policy_version,
+                            "params": c.params,
+                            "user": c.user,
+                            "created_at": created,
+                        }
+                    ],
+                )
+                s.execute(
+                    sa.insert(Choice),
+                    [
+                        {
+                            "completion_id": c.id,
+                            "index": ch.index,
+                            "text": ch.text,
+                            "token_ids": list(ch.token_ids),
+                            "logprobs": list(ch.logprobs),
+                            "finish_reason": ch.finish_reason,
+                        }
+                        for ch in c.choices
+                    ],
+                )
+        except exc.IntegrityError as error:
+            raise InvalidInputError(
+                f"Completion '{c.id}' is already stored or has duplicate choice indices",
+                param="id",
+                code="duplicate_completion",
+            ) from error
+
+    def _prompt_id(self, s: Session, c: NewCompletion, created: datetime) -> int:
+        """The id of the prompt row for this text, inserted when new (safe under races)."""
+        digest = hashlib.sha256(c.prompt_text.encode()).hexdigest()
+        found = s.scalar(sa.select(Prompt.id).where(Prompt.sha256 == digest))
+        if found is not None:
+            return found
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        s.execute(
+            insert(Prompt)
+            .values(
+                sha256=digest,
+                messages=c.messages,
+                prompt_text=c.prompt_text,
+                prompt_token_ids=list(c.prompt_token_ids),
+                created_at=created,
+            )
+            .on_conflict_do_nothing(index_elements=["sha256"])
+        )
+        return s.scalar(sa.select(Prompt.id).where(Prompt.sha256 == digest))  # type: ignore[return-value]
+
+    def add_feedback(
+        self,
+        *,
+        completion_id: str,
+        choice_index: int,
+        rating: str,
+        comment: str | None = None,
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Store a thumbs rating; returns (record, created), created=False for a replayed retry."""
+        if rating not in RATINGS:
+            raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
+        digest = request_hash(
+            {
+                "completion_id": completion_id,
+                "choice_index": choice_index,
+                "rating": rating,
+                "comment": comment,
+                "user": user,
+            }
+        )
+
+        def attempt(s: Session) -> tuple[dict[str, Any], bool]:
+            if idempotency_key is not None:
+                previous = _replayed(s, Feedback, idempotency_key, digest)
+                if previous is not None:
+                    return _feedback_record(previous, s.get_one(Choice, previous.choice_id)), False
+            _, choice = _find_choice(s, completion_id, choice_index)
+            row = Feedback(
+                public_id=public_id("fb"),
+                choice_id=choice.id,
+                rating=rating,
+                comment=comment,
+                user=user,
+                idempotency_key=idempotency_key,
+                request_hash=digest,
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            return _feedback_record(row, choice), True
+
+        return self._idempotent(attempt, keyed=idempotency_key is not None)
+
+    def add_ranking(
+        self,
+        *,
+        items: list[tuple[str, int]],
+        user: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[dict[str, Any], bool]:
+        """Store answers to one prompt ordered best first; returns (record, created)."""
+        pairs = [(str(cid), int(index)) for cid, index in items]
+        if len(pairs) < 2:
+            raise InvalidInputError(
+                "A ranking needs at least 2 items", param="items", code="too_few_items"
+            )
+        if len(set(pairs)) != len(pairs):
+            raise InvalidInputError(
+                "A ranking lists each answer once", param="items", code="duplicate_items"
+            )
+        digest = request_hash({"items": [list(p) for p in pairs], "user": user})
+
+        def attempt(s: Session) -> tuple[dict[str, Any], bool]:
+            if idempotency_key is not None:
+                previous = _replayed(s, Ranking, idempotency_key, digest)
+                if previous is not None:
+                    return _ranking_record(s, previous), False
+            found = [_find_choice(s, cid, index) for cid, index in pairs]
+            if len({completion.prompt_id for completion, _ in found}) > 1:
+                raise InvalidInputError(
+                    "Ranked answers must answer the same prompt",
+                    param="items",
+                    code="different_prompts",
+                )
+            row = Ranking(
+                public_id=public_id("rk"),
+                prompt_id=found[0][0].prompt_id,
+                user=user,
+                idempotency_key=idempotency_key,
+                request_hash=digest,
+                created_at=utcnow(),
+            )
+            s.add(row)
+            s.flush()
+            s.add_all(
+                RankingItem(ranking_id=row.id, position=pos, choice_id=choice.id)
+                for pos, (_, choice) in enumerate(found)
+            )
+            s.flush()
+            return _ranking_record(s, row), True
+
+        return self._idempotent(attempt, keyed=idempotency_key is not None)
+
+    def _idempotent(self, attempt: Callable[[Session], T], *, keyed: bool) -> T:
+        """Run `attempt` in a transaction; losing a race on the idempotency key replays."""
+        try:
+            with self._tx() as s:
+                return attempt(s)
+        except exc.IntegrityError:
+            if not keyed:
+                raise
+        with self._tx() as s:
+            return attempt(s)
+
+    def feedback_counts(self) -> dict[str, int]:
+        """Stored thumbs up, thumbs down and rankings."""
+        with self._tx(write=False) as s:
+            by_rating = dict(
+                s.execute(sa.select(Feedback.rating, sa.func.count()).group_by(Feedback.rating))
+                .tuples()
+                .all()
+            )
+            rankings = s.scalar(sa.select(sa.func.count()).select_from(Ranking)) or 0
+        return {
+            "up": by_rating.get("up", 0),
+            "down": by_rating.get("down", 0),
+            "rankings": rankings,
+        }
+
+
+def _replayed(
+    s: Session, model: type[Feedback] | type[Ranking], key: str, digest: str
+) -> Any | None:
+    """The row stored under this idempotency key, None when new; a different body is an error."""
+    row = s.scalar(sa.select(model).where(model.idempotency_key == key))
+    if row is not None and row.request_hash != digest:
+        raise IdempotencyMismatchError(
+            "This Idempotency-Key was already used with a different request body"
+        )
+    return row
+
+
+def _find_choice(s: Session, completion_id: str, choice_index: int) -> tuple[Completion, Choice]:
+    completion = s.get(Completion, completion_id)
+    if completion is None:
+        raise NotFoundError(
+            f"No completion with id '{completion_id}'",
+            param="completion_id",
+            code="completion_not_found",
+        )
+    choice = s.scalar(
+        sa.select(Choice).where(Choice.completion_id == completion_id, Choice.index == choice_index)
+    )
+    if choice is None:
+        raise NotFoundError(
+            f"Completion '{completion_id}' has no choice {choice_index}",
+            param="choice_index",
+            code="choice_not_found",
+        )
+    return completion, choice
+
+
+def _feedback_record(row: Feedback, choice: Choice) -> dict[str, Any]:
+    return {
+        "id": row.public_id,
+        "object": "feedback",
+        "completion_id": choice.completion_id,
+        "choice_index": choice.index,
+        "rating": row.rating,
+        "comment": row.comment,
+        "user": row.user,
+        "created_at": unix(row.created_at),
+    }
+
+
+def _ranking_record(s: Session, row: Ranking) -> dict[str, Any]:
+    items = s.execute(
+        sa.select(Choice.completion_id, Choice.index)
+        .join(RankingItem, RankingItem.choice_id == Choice.id)
+        .where(RankingItem.ranking_id == row.id)
+        .order_by(RankingItem.position)
+    ).all()
+    return {
+        "id": row.public_id,
+        "object": "ranking",
+        "items": [{"completion_id": cid, "choice_index": index} for cid, index in items],
+        "user": row.user,
+        "created_at": unix(row.created_at),
+    }

@@ -1,0 +1,214 @@
+"""SQLAlchemy 2 typed models; migrations/versions must create exactly this schema."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so that migrations can refer to them (Alembic "naming
+# conventions" recipe).
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+POLICY_STATUSES = ("active", "candidate", "rejected", "retired")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
+RUN_FINISHED = ("succeeded", "failed", "rejected")
+RUN_TRIGGERS = ("feedback", "manual")
+
+
+def json_type() -> sa.types.TypeEngine[Any]:
+    """Portable JSON: JSONB on PostgreSQL, JSON text elsewhere; Python None is SQL NULL."""
+    return sa.JSON(none_as_null=True).with_variant(
+        postgresql.JSONB(none_as_null=True), "postgresql"
+    )
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores naive UTC text)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        datetime: UTCDateTime(),
+        dict[str, Any]: json_type(),
+    }
+
+
+class Prompt(Base):
+    """A rendered prompt, stored once however often it is asked."""
+
+    __tablename__ = "prompts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sha256: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    messages: Mapped[list[dict[str, Any]] | None] = mapped_column(json_type())
+    prompt_text: Mapped[str] = mapped_column(sa.Text)
+    prompt_token_ids: Mapped[list[int]] = mapped_column(json_type())
+    created_at: Mapped[datetime]
+
+
+class Completion(Base):
+    """One served request; `id` is the public response id that feedback refers to."""
+
+    __tablename__ = "completions"
+    __table_args__ = (sa.CheckConstraint(_in("kind", ("chat", "text")), name="kind"),)
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    prompt_id: Mapped[int] = mapped_column(sa.ForeignKey("prompts.id"), index=True)
+    kind: Mapped[str] = mapped_column(sa.String(8))
+    model: Mapped[str] = mapped_column(sa.String(255))
+    policy_version: Mapped[str] = mapped_column(sa.String(64))
+    params: Mapped[dict[str, Any]]
+    user: Mapped[str | None] = mapped_column(sa.String(255))
+    created_at: Mapped[datetime]
+
+
+class Choice(Base):
+    """One sampled answer of a completion, with its token ids and sampling logprobs."""
+
+    __tablename__ = "choices"
+    __table_args__ = (sa.UniqueConstraint("completion_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    completion_id: Mapped[str] = mapped_column(sa.ForeignKey("completions.id", ondelete="CASCADE"))
+    index: Mapped[int]
+    text: Mapped[str] = mapped_column(sa.Text)
+    token_ids: Mapped[list[int]] = mapped_column(json_type())
+    logprobs: Mapped[list[float]] = mapped_column(json_type())
+    finish_reason: Mapped[str] = mapped_column(sa.String(16))
+
+
+class Feedback(Base):
+    """A thumbs rating of one choice; the integer id orders events for watermarks."""
+
+    __tablename__ = "feedback"
+    __table_args__ = (sa.CheckConstraint(_in("rating", ("up", "down")), name="rating"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(sa.String(40), unique=True)
+    choice_id: Mapped[int] = mapped_column(sa.ForeignKey("choices.id"), index=True)
+    rating: Mapped[str] = mapped_column(sa.String(4))
+    comment: Mapped[str | None] = mapped_column(sa.Text)
+    user: Mapped[str | None] = mapped_column(sa.String(255))
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime]
+
+
+class Ranking(Base):
+    """An ordering, best first, of answers to one prompt."""
+
+    __tablename__ = "rankings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(sa.String(40), unique=True)
+    prompt_id: Mapped[int] = mapped_column(sa.ForeignKey("prompts.id"), index=True)
+    user: Mapped[str | None] = mapped_column(sa.String(255))
+    idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[datetime]
+
+
+class RankingItem(Base):
+    """One ranked answer; position 0 is the best."""
+
+    __tablename__ = "ranking_items"
+
+    ranking_id: Mapped[int] = mapped_column(
+        sa.ForeignKey("rankings.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(primary_key=True)
+    choice_id: Mapped[int] = mapped_column(sa.ForeignKey("choices.id"), index=True)
+
+
+class PolicyVersion(Base):
+    """A policy checkpoint; at most one row is `active` (a partial unique index)."""
+
+    __tablename__ = "policy_versions"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", POLICY_STATUSES), name="status"),
+        sa.Index(
+            "uq_policy_versions_one_active",
+            "status",
+            unique=True,
+            sqlite_where=sa.text("status = 'active'"),
+            postgresql_where=sa.text("status = 'active'"),
+        ),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    parent: Mapped[str | None] = mapped_column(sa.String(64))
+    path: Mapped[str | None] = mapped_column(sa.Text)
+    sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[str] = mapped_column(sa.String(16))
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    activated_at: Mapped[datetime | None]
+
+
+class RewardModel(Base):
+    """A reward model checkpoint."""
+
+    __tablename__ = "reward_models"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    parent: Mapped[str | None] = mapped_column(sa.String(64))
+    path: Mapped[str | None] = mapped_column(sa.Text)
+    sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    metrics: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+
+
+class TrainingRun(Base):
+    """One training cycle; the watermark columns record the last feedback ids it consumed."""
+
+    __tablename__ = "training_runs"
+    __table_args__ = (
+        sa.CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        sa.CheckConstraint(_in("trigger", RUN_TRIGGERS), name="trigger"),
+        sa.Index("ix_training_runs_status_id", "status", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(sa.String(16))
+    trigger: Mapped[str] = mapped_column(sa.String(16))
+    worker_id: Mapped[str | None] = mapped_column(sa.String(255))
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    policy_id: Mapped[str | None] = mapped_column(sa.ForeignKey("policy_versions.id"))
+    reward_model_id: Mapped[str | None] = mapped_column(sa.ForeignKey("reward_models.id"))
+    metrics: Mapped[dict[str, Any]]
+    error: Mapped[str | None] = mapped_column(sa.Text)
+    feedback_watermark: Mapped[int | None]
+    rankings_watermark: Mapped[int | None]

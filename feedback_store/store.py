@@ -1,0 +1,32 @@
+"""The Store: one object the server and the worker share, one transaction per method call."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from feedback_store.feedback import FeedbackMixin
+from feedback_store.policies import PoliciesMixin
+from feedback_store.runs import RunsMixin
+from feedback_store.training_data import TrainingDataMixin
+
+
+class Store(FeedbackMixin, PoliciesMixin, RunsMixin, TrainingDataMixin):
+    """Synchronous and thread-safe; records come back as plain dicts, timestamps as unix seconds.
+
+    Connection failures raise StoreUnavailableError; a failed call writes nothing.
+    """
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        """Raise StoreUnavailableError unless the database answers a query."""
+        with self._tx(write=False) as s:
+            s.execute(sa.text("SELECT 1"))
+
+    def upgrade(self) -> None:
+        """Migrate this database to the newest schema (`alembic upgrade head`)."""
+        from feedback_store import migrate
+
+        migrate.upgrade(self.url)

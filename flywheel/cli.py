@@ -1,0 +1,172 @@
+"""The `flywheel` command: up, serve, worker, db upgrade, demo-model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flywheel.settings import Settings, load_settings
+
+log = logging.getLogger("flywheel")
+
+UP_MIN_NEW_FEEDBACK = "16"  # `flywheel up` trains after a handful of feedback events
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    if getattr(args, "config", None):
+        os.environ["FLYWHEEL_CONFIG"] = str(args.config)
+    for name in ("host", "port", "data_dir"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    return load_settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The API server alone (one per replica)."""
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """The trainer worker alone."""
+    from trainer_worker.worker import run_worker
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    return run_worker(settings)
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from feedback_store.migrate import upgrade
+
+    settings = _settings(args)
+    _configure_logging(settings.log_level)
+    upgrade(settings.database_url)
+    log.info("database at head: %s", _redact(settings.database_url))
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    from flywheel.demo_model import build_demo_model
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"{out} already exists and is not empty", file=sys.stderr)
+        return 1
+    build_demo_model(out, preset=args.preset, seed=args.seed, progress=True)
+    print(f"demo model written to {out}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Everything on one machine: migrate, demo model, embedded Redis, server and worker."""
+    from flywheel.embedded_redis import EmbeddedRedis
+    from flywheel.supervisor import Supervisor
+
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK", UP_MIN_NEW_FEEDBACK)
+    settings = _settings(args, data_dir=data_dir)
+    _configure_logging(settings.log_level)
+
+    from feedback_store.migrate import upgrade
+
+    upgrade(settings.database_url)
+    model_dir = Path(settings.model)
+    if not (model_dir / "config.json").exists():
+        if os.environ.get("FLYWHEEL_MODEL"):
+            print(f"FLYWHEEL_MODEL={model_dir} has no config.json", file=sys.stderr)
+            return 1
+        from flywheel.demo_model import build_demo_model
+
+        log.info("first start: building the demo model into %s (a few minutes)", model_dir)
+        build_demo_model(model_dir, progress=True)
+
+    env = dict(os.environ, FLYWHEEL_DATA_DIR=str(data_dir), FLYWHEEL_HOST=settings.host,
+               FLYWHEEL_PORT=str(settings.port))
+    redis_server = None
+    if not settings.redis_url:
+        redis_server = EmbeddedRedis(data_dir / "redis")
+        redis_server.start()
+        env["FLYWHEEL_REDIS_URL"] = redis_server.url
+        log.info("embedded Redis at %s", redis_server.url)
+    supervisor = Supervisor(env)
+    try:
+        supervisor.spawn("server", [sys.executable, "-m", "flywheel.cli", "serve"])
+        supervisor.spawn("worker", [sys.executable, "-m", "flywheel.cli", "worker"])
+        print(f"Flywheel is starting on http://{settings.host}:{settings.port}/v1 "
+              "(Ctrl-C stops everything)", flush=True)
+        return supervisor.wait()
+    finally:
+        supervisor.stop()
+        if redis_server is not None:
+            redis_server.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flywheel", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run everything on this machine")
+    up.add_argument("--host", default=None, help="address to bind (127.0.0.1)")
+    up.add_argument("--port", type=int, default=None, help="port to bind (8000)")
+    up.add_argument("--data-dir", default="./.flywheel", help="where state lives (./.flywheel)")
+    up.add_argument("--config", default=None, help="YAML settings file")
+    up.set_defaults(func=cmd_up)
+
+    serve = sub.add_parser("serve", help="run the API server")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--config", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run the trainer worker")
+    worker.add_argument("--config", default=None)
+    worker.set_defaults(func=cmd_worker)
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_sub.add_parser("upgrade", help="alembic upgrade head")
+    db_upgrade.add_argument("--config", default=None)
+    db_upgrade.set_defaults(func=cmd_db_upgrade)
+
+    demo = sub.add_parser("demo-model", help="build the demo base model")
+    demo.add_argument("--out", required=True, help="output directory")
+    demo.add_argument("--preset", default="demo", choices=["demo", "tiny"])
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

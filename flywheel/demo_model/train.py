@@ -1,0 +1,171 @@
+"""Training the demo model: a small LlamaForCausalLM, next-token loss on assistant turns only."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from flywheel.demo_model.corpus import Message
+from flywheel.demo_model.tokenizer import END, ROLE_MARKERS
+
+STEPS_ENV = "FLYWHEEL_DEMO_STEPS"
+TRAIN_THREADS = 2  # fixed, so that the same seed gives the same bits on the same machine
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model size and training budget."""
+
+    hidden_size: int
+    layers: int
+    heads: int  # head_dim = hidden_size / heads = 64, a size every vLLM attention backend has
+    intermediate_size: int
+    vocab_size: int  # BPE target; the corpus may yield fewer tokens
+    steps: int
+    batch_size: int
+    lr: float  # small models take a large rate; AdamW with warmup and cosine decay
+    tokenizer_conversations: int  # corpus sample the BPE merges are learned from
+    max_positions: int = 512  # longer than any demo chat, room for multi-turn requests
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(64, 2, 1, 128, 512, steps=200, batch_size=16, lr=3e-3,
+                   tokenizer_conversations=1000),
+    "demo": Preset(192, 4, 3, 512, 2048, steps=700, batch_size=32, lr=2e-3,
+                   tokenizer_conversations=8000),
+}
+
+
+def resolve_steps(preset: Preset) -> int:
+    """The preset's steps, unless FLYWHEEL_DEMO_STEPS overrides them."""
+    override = os.environ.get(STEPS_ENV, "").strip()
+    return int(override) if override else preset.steps
+
+
+def model_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+    """A Llama config sized by the preset, with the tokenizer's EOS and PAD ids."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset.hidden_size,
+        intermediate_size=preset.intermediate_size,
+        num_hidden_layers=preset.layers,
+        num_attention_heads=preset.heads,
+        num_key_value_heads=preset.heads,
+        max_position_embeddings=preset.max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        dtype="float32",
+    )
+
+
+def encode_corpus(
+    tokenizer: PreTrainedTokenizerFast, conversations: Sequence[Sequence[Message]]
+) -> list[tuple[list[int], list[bool]]]:
+    """Per chat, its token ids and which of them are assistant output to learn.
+
+    The same ids as ``apply_chat_template``; contents are encoded in one batch call for speed.
+    """
+    contents = [m["content"] for conv in conversations for m in conv]
+    encoded = iter(tokenizer.backend_tokenizer.encode_batch(contents, add_special_tokens=False))
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    markers = {role: tokenizer.convert_tokens_to_ids(tok) for role, tok in ROLE_MARKERS.items()}
+    out = []
+    for conv in conversations:
+        ids: list[int] = []
+        learn: list[bool] = []
+        for message in conv:
+            content = next(encoded).ids
+            is_answer = message["role"] == "assistant"
+            ids += [markers[message["role"]], *content, end_id]
+            learn += [False] + [is_answer] * (len(content) + 1)
+        out.append((ids, learn))
+    return out
+
+
+def make_batches(
+    examples: list[tuple[list[int], list[bool]]], batch_size: int, pad_id: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
+    """Right-padded batches of similar length (less padding), in a seeded random order."""
+    rng = random.Random(seed)
+    chunk = batch_size * 32
+    groups: list[list[tuple[list[int], list[bool]]]] = []
+    for start in range(0, len(examples), chunk):
+        part = sorted(examples[start:start + chunk], key=lambda e: len(e[0]))
+        groups += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    rng.shuffle(groups)
+    return [_collate(group, pad_id) for group in groups]
+
+
+def _collate(group: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in group)
+    input_ids = torch.full((len(group), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(group), width), -100, dtype=torch.long)  # (B, T)
+    attention_mask = torch.zeros((len(group), width), dtype=torch.long)  # (B, T)
+    for row, (ids, learn) in enumerate(group):
+        n = len(ids)
+        input_ids[row, :n] = torch.tensor(ids)
+        labels[row, :n] = torch.where(torch.tensor(learn), torch.tensor(ids), -100)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def lr_at(step: int, steps: int, peak: float) -> float:
+    """Linear warmup over the first 5% of steps, then cosine decay to 10% of the peak."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@contextmanager
+def fixed_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads, restoring the caller's count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_model(
+    model: LlamaForCausalLM,
+    batches: list[dict[str, torch.Tensor]],
+    lr: float,
+    progress: bool,
+) -> list[float]:
+    """Plain AdamW loop over ``batches``; returns the loss per step."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01
+    )
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(total=len(batches), desc="demo model", disable=not progress, unit="step")
+    for step, batch in enumerate(batches):
+        # 1. set this step's learning rate
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, len(batches), lr)
+        # 2. next-token loss on the assistant tokens
+        loss = model(**batch).loss
+        # 3. clipped gradient step
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
+    model.eval()
+    return losses

@@ -1,0 +1,1 @@
+"""Alembic migrations of the Flywheel schema; a package so the scripts install with the code."""

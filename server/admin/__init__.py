@@ -1,0 +1,1 @@
+"""Policy versions and training runs: `/v1/policies`, `/v1/training/runs`."""

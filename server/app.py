@@ -1,0 +1,119 @@
+"""The FastAPI application: lifespan (DB, policy, engine, watcher), routers, error handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from anyio import to_thread
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from feedback_store import Store
+from feedback_store.errors import StoreUnavailableError
+from flywheel.settings import Settings
+from server.admin.api_router import router as admin_router
+from server.auth import Authenticator
+from server.completions.api_router import router as completions_router
+from server.engines.base import Engine
+from server.errors import install_error_handlers
+from server.feedback.api_router import router as feedback_router
+from server.health import router as health_router
+from server.hotswap import PolicyWatcher
+from server.metrics import ServerMetrics
+from server.policy import initial_policy
+from server.state import AppState
+
+log = logging.getLogger(__name__)
+
+DB_WAIT_SECONDS = 60.0
+
+
+def wait_for_database(store: Store, timeout: float = DB_WAIT_SECONDS) -> None:
+    """Start-up waits for the database (compose starts everything at once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            store.ping()
+            return
+        except StoreUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            log.info("waiting for the database ...")
+            time.sleep(1.0)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None,
+               store: Store | None = None, watch: bool = True) -> FastAPI:
+    """Build the app; ``engine``/``store`` may be injected (tests), else built from settings."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = store or Store(settings.database_url)
+        await to_thread.run_sync(wait_for_database, db)
+        await to_thread.run_sync(db.upgrade)
+        metrics = ServerMetrics()
+        eng = engine
+        if eng is None:
+            from server.engines import create_engine
+
+            path, version = await initial_policy(settings, db)
+            eng = create_engine(settings, model_path=path, policy_version=version)
+        await eng.start()
+        metrics.set_policy(eng.policy_version)
+        state = AppState(settings=settings, engine=eng, store=db, metrics=metrics,
+                         auth=Authenticator(settings))
+        if watch:
+            state.watcher = PolicyWatcher(settings, eng, db, metrics)
+            await state.watcher.start()
+        app.state.flywheel = state
+        log.info("serving %s (%s) on %s", settings.served_model_name, eng.policy_version,
+                 settings.engine)
+        try:
+            yield
+        finally:
+            if state.watcher is not None:
+                await state.watcher.stop()
+            await eng.stop()
+            if store is None:
+                db.close()
+
+    app = FastAPI(title="Flywheel", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for router in (completions_router, feedback_router, admin_router, health_router):
+        app.include_router(router)
+    _count_requests(app)
+    return app
+
+
+def _count_requests(app: FastAPI) -> None:
+    # A plain ASGI wrapper: BaseHTTPMiddleware would copy every streamed chunk through a queue.
+    inner = app.build_middleware_stack
+
+    def build() -> ASGIApp:
+        wrapped = inner()
+
+        async def counting(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await wrapped(scope, receive, send)
+                return
+            status = {"code": 500}
+
+            async def send_status(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                await send(message)
+
+            try:
+                await wrapped(scope, receive, send_status)
+            finally:
+                state = getattr(app.state, "flywheel", None)
+                if state is not None:
+                    path = getattr(scope.get("route"), "path", "unmatched")
+                    state.metrics.requests.labels(path, str(status["code"])).inc()
+
+        return counting
+
+    app.build_middleware_stack = build  # type: ignore[method-assign]

@@ -1,0 +1,35 @@
+"""Model runtimes behind one interface (``base.Engine``); heavy imports happen only when chosen."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from server.engines.base import Engine
+
+if TYPE_CHECKING:
+    from flywheel.settings import Settings
+
+
+def create_engine(
+    settings: Settings, *, model_path: str | None = None, policy_version: str = "policy-0"
+) -> Engine:
+    """Build the engine that ``settings.engine`` names, serving ``model_path`` (default: the base)."""
+    path = str(model_path or settings.model)
+    if settings.engine == "transformers":
+        from server.engines.transformers_engine import TransformersEngine
+
+        return TransformersEngine(
+            path,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size,
+            max_model_len=settings.max_model_len,
+            served_model_name=settings.served_model_name,
+            policy_version=policy_version,
+            stream_interval_ms=settings.stream_interval_ms,
+        )
+    if settings.engine == "vllm":
+        from server.engines.vllm_engine import VLLMEngine  # optional dependency: GPU servers only
+
+        return VLLMEngine(settings, model_path=path, policy_version=policy_version)
+    raise ValueError(f"unknown engine {settings.engine!r}")

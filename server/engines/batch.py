@@ -1,0 +1,122 @@
+"""A left-padded decode batch over one ``DynamicCache``: prefill, decode, join, leave.
+
+Every row's tokens end at the same cache column, so one decode step feeds one token per row.
+Rows carry their own ``position_ids`` (their real length), so padding never shifts RoPE
+positions, and padded columns are masked out. Joining rows are prefilled on their own and
+their cache is left-padded to the batch's length and concatenated (cheaper than re-prefilling
+the whole batch, which recomputes every running row's context).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class PaddedBatch:
+    """KV cache, attention mask (B, L), next positions (B, 1) and next input tokens (B, 1)."""
+
+    def __init__(
+        self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        self.cache = cache
+        self.mask = mask  # (B, L) 1 on real tokens
+        self.positions = positions  # (B, 1) position of the token fed next
+        self.tokens: torch.Tensor | None = None  # (B, 1) the token fed next
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[0]
+
+    @classmethod
+    def prefill(
+        cls, model: torch.nn.Module, prompts: list[list[int]], pad_id: int
+    ) -> tuple[PaddedBatch, torch.Tensor]:
+        """Run the prompts (left-padded) through ``model``; returns the batch and last logits (B, V)."""
+        device = model.device
+        length = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, length - len(prompt) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp_(min=0)  # (B, L)
+        cache = DynamicCache()
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        batch = cls(out.past_key_values, mask, positions[:, -1:] + 1)
+        if bool((mask == 0).any()):
+            batch._zero_padding()
+        return batch, out.logits[:, -1, :]
+
+    def decode(self, model: torch.nn.Module) -> torch.Tensor:
+        """Feed ``tokens`` (one per row) and return the next logits (B, V)."""
+        assert self.tokens is not None, "decode before any token was sampled"
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        out = model(
+            input_ids=self.tokens,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.positions = self.positions + 1
+        return out.logits[:, -1, :]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep (and repeat, for ``n`` > 1) the given rows, in that order; drop empty columns."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask.index_select(0, index)
+        self.positions = self.positions.index_select(0, index)
+        if self.tokens is not None:
+            self.tokens = self.tokens.index_select(0, index)
+        self._trim_left()
+
+    def merge(self, other: PaddedBatch) -> None:
+        """Append ``other``'s rows, left-padding whichever side is shorter in time."""
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, length), _pad_left(theirs.values, length)]
+            )
+        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(other.mask, length)])
+        self.positions = torch.cat([self.positions, other.positions])
+        if self.tokens is not None and other.tokens is not None:
+            self.tokens = torch.cat([self.tokens, other.tokens])
+
+    def _trim_left(self) -> None:
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0, 0]) if used.numel() else 0
+        if start > 0:
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:, :]
+                layer.values = layer.values[:, :, start:, :]
+
+    def _zero_padding(self) -> None:
+        """Zero K/V at padded positions: their values are garbage that must never reach a sum."""
+        padded = (self.mask == 0)[:, None, :, None]  # (B, 1, L, 1)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.masked_fill(padded, 0.0)
+            layer.values = layer.values.masked_fill(padded, 0.0)
+
+
+def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad the time axis of a mask (B, T) or a K/V tensor (B, H, T, D) on the left to ``length``."""
+    time_axis = 1 if x.dim() == 2 else 2
+    missing = length - x.shape[time_axis]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[time_axis] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=time_axis)

@@ -1,0 +1,311 @@
+"""The decode thread: continuous batching over one or two model groups.
+
+Each loop iteration (1) installs newly loaded weights, (2) admits waiting requests up to
+``max_batch_size`` sequences, then for every group (3) prefills the joiners and merges them into
+the running batch, (4) runs one decode step for all rows and (5) drops finished and cancelled
+rows. A group is one model with its policy version: after a hot swap, the old group admits nothing
+and is dropped once its last sequence finishes, so in-flight requests end on the weights they
+started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.engines.base import ChoiceDelta, EngineError
+from server.engines.batch import PaddedBatch
+from server.engines.sampling import RowSampler, Sampled
+from server.engines.sequence import DeltaOrError, Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Group:
+    model: Any
+    version: str
+    seqs: list[Sequence] = field(default_factory=list)
+    joining: list[Request] = field(default_factory=list)
+    batch: PaddedBatch | None = None
+    sampler: RowSampler | None = None  # None: rebuild before the next step
+
+    def requests(self) -> list[Request]:
+        unique = {id(s.request): s.request for s in self.seqs}
+        unique.update((id(r), r) for r in self.joining)
+        return list(unique.values())
+
+
+class Scheduler:
+    """Owns the models and the decode thread; the engine talks to it from the event loop."""
+
+    def __init__(
+        self,
+        model: Any,
+        version: str,
+        tokenizer: Any,
+        *,
+        eos_token_ids: frozenset[int],
+        pad_token_id: int,
+        max_batch_size: int,
+        stream_interval_s: float,
+    ) -> None:
+        self._groups = [_Group(model, version)]
+        self._tokenizer = tokenizer
+        self._eos = eos_token_ids
+        self._pad_id = pad_token_id
+        self._max_batch = max_batch_size
+        self._interval = stream_interval_s
+        self._cond = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._swaps: list[tuple[Any, str, Future[None]]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._shared_gen = torch.Generator()
+        self._shared_gen.manual_seed(random.SystemRandom().getrandbits(63))
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, DeltaOrError]]] = {}
+        self._token_text: dict[int, str] = {}
+        self.version = version
+        self.running_requests = 0
+        self.running_sequences = 0
+        self.steps = 0
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def model(self) -> Any:
+        return self._groups[-1].model
+
+    def group_versions(self) -> list[str]:
+        return [g.version for g in self._groups]
+
+    # -- called from the event loop ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="flywheel-decode", daemon=True)
+            self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def install(self, model: Any, version: str) -> Future[None]:
+        """Queue new weights for the decode thread; the future resolves once they are served."""
+        done: Future[None] = Future()
+        with self._cond:
+            if self._thread is None or not self._thread.is_alive():
+                self._install(model, version, done)
+            else:
+                self._swaps.append((model, version, done))
+                self._cond.notify()
+        return done
+
+    def stop(self) -> None:
+        """Abort whatever is still outstanding and join the thread (blocking)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    # -- the decode thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._next_iteration():
+                for group in list(self._groups):
+                    self._step(group)
+                self._retire_old_groups()
+                self._count()
+            self._abort_all(EngineError("The engine stopped before the request finished."))
+
+    def _next_iteration(self) -> bool:
+        """Wait for work, install queued weights and admit requests; False when stopping."""
+        with self._cond:
+            while not (self._waiting or self._swaps or self._stopping or self.running_sequences):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            swaps, self._swaps = self._swaps, []
+            for model, version, done in swaps:
+                self._install(model, version, done)
+            self._admit()
+        return True
+
+    def _install(self, model: Any, version: str, done: Future[None]) -> None:
+        self._groups.append(_Group(model, version))
+        self.version = version
+        self._retire_old_groups()
+        done.set_result(None)
+
+    def _admit(self) -> None:
+        group = self._groups[-1]
+        free = self._max_batch - self.running_sequences
+        while self._waiting:
+            request = self._waiting[0]
+            if request.cancelled:
+                self._waiting.popleft()
+                continue
+            n = request.params.n
+            if n > free and (free < self._max_batch or group.joining):
+                break  # full; a request wider than the whole batch runs alone
+            self._waiting.popleft()
+            request.policy_version = group.version
+            group.joining.append(request)
+            free -= n
+            self.running_sequences += n
+
+    def _step(self, group: _Group) -> None:
+        try:
+            if group.joining:
+                self._prefill(group)
+            self._drop_done(group)
+            if group.batch is not None:
+                self._decode(group)
+                self._drop_done(group)
+        except Exception as exc:  # a failed step fails its requests, never the thread
+            logger.exception("decode step failed for policy %s", group.version)
+            self._fail(group, EngineError(f"Generation failed: {exc}"))
+
+    def _prefill(self, group: _Group) -> None:
+        requests = [r for r in group.joining if not r.cancelled]
+        group.joining = []
+        if not requests:
+            return
+        batch, logits = PaddedBatch.prefill(group.model, [r.prompt for r in requests], self._pad_id)
+        seqs: list[Sequence] = []
+        rows: list[int] = []
+        for row, request in enumerate(requests):
+            for index in range(request.params.n):
+                seqs.append(Sequence(request, index, self._tokenizer, self._eos))
+                rows.append(row)
+        if len(rows) > len(requests):  # n > 1: the choices share the prompt's cache
+            batch.select(rows)
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        sampled = RowSampler([s.row for s in seqs], logits.device).sample(logits, self._shared_gen)
+        batch.tokens = sampled.device_tokens[:, None]
+        self._record(seqs, sampled)
+        if group.batch is None:
+            group.batch, group.seqs = batch, seqs
+        else:
+            group.batch.merge(batch)
+            group.seqs.extend(seqs)
+        group.sampler = None
+
+    def _decode(self, group: _Group) -> None:
+        assert group.batch is not None
+        logits = group.batch.decode(group.model)
+        if group.sampler is None:
+            group.sampler = RowSampler([s.row for s in group.seqs], logits.device)
+        sampled = group.sampler.sample(logits, self._shared_gen)
+        group.batch.tokens = sampled.device_tokens[:, None]
+        self._record(group.seqs, sampled)
+        self.steps += 1
+
+    def _record(self, seqs: list[Sequence], sampled: Sampled) -> None:
+        now = time.monotonic()
+        for i, seq in enumerate(seqs):
+            if seq.request.cancelled:
+                continue
+            top = self._top_dict(sampled, i, seq.row.top_logprobs) if seq.row.top_logprobs else None
+            seq.append(sampled.tokens[i], sampled.logprobs[i], top)
+            delta = seq.take_delta(now, self._interval)
+            if delta is not None:
+                self._post(seq.request, delta)
+        self._flush()
+
+    def _top_dict(self, sampled: Sampled, row: int, k: int) -> dict[str, float]:
+        assert sampled.top_ids is not None and sampled.top_logprobs is not None
+        ids, values = sampled.top_ids[row][:k], sampled.top_logprobs[row][:k]
+        return {self._text_of(t): v for t, v in zip(ids, values, strict=True)}
+
+    def _text_of(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self._tokenizer.decode([token_id])
+        return text
+
+    def _drop_done(self, group: _Group) -> None:
+        if group.batch is None:
+            return
+        keep = [
+            i for i, s in enumerate(group.seqs) if s.finish_reason is None and not s.request.cancelled
+        ]
+        if len(keep) == len(group.seqs):
+            return
+        group.seqs = [group.seqs[i] for i in keep]
+        if keep:
+            group.batch.select(keep)
+        else:
+            group.batch = None
+        group.sampler = None
+        self._count()
+
+    def _retire_old_groups(self) -> None:
+        for group in self._groups[:-1]:
+            if not group.seqs and not group.joining:
+                self._groups.remove(group)
+                logger.info("policy %s drained; old weights released", group.version)
+                del group.model
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _count(self) -> None:
+        self.running_requests = sum(len(g.requests()) for g in self._groups)
+        self.running_sequences = sum(
+            len(g.seqs) + sum(r.params.n for r in g.joining) for g in self._groups
+        )
+
+    def _fail(self, group: _Group, error: BaseException) -> None:
+        for request in group.requests():
+            self._post(request, error)
+        group.seqs, group.joining, group.batch, group.sampler = [], [], None, None
+        self._flush()
+        self._count()
+
+    def _abort_all(self, error: BaseException) -> None:
+        for group in self._groups:
+            self._fail(group, error)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            self._post(request, error)
+        self._flush()
+
+    # -- posting to event loops --------------------------------------------------------------
+
+    def _post(self, request: Request, item: ChoiceDelta | BaseException) -> None:
+        self._outbox.setdefault(request.loop, []).append((request, item))
+
+    def _flush(self) -> None:
+        """One ``call_soon_threadsafe`` per event loop per step, however many deltas it carries."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for request, _ in items:
+                    request.cancelled = True
+
+
+def _deliver(items: list[tuple[Request, DeltaOrError]]) -> None:
+    for request, item in items:
+        request.queue.put_nowait(item)

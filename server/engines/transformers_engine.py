@@ -1,0 +1,220 @@
+"""The Hugging Face ``transformers`` engine: continuous batching on one decode thread, CPU or GPU.
+
+The event loop side (this module) validates and tokenises, hands requests to the decode thread
+(``scheduler.py``) and streams back the deltas it posts; weights for a hot swap are loaded on a
+worker thread and handed over between decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from server.engines.base import (
+    ChoiceDelta,
+    EngineError,
+    EngineStats,
+    PromptTooLongError,
+    SamplingParams,
+    SwapError,
+)
+from server.engines.scheduler import Scheduler
+from server.engines.sequence import Request, coalesce
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU, bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class TransformersEngine:
+    """Serves one local Hugging Face causal LM directory with continuous batching."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int = 32,
+        max_model_len: int | None = None,
+        served_model_name: str = "flywheel",
+        policy_version: str = "policy-0",
+        stream_interval_ms: float = 0.0,
+        ignore_eos: bool = False,
+    ) -> None:
+        """``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed-length outputs)."""
+        self.model_name = served_model_name
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        model = self._load_model(model_path)
+        config = model.config
+        self.max_model_len = int(max_model_len or config.max_position_embeddings)
+        self.eos_token_ids = _eos_token_ids(model_path, config, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        pad_id = pad if pad is not None else (self.eos_token_ids or (0,))[0]
+        self._vocab_size = model.get_input_embeddings().num_embeddings
+        self._scheduler = Scheduler(
+            model,
+            policy_version,
+            self.tokenizer,
+            eos_token_ids=frozenset(() if ignore_eos else self.eos_token_ids),
+            pad_token_id=pad_id,
+            max_batch_size=max_batch_size,
+            stream_interval_s=stream_interval_ms / 1000.0,
+        )
+        self._swap_lock: asyncio.Lock | None = None
+        self._closing = False
+
+    @property
+    def policy_version(self) -> str:
+        return self._scheduler.version
+
+    @property
+    def model(self) -> Any:
+        """The model new requests run on (tests and benchmarks use it for reference passes)."""
+        return self._scheduler.model
+
+    async def start(self) -> None:
+        self._closing = False
+        self._scheduler.start()
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new requests, let running ones finish for up to ``drain_timeout_s``, abort the rest."""
+        self._closing = True
+        deadline = asyncio.get_running_loop().time() + drain_timeout_s
+        while self._scheduler.running_sequences or self._scheduler.waiting:
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(self._scheduler.stop)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        # A base model without a chat template: a plain transcript ending with the answer's cue.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode_text(text)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[ChoiceDelta]:
+        """Validate now (raising ``PromptTooLongError`` before any streaming starts), then stream."""
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise EngineError("The prompt is empty.")
+        if len(prompt) >= self.max_model_len:
+            raise PromptTooLongError(len(prompt), self.max_model_len)
+        if self._closing:
+            raise EngineError("The engine is shutting down.")
+        max_new = max(1, min(params.max_tokens, self.max_model_len - len(prompt)))
+        return self._stream(request_id, prompt, params, max_new)
+
+    async def _stream(
+        self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int
+    ) -> AsyncIterator[ChoiceDelta]:
+        request = Request(request_id, prompt, params, max_new, asyncio.get_running_loop())
+        self._scheduler.start()
+        self._scheduler.submit(request)
+        remaining = request.params.n
+        try:
+            while remaining:
+                items = [await request.queue.get()]
+                while not request.queue.empty():
+                    items.append(request.queue.get_nowait())
+                for item in coalesce(items):
+                    if isinstance(item, BaseException):
+                        remaining = 0
+                        raise item
+                    if item.finish_reason is not None:
+                        remaining -= 1
+                    yield item
+        finally:
+            if remaining:  # the client went away: free the slots at the next step
+                request.cancelled = True
+                self._scheduler.wake()
+
+    async def swap_weights(self, path: str, version: str) -> None:
+        if self._swap_lock is None:
+            self._swap_lock = asyncio.Lock()
+        async with self._swap_lock:
+            try:
+                model = await asyncio.to_thread(self._load_checked, path)
+            except Exception as exc:
+                raise SwapError(f"could not load policy {version} from {path}: {exc}") from exc
+            await asyncio.wrap_future(self._scheduler.install(model, version))
+        logger.info("now serving policy %s from %s", version, path)
+
+    def stats(self) -> EngineStats:
+        s = self._scheduler
+        return EngineStats(
+            running=s.running_requests,
+            waiting=s.waiting,
+            extra={
+                "running_sequences": s.running_sequences,
+                "decode_steps": s.steps,
+                "policy_versions": s.group_versions(),
+            },
+        )
+
+    def _load_model(self, path: str) -> Any:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
+        return model.to(self.device).eval()
+
+    def _load_checked(self, path: str) -> Any:
+        """Load new weights and prove they run before anything is handed to the decode thread."""
+        model = self._load_model(path)
+        vocab = model.get_input_embeddings().num_embeddings
+        if vocab != self._vocab_size:
+            raise ValueError(f"vocabulary size {vocab} differs from the served {self._vocab_size}")
+        with torch.inference_mode():
+            probe = torch.tensor([[self.eos_token_ids[0] if self.eos_token_ids else 0]])
+            logits = model(input_ids=probe.to(self.device)).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise ValueError("the new weights produce non-finite logits")
+        return model
+
+
+def _eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every end-of-sequence id named by the generation config, the model config or the tokenizer."""
+    ids: list[int] = []
+    try:
+        sources: list[Any] = [GenerationConfig.from_pretrained(path).eos_token_id]
+    except OSError:
+        sources = []
+    sources += [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    for source in sources:
+        for token in source if isinstance(source, list | tuple) else [source]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)

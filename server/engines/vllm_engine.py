@@ -1,0 +1,304 @@
+"""The vLLM engine: ``AsyncLLM`` (vLLM 0.33) behind Flywheel's engine interface.
+
+vLLM is imported in ``start()`` only (``load_vllm_bindings``), so this module imports on machines
+without it. Tests inject stand-in bindings and a stand-in tokenizer instead.
+
+Policies are swapped two ways:
+
+* full weights: in place, between engine steps (``vllm_swap.swap_in_place``); new requests wait
+  at an admission gate during the swap so they are labelled, and run, with the new version;
+* LoRA policies (``<checkpoint>/adapter/adapter_config.json``): each version is added as a new
+  adapter ``LoRARequest(version, id, path)`` and new requests carry it; nothing pauses, and
+  running requests finish on the adapter they were admitted with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flywheel.settings import Settings
+from server.engines.base import (
+    ChoiceDelta,
+    EngineError,
+    EngineStats,
+    SamplingParams,
+    SwapError,
+)
+from server.engines.vllm_params import (
+    build_sampling_params,
+    engine_args,
+    eos_token_ids,
+    has_full_weights,
+    lora_adapter_dir,
+    read_model_config,
+    shape_mismatches,
+    spans_other_versions,
+    to_choice_delta,
+)
+from server.engines.vllm_swap import DegradedEngineError, swap_in_place
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VLLMBindings:
+    """The vLLM names the engine uses, resolved when it starts."""
+
+    build_engine: Callable[[dict[str, Any]], Any]  # AsyncEngineArgs kwargs -> AsyncLLM
+    sampling_params: Callable[..., Any]  # vllm.SamplingParams
+    delta_kind: Any  # vllm.sampling_params.RequestOutputKind.DELTA
+    lora_request: Callable[..., Any]  # vllm.lora.request.LoRARequest
+    tokens_input: Callable[[list[int]], Any]  # vllm.inputs.tokens_input
+
+
+def load_vllm_bindings() -> VLLMBindings:
+    """Import vLLM (0.33) and bind the names the engine uses."""
+    from vllm import AsyncEngineArgs, SamplingParams
+    from vllm.inputs import tokens_input
+    from vllm.lora.request import LoRARequest
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    def build(kwargs: dict[str, Any]) -> Any:
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+
+    return VLLMBindings(build, SamplingParams, RequestOutputKind.DELTA, LoRARequest, tokens_input)
+
+
+def load_tokenizer(model_dir: str) -> Any:
+    """The Hugging Face tokenizer (with its chat template) of ``model_dir``."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+class VLLMEngine:
+    """Serves one policy version at a time from a vLLM ``AsyncLLM`` in this process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        model_path: str | None = None,
+        policy_version: str = "policy-0",
+        bindings: VLLMBindings | None = None,
+        tokenizer: Any | None = None,
+        extra_engine_args: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.model_name = settings.served_model_name
+        self.max_model_len = settings.max_model_len or 0
+        self.eos_token_ids: tuple[int, ...] = ()
+        self._base_path = str(settings.model)  # the tokenizer and LoRA adapters' base
+        self._start_path = str(model_path or settings.model)
+        self._weights_path = self._base_path  # what the workers hold; set by start()
+        self._version = policy_version
+        self._bindings = bindings
+        self._tokenizer = tokenizer
+        self._engine_args = engine_args(settings, extra_engine_args)
+        self.lora_enabled = bool(self._engine_args.get("enable_lora"))
+        self._llm: Any | None = None
+        self._lora: Any | None = None  # LoRARequest new requests carry
+        self._lora_ids = itertools.count(1)  # vLLM requires lora_int_id >= 1
+        self._swap_lock = asyncio.Lock()
+        self._admitting = asyncio.Event()
+        self._admitting.set()
+        self._running = 0
+        self._waiting = 0
+        self._degraded: str | None = None
+        self._last_swap_seconds: float | None = None
+        self._mixed_choices = 0
+
+    @property
+    def policy_version(self) -> str:
+        return self._version
+
+    async def start(self) -> None:
+        """Build the ``AsyncLLM`` (loads the model; blocks the loop while it does)."""
+        if self._llm is not None:
+            return
+        api = self._bindings = self._bindings or load_vllm_bindings()
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self._base_path)
+        self.eos_token_ids = eos_token_ids(
+            Path(self._base_path), getattr(self._tokenizer, "eos_token_id", None)
+        )
+        adapter = lora_adapter_dir(Path(self._start_path))
+        use_adapter = adapter is not None and self.lora_enabled
+        if not use_adapter:
+            self._weights_path = self._start_path
+        args = dict(self._engine_args, model=self._weights_path)
+        args.setdefault("tokenizer", self._base_path)  # checkpoints need no tokenizer files
+        self._llm = api.build_engine(args)
+        self.max_model_len = int(self._llm.model_config.max_model_len)
+        if use_adapter:
+            assert adapter is not None
+            self._lora = await self._add_adapter(adapter, self._version)
+        await self._llm.update_weight_version(self._version)
+        log.info("vLLM engine serving %s from %s", self._version, self._start_path)
+
+    async def stop(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        # Same rendering as the transformers engine, so stored prompts do not depend on the engine.
+        tokenizer = self._require_tokenizer()
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False)
+            return list(tokenizer.encode(text, add_special_tokens=False))
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return self.encode_text(text)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return list(self._require_tokenizer().encode(prompt, add_special_tokens=True))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return str(self._require_tokenizer().decode(token_ids, skip_special_tokens=True))
+
+    def _decode_token(self, token_id: int) -> str:
+        return str(self._require_tokenizer().decode([token_id]))
+
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[ChoiceDelta]:
+        llm, api = self._require_started()
+        self._waiting += 1
+        try:
+            await self._admitting.wait()  # closed while full weights swap
+        finally:
+            self._waiting -= 1
+        version, lora = self._version, self._lora  # fixed at admission
+        sampling = build_sampling_params(params, api.sampling_params, api.delta_kind)
+        self._running += 1
+        try:
+            stream = llm.generate(api.tokens_input(list(prompt_token_ids)), sampling, request_id,
+                                  lora_request=lora)
+            async with aclosing(stream):
+                async for output in stream:
+                    for completion in output.outputs:
+                        self._note_versions(completion, version)
+                        delta = to_choice_delta(completion, version, params.top_logprobs,
+                                                self._decode_token)
+                        if delta is not None:
+                            yield delta
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise EngineError(f"vLLM failed request {request_id}: {exc}") from exc
+        finally:
+            self._running -= 1
+
+    def _note_versions(self, completion: Any, version: str) -> None:
+        if completion.finish_reason is not None and spans_other_versions(completion, version):
+            self._mixed_choices += 1
+
+    async def swap_weights(self, path: str, version: str) -> None:
+        """Serve ``version`` from the checkpoint at ``path`` (already verified by the caller).
+
+        On ``SwapError`` the old version serves again, unless ``stats().extra["degraded"]``
+        says the rollback failed too.
+        """
+        self._require_started()
+        async with self._swap_lock:
+            if version == self._version:
+                return
+            started = time.perf_counter()
+            adapter = lora_adapter_dir(Path(path))
+            if adapter is not None and self.lora_enabled:
+                await self._swap_lora(adapter, version)
+            else:
+                self._check_full_checkpoint(path, version)
+                await self._swap_full(path, version)
+            self._last_swap_seconds = time.perf_counter() - started
+            log.info("swapped to %s in %.2fs", version, self._last_swap_seconds)
+
+    def _check_full_checkpoint(self, path: str, version: str) -> None:
+        """Refuse before pausing what an in-place reload cannot load."""
+        if not has_full_weights(Path(path)):
+            reason = ("a LoRA policy but LoRA is off (FLYWHEEL_PPO__USE_LORA)"
+                      if lora_adapter_dir(Path(path)) else "no config.json and *.safetensors")
+            raise SwapError(f"{version} at {path}: {reason}")
+        mismatches = shape_mismatches(read_model_config(Path(self._weights_path)),
+                                      read_model_config(Path(path)))
+        if mismatches:
+            raise SwapError(f"{version} at {path} differs from the served model in "
+                            f"{', '.join(mismatches)}; in-place reload needs equal shapes")
+
+    async def _swap_full(self, path: str, version: str, adapter: Path | None = None) -> None:
+        """Reload ``path`` in place (then add ``adapter``, still paused) behind the gate."""
+        loaded: list[Any] = []
+
+        async def add_adapter() -> None:
+            assert adapter is not None
+            loaded.append(await self._add_adapter(adapter, version))
+
+        self._admitting.clear()
+        try:
+            await swap_in_place(self._require_started()[0], path, version,
+                                previous_path=self._weights_path,
+                                previous_version=self._version,
+                                then=add_adapter if adapter is not None else None)
+            self._weights_path, self._version = path, version
+            self._lora = loaded[0] if loaded else None
+            self._degraded = None
+        except DegradedEngineError as exc:
+            self._degraded = str(exc)
+            raise
+        finally:
+            self._admitting.set()  # after the state above: waiters are admitted as ``version``
+
+    async def _swap_lora(self, adapter: Path, version: str) -> None:
+        if self._weights_path == self._base_path:
+            lora = await self._add_adapter(adapter, version)  # no pause
+            self._lora, self._version = lora, version
+            return
+        # Adapters are trained on the base model: reload its weights first, paused, and add the
+        # adapter before resuming, so no request sees the base model labelled ``version``.
+        await self._swap_full(self._base_path, version, adapter)
+
+    async def _add_adapter(self, adapter: Path, version: str) -> Any:
+        """Load ``adapter`` as a new adapter named ``version`` (a new path per version keeps
+        vLLM's prefix cache, keyed by LoRA name and path, from serving stale blocks)."""
+        llm, api = self._require_started()
+        request = api.lora_request(version, next(self._lora_ids), str(adapter))
+        try:
+            added = await llm.add_lora(request)
+        except Exception as exc:
+            raise SwapError(f"vLLM could not load the adapter of {version}: {exc}") from exc
+        if not added:
+            raise SwapError(f"vLLM did not load the adapter of {version} from {adapter}")
+        return request
+
+    def stats(self) -> EngineStats:
+        extra: dict[str, Any] = {
+            "engine": "vllm",
+            "weights_path": self._weights_path,
+            "lora": getattr(self._lora, "lora_name", None),
+            "degraded": self._degraded,
+            "last_swap_seconds": self._last_swap_seconds,
+            "choices_spanning_swaps": self._mixed_choices,
+        }
+        if self._llm is not None:
+            extra["unfinished_requests"] = self._llm.get_num_unfinished_requests()
+        return EngineStats(running=self._running, waiting=self._waiting, extra=extra)
+
+    def _require_started(self) -> tuple[Any, VLLMBindings]:
+        if self._llm is None or self._bindings is None:
+            raise EngineError("the vLLM engine is not started")
+        return self._llm, self._bindings
+
+    def _require_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise EngineError("the vLLM engine is not started")
+        return self._tokenizer

@@ -1,0 +1,113 @@
+"""One error envelope for every failure: serving code raises ``APIError``, handlers format it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from feedback_store.errors import (
+    IdempotencyMismatchError,
+    InvalidInputError,
+    NotFoundError,
+    StoreUnavailableError,
+)
+
+log = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error with an HTTP status, rendered as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(status: int, message: str, *, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def error_response(exc: APIError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    if exc.status in (429, 503) and headers is None:
+        headers = {"Retry-After": "1"}
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+def _param_of(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI and vLLM answer body validation errors with 400, not FastAPI's 422.
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        param = _param_of(tuple(first.get("loc", ())))
+        if first.get("type") == "json_invalid":
+            message = "The request body is not valid JSON."
+            param = None
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return error_response(APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail) if exc.detail else "error"
+        return error_response(APIError(exc.status_code, message))
+
+    @app.exception_handler(NotFoundError)
+    async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
+        return error_response(APIError(404, exc.message, param=exc.param, code=exc.code))
+
+    @app.exception_handler(InvalidInputError)
+    async def _invalid(_: Request, exc: InvalidInputError) -> JSONResponse:
+        return error_response(APIError(400, exc.message, param=exc.param, code=exc.code))
+
+    @app.exception_handler(IdempotencyMismatchError)
+    async def _mismatch(_: Request, exc: IdempotencyMismatchError) -> JSONResponse:
+        return error_response(APIError(422, exc.message, param="Idempotency-Key",
+                                       code="idempotency_key_reused"))
+
+    @app.exception_handler(StoreUnavailableError)
+    async def _unavailable(_: Request, exc: StoreUnavailableError) -> JSONResponse:
+        log.warning("database unavailable: %s", exc.message)
+        return error_response(APIError(503, "The feedback database is unavailable; retry later.",
+                                       code="database_unavailable", retry_after=2))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return error_response(APIError(500, "Internal server error.", code="internal_error"))

@@ -1,0 +1,1 @@
+"""`/v1/feedback`, `/v1/rankings` and `/v1/feedback/export`."""

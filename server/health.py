@@ -1,0 +1,57 @@
+"""`/v1/models`, `/healthz`, `/readyz` and `/metrics`."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from anyio import to_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from feedback_store.errors import StoreError
+from server.errors import error_body
+from server.state import AppState, get_state, require_user
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models")
+async def list_models(state: Annotated[AppState, Depends(require_user)]) -> dict:
+    return {"object": "list", "data": [{
+        "id": state.settings.served_model_name, "object": "model", "created": _STARTED,
+        "owned_by": "flywheel", "policy_version": state.engine.policy_version,
+        "max_model_len": state.engine.max_model_len,
+    }]}
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready when the model is loaded and the database answers."""
+    state = getattr(request.app.state, "flywheel", None)
+    if state is None:
+        return JSONResponse(error_body(503, "model not loaded"), status_code=503,
+                            headers={"Retry-After": "2"})
+    try:
+        await to_thread.run_sync(state.store.ping)
+    except StoreError as exc:
+        return JSONResponse(error_body(503, f"database unavailable: {exc.message}"),
+                            status_code=503, headers={"Retry-After": "2"})
+    watcher = state.watcher
+    return JSONResponse({
+        "status": "ready", "policy_version": state.engine.policy_version,
+        "redis": None if watcher is None or watcher.redis is None else watcher.redis_connected,
+    })
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    state = get_state(request)
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,45 @@
+"""What every route needs, built once in the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from feedback_store import Store
+from flywheel.settings import Settings
+from server.auth import Authenticator
+from server.engines.base import Engine
+from server.metrics import ServerMetrics
+
+if TYPE_CHECKING:
+    from server.hotswap import PolicyWatcher
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    store: Store
+    metrics: ServerMetrics
+    auth: Authenticator
+    watcher: PolicyWatcher | None = None
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.flywheel
+    return state
+
+
+def require_user(request: Request) -> AppState:
+    """Dependency of /v1 routes: checks the bearer key, returns the app state."""
+    state = get_state(request)
+    state.auth.check_user(request)
+    return state
+
+
+def require_admin(request: Request) -> AppState:
+    state = get_state(request)
+    state.auth.check_admin(request)
+    return state

@@ -1,0 +1,158 @@
+"""Completions, thumbs and rankings: records, validation, idempotency and concurrency."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from feedback_store import Store
+from feedback_store.errors import IdempotencyMismatchError, InvalidInputError, NotFoundError
+
+from .conftest import add_completion, count
+
+
+def test_record_completion_dedupes_prompts(store: Store) -> None:
+    add_completion(store, "chatcmpl-a")
+    add_completion(store, "chatcmpl-b")
+    add_completion(store, "cmpl-c", prompt="Other", kind="text")
+    assert (count(store, "prompts"), count(store, "completions")) == (2, 3)
+    assert count(store, "choices") == 6
+
+
+def test_duplicate_completion_id_writes_nothing(store: Store) -> None:
+    add_completion(store, "chatcmpl-a")
+    with pytest.raises(InvalidInputError) as caught:
+        add_completion(store, "chatcmpl-a", prompt="New prompt")
+    assert caught.value.param == "id"
+    assert (count(store, "prompts"), count(store, "choices")) == (1, 2)
+
+
+def test_add_feedback_record(store: Store) -> None:
+    add_completion(store, "chatcmpl-a")
+    record, created = store.add_feedback(
+        completion_id="chatcmpl-a", choice_index=1, rating="down", comment="rude", user="u1"
+    )
+    assert created
+    assert record["id"].startswith("fb-")
+    assert isinstance(record.pop("created_at"), int)
+    assert {k: v for k, v in record.items() if k != "id"} == {
+        "object": "feedback",
+        "completion_id": "chatcmpl-a",
+        "choice_index": 1,
+        "rating": "down",
+        "comment": "rude",
+        "user": "u1",
+    }
+
+
+@pytest.mark.parametrize(
+    ("completion_id", "choice_index", "rating", "error", "param"),
+    [
+        ("chatcmpl-nope", 0, "up", NotFoundError, "completion_id"),
+        ("chatcmpl-a", 5, "up", NotFoundError, "choice_index"),
+        ("chatcmpl-a", 0, "meh", InvalidInputError, "rating"),
+    ],
+)
+def test_add_feedback_errors(
+    store: Store,
+    completion_id: str,
+    choice_index: int,
+    rating: str,
+    error: type[Exception],
+    param: str,
+) -> None:
+    add_completion(store, "chatcmpl-a")
+    with pytest.raises(error) as caught:
+        store.add_feedback(completion_id=completion_id, choice_index=choice_index, rating=rating)
+    assert caught.value.param == param  # type: ignore[attr-defined]
+    assert count(store, "feedback") == 0
+
+
+def test_feedback_idempotency(store: Store) -> None:
+    add_completion(store, "chatcmpl-a")
+    body: dict[str, Any] = {"completion_id": "chatcmpl-a", "choice_index": 0, "rating": "up"}
+    first, created = store.add_feedback(**body, idempotency_key="key-1")
+    again, created_again = store.add_feedback(**body, idempotency_key="key-1")
+    assert (created, created_again) == (True, False)
+    assert again == first
+    with pytest.raises(IdempotencyMismatchError):
+        store.add_feedback(**{**body, "rating": "down"}, idempotency_key="key-1")
+    assert count(store, "feedback") == 1
+    assert store.feedback_counts() == {"up": 1, "down": 0, "rankings": 0}
+
+
+def test_200_concurrent_feedback_calls(store: Store) -> None:
+    add_completion(store, "chatcmpl-a")
+
+    def rate(i: int) -> tuple[dict[str, Any], bool]:
+        return store.add_feedback(
+            completion_id="chatcmpl-a",
+            choice_index=i % 2,
+            rating="up" if i % 3 else "down",
+            idempotency_key=f"key-{i}" if i % 2 else None,
+        )
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        results = list(pool.map(rate, range(200)))
+    assert all(created for _, created in results)
+    assert len({record["id"] for record, _ in results}) == 200
+    assert count(store, "feedback") == 200
+
+
+def test_racing_retries_store_one_row(store: Store) -> None:
+    add_completion(store, "chatcmpl-a")
+    start = threading.Barrier(12)
+
+    def retry(_: int) -> tuple[dict[str, Any], bool]:
+        start.wait()
+        return store.add_feedback(
+            completion_id="chatcmpl-a", choice_index=0, rating="up", idempotency_key="same"
+        )
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(retry, range(12)))
+    assert sum(created for _, created in results) == 1
+    assert len({record["id"] for record, _ in results}) == 1
+    assert count(store, "feedback") == 1
+
+
+def test_add_ranking_record_and_idempotency(store: Store) -> None:
+    add_completion(store, "chatcmpl-a", texts=("A", "B", "C"))
+    add_completion(store, "chatcmpl-b", texts=("D",))
+    items = [("chatcmpl-a", 2), ("chatcmpl-b", 0), ("chatcmpl-a", 0)]
+    record, created = store.add_ranking(items=items, user="u", idempotency_key="rk-key")
+    assert created and record["id"].startswith("rk-")
+    assert record["object"] == "ranking" and record["user"] == "u"
+    assert record["items"] == [
+        {"completion_id": cid, "choice_index": index} for cid, index in items
+    ]
+    again, created_again = store.add_ranking(items=items, user="u", idempotency_key="rk-key")
+    assert (again, created_again) == (record, False)
+    with pytest.raises(IdempotencyMismatchError):
+        store.add_ranking(items=items[:2], user="u", idempotency_key="rk-key")
+    assert (count(store, "rankings"), count(store, "ranking_items")) == (1, 3)
+    assert store.feedback_counts() == {"up": 0, "down": 0, "rankings": 1}
+
+
+@pytest.mark.parametrize(
+    ("items", "error", "param"),
+    [
+        ([("chatcmpl-a", 0)], InvalidInputError, "items"),
+        ([("chatcmpl-a", 0), ("chatcmpl-a", 0)], InvalidInputError, "items"),
+        ([("chatcmpl-a", 0), ("chatcmpl-other", 0)], InvalidInputError, "items"),
+        ([("chatcmpl-a", 0), ("chatcmpl-nope", 0)], NotFoundError, "completion_id"),
+        ([("chatcmpl-a", 0), ("chatcmpl-a", 7)], NotFoundError, "choice_index"),
+    ],
+)
+def test_invalid_rankings_write_nothing(
+    store: Store, items: list[tuple[str, int]], error: type[Exception], param: str
+) -> None:
+    add_completion(store, "chatcmpl-a")
+    add_completion(store, "chatcmpl-other", prompt="A different question")
+    with pytest.raises(error) as caught:
+        store.add_ranking(items=items, idempotency_key="k")
+    assert caught.value.param == param  # type: ignore[attr-defined]
+    assert (count(store, "rankings"), count(store, "ranking_items")) == (0, 0)

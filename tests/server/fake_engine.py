@@ -1,0 +1,90 @@
+"""A deterministic in-process engine for fast API tests (real engines are tested separately)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from server.engines.base import ChoiceDelta, EngineStats, SamplingParams, SwapError
+
+EOS = 0
+
+
+class FakeEngine:
+    """Characters are tokens; answers are made of words drawn from a seeded generator."""
+
+    model_name = "fake"
+    eos_token_ids = (EOS,)
+
+    def __init__(self, max_model_len: int = 512, policy_version: str = "policy-0") -> None:
+        self.max_model_len = max_model_len
+        self._version = policy_version
+        self.swaps: list[tuple[str, str]] = []
+        self.running = 0
+
+    @property
+    def policy_version(self) -> str:
+        return self._version
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+        return self.encode_text(text)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return [ord(c) for c in prompt]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return "".join(chr(t) for t in token_ids if t != EOS)
+
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[ChoiceDelta]:
+        version = self._version
+        self.running += 1
+        try:
+            for index in range(params.n):
+                rng = random.Random(f"{params.seed}-{index}" if params.seed is not None
+                                    else request_id + str(index))
+                words = [rng.choice(["yes", "no", "maybe", "sure", "ok"]) for _ in range(4)]
+                text = " ".join(words) + "."
+                async for delta in self._stream(index, text, params, version):
+                    yield delta
+        finally:
+            self.running -= 1
+
+    async def _stream(self, index: int, text: str, params: SamplingParams,
+                      version: str) -> AsyncIterator[ChoiceDelta]:
+        produced = ""
+        for count, char in enumerate(text, start=1):
+            await asyncio.sleep(0)
+            candidate = produced + char
+            for stop in params.stop:
+                if stop in candidate:
+                    yield ChoiceDelta(index, "", [], [], version, finish_reason="stop")
+                    return
+            produced = candidate
+            done = count >= params.max_tokens
+            yield ChoiceDelta(index, char, [ord(char)], [-0.5], version,
+                              top_logprobs=[{char: -0.5}] if params.top_logprobs else None,
+                              finish_reason="length" if done else None)
+            if done:
+                return
+        yield ChoiceDelta(index, "", [EOS], [-0.1], version,
+                          top_logprobs=[{"": -0.1}] if params.top_logprobs else None,
+                          finish_reason="stop")
+
+    async def swap_weights(self, path: str, version: str) -> None:
+        if not Path(path).is_dir():
+            raise SwapError(f"{path} is not a directory")
+        self.swaps.append((path, version))
+        self._version = version
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running=self.running)

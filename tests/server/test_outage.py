@@ -1,0 +1,60 @@
+"""The database goes away under a running server: feedback gets 503, completions go on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+from feedback_store import Store
+from server.app import create_app
+from tests.conftest import POSTGRES_URL
+from tests.server.conftest import make_settings
+from tests.server.fake_engine import FakeEngine
+
+pytestmark = pytest.mark.postgres
+
+
+@contextmanager
+def database_down(url: str) -> Iterator[None]:
+    """Refuse new connections to the database and cut the open ones."""
+    name = url.rsplit("/", 1)[1]
+    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+        conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                             "WHERE datname = :n AND pid <> pg_backend_pid()"), {"n": name})
+    try:
+        yield
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+        admin.dispose()
+
+
+def test_feedback_503_while_completions_continue(tmp_path: Path, postgres_url: str) -> None:
+    store = Store(postgres_url)
+    settings = make_settings(tmp_path, postgres_url)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with TestClient(create_app(settings, engine=FakeEngine(), store=store, watch=False)) as c:
+        served = c.post("/v1/chat/completions", json=chat).json()
+        with database_down(postgres_url):
+            response = c.post("/v1/feedback", json={"completion_id": served["id"],
+                                                     "rating": "up"})
+            assert response.status_code == 503
+            assert response.headers["Retry-After"]
+            assert response.json()["error"]["code"] == "database_unavailable"
+            ranking = c.post("/v1/rankings", json={"completion_id": served["id"],
+                                                    "ranking": [0, 0]})
+            assert ranking.status_code == 400  # validation still answers without the database
+            assert c.post("/v1/chat/completions", json=chat).status_code == 200
+            assert c.get("/readyz").status_code == 503
+        assert c.get("/readyz").status_code == 200
+        retry = c.post("/v1/feedback", json={"completion_id": served["id"], "rating": "up"})
+        assert retry.status_code == 201
+    assert store.feedback_counts()["up"] == 1
+    store.close()

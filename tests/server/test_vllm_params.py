@@ -1,0 +1,107 @@
+"""The vLLM engine's pure mappings (no vLLM installed): sampling, outputs, engine arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.engines.base import ChoiceDelta, EngineError, SamplingParams
+from server.engines.vllm_params import (
+    build_sampling_params,
+    engine_args,
+    eos_token_ids,
+    lora_rank_slot,
+    map_finish_reason,
+    sampling_kwargs,
+    shape_mismatches,
+    to_choice_delta,
+)
+from tests.server.vllm_standin import (
+    CONFIG,
+    Kind,
+    Lp,
+    StandInSamplingParams,
+    completion,
+    hf_dir,
+    settings_for,
+)
+
+
+def test_sampling_params_map_every_field() -> None:
+    params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, n=3, stop=("\n", "END"),
+                            seed=11, top_logprobs=5)
+    assert sampling_kwargs(params) == {"n": 3, "temperature": 0.7, "top_p": 0.9, "seed": 11,
+                                       "stop": ["\n", "END"], "max_tokens": 32, "logprobs": 5}
+    built = build_sampling_params(params, StandInSamplingParams, Kind.DELTA)
+    assert built.output_kind is Kind.DELTA and built.logprobs == 5 and built.n == 3
+
+
+def test_sampled_logprob_is_always_requested() -> None:
+    kwargs = sampling_kwargs(SamplingParams(max_tokens=4))
+    assert kwargs["logprobs"] == 0  # 0: only the sampled token's logprob
+    assert kwargs["stop"] is None and kwargs["seed"] is None
+
+
+@pytest.mark.parametrize(("vllm_reason", "ours"), [
+    (None, None), ("stop", "stop"), ("length", "length"), ("repetition", "stop")])
+def test_finish_reasons(vllm_reason: str | None, ours: str | None) -> None:
+    assert map_finish_reason(vllm_reason) == ours
+
+
+@pytest.mark.parametrize("vllm_reason", ["abort", "error"])
+def test_unfinished_requests_raise(vllm_reason: str) -> None:
+    with pytest.raises(EngineError):
+        map_finish_reason(vllm_reason)
+
+
+def test_delta_keeps_sampled_logprobs_and_top_alternatives_by_rank() -> None:
+    positions = [
+        {5: Lp(-2.0, 3, "x"), 6: Lp(-0.2, 1, "y"), 7: Lp(-1.0, 2, None)},  # sampled 5, rank 3
+        {8: Lp(-0.1, 1, "z"), 9: Lp(-2.5, 2, "w")},
+    ]
+    comp = completion(1, [5, 8], text="xz", logprobs=positions)
+    delta = to_choice_delta(comp, "policy-4", 2, decode=lambda t: f"<{t}>")
+    assert delta == ChoiceDelta(index=1, text="xz", token_ids=[5, 8], logprobs=[-2.0, -0.1],
+                                policy_version="policy-4",
+                                top_logprobs=[{"y": -0.2, "<7>": -1.0}, {"z": -0.1, "w": -2.5}],
+                                finish_reason=None)
+    assert list(delta.top_logprobs[0]) == ["y", "<7>"]  # type: ignore[index]
+
+
+def test_delta_without_alternatives_and_empty_deltas() -> None:
+    delta = to_choice_delta(completion(0, [70]), "p", 0, decode=str)
+    assert delta is not None and delta.top_logprobs is None and delta.logprobs == [-0.5]
+    assert to_choice_delta(completion(0, [], text=""), "p", 0, decode=str) is None
+    final = to_choice_delta(completion(0, [], text="", finish="length"), "p", 0, decode=str)
+    assert final is not None and final.finish_reason == "length" and final.token_ids == []
+
+
+def test_delta_with_missing_logprobs_is_an_engine_error() -> None:
+    comp = completion(0, [70, 71], logprobs=[{70: Lp(-0.5, 1)}])
+    with pytest.raises(EngineError):
+        to_choice_delta(comp, "p", 0, decode=str)
+
+
+def test_engine_args(tmp_path: Path) -> None:
+    args = engine_args(settings_for(tmp_path))
+    assert args["model"] == str(tmp_path / "base")
+    assert args["logprobs_mode"] == "processed_logprobs"
+    assert args["dtype"] == "bfloat16" and "enable_lora" not in args
+    lora = engine_args(settings_for(tmp_path, use_lora=True), {"enforce_eager": True})
+    assert lora["enable_lora"] is True and lora["max_lora_rank"] == 16
+    assert lora["max_loras"] == 2 and lora["enforce_eager"] is True
+
+
+def test_lora_rank_slots() -> None:
+    assert [lora_rank_slot(r) for r in (1, 2, 16, 17, 300)] == [1, 8, 16, 32, 320]
+    with pytest.raises(ValueError):
+        lora_rank_slot(1024)
+
+
+def test_eos_ids_and_shape_checks(tmp_path: Path) -> None:
+    base = hf_dir(tmp_path / "base")
+    assert eos_token_ids(base, 2) == (2, 7)
+    assert shape_mismatches(CONFIG, {**CONFIG, "hidden_size": 32}) == ["hidden_size"]
+    assert shape_mismatches(CONFIG, dict(CONFIG)) == []
+

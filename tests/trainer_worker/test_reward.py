@@ -1,0 +1,156 @@
+"""Reward model: losses against naive loops, save/load, readout, training and interruption."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
+from flywheel.settings import RewardConfig
+from trainer_worker.reward import RewardModel, TrainingInterrupted, train_reward_model
+from trainer_worker.reward.data import pad_right, strip_eos
+from trainer_worker.reward.losses import (
+    bradley_terry_loss,
+    pairwise_accuracy,
+    pointwise_logistic_loss,
+)
+
+MARKER = 42  # the feature the synthetic preferences reward
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_bradley_terry_loss_matches_naive_loop() -> None:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [4, 2, 1, 3]  # a ranking of 4, a thumbs pair, a lone answer (no pairs), a ranking of 3
+    scores = torch.randn(sum(sizes), generator=gen)
+    group_losses = []
+    start = 0
+    for k in sizes:
+        group = scores[start : start + k].tolist()
+        start += k
+        pairs = list(itertools.combinations(range(k), 2))  # (i, j): i ranked above j
+        if pairs:
+            losses = [-log_sigmoid(group[i] - group[j]) for i, j in pairs]
+            group_losses.append(sum(losses) / len(pairs))
+    expected = sum(group_losses) / len(group_losses)
+    assert bradley_terry_loss(scores, sizes).item() == pytest.approx(expected, rel=1e-5)
+    accuracy, n_pairs = pairwise_accuracy(scores, sizes)
+    assert n_pairs == 6 + 1 + 0 + 3
+    correct, start = 0, 0
+    for k in sizes:
+        group = scores[start : start + k].tolist()
+        start += k
+        correct += sum(group[i] > group[j] for i, j in itertools.combinations(range(k), 2))
+    assert accuracy == pytest.approx(correct / n_pairs)
+
+
+def test_bradley_terry_loss_without_pairs_is_zero_and_differentiable() -> None:
+    scores = torch.zeros(2, requires_grad=True)
+    loss = bradley_terry_loss(scores, [1, 1])
+    loss.backward()
+    assert loss.item() == 0.0
+
+
+def test_pointwise_logistic_loss_matches_naive_loop() -> None:
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(5, generator=gen)
+    labels = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    expected = [-(log_sigmoid(s) if y else log_sigmoid(-s)) for s, y in
+                zip(scores.tolist(), labels.tolist(), strict=True)]
+    got = pointwise_logistic_loss(scores, labels).item()
+    assert got == pytest.approx(sum(expected) / 5, rel=1e-5)
+    assert pointwise_logistic_loss(torch.zeros(0), torch.zeros(0)).item() == 0.0
+
+
+def test_strip_eos_keeps_content_only() -> None:
+    assert strip_eos([5, 6, 1, 7, 1], [1]) == [5, 6]
+    assert strip_eos([5, 6], [1]) == [5, 6]
+    assert strip_eos([2, 5], [1, 2]) == []
+
+
+def test_save_and_reload_exactly(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = RewardModel.from_base(tiny_model_dir, seed=3)
+    model.score_mean, model.score_std = 0.5, 2.0
+    model.save_pretrained(tmp_path / "rm")
+    assert (tmp_path / "rm" / "model.safetensors").is_file()
+    again = RewardModel.from_pretrained(tmp_path / "rm")
+    assert (again.score_mean, again.score_std) == (0.5, 2.0)
+    assert again.eos_token_ids == model.eos_token_ids
+    ids, mask = pad_right([[3, 10, 11, 12], [3, 20]])
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), again(ids, mask))
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(),
+                                 strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_head_init_and_padding_side(tiny_model_dir: Path) -> None:
+    model = RewardModel.from_base(tiny_model_dir)
+    d = model.head.in_features
+    assert model.head.weight.std().item() == pytest.approx(1 / math.sqrt(d + 1), rel=0.3)
+    assert not model.training
+    seq = [3, 10, 11, 12, 13]
+    right_ids, right_mask = pad_right([seq, [3, 7]])
+    left_ids = torch.tensor([seq, [0, 0, 0, 3, 7]])
+    left_mask = (torch.arange(5) >= torch.tensor([[0], [3]])).long()
+    with torch.no_grad():
+        right, left = model(right_ids, right_mask), model(left_ids, left_mask)
+    assert torch.allclose(right, left, atol=1e-5)
+
+
+def synthetic_data(n_groups: int, seed: int, vocab: int = 400) -> RewardData:
+    """Rankings of 3 random answers where more MARKER tokens rank higher, plus lone thumbs."""
+    rng = random.Random(seed)
+
+    def answer(markers: int) -> list[int]:
+        tokens = [rng.randrange(10, vocab) for _ in range(rng.randrange(6, 12))]
+        tokens = [t for t in tokens if t != MARKER]
+        for _ in range(markers):
+            tokens.insert(rng.randrange(len(tokens) + 1), MARKER)
+        return tokens
+
+    groups, thumbs = [], []
+    for _ in range(n_groups):
+        prompt = [rng.randrange(10, vocab) for _ in range(rng.randrange(3, 8))]
+        groups.append(PreferenceGroup(prompt, [answer(2), answer(1), answer(0)], "ranking"))
+        label = rng.random() < 0.5
+        thumbs.append(ThumbExample(prompt, answer(2 if label else 0), label))
+    return RewardData(groups=groups, thumbs=thumbs)
+
+
+@pytest.mark.slow
+def test_reward_model_learns_a_shared_feature(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cfg = RewardConfig(lr=1e-3, epochs=3, batch_size=8, holdout_fraction=0.25)
+    metrics = train_reward_model(tiny_model_dir, synthetic_data(80, seed=0), cfg,
+                                 tmp_path / "rm", progress=False)
+    assert metrics["reward/accuracy"] > 0.8
+    assert metrics["reward/groups"] == 60 and metrics["reward/pairs"] == 180
+    assert metrics["reward/holdout_pairs"] == 60
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["reward/score_std"] > 0
+    # Continue training from the saved reward model (the next cycle's path).
+    again = train_reward_model(tmp_path / "rm", synthetic_data(20, seed=1),
+                               cfg.model_copy(update={"epochs": 1}), tmp_path / "rm2",
+                               progress=False)
+    assert again["reward/accuracy"] > 0.8
+
+
+def test_interrupted_training_writes_nothing(tiny_model_dir: Path, tmp_path: Path) -> None:
+    calls = iter(range(100))
+    with pytest.raises(TrainingInterrupted):
+        train_reward_model(tiny_model_dir, synthetic_data(16, seed=0), RewardConfig(batch_size=4),
+                           tmp_path / "rm", progress=False, should_stop=lambda: next(calls) >= 2)
+    assert not (tmp_path / "rm").exists()
+
+
+def test_reward_data_is_required(tiny_model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        train_reward_model(tiny_model_dir, RewardData(), RewardConfig(), tmp_path / "rm")

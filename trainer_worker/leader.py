@@ -1,0 +1,104 @@
+"""One leader among the workers: a Redis lock with a TTL, renewed in the background.
+
+Acquire is ``SET key id NX PX ttl``; renew and release only touch the key while it still holds our
+id (Lua, atomically). If a renewal finds the lock gone or taken, ``lost`` is set and the running
+cycle abandons its work, so two workers never train at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_RENEW = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+  return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+
+class LeaderLock:
+    def __init__(self, client: redis.Redis, key: str, owner: str, ttl_seconds: float) -> None:
+        self.client, self.key, self.owner = client, key, owner
+        self.ttl_ms = int(ttl_seconds * 1000)
+        self.lost = threading.Event()
+        self._held = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    @property
+    def held(self) -> bool:
+        return self._held and not self.lost.is_set()
+
+    def acquire(self) -> bool:
+        """Try once; on success start renewing every third of the TTL."""
+        if self.held:
+            return True
+        try:
+            if not self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+                return False
+        except redis.RedisError as exc:
+            log.warning("leader lock not reachable: %s", exc)
+            return False
+        self._held = True
+        self.lost.clear()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._keep, name="leader-lock", daemon=True)
+        self._thread.start()
+        log.info("leader lock %s taken by %s", self.key, self.owner)
+        return True
+
+    def _keep(self) -> None:
+        interval = self.ttl_ms / 3000
+        while not self._stop.wait(interval):
+            try:
+                renewed = self._renew(keys=[self.key], args=[self.owner, self.ttl_ms])
+            except redis.RedisError as exc:
+                log.warning("leader lock renewal failed: %s", exc)
+                renewed = 0
+            if not renewed:
+                log.error("leader lock lost; abandoning the current work")
+                self.lost.set()
+                self._held = False
+                return
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._held:
+            try:
+                self._release(keys=[self.key], args=[self.owner])
+            except redis.RedisError as exc:
+                log.warning("leader lock release failed (it will expire): %s", exc)
+        self._held = False
+
+
+class LocalLock:
+    """Without Redis there is one worker by assumption; the lock always succeeds."""
+
+    def __init__(self) -> None:
+        self.lost = threading.Event()
+
+    @property
+    def held(self) -> bool:
+        return True
+
+    def acquire(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        return None

@@ -1,0 +1,61 @@
+"""Loading the policy and reference models, LoRA wrapping, and writing the new policy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from flywheel.settings import PPOConfig
+from trainer_worker.reward.model import disable_dropout, read_eos_token_ids
+
+ADAPTER_DIR = "adapter"
+
+
+def load_causal_lm(path: Path, device: str, *, trainable: bool = False) -> PreTrainedModel:
+    """A causal LM in float32 with dropout off; frozen unless ``trainable``."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    disable_dropout(model)
+    model.requires_grad_(trainable)
+    return model.to(device)
+
+
+def resolve_eos_token_ids(policy_dir: Path, eos_token_ids: list[int] | None) -> list[int]:
+    ids = list(eos_token_ids) if eos_token_ids else read_eos_token_ids(policy_dir)
+    if not ids:
+        raise ValueError(f"{policy_dir} names no EOS token; pass eos_token_ids")
+    return ids
+
+
+def filler_token_id(model: PreTrainedModel, eos_token_ids: list[int]) -> int:
+    """Any valid id to fill padding with; masks, never token values, say what is padding."""
+    pad = model.config.get_text_config().pad_token_id
+    if isinstance(pad, int) and pad >= 0:
+        return pad
+    return eos_token_ids[0]
+
+
+def add_lora(model: nn.Module, cfg: PPOConfig, task_type: str | None) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on every linear layer (peft), dropout off."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules="all-linear", task_type=task_type)
+    return get_peft_model(model, lora)
+
+
+def save_policy(policy: nn.Module, policy_dir: Path, out_dir: Path, use_lora: bool) -> None:
+    """Write a complete HF directory: weights (safetensors), config, generation config, tokenizer.
+
+    With LoRA the adapter goes to ``out_dir/adapter`` (relative to ``policy_dir`` as base) and the
+    merged full model to ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if use_lora:
+        policy.save_pretrained(out_dir / ADAPTER_DIR)
+        policy = policy.merge_and_unload()
+    policy.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(policy_dir).save_pretrained(out_dir)

@@ -1,0 +1,251 @@
+"""One PPO cycle on the policy: rollouts, KL-shaped rewards, GAE, clipped updates, save.
+
+Follows the N+ recipe (Huang et al. 2024, ``ppo_left_padding.py``) and OAI lm-human-preferences:
+critic initialised from the reward model, per-token KL to the frozen base, RM score at the last
+token, missing-EOS penalty, whitened advantages, ``ppo_epochs`` passes over each rollout batch.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from flywheel.settings import PPOConfig
+from trainer_worker.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    compute_rewards,
+    entropy_from_logits,
+    kl_penalty,
+    logprobs_from_logits,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    value_loss,
+)
+from trainer_worker.ppo.policy import (
+    add_lora,
+    filler_token_id,
+    load_causal_lm,
+    resolve_eos_token_ids,
+    save_policy,
+)
+from trainer_worker.ppo.rollout import (
+    Rollout,
+    answer_logits,
+    answer_logprobs,
+    answer_scores,
+    answer_values,
+    make_rollout,
+)
+from trainer_worker.reward.model import RewardModel
+from trainer_worker.reward.stopping import check_stop
+
+StopFn = Callable[[], bool] | None
+
+
+@dataclass
+class Models:
+    policy: nn.Module  # trained
+    ref: nn.Module  # frozen base model: the KL anchor
+    reward: RewardModel  # frozen
+    critic: RewardModel  # trained, initialised from the reward model
+
+
+def run_ppo(
+    policy_dir: Path, ref_dir: Path, reward_dir: Path, prompts: list[list[int]],
+    cfg: PPOConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True,
+    should_stop: StopFn = None, eos_token_ids: list[int] | None = None,
+) -> dict[str, float]:
+    """Run ``cfg.steps`` PPO steps from ``policy_dir`` and write the new policy to ``out_dir``.
+
+    Raises ``TrainingInterrupted`` (writing nothing) when ``should_stop()`` turns true.
+    """
+    if not prompts:
+        raise ValueError("run_ppo needs at least one prompt")
+    if cfg.temperature <= 0:
+        raise ValueError("PPO samples from the policy: temperature must be > 0")
+    eos = resolve_eos_token_ids(Path(policy_dir), eos_token_ids)
+    models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
+    pad = filler_token_id(models.ref, eos)
+    optimizer = torch.optim.Adam([
+        {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": [p for p in models.critic.parameters() if p.requires_grad],
+         "lr": cfg.critic_lr},
+    ], eps=1e-5)  # N+: eps 1e-5
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+    batches = prompt_batches(prompts, cfg.rollout_batch_size, cfg.seed)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for _ in tqdm(range(cfg.steps), desc="ppo", disable=not progress, leave=False):
+        check_stop(should_stop)
+        # 1. Rollout: sample answers from the current policy.
+        t0 = time.perf_counter()
+        rollout = make_rollout(
+            models.policy, next(batches), max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, eos_token_ids=eos, pad_token_id=pad, device=device,
+            generator=sample_gen,
+        )
+        rollout_seconds = time.perf_counter() - t0
+        # 2-3. Score, shape rewards, estimate advantages.
+        stats = score_and_advantages(models, rollout, cfg, kl_ctl.value)
+        # 4. PPO epochs over minibatches.
+        stats |= ppo_update(models, optimizer, rollout, cfg, shuffle_gen, should_stop)
+        stats["rollout_seconds"] = rollout_seconds
+        stats["rollout_tokens"] = float(rollout.answer_mask.sum().item())
+        history.append(stats)
+        kl_ctl.update(stats["ppo/kl_ref"], cfg.rollout_batch_size)
+    elapsed = time.perf_counter() - started
+    check_stop(should_stop)
+    save_policy(models.policy, Path(policy_dir), Path(out_dir), cfg.use_lora)
+    return summarise(history, cfg, elapsed, kl_ctl.value)
+
+
+def load_models(policy_dir: Path, ref_dir: Path, reward_dir: Path, cfg: PPOConfig,
+                device: str) -> Models:
+    """Policy (trainable), frozen reference and RM, and a critic cloned from the RM."""
+    policy = load_causal_lm(policy_dir, device, trainable=not cfg.use_lora)
+    ref = load_causal_lm(ref_dir, device)
+    reward = RewardModel.from_pretrained(reward_dir, device=device).requires_grad_(False)
+    critic = RewardModel.from_pretrained(reward_dir, device=device)
+    critic.fold_normalization()  # values start in the units of the normalised scores
+    if cfg.use_lora:
+        policy = add_lora(policy, cfg, task_type="CAUSAL_LM")
+        critic.trunk = add_lora(critic.trunk.requires_grad_(False), cfg, task_type=None)
+    return Models(policy=policy, ref=ref, reward=reward, critic=critic)
+
+
+def prompt_batches(prompts: Sequence[list[int]], batch_size: int, seed: int) -> Iterator[
+    list[list[int]]
+]:
+    """Endless batches of prompts: shuffled passes over the list, reshuffled every pass."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < batch_size:
+            if not order:
+                order = list(range(len(prompts)))
+                rng.shuffle(order)
+            batch.append(list(prompts[order.pop()]))
+        yield batch
+
+
+@torch.no_grad()
+def score_and_advantages(models: Models, rollout: Rollout, cfg: PPOConfig,
+                         kl_coef: float) -> dict[str, float]:
+    """Fill the rollout's logprobs, values, scores, advantages and returns; return its stats."""
+    # 2. Behaviour and reference logprobs, values and RM scores, in minibatch-sized chunks.
+    chunks = []
+    chunk = max(1, rollout.input_ids.shape[0] // cfg.num_minibatches)
+    for start in range(0, rollout.input_ids.shape[0], chunk):
+        part = rollout.rows(torch.arange(start, min(start + chunk, rollout.input_ids.shape[0])))
+        chunks.append((answer_logprobs(models.policy, part, cfg.temperature),
+                       answer_logprobs(models.ref, part, cfg.temperature),
+                       answer_values(models.critic, part).float(),
+                       answer_scores(models.reward, part)))
+    rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores = (
+        torch.cat(column) for column in zip(*chunks, strict=True))
+    mask = rollout.answer_mask
+    rollout.values = rollout.values * mask
+    # 3. Per-token KL rewards + final score, then GAE and whitened advantages.
+    rewards, _ = compute_rewards(
+        rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, rollout.has_eos,
+        kl_coef, cfg.missing_eos_penalty, cfg.kl_estimator,
+    )  # (B, A)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, rollout.returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+    rollout.advantages = masked_whiten(advantages, mask)
+    kl_sequence = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(-1)
+    return {
+        "ppo/score_mean": rollout.scores.mean().item(),
+        "ppo/reward_mean": rewards.sum(-1).mean().item(),
+        "ppo/kl_ref": kl_sequence.mean().item(),
+        "ppo/kl_coef": kl_coef,
+        "ppo/length_mean": mask.sum(-1).float().mean().item(),
+        "ppo/eos_rate": rollout.has_eos.float().mean().item(),
+    }
+
+
+def ppo_update(models: Models, optimizer: torch.optim.Optimizer, rollout: Rollout,
+               cfg: PPOConfig, generator: torch.Generator, should_stop: StopFn) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped policy + value updates; stop early past ``target_kl``."""
+    batch_size = rollout.input_ids.shape[0]
+    mb_size = max(1, batch_size // cfg.num_minibatches)
+    sums: dict[str, float] = {}
+    n_updates = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(batch_size, generator=generator).to(rollout.input_ids.device)
+        for start in range(0, batch_size, mb_size):
+            check_stop(should_stop)
+            mb = rollout.rows(order[start : start + mb_size])
+            mb_stats = ppo_minibatch_step(models, optimizer, mb, cfg)
+            for key, value in mb_stats.items():
+                sums[key] = sums.get(key, 0.0) + value
+            n_updates += 1
+            if cfg.target_kl is not None and mb_stats["ppo/approx_kl"] > cfg.target_kl:
+                return _averaged(sums, n_updates)  # early stop (cleanrl ``target_kl``)
+    return _averaged(sums, n_updates)
+
+
+def ppo_minibatch_step(models: Models, optimizer: torch.optim.Optimizer, mb: Rollout,
+                       cfg: PPOConfig) -> dict[str, float]:
+    """One gradient step on ``pg_loss + vf_coef * vf_loss - entropy_coef * entropy``."""
+    mask = mb.answer_mask
+    logits = answer_logits(models.policy, mb, cfg.temperature)  # (b, A, V)
+    mb_logprobs = logprobs_from_logits(logits, mb.input_ids[:, mb.prompt_width:])  # (b, A)
+    mb_values = answer_values(models.critic, mb).float()  # (b, A)
+    pg_loss, clipfrac, approx_kl = ppo_policy_loss(
+        mb_logprobs, mb.logprobs, mb.advantages, mask, cfg.cliprange)
+    vf_loss, vf_clipfrac = value_loss(mb_values, mb.values, mb.returns, mask, cfg.cliprange_value)
+    with torch.set_grad_enabled(cfg.entropy_coef != 0.0):
+        entropy = masked_mean(entropy_from_logits(logits), mask)
+    loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
+    torch.nn.utils.clip_grad_norm_(models.critic.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    return {
+        "ppo/policy_loss": pg_loss.item(), "ppo/value_loss": vf_loss.item(),
+        "ppo/approx_kl": approx_kl.item(), "ppo/clipfrac": clipfrac.item(),
+        "ppo/value_clipfrac": vf_clipfrac.item(), "ppo/entropy": entropy.item(),
+    }
+
+
+def _averaged(sums: dict[str, float], count: int) -> dict[str, float]:
+    out = {key: value / max(1, count) for key, value in sums.items()}
+    out["ppo/updates"] = float(count)
+    return out
+
+
+def summarise(history: list[dict[str, float]], cfg: PPOConfig, elapsed: float,
+              final_kl_coef: float) -> dict[str, float]:
+    """Means over the cycle's steps, first/last score, throughput and the final KL coefficient."""
+    keys = [k for k in history[0] if k.startswith("ppo/")] if history else []
+    metrics = {k: sum(h[k] for h in history) / len(history) for k in keys}
+    rollout_seconds = sum(h["rollout_seconds"] for h in history)
+    tokens = sum(h["rollout_tokens"] for h in history)
+    metrics.update({
+        "ppo/steps": float(len(history)),
+        "ppo/kl_coef": final_kl_coef,
+        "ppo/rollout_tokens_per_s": tokens / rollout_seconds if rollout_seconds else 0.0,
+        "ppo/samples_per_s": len(history) * cfg.rollout_batch_size / elapsed if elapsed else 0.0,
+        "ppo/updates": sum(h.get("ppo/updates", 0.0) for h in history),
+    })
+    if history:
+        metrics["ppo/score_first"] = history[0]["ppo/score_mean"]
+        metrics["ppo/score_last"] = history[-1]["ppo/score_mean"]
+    return metrics

@@ -1,0 +1,79 @@
+"""Reward-model losses: Bradley-Terry over ranked groups, logistic over lone thumbs.
+
+Scores of a batch are one flat vector ``(N,)``: the answers of each group, best first, group after
+group, described by ``group_sizes``. References: InstructGPT (arXiv 2203.02155, section 3.5:
+all K-choose-2 pairs of one ranking as one batch element, loss scaled by 1/C(K,2)); TRL
+``RewardTrainer.compute_loss`` and OpenRLHF ``PairWiseLoss`` for ``-logsigmoid(r_w - r_l)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def group_pairs(group_sizes: Sequence[int], device: torch.device | str = "cpu") -> tuple[
+    Tensor, Tensor, Tensor
+]:
+    """All (winner, loser) index pairs within each group, and the group of each pair.
+
+    Answer ``i`` beats answer ``j`` when ``i`` comes first in its group. Returns three (P,) long
+    tensors: ``winners``, ``losers``, ``pair_group``.
+    """
+    winners: list[int] = []
+    losers: list[int] = []
+    pair_group: list[int] = []
+    start = 0
+    for g, size in enumerate(group_sizes):
+        for i in range(start, start + size):
+            for j in range(i + 1, start + size):
+                winners.append(i)
+                losers.append(j)
+                pair_group.append(g)
+        start += size
+
+    def as_tensor(xs: list[int]) -> Tensor:
+        return torch.tensor(xs, dtype=torch.long, device=device)
+
+    return as_tensor(winners), as_tensor(losers), as_tensor(pair_group)
+
+
+def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int]) -> Tensor:
+    """Mean over groups of the mean over each group's pairs of ``-logsigmoid(r_w - r_l)``.
+
+    scores: (N,) best first within each group. Groups with fewer than two answers are ignored;
+    with no pairs at all the loss is 0 (still differentiable).
+    """
+    winners, losers, pair_group = group_pairs(group_sizes, scores.device)
+    if winners.numel() == 0:
+        return scores.sum() * 0.0
+    pair_loss = -F.logsigmoid(scores[winners] - scores[losers])  # (P,)
+    n_groups = len(group_sizes)
+    group_sum = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)
+    group_sum = group_sum.index_add(0, pair_group, pair_loss)  # (G,)
+    group_count = torch.bincount(pair_group, minlength=n_groups).to(scores.dtype)  # (G,)
+    has_pairs = group_count > 0
+    return (group_sum[has_pairs] / group_count[has_pairs]).mean()
+
+
+def pairwise_accuracy(scores: Tensor, group_sizes: Sequence[int]) -> tuple[float, int]:
+    """Share of pairs ranked the right way (ties count as wrong), and the number of pairs."""
+    winners, losers, _ = group_pairs(group_sizes, scores.device)
+    if winners.numel() == 0:
+        return 0.0, 0
+    correct = (scores[winners] > scores[losers]).float()  # (P,)
+    return correct.mean().item(), int(winners.numel())
+
+
+def pointwise_logistic_loss(scores: Tensor, labels: Tensor) -> Tensor:
+    """Binary cross-entropy of ``sigmoid(score)`` against thumbs up (1) / down (0), averaged.
+
+    scores: (N,), labels: (N,). With no examples the loss is 0. (Meta RLUF's ``P[Love]``-style
+    pointwise RM; it anchors a score of 0 at even odds of a thumbs up.)
+    """
+    if scores.numel() == 0:
+        return scores.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype))

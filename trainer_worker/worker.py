@@ -1,0 +1,185 @@
+"""`flywheel worker`: wait for feedback, lead, train, publish; stop cleanly on SIGTERM.
+
+The first SIGTERM (or Ctrl-C) stops taking work and abandons the current step at its next check,
+publishing nothing; a second one exits at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from types import FrameType
+
+import redis
+
+from feedback_store import Store
+from feedback_store.errors import StoreError, StoreUnavailableError
+from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy
+from flywheel.policies import record_base_policy
+from flywheel.settings import Settings
+from trainer_worker.cycle import CycleContext, prune, run_cycle
+from trainer_worker.leader import LeaderLock, LocalLock
+
+log = logging.getLogger(__name__)
+
+DB_RETRY_SECONDS = 2.0
+
+
+def resolve_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.database_url)
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.keys = RedisKeys(settings.redis_namespace)
+        self.redis = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2,
+                                          socket_timeout=5) if settings.redis_url else None
+        self.lock: LeaderLock | LocalLock = (
+            LeaderLock(self.redis, self.keys.trainer_lock, self.id,
+                       settings.train.lock_ttl_seconds)
+            if self.redis is not None else LocalLock()
+        )
+        self.stopping = threading.Event()
+        self._was_leader = False
+
+    # --- signals -------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.stopping.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("%s: finishing or abandoning the current step, then stopping",
+                 signal.Signals(signum).name)
+        self.stopping.set()
+
+    def should_stop(self) -> bool:
+        return self.stopping.is_set() or self.lock.lost.is_set()
+
+    # --- Redis ---------------------------------------------------------------------------------
+    def publish(self, message: PolicyMessage) -> None:
+        if self.redis is None:
+            return
+        try:
+            publish_policy(self.redis, self.keys, message)
+        except redis.RedisError as exc:  # servers find the version in SQL meanwhile
+            log.warning("could not publish %s: %s", message.version, exc)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._wait_for_database()
+        self.store.upgrade()
+        record_base_policy(self.settings, self.store)
+        device = resolve_device(self.settings.train.device)
+        log.info("worker %s on %s; training after %d new feedback events", self.id, device,
+                 self.settings.train.min_new_feedback)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    if not self.step(device):
+                        self.stopping.wait(self.settings.train.poll_seconds)
+                except StoreUnavailableError as exc:
+                    log.warning("database unavailable: %s", exc.message)
+                    self.stopping.wait(DB_RETRY_SECONDS)
+        finally:
+            self.lock.release()
+            self.store.close()
+        log.info("worker stopped")
+        return 0
+
+    def _wait_for_database(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.store.ping()
+                return
+            except StoreUnavailableError:
+                log.info("waiting for the database ...")
+                self.stopping.wait(DB_RETRY_SECONDS)
+
+    def step(self, device: str) -> bool:
+        """Lead, then run one queued cycle or queue one; False when there was nothing to do."""
+        if not self.lock.acquire():
+            self._was_leader = False
+            return False
+        if not self._was_leader:
+            failed = self.store.fail_stale_runs("abandoned: its worker stopped or died")
+            if failed:
+                log.warning("marked %d abandoned run(s) failed", failed)
+            self._was_leader = True
+        run = self.store.claim_next_run(self.id)
+        if run is None:
+            new = self.store.new_feedback_count()
+            if new >= self.settings.train.min_new_feedback and not self.store.has_open_run():
+                log.info("%d new feedback events: queueing a training cycle", new)
+                self.store.create_training_run(trigger="feedback")
+                return True
+            return False
+        self.execute(run, device)
+        return True
+
+    def execute(self, run: dict, device: str) -> None:
+        run_id = int(run["id"])
+        watermark = self.store.feedback_watermark()
+        ctx = CycleContext(self.settings, self.store, device, self.should_stop, self.publish)
+        log.info("training run %d started", run_id)
+        try:
+            result = run_cycle(ctx, run_id)
+        except BaseException as exc:
+            reason = _describe(exc)
+            log.error("training run %d failed: %s", run_id, reason)
+            self._mark_failed(run_id, reason, watermark)
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            return
+        self.store.update_training_run(run_id, status=result.status, metrics=result.metrics,
+                                       policy_id=result.policy_id,
+                                       reward_model_id=result.reward_model_id,
+                                       watermark=watermark)
+        log.info("training run %d %s (%s)", run_id, result.status, result.policy_id)
+        try:
+            prune(self.settings, self.store)
+        except (OSError, StoreError) as exc:
+            log.warning("pruning failed: %s", exc)
+
+    def _mark_failed(self, run_id: int, reason: str, watermark: dict) -> None:
+        """Record the failure, retrying while the database is away (unless we are stopping)."""
+        while True:
+            try:
+                self.store.update_training_run(run_id, status="failed", error=reason,
+                                               watermark=watermark)
+                return
+            except StoreUnavailableError:
+                if self.stopping.is_set():
+                    log.warning("run %d stays 'running'; the next leader marks it failed", run_id)
+                    return
+                time.sleep(DB_RETRY_SECONDS)
+
+
+def _describe(exc: BaseException) -> str:
+    name = type(exc).__name__
+    if name in ("TrainingInterrupted", "InterruptedError"):
+        return "interrupted: the worker was stopping or lost the leader lock"
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return text[:2000]
+
+
+def run_worker(settings: Settings) -> int:
+    """Entry point of `flywheel worker`."""
+    worker = Worker(settings)
+    worker.install_signal_handlers()
+    return worker.run()
