@@ -15,7 +15,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 
-from feedback_store.errors import StoreUnavailableError
+from feedback_store.errors import InvalidInputError, StoreUnavailableError
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for the file lock, then 503
 POSTGRES_CONNECT_TIMEOUT_S = 5  # an unreachable server fails fast into a 503, not a hang
@@ -33,8 +33,12 @@ def normalize_url(url: str) -> str:
 def create_store_engine(url: str, *, pool_size: int = 20) -> Engine:
     """An engine with the per-backend settings the store relies on."""
     url = normalize_url(url)
-    backend = make_url(url).get_backend_name()
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
     if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            # Each pooled connection would see its own empty database.
+            raise ValueError("in-memory SQLite is not supported; give a file path")
         engine = sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size)
         _configure_sqlite(engine)
         return engine
@@ -51,12 +55,11 @@ def create_store_engine(url: str, *, pool_size: int = 20) -> Engine:
 
 
 def _configure_sqlite(engine: Engine) -> None:
-    """WAL, foreign keys, a busy timeout, and BEGIN IMMEDIATE for writes.
-
-    The driver's own deferred BEGIN lets two writers read, then fail to upgrade their locks
-    with SQLITE_BUSY; taking the write lock up front makes them queue on busy_timeout instead
-    (SQLAlchemy docs, "Enabling Non-Legacy SQLite Transactional Modes").
-    """
+    """WAL, foreign keys, a busy timeout, and BEGIN IMMEDIATE for writes."""
+    # The driver's deferred BEGIN lets two writers both read, then fail to upgrade their locks
+    # with SQLITE_BUSY (no busy wait); taking the write lock up front makes them queue on
+    # busy_timeout instead. Readers use a plain BEGIN: WAL never blocks them. Recipe from the
+    # SQLAlchemy docs, "Enabling Non-Legacy SQLite Transactional Modes".
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -72,6 +75,14 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: sa.Connection) -> None:
         write = conn.get_execution_options().get("flywheel_write", True)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _reason(error: Exception) -> str:
+    """The driver's first line about a failure, without the SQL and parameters."""
+    if isinstance(error, exc.DBAPIError):
+        lines = str(error.orig).strip().splitlines()
+        return f"{type(error.orig).__name__}: {lines[0] if lines else ''}"
+    return type(error).__name__
 
 
 def utcnow() -> datetime:
@@ -107,20 +118,18 @@ class StoreBase:
 
     @contextmanager
     def _tx(self, *, write: bool = True) -> Iterator[Session]:
-        """A session in one transaction: committed on success, rolled back on any error.
-
-        Connection failures, at connect or mid-transaction, become StoreUnavailableError.
-        """
+        """A session in one transaction, committed on success and rolled back on any error;
+        connection failures, at connect or mid-transaction, become StoreUnavailableError."""
         try:
             bind = self.engine if write else self._reader
             with Session(bind, expire_on_commit=False) as s, s.begin():
                 yield s
         except UNAVAILABLE as error:
             raise StoreUnavailableError(
-                f"The database is unavailable: {type(error.orig or error).__name__}"
-                if isinstance(error, exc.DBAPIError)
-                else "The database is unavailable: connection pool exhausted"
+                f"The database is unavailable ({_reason(error)})"
             ) from error
+        except exc.DataError as error:  # e.g. a NUL character, which PostgreSQL text refuses
+            raise InvalidInputError(f"The database refused a value ({_reason(error)})") from error
         except exc.DBAPIError as error:
             if error.connection_invalidated:
                 raise StoreUnavailableError("The database connection was lost") from error

@@ -19,6 +19,8 @@ from feedback_store.types import NewCompletion
 
 T = TypeVar("T")
 RATINGS = ("up", "down")
+MAX_KEY_LENGTH = 255  # the width of the idempotency_key columns
+MAX_INDEX = 2**31 - 1  # INTEGER columns; larger indices cannot exist
 
 
 class FeedbackMixin(StoreBase):
@@ -103,6 +105,7 @@ class FeedbackMixin(StoreBase):
         """Store a thumbs rating; returns (record, created), created=False for a replayed retry."""
         if rating not in RATINGS:
             raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
+        _check_key(idempotency_key)
         digest = request_hash(
             {
                 "completion_id": completion_id,
@@ -143,6 +146,7 @@ class FeedbackMixin(StoreBase):
         idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store answers to one prompt ordered best first; returns (record, created)."""
+        _check_key(idempotency_key)
         pairs = [(str(cid), int(index)) for cid, index in items]
         if len(pairs) < 2:
             raise InvalidInputError(
@@ -224,6 +228,13 @@ def _replayed(
     return row
 
 
+def _check_key(idempotency_key: str | None) -> None:
+    if idempotency_key is not None and len(idempotency_key) > MAX_KEY_LENGTH:
+        raise InvalidInputError(
+            f"idempotency_key is longer than {MAX_KEY_LENGTH} characters", param="idempotency_key"
+        )
+
+
 def _find_choice(s: Session, completion_id: str, choice_index: int) -> tuple[Completion, Choice]:
     completion = s.get(Completion, completion_id)
     if completion is None:
@@ -232,9 +243,13 @@ def _find_choice(s: Session, completion_id: str, choice_index: int) -> tuple[Com
             param="completion_id",
             code="completion_not_found",
         )
-    choice = s.scalar(
-        sa.select(Choice).where(Choice.completion_id == completion_id, Choice.index == choice_index)
-    )
+    choice = None
+    if 0 <= choice_index <= MAX_INDEX:
+        choice = s.scalar(
+            sa.select(Choice).where(
+                Choice.completion_id == completion_id, Choice.index == choice_index
+            )
+        )
     if choice is None:
         raise NotFoundError(
             f"Completion '{completion_id}' has no choice {choice_index}",

@@ -89,7 +89,7 @@ class Completion(Base):
     model: Mapped[str] = mapped_column(sa.String(255))
     policy_version: Mapped[str] = mapped_column(sa.String(64))
     params: Mapped[dict[str, Any]]
-    user: Mapped[str | None] = mapped_column(sa.String(255))
+    user: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime]
 
 
@@ -119,7 +119,7 @@ class Feedback(Base):
     choice_id: Mapped[int] = mapped_column(sa.ForeignKey("choices.id"), index=True)
     rating: Mapped[str] = mapped_column(sa.String(4))
     comment: Mapped[str | None] = mapped_column(sa.Text)
-    user: Mapped[str | None] = mapped_column(sa.String(255))
+    user: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime]
@@ -133,7 +133,7 @@ class Ranking(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     public_id: Mapped[str] = mapped_column(sa.String(40), unique=True)
     prompt_id: Mapped[int] = mapped_column(sa.ForeignKey("prompts.id"), index=True)
-    user: Mapped[str | None] = mapped_column(sa.String(255))
+    user: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime]

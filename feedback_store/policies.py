@@ -112,8 +112,10 @@ class PoliciesMixin(StoreBase):
         """Change a version's status (metrics are merged in); "active" means activate_policy."""
         _check_status(status)
         with self._tx() as s:
-            row = _activate(s, id, force=True) if status == "active" else _get_policy(s, id)
-            if status != "active":
+            if status == "active":
+                row = _activate(s, id, force=True)
+            else:
+                row = _get_policy(s, id)
                 if row.status == "active":
                     raise InvalidInputError(
                         f"Policy '{id}' is active; activate another version instead",

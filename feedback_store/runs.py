@@ -29,11 +29,10 @@ class RunsMixin(StoreBase):
             return run_record(row)
 
     def claim_next_run(self, worker_id: str) -> dict[str, Any] | None:
-        """Move the oldest queued run to running for this worker; None when the queue is empty.
-
-        PostgreSQL skips rows another worker has locked (FOR UPDATE SKIP LOCKED); SQLite ignores
-        the clause and relies on BEGIN IMMEDIATE; the guarded UPDATE is correct on both.
-        """
+        """Move the oldest queued run to running for this worker; None when the queue is empty."""
+        # PostgreSQL skips rows another worker has locked (FOR UPDATE SKIP LOCKED); SQLite
+        # ignores the clause and serializes writers with BEGIN IMMEDIATE. The UPDATE is guarded
+        # by status either way, so a run is never claimed twice.
         with self._tx() as s:
             while True:
                 run_id = s.scalar(

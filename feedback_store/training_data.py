@@ -112,8 +112,8 @@ class TrainingDataMixin(StoreBase):
         return RewardData(groups=groups, thumbs=thumbs)
 
     def export_preferences(self) -> Iterator[dict[str, Any]]:
-        """TRL rows: every ranked pair and up/down pair as prompt/chosen/rejected, every thumb
-        as prompt/completion/label. Read eagerly, so a database error raises here."""
+        """TRL rows: ranked and up/down pairs as prompt/chosen/rejected, every thumb as
+        prompt/completion/label. Read eagerly, so a database error raises here, not mid-stream."""
         data = self._read_feedback()
         rows: list[dict[str, Any]] = []
         for pid, answers in data.rankings:
@@ -137,11 +137,8 @@ class TrainingDataMixin(StoreBase):
         return iter(rows)
 
     def sample_prompts(self, n: int, *, seed: int, holdout: bool = False) -> list[PromptRecord]:
-        """Up to n distinct stored prompts, the same ones for the same seed and data.
-
-        About HOLDOUT_PERCENT of prompts (by a stable hash of their id) form the held-out set;
-        `holdout` picks that side, or all prompts where that side is empty.
-        """
+        """Up to n distinct stored prompts, the same for the same seed and data, from the
+        held-out ~20% (`holdout=True`) or the rest; from all prompts when that side is empty."""
         with self._tx(write=False) as s:
             ids = list(s.scalars(sa.select(Prompt.id).order_by(Prompt.id)))
             side = [i for i in ids if is_holdout(i) == holdout] or ids
@@ -190,10 +187,8 @@ class TrainingDataMixin(StoreBase):
 
 
 def pair_thumbs(thumbs: list[_Thumb]) -> tuple[list[tuple[_Thumb, _Thumb]], list[_Thumb]]:
-    """Pair each down with an unused up on the same prompt and a different answer, in order.
-
-    Returns the (up, down) pairs and the thumbs left over, in feedback order.
-    """
+    """Pair each down with an unused up on the same prompt and a different answer, in order;
+    returns the (up, down) pairs and the thumbs left over, in feedback order."""
     by_prompt: dict[int, tuple[list[_Thumb], list[_Thumb]]] = defaultdict(lambda: ([], []))
     for t in thumbs:
         by_prompt[t.prompt_id][0 if t.up else 1].append(t)

@@ -39,11 +39,9 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    """Run in one transaction, serialized against concurrent upgrades of the same database.
-
-    The store's engine takes the SQLite write lock at BEGIN (BEGIN IMMEDIATE), so on SQLite
-    too a second upgrader waits, then finds the schema current.
-    """
+    """Run in one transaction, serialized against concurrent upgrades of the same database."""
+    # On PostgreSQL an advisory lock; on SQLite the store's engine takes the write lock at
+    # BEGIN (BEGIN IMMEDIATE). Either way a second upgrader waits, then finds the schema current.
     engine = create_store_engine(_url(), pool_size=1)
     try:
         with engine.connect() as connection:

@@ -59,11 +59,10 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest) -> str:
     """Each test that takes it runs once on SQLite and once on PostgreSQL."""
     if request.param == "postgres":
-        request.applymarker(pytest.mark.postgres)
         return request.getfixturevalue("postgres_url")
     return request.getfixturevalue("sqlite_url")
 

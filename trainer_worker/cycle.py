@@ -157,6 +157,8 @@ def prune(settings: Settings, store: Store) -> None:
     """Delete old checkpoint directories (never the active one, nor the newest few)."""
     for row in store.prunable_policies(keep=settings.train.keep_checkpoints):
         path = Path(row["path"])
-        if path.exists() and path.parent == _dirs(settings)[0]:
-            shutil.rmtree(path, ignore_errors=True)
-            log.info("pruned %s (%s)", row["id"], path)
+        if path.parent != _dirs(settings)[0]:
+            continue  # only directories this worker wrote
+        shutil.rmtree(path, ignore_errors=True)
+        store.mark_policy_pruned(row["id"])
+        log.info("pruned %s (%s)", row["id"], path)

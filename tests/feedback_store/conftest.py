@@ -35,7 +35,7 @@ def migrated_postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[Store]:
     """A Store on an empty, migrated database: SQLite, then PostgreSQL (emptied per test).
 
@@ -43,7 +43,6 @@ def store(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[Store]:
     database and empty it, which keeps the folder fast.
     """
     if request.param == "postgres":
-        request.applymarker(pytest.mark.postgres)
         url = request.getfixturevalue("migrated_postgres_url")
         _empty_postgres(url)
     else:

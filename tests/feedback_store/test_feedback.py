@@ -30,6 +30,16 @@ def test_duplicate_completion_id_writes_nothing(store: Store) -> None:
     assert (count(store, "prompts"), count(store, "choices")) == (1, 2)
 
 
+def test_values_the_database_refuses_are_invalid_input(store: Store) -> None:
+    """PostgreSQL text cannot hold NUL; that is the client's 400, not a 500 (SQLite stores it)."""
+    if store.dialect == "postgresql":
+        with pytest.raises(InvalidInputError):
+            add_completion(store, "chatcmpl-a", prompt="nul \x00 here")
+        assert count(store, "prompts") == 0
+    else:
+        add_completion(store, "chatcmpl-a", prompt="nul \x00 here")
+
+
 def test_add_feedback_record(store: Store) -> None:
     add_completion(store, "chatcmpl-a")
     record, created = store.add_feedback(
@@ -53,6 +63,7 @@ def test_add_feedback_record(store: Store) -> None:
     [
         ("chatcmpl-nope", 0, "up", NotFoundError, "completion_id"),
         ("chatcmpl-a", 5, "up", NotFoundError, "choice_index"),
+        ("chatcmpl-a", 2**40, "up", NotFoundError, "choice_index"),
         ("chatcmpl-a", 0, "meh", InvalidInputError, "rating"),
     ],
 )
@@ -80,6 +91,9 @@ def test_feedback_idempotency(store: Store) -> None:
     assert again == first
     with pytest.raises(IdempotencyMismatchError):
         store.add_feedback(**{**body, "rating": "down"}, idempotency_key="key-1")
+    with pytest.raises(InvalidInputError) as caught:
+        store.add_feedback(**body, idempotency_key="k" * 256)
+    assert caught.value.param == "idempotency_key"
     assert count(store, "feedback") == 1
     assert store.feedback_counts() == {"up": 1, "down": 0, "rankings": 0}
 
