@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from server.engines.base import SamplingParams  # noqa: E402
-from server.engines.transformers_engine import TransformersEngine  # noqa: E402
+from server.engines.base import SamplingParams
+from server.engines.transformers_engine import TransformersEngine
 
 QUESTIONS = [
     "What is 7 plus 5?", "What is the capital of France?", "How do you spell apple?",
@@ -224,7 +224,7 @@ async def http_runs(model: Path, clients: int, max_new: int, rounds: int) -> tup
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def report(name: str, run: Run) -> None:

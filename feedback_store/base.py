@@ -85,6 +85,22 @@ def _reason(error: Exception) -> str:
     return type(error).__name__
 
 
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    """Connection failures, at connect or mid-transaction, become StoreUnavailableError; values
+    the database refuses become InvalidInputError."""
+    try:
+        yield
+    except UNAVAILABLE as error:
+        raise StoreUnavailableError(f"The database is unavailable ({_reason(error)})") from error
+    except exc.DataError as error:  # e.g. a NUL character, which PostgreSQL text refuses
+        raise InvalidInputError(f"The database refused a value ({_reason(error)})") from error
+    except exc.DBAPIError as error:
+        if error.connection_invalidated:
+            raise StoreUnavailableError("The database connection was lost") from error
+        raise
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -111,6 +127,11 @@ class StoreBase:
         self.url = normalize_url(url)
         self.engine = create_store_engine(self.url, pool_size=pool_size)
         self._reader = self.engine.execution_options(flywheel_write=False)
+        self._autocommit = (
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if self.dialect == "postgresql"
+            else self.engine
+        )
 
     @property
     def dialect(self) -> str:
@@ -120,17 +141,14 @@ class StoreBase:
     def _tx(self, *, write: bool = True) -> Iterator[Session]:
         """A session in one transaction, committed on success and rolled back on any error;
         connection failures, at connect or mid-transaction, become StoreUnavailableError."""
-        try:
-            bind = self.engine if write else self._reader
-            with Session(bind, expire_on_commit=False) as s, s.begin():
-                yield s
-        except UNAVAILABLE as error:
-            raise StoreUnavailableError(
-                f"The database is unavailable ({_reason(error)})"
-            ) from error
-        except exc.DataError as error:  # e.g. a NUL character, which PostgreSQL text refuses
-            raise InvalidInputError(f"The database refused a value ({_reason(error)})") from error
-        except exc.DBAPIError as error:
-            if error.connection_invalidated:
-                raise StoreUnavailableError("The database connection was lost") from error
-            raise
+        bind = self.engine if write else self._reader
+        with _store_errors(), Session(bind, expire_on_commit=False) as s, s.begin():
+            yield s
+
+    @contextmanager
+    def _statement(self) -> Iterator[sa.Connection]:
+        """A Core connection for a write that is one statement: it commits by itself on
+        PostgreSQL, without the round trips of BEGIN and COMMIT; SQLite still takes its write
+        lock with BEGIN IMMEDIATE and commits at the end. Errors as in `_tx`."""
+        with _store_errors(), self._autocommit.begin() as conn:
+            yield conn

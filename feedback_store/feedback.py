@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -13,7 +14,12 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
-from feedback_store.errors import IdempotencyMismatchError, InvalidInputError, NotFoundError
+from feedback_store.errors import (
+    IdempotencyMismatchError,
+    InvalidInputError,
+    NotFoundError,
+    StoreUnavailableError,
+)
 from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking, RankingItem
 from feedback_store.types import NewCompletion
 
@@ -102,41 +108,68 @@ class FeedbackMixin(StoreBase):
         user: str | None = None,
         idempotency_key: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
-        """Store a thumbs rating; returns (record, created), created=False for a replayed retry."""
+        """Store a thumbs rating; returns (record, created), created=False for a replayed retry.
+
+        The hot path is one INSERT ... SELECT that finds the choice and skips a used key; only
+        when it inserts nothing do we look at why (unknown choice, or a retried key).
+        """
         if rating not in RATINGS:
             raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
         _check_key(idempotency_key)
-        digest = request_hash(
-            {
-                "completion_id": completion_id,
-                "choice_index": choice_index,
-                "rating": rating,
-                "comment": comment,
-                "user": user,
+        request = {
+            "completion_id": completion_id,
+            "choice_index": choice_index,
+            "rating": rating,
+            "comment": comment,
+            "user": user,
+        }
+        digest = request_hash(request)
+        for _ in range(3):
+            created = utcnow()
+            row = {
+                **request,
+                "public_id": public_id("fb"),
+                "idempotency_key": idempotency_key,
+                "request_hash": digest,
+                "created_at": created,
             }
+            if 0 <= choice_index <= MAX_INDEX:
+                with self._statement() as conn:
+                    inserted = conn.execute(self._insert_feedback, row).rowcount
+                if inserted:
+                    return {"id": row["public_id"], "object": "feedback", **request,
+                            "created_at": unix(created)}, True
+            with self._tx(write=False) as s:
+                if idempotency_key is not None:
+                    previous = _replayed(s, Feedback, idempotency_key, digest)
+                    if previous is not None:
+                        choice = s.get_one(Choice, previous.choice_id)
+                        return _feedback_record(previous, choice), False
+                _find_choice(s, completion_id, choice_index)
+            # The choice exists and the key is free: both changed since the insert; try again.
+        raise StoreUnavailableError("The feedback could not be stored; retry")
+
+    @cached_property
+    def _insert_feedback(self) -> sa.Insert:
+        """INSERT INTO feedback ... SELECT choices.id, <values> FROM choices WHERE <the choice>
+        ON CONFLICT (idempotency_key) DO NOTHING: no row when the choice does not exist or the key
+        is taken (a NULL key never conflicts)."""
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        table, choices = Feedback.__table__, Choice.__table__
+        names = ("public_id", "rating", "comment", "user", "idempotency_key", "request_hash",
+                 "created_at")
+        values = sa.select(
+            choices.c.id, *(sa.bindparam(name, type_=table.c[name].type) for name in names)
+        ).where(
+            choices.c.completion_id == sa.bindparam("completion_id"),
+            choices.c.index == sa.bindparam("choice_index"),
         )
-
-        def attempt(s: Session) -> tuple[dict[str, Any], bool]:
-            if idempotency_key is not None:
-                previous = _replayed(s, Feedback, idempotency_key, digest)
-                if previous is not None:
-                    return _feedback_record(previous, s.get_one(Choice, previous.choice_id)), False
-            _, choice = _find_choice(s, completion_id, choice_index)
-            row = Feedback(
-                public_id=public_id("fb"),
-                choice_id=choice.id,
-                rating=rating,
-                comment=comment,
-                user=user,
-                idempotency_key=idempotency_key,
-                request_hash=digest,
-                created_at=utcnow(),
-            )
-            s.add(row)
-            s.flush()
-            return _feedback_record(row, choice), True
-
-        return self._idempotent(attempt, keyed=idempotency_key is not None)
+        return (
+            insert(table)
+            .from_select(["choice_id", *names], values)
+            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .execution_options(preserve_rowcount=True)  # INSERT rowcounts are dropped otherwise
+        )
 
     def add_ranking(
         self,

@@ -39,6 +39,9 @@ async def readyz(request: Request) -> JSONResponse:
     if state is None:
         return JSONResponse(error_body(503, "model not loaded"), status_code=503,
                             headers={"Retry-After": "2"})
+    if state.engine.stats().extra.get("degraded"):
+        return JSONResponse(error_body(503, "engine degraded after a failed weight swap"),
+                            status_code=503, headers={"Retry-After": "5"})
     try:
         await to_thread.run_sync(state.store.ping)
     except StoreError as exc:

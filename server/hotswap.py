@@ -16,6 +16,8 @@ from contextlib import suppress
 
 import redis.asyncio as aioredis
 from anyio import to_thread
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from feedback_store import Store
@@ -25,6 +27,7 @@ from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy_async
 from flywheel.settings import Settings
 from server.engines.base import Engine, SwapError
 from server.metrics import ServerMetrics
+from server.policy import superseded_by
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,11 @@ class PolicyWatcher:
         self.settings, self.engine, self.store, self.metrics = settings, engine, store, metrics
         self.keys = RedisKeys(settings.redis_namespace)
         self.redis: aioredis.Redis | None = (
+            # No client-side retries: a reconnect hidden inside redis-py would skip the key read
+            # that follows every (re)connect here, and a message lost meanwhile would stay lost.
             aioredis.from_url(settings.redis_url, socket_connect_timeout=2,
-                              socket_timeout=None, health_check_interval=5)
+                              socket_timeout=None, health_check_interval=5,
+                              retry=Retry(NoBackoff(), 0))
             if settings.redis_url else None
         )
         self.redis_connected = False
@@ -124,6 +130,11 @@ class PolicyWatcher:
         except ValueError as exc:
             log.error("ignoring policy message: %s", exc)
             return
+        active = await to_thread.run_sync(superseded_by, self.store, message.version)
+        if active is not None:
+            log.warning("Redis announces %s, which SQL has since replaced by %s; following SQL",
+                        message.version, active["id"])
+            message = message_from_row(active)
         await self.apply(message)
 
     async def check_sql(self) -> None:

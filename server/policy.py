@@ -9,6 +9,7 @@ import redis
 from anyio import to_thread
 
 from feedback_store import Store
+from feedback_store.errors import StoreError
 from flywheel.checkpoints import CheckpointError, verify
 from flywheel.hotswap import PolicyMessage, RedisKeys
 from flywheel.policies import BASE_POLICY, record_base_policy
@@ -33,11 +34,30 @@ def _redis_active(settings: Settings) -> PolicyMessage | None:
         return None
 
 
+def superseded_by(store: Store, version: str) -> dict | None:
+    """SQL's active row when SQL records ``version`` as retired or rejected, else None.
+
+    Every activation is written to SQL before Redis, so an announced version that SQL has since
+    retired is stale: a key Redis kept through an outage must not undo a rollback made meanwhile.
+    A version SQL does not know, or an unreachable database, leaves the announcement standing.
+    """
+    try:
+        if store.get_policy(version)["status"] not in ("retired", "rejected"):
+            return None
+        active = store.active_policy()
+    except StoreError:
+        return None
+    return active if active is not None and active.get("path") else None
+
+
 def _choose(settings: Settings, store: Store) -> tuple[str, str]:
     active = record_base_policy(settings, store)
     candidates = []
     announced = _redis_active(settings)
-    if announced is not None:
+    if announced is not None and superseded_by(store, announced.version) is not None:
+        log.warning("Redis announces %s, which SQL has since replaced by %s; using SQL",
+                    announced.version, active["id"])
+    elif announced is not None:
         candidates.append(announced)
     if active.get("path"):
         candidates.append(PolicyMessage(active["id"], active["path"], active.get("sha256") or ""))

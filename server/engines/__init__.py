@@ -13,7 +13,7 @@ if TYPE_CHECKING:
 def create_engine(
     settings: Settings, *, model_path: str | None = None, policy_version: str = "policy-0"
 ) -> Engine:
-    """Build the engine that ``settings.engine`` names, serving ``model_path`` (default: the base)."""
+    """The engine ``settings.engine`` names, serving ``model_path`` (default: the base model)."""
     path = str(model_path or settings.model)
     if settings.engine == "transformers":
         from server.engines.transformers_engine import TransformersEngine

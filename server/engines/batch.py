@@ -32,7 +32,7 @@ class PaddedBatch:
     def prefill(
         cls, model: torch.nn.Module, prompts: list[list[int]], pad_id: int
     ) -> tuple[PaddedBatch, torch.Tensor]:
-        """Run the prompts (left-padded) through ``model``; returns the batch and last logits (B, V)."""
+        """Run the left-padded prompts through ``model``: the batch and the last logits (B, V)."""
         device = model.device
         length = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
@@ -112,7 +112,7 @@ class PaddedBatch:
 
 
 def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad the time axis of a mask (B, T) or a K/V tensor (B, H, T, D) on the left to ``length``."""
+    """Zero-pad the time axis of a mask (B, T) or K/V (B, H, T, D) on the left to ``length``."""
     time_axis = 1 if x.dim() == 2 else 2
     missing = length - x.shape[time_axis]
     if missing == 0:

@@ -38,16 +38,16 @@ class IncrementalDecoder:
         return self._push_windowed()
 
     def _push_windowed(self) -> str:
-        decode = self._tokenizer.decode
-        prefix = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        ids, decode = self._ids, self._tokenizer.decode
+        prefix = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full = decode(ids[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
             return full[len(prefix) :]
         return ""
 
     def full_text(self) -> str:
-        """Decode of every pushed token at once: the reference the streamed pieces must add up to."""
+        """Every pushed token decoded at once: what the streamed pieces must add up to."""
         return self._tokenizer.decode(self._ids, skip_special_tokens=True)
 
 

@@ -68,7 +68,7 @@ class RowSampler:
         self.device = device
 
     def uniforms(self, shared: torch.Generator) -> torch.Tensor:
-        """One U[0, 1) draw per row: seeded rows from their own generator, the rest from ``shared``."""
+        """One U[0, 1) per row: seeded rows from their own generator, others from ``shared``."""
         u = torch.rand(self.size, generator=shared)
         for i, generator in self.seeded:
             u[i] = torch.rand((), generator=generator)

@@ -177,10 +177,12 @@ class Scheduler:
         try:
             if group.joining:
                 self._prefill(group)
-            self._drop_done(group)
+                self._drop_done(group)
+                self._flush()  # first tokens go out before the decode step
             if group.batch is not None:
                 self._decode(group)
                 self._drop_done(group)
+                self._flush()
         except Exception as exc:  # a failed step fails its requests, never the thread
             logger.exception("decode step failed for policy %s", group.version)
             self._fail(group, EngineError(f"Generation failed: {exc}"))
@@ -209,6 +211,7 @@ class Scheduler:
             group.batch.merge(batch)
             group.seqs.extend(seqs)
         group.sampler = None
+        self._count()
 
     def _decode(self, group: _Group) -> None:
         assert group.batch is not None
@@ -230,7 +233,6 @@ class Scheduler:
             delta = seq.take_delta(now, self._interval)
             if delta is not None:
                 self._post(seq.request, delta)
-        self._flush()
 
     def _top_dict(self, sampled: Sampled, row: int, k: int) -> dict[str, float]:
         assert sampled.top_ids is not None and sampled.top_logprobs is not None
@@ -246,9 +248,8 @@ class Scheduler:
     def _drop_done(self, group: _Group) -> None:
         if group.batch is None:
             return
-        keep = [
-            i for i, s in enumerate(group.seqs) if s.finish_reason is None and not s.request.cancelled
-        ]
+        keep = [i for i, s in enumerate(group.seqs) if s.finish_reason is None
+                and not s.request.cancelled]
         if len(keep) == len(group.seqs):
             return
         group.seqs = [group.seqs[i] for i in keep]
@@ -296,7 +297,10 @@ class Scheduler:
         self._outbox.setdefault(request.loop, []).append((request, item))
 
     def _flush(self) -> None:
-        """One ``call_soon_threadsafe`` per event loop per step, however many deltas it carries."""
+        """One ``call_soon_threadsafe`` per event loop per step, however many deltas it carries.
+
+        Called after finished rows are dropped, so ``stats()`` is current when a stream ends.
+        """
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
             try:

@@ -63,7 +63,7 @@ class TransformersEngine:
         stream_interval_ms: float = 0.0,
         ignore_eos: bool = False,
     ) -> None:
-        """``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed-length outputs)."""
+        """``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed lengths)."""
         self.model_name = served_model_name
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -101,7 +101,7 @@ class TransformersEngine:
         self._scheduler.start()
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """Refuse new requests, let running ones finish for up to ``drain_timeout_s``, abort the rest."""
+        """Refuse new requests, let running ones finish in ``drain_timeout_s``, abort the rest."""
         self._closing = True
         deadline = asyncio.get_running_loop().time() + drain_timeout_s
         while self._scheduler.running_sequences or self._scheduler.waiting:
@@ -129,7 +129,7 @@ class TransformersEngine:
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[ChoiceDelta]:
-        """Validate now (raising ``PromptTooLongError`` before any streaming starts), then stream."""
+        """Validate now (``PromptTooLongError`` before any streaming starts), then stream."""
         prompt = list(prompt_token_ids)
         if not prompt:
             raise EngineError("The prompt is empty.")
@@ -206,7 +206,7 @@ class TransformersEngine:
 
 
 def _eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """Every end-of-sequence id named by the generation config, the model config or the tokenizer."""
+    """Every end-of-sequence id named by the generation config, model config or tokenizer."""
     ids: list[int] = []
     try:
         sources: list[Any] = [GenerationConfig.from_pretrained(path).eos_token_id]

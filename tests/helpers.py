@@ -1,0 +1,47 @@
+"""Helpers shared by tests and benchmarks: sealed policy checkpoints recorded in SQL."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from feedback_store import Store
+from flywheel.checkpoints import atomic_directory, seal
+from flywheel.hotswap import PolicyMessage
+
+WEIGHTS = "model.safetensors"
+
+
+def perturb_weights(path: Path, seed: int, scale: float = 0.01) -> None:
+    """Add seeded Gaussian noise (``scale`` x each tensor's std) to a safetensors file in place."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = load_file(path)
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and tensor.numel() > 1:
+            noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32)
+            std = float(tensor.float().std())
+            tensors[name] = (tensor.float() + noise * std * scale).to(tensor.dtype).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def make_checkpoint(base_dir: Path, out_dir: Path, version: str, parent: str | None = None,
+                    perturb_seed: int | None = None, store: Store | None = None,
+                    status: str = "candidate") -> PolicyMessage:
+    """Copy ``base_dir`` to ``out_dir`` atomically, perturb its weights, seal it, record it.
+
+    Weights are perturbed only when ``perturb_seed`` is given and the copy has a
+    ``model.safetensors``; returns the hot-swap message that announces the checkpoint.
+    """
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        shutil.copytree(base_dir, tmp, dirs_exist_ok=True)
+        if perturb_seed is not None and (tmp / WEIGHTS).exists():
+            perturb_weights(tmp / WEIGHTS, perturb_seed)
+        manifest = seal(tmp, version, parent=parent, base_model=str(base_dir))
+    if store is not None:
+        store.add_policy(id=version, parent=parent, path=str(out_dir), sha256=manifest.sha256,
+                         status=status)
+    return PolicyMessage(version=version, path=str(out_dir), sha256=manifest.sha256)
