@@ -32,7 +32,7 @@ def main() -> None:
     settings = Settings(data_dir=data_dir, database_url=args.database_url, redis_url="",
                         model=str(data_dir / "no-model"), port=args.port, log_level="warning")
     app = create_app(settings, engine=FakeEngine(), watch=False)
-    # The same server options as `flywheel serve` (flywheel/cli.py).
+    # As `flywheel serve` runs it (flywheel/cli.py), naming what uvicorn would pick itself.
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
                 http="httptools", loop="uvloop")
 

@@ -127,9 +127,22 @@ def count_rows(db_url: str, tag: str) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU seconds of one process, from /proc (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def backend_pids(db_url: str) -> list[int]:
+    """PostgreSQL backends serving the bench database (the server's pooled connections)."""
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        pids = conn.scalars(sa.text("SELECT pid FROM pg_stat_activity WHERE datname = "
+                                    "current_database() AND pid <> pg_backend_pid()")).all()
+    engine.dispose()
+    return list(pids)
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -207,13 +220,15 @@ class Result:
     errors: int = 0
     client_cpu: float = 0.0
     server_cpu: float = 0.0
+    database_cpu: float = 0.0
 
     def percentile_ms(self, q: float) -> float:
         ordered = sorted(self.latencies_ns)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6 if ordered else 0.0
 
 
-async def post_all(port: int, requests: list[bytes], concurrency: int, server_pid: int) -> Result:
+async def post_all(port: int, requests: list[bytes], concurrency: int, server_pid: int,
+                   backends: list[int]) -> Result:
     loop = asyncio.get_running_loop()
     conns = [(await loop.create_connection(Connection, "127.0.0.1", port))[1]
              for _ in range(concurrency)]
@@ -232,11 +247,14 @@ async def post_all(port: int, requests: list[bytes], concurrency: int, server_pi
             result.statuses[status] += 1
             result.replayed += replayed
 
+    database_cpu = [cpu_seconds(pid) for pid in backends]
     cpu, server_cpu, start = time.process_time(), cpu_seconds(server_pid), time.perf_counter()
     await asyncio.gather(*(drive(c) for c in conns))
     result.seconds = time.perf_counter() - start
     result.client_cpu = time.process_time() - cpu
     result.server_cpu = cpu_seconds(server_pid) - server_cpu
+    result.database_cpu = sum(cpu_seconds(pid) - before
+                              for pid, before in zip(backends, database_cpu, strict=True))
     for conn in conns:
         if conn.transport is not None:
             conn.transport.close()
@@ -250,7 +268,8 @@ def run_mode(name: str, tag: str, port: int, db_url: str, server_pid: int,
     keyed = name == "keyed"
     requests, retries = build_requests(port, completions, args.requests, tag, keyed)
     load_before = os.getloadavg()[0]
-    result = uvloop.run(post_all(port, requests, args.concurrency, server_pid))
+    backends = backend_pids(db_url)
+    result = uvloop.run(post_all(port, requests, args.concurrency, server_pid, backends))
     load_after = os.getloadavg()[0]
     rows = count_rows(db_url, tag)
     answered = result.statuses[201]
@@ -267,9 +286,10 @@ def run_mode(name: str, tag: str, port: int, db_url: str, server_pid: int,
           f"{replay_note} rows {rows}/{expected_rows} lost {lost}"
           f"{'' if ok else '  <-- MISSED'}")
     total = max(1, sum(result.statuses.values()))
-    print(f"  {result.seconds:.2f} s, server CPU {1e3 * result.server_cpu / total:.2f} ms/request "
-          f"({100 * result.server_cpu / result.seconds:.0f}% of a core), client CPU "
-          f"{100 * result.client_cpu / result.seconds:.0f}% of a core, load average "
+    print(f"  {result.seconds:.2f} s; CPU per request: server {1e3 * result.server_cpu / total:.2f}"
+          f" ms ({100 * result.server_cpu / result.seconds:.0f}% of a core), database "
+          f"{1e3 * result.database_cpu / total:.2f} ms ({len(backends)} backends), client "
+          f"{1e3 * result.client_cpu / total:.2f} ms; load average "
           f"{load_before:.2f} -> {load_after:.2f}"
           + (f", other statuses {others}" if others else "")
           + (f", connection errors {result.errors}" if result.errors else ""))
@@ -298,7 +318,7 @@ def main() -> int:
               f"{len(completions)} completions, {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
         warm, _ = build_requests(port, completions, args.warmup, "warm", keyed=False)
-        uvloop.run(post_all(port, warm, args.concurrency, server.pid))
+        uvloop.run(post_all(port, warm, args.concurrency, server.pid, []))
         ok = True
         for round_ in range(args.rounds):
             for mode in ("plain", "keyed"):

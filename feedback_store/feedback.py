@@ -13,7 +13,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
+from feedback_store.base import GroupCommit, StoreBase, public_id, request_hash, unix, utcnow
 from feedback_store.errors import (
     IdempotencyMismatchError,
     InvalidInputError,
@@ -110,8 +110,9 @@ class FeedbackMixin(StoreBase):
     ) -> tuple[dict[str, Any], bool]:
         """Store a thumbs rating; returns (record, created), created=False for a replayed retry.
 
-        The hot path is one INSERT ... SELECT that finds the choice and skips a used key; only
-        when it inserts nothing do we look at why (unknown choice, or a retried key).
+        The hot path is one INSERT ... SELECT that finds the choice and skips a used key, shared
+        on PostgreSQL by concurrent calls (GroupCommit); only when it inserts nothing do we look at
+        why (an unknown choice, or a retried key).
         """
         if rating not in RATINGS:
             raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
@@ -133,12 +134,9 @@ class FeedbackMixin(StoreBase):
                 "request_hash": digest,
                 "created_at": created,
             }
-            if 0 <= choice_index <= MAX_INDEX:
-                with self._statement() as conn:
-                    inserted = conn.execute(self._insert_feedback, row).rowcount
-                if inserted:
-                    return {"id": row["public_id"], "object": "feedback", **request,
-                            "created_at": unix(created)}, True
+            if 0 <= choice_index <= MAX_INDEX and self._insert_feedback(row):
+                return {"id": row["public_id"], "object": "feedback", **request,
+                        "created_at": unix(created)}, True
             with self._tx(write=False) as s:
                 if idempotency_key is not None:
                     previous = _replayed(s, Feedback, idempotency_key, digest)
@@ -149,15 +147,36 @@ class FeedbackMixin(StoreBase):
             # The choice exists and the key is free: both changed since the insert; try again.
         raise StoreUnavailableError("The feedback could not be stored; retry")
 
+    def _insert_feedback(self, row: dict[str, Any]) -> bool:
+        """Insert one rating; False when its choice does not exist or its key is taken."""
+        if self.dialect != "postgresql":  # SQLite writers queue on the file lock anyway
+            with self._statement() as conn:
+                return bool(conn.execute(self._insert_one_feedback, row).rowcount)
+        try:
+            inserted = self._feedback_writes.submit(row)
+        except (InvalidInputError, exc.IntegrityError):
+            inserted = None  # a row of the batch was refused, maybe this one
+        if inserted is None:  # the batch failed: alone, this row meets its own fate
+            inserted = self._insert_feedback_rows([row])
+        return row["public_id"] in inserted
+
     @cached_property
-    def _insert_feedback(self) -> sa.Insert:
-        """INSERT INTO feedback ... SELECT choices.id, <values> FROM choices WHERE <the choice>
-        ON CONFLICT (idempotency_key) DO NOTHING: no row when the choice does not exist or the key
-        is taken (a NULL key never conflicts)."""
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+    def _feedback_writes(self) -> GroupCommit[set[str]]:
+        return GroupCommit(self._insert_feedback_rows)
+
+    def _insert_feedback_rows(self, rows: list[dict[str, Any]]) -> set[str]:
+        """PostgreSQL: the public ids of the rows inserted, in one statement for all rows."""
+        params = {name: [row[name] for row in rows] for name in _ROW_COLUMNS}
+        with self._statement() as conn:
+            return set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
+
+    @cached_property
+    def _insert_one_feedback(self) -> sa.Insert:
+        """SQLite: INSERT INTO feedback ... SELECT choices.id, <values> FROM choices WHERE <the
+        choice> ON CONFLICT (idempotency_key) DO NOTHING: no row when the choice does not exist
+        or the key is taken (a NULL key never conflicts)."""
         table, choices = Feedback.__table__, Choice.__table__
-        names = ("public_id", "rating", "comment", "user", "idempotency_key", "request_hash",
-                 "created_at")
+        names = _ROW_COLUMNS[2:]
         values = sa.select(
             choices.c.id, *(sa.bindparam(name, type_=table.c[name].type) for name in names)
         ).where(
@@ -165,7 +184,7 @@ class FeedbackMixin(StoreBase):
             choices.c.index == sa.bindparam("choice_index"),
         )
         return (
-            insert(table)
+            sqlite.insert(table)
             .from_select(["choice_id", *names], values)
             .on_conflict_do_nothing(index_elements=["idempotency_key"])
             .execution_options(preserve_rowcount=True)  # INSERT rowcounts are dropped otherwise
@@ -247,6 +266,29 @@ class FeedbackMixin(StoreBase):
             "down": by_rating.get("down", 0),
             "rankings": rankings,
         }
+
+
+_ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment", "user",
+                "idempotency_key", "request_hash", "created_at")
+
+# The rows as parallel arrays: the same SQL whatever their number, so psycopg prepares it once per
+# connection. Rows whose choice does not exist find nothing to join; rows whose key is taken, by
+# a stored row or by another row of the same batch, are skipped by ON CONFLICT DO NOTHING.
+_INSERT_FEEDBACK_ROWS = sa.text("""
+INSERT INTO feedback (choice_id, public_id, rating, comment, "user", idempotency_key,
+                      request_hash, created_at)
+SELECT choices.id, v.public_id, v.rating, v.comment, v."user", v.idempotency_key,
+       v.request_hash, v.created_at
+FROM unnest(CAST(:completion_id AS varchar[]), CAST(:choice_index AS integer[]),
+            CAST(:public_id AS varchar[]), CAST(:rating AS varchar[]), CAST(:comment AS text[]),
+            CAST(:user AS text[]), CAST(:idempotency_key AS varchar[]),
+            CAST(:request_hash AS varchar[]), CAST(:created_at AS timestamptz[]))
+     AS v(completion_id, choice_index, public_id, rating, comment, "user", idempotency_key,
+          request_hash, created_at)
+JOIN choices ON choices.completion_id = v.completion_id AND choices.index = v.choice_index
+ON CONFLICT (idempotency_key) DO NOTHING
+RETURNING feedback.public_id
+""")
 
 
 def _replayed(

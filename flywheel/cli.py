@@ -40,8 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _configure_logging(settings.log_level)
     app = create_app(settings)
+    # No access log line per request unless debugging (/metrics counts requests by route and
+    # status); uvicorn already picks httptools and uvloop when installed (uvicorn[standard]).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+                access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=30)
     return 0
 
 

@@ -8,9 +8,14 @@ from pathlib import Path
 import torch
 
 from trainer_worker.ppo.core import kl_penalty
-from trainer_worker.ppo.policy import filler_token_id, load_causal_lm, resolve_eos_token_ids
+from trainer_worker.ppo.policy import (
+    filler_token_id,
+    fit_prompts,
+    load_causal_lm,
+    resolve_eos_token_ids,
+)
 from trainer_worker.ppo.rollout import answer_logprobs, answer_scores, make_rollout
-from trainer_worker.reward.model import RewardModel
+from trainer_worker.reward.model import RewardModel, transformers_bars
 
 
 @torch.no_grad()
@@ -26,15 +31,15 @@ def evaluate_policy(
     ``eval/length_mean`` (tokens, EOS included) and ``eval/eos_rate``. The same ``seed`` gives
     the same sampling noise, so two policies are compared on equal terms.
     """
-    if not prompts:
-        raise ValueError("evaluate_policy needs at least one prompt")
     eos = resolve_eos_token_ids(Path(policy_dir), eos_token_ids)
-    policy = load_causal_lm(Path(policy_dir), device)
-    ref = load_causal_lm(Path(ref_dir), device)
-    reward = RewardModel.from_pretrained(Path(reward_dir), device=device)
+    with transformers_bars(False):
+        policy = load_causal_lm(Path(policy_dir), device)
+        ref = load_causal_lm(Path(ref_dir), device)
+        reward = RewardModel.from_pretrained(Path(reward_dir), device=device)
     pad = filler_token_id(ref, eos)
     generator = torch.Generator(device=device).manual_seed(seed)
-    queue = [list(p) for p in prompts for _ in range(samples_per_prompt)]
+    fitted = fit_prompts(prompts, ref, max_new_tokens)
+    queue = [p for p in fitted for _ in range(samples_per_prompt)]
     scores, kls, lengths, stops = [], [], [], []
     for start in range(0, len(queue), batch_size):
         rollout = make_rollout(

@@ -18,7 +18,6 @@ from flywheel.demo_model.corpus import generate_corpus
 from flywheel.demo_model.tokenizer import ROLE_MARKERS, train_tokenizer
 from flywheel.demo_model.train import (
     PRESETS,
-    TRAIN_THREADS,
     Preset,
     encode_corpus,
     fixed_threads,
@@ -48,7 +47,7 @@ def build_demo_model(
     tmp = out.parent / f".{out.name}{_BUILDING}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        with fixed_threads(TRAIN_THREADS):
+        with fixed_threads(PRESETS[preset].threads):
             _build_into(tmp, PRESETS[preset], preset, seed, progress)
         _move_into_place(tmp, out)
     except BaseException:

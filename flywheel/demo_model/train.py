@@ -17,7 +17,6 @@ from flywheel.demo_model.corpus import Message
 from flywheel.demo_model.tokenizer import END, ROLE_MARKERS
 
 STEPS_ENV = "FLYWHEEL_DEMO_STEPS"
-TRAIN_THREADS = 2  # fixed, so that the same seed gives the same bits on the same machine
 
 
 @dataclass(frozen=True)
@@ -34,11 +33,15 @@ class Preset:
     lr: float  # small models take a large rate; AdamW with warmup and cosine decay
     tokenizer_conversations: int  # corpus sample the BPE merges are learned from
     max_positions: int = 512  # longer than any demo chat, room for multi-turn requests
+    # Fixed torch threads, so that the same seed gives the same bits on the same machine.
+    # One for tiny models: their small ops gain nothing from a second thread and stall badly
+    # when the cores are shared.
+    threads: int = 2
 
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 1, 128, 512, steps=200, batch_size=16, lr=3e-3,
-                   tokenizer_conversations=1000),
+                   tokenizer_conversations=1000, threads=1),
     "demo": Preset(192, 4, 3, 512, 2048, steps=700, batch_size=32, lr=2e-3,
                    tokenizer_conversations=8000),
 }

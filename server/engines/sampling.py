@@ -92,7 +92,8 @@ class RowSampler:
         host = torch.stack([tokens.float(), chosen]).tolist()
         result = Sampled([int(t) for t in host[0]], host[1], tokens)
         if self.max_top_logprobs > 0:
-            values, ids = logprobs.topk(self.max_top_logprobs, dim=-1)  # (B, k)
+            k = min(self.max_top_logprobs, logprobs.shape[-1])
+            values, ids = logprobs.topk(k, dim=-1)  # (B, k)
             values = values.clamp(min=MASKED_LOGPROB)
             result.top_ids = ids.tolist()
             result.top_logprobs = values.tolist()

@@ -94,6 +94,7 @@ class Scheduler:
 
     def start(self) -> None:
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="flywheel-decode", daemon=True)
             self._thread.start()
 
@@ -189,8 +190,8 @@ class Scheduler:
 
     def _prefill(self, group: _Group) -> None:
         requests = [r for r in group.joining if not r.cancelled]
-        group.joining = []
         if not requests:
+            group.joining = []
             return
         batch, logits = PaddedBatch.prefill(group.model, [r.prompt for r in requests], self._pad_id)
         seqs: list[Sequence] = []
@@ -210,6 +211,7 @@ class Scheduler:
         else:
             group.batch.merge(batch)
             group.seqs.extend(seqs)
+        group.joining = []  # only now: a failure above must still reach these requests
         group.sampler = None
         self._count()
 

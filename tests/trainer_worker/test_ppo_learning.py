@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,16 @@ USER_MESSAGES = [
     "Name one animal.", "What is 5 plus 5?", "Hey, how are you?", "Spell the word river.",
 ]
 MAX_NEW = 16
-FAST_PPO = PPOConfig(steps=4, rollout_batch_size=16, max_new_tokens=MAX_NEW, ppo_epochs=4,
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matrices: one intra-op thread is many times faster than two on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+FAST_PPO = PPOConfig(steps=8, rollout_batch_size=16, max_new_tokens=MAX_NEW, ppo_epochs=4,
                      num_minibatches=1, lr=1e-3, critic_lr=1e-3, kl_coef=0.02)
 
 
@@ -82,13 +92,13 @@ def feature_reward(tiny_model_dir: Path, prompts: list[list[int]],
 def test_ppo_raises_the_reward(tiny_model_dir: Path, prompts: list[list[int]],
                                feature_reward: tuple[Path, int], tmp_path: Path) -> None:
     reward_dir, _ = feature_reward
-    kwargs = {"max_new_tokens": MAX_NEW, "seed": 7, "samples_per_prompt": 2}
+    kwargs = {"max_new_tokens": MAX_NEW, "seed": 7, "samples_per_prompt": 4}
     before = evaluate_policy(tiny_model_dir, tiny_model_dir, reward_dir, prompts, **kwargs)
     metrics = run_ppo(tiny_model_dir, tiny_model_dir, reward_dir, prompts, FAST_PPO,
                       tmp_path / "policy", progress=False)
     after = evaluate_policy(tmp_path / "policy", tiny_model_dir, reward_dir, prompts, **kwargs)
 
-    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.2, (before, after)
+    assert after["eval/score_mean"] > before["eval/score_mean"] + 0.3, (before, after)
     assert before["eval/kl_ref"] == pytest.approx(0.0, abs=1e-4)
     assert 0.0 < after["eval/kl_ref"] < 50.0
     assert metrics["ppo/steps"] == FAST_PPO.steps

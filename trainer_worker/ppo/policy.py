@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,17 @@ def resolve_eos_token_ids(policy_dir: Path, eos_token_ids: list[int] | None) -> 
     if not ids:
         raise ValueError(f"{policy_dir} names no EOS token; pass eos_token_ids")
     return ids
+
+
+def fit_prompts(prompts: Sequence[Sequence[int]], model: PreTrainedModel,
+                max_new_tokens: int) -> list[list[int]]:
+    """Drop empty prompts; keep the last tokens of those too long to leave room for an answer."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    room = max(1, limit - max_new_tokens) if limit else None
+    fitted = [list(p)[-room:] if room else list(p) for p in prompts if p]
+    if not fitted:
+        raise ValueError("no non-empty prompts")
+    return fitted
 
 
 def filler_token_id(model: PreTrainedModel, eos_token_ids: list[int]) -> int:

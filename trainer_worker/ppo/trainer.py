@@ -34,6 +34,7 @@ from trainer_worker.ppo.core import (
 from trainer_worker.ppo.policy import (
     add_lora,
     filler_token_id,
+    fit_prompts,
     load_causal_lm,
     resolve_eos_token_ids,
     save_policy,
@@ -46,7 +47,7 @@ from trainer_worker.ppo.rollout import (
     answer_values,
     make_rollout,
 )
-from trainer_worker.reward.model import RewardModel
+from trainer_worker.reward.model import RewardModel, transformers_bars
 from trainer_worker.reward.stopping import check_stop
 
 StopFn = Callable[[], bool] | None
@@ -69,12 +70,11 @@ def run_ppo(
 
     Raises ``TrainingInterrupted`` (writing nothing) when ``should_stop()`` turns true.
     """
-    if not prompts:
-        raise ValueError("run_ppo needs at least one prompt")
     if cfg.temperature <= 0:
         raise ValueError("PPO samples from the policy: temperature must be > 0")
     eos = resolve_eos_token_ids(Path(policy_dir), eos_token_ids)
-    models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
+    with transformers_bars(progress):
+        models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
     pad = filler_token_id(models.ref, eos)
     optimizer = torch.optim.Adam([
         {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
@@ -83,12 +83,14 @@ def run_ppo(
     ], eps=1e-5)  # N+: eps 1e-5
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
-    batches = prompt_batches(prompts, cfg.rollout_batch_size, cfg.seed)
+    batches = prompt_batches(fit_prompts(prompts, models.ref, cfg.max_new_tokens),
+                             cfg.rollout_batch_size, cfg.seed)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
-    for _ in tqdm(range(cfg.steps), desc="ppo", disable=not progress, leave=False):
+    bar = tqdm(range(cfg.steps), desc="ppo", disable=not progress, leave=False)
+    for _ in bar:
         check_stop(should_stop)
         # 1. Rollout: sample answers from the current policy.
         t0 = time.perf_counter()
@@ -106,9 +108,11 @@ def run_ppo(
         stats["rollout_tokens"] = float(rollout.answer_mask.sum().item())
         history.append(stats)
         kl_ctl.update(stats["ppo/kl_ref"], cfg.rollout_batch_size)
+        bar.set_postfix(score=f"{stats['ppo/score_mean']:.3f}", kl=f"{stats['ppo/kl_ref']:.2f}")
     elapsed = time.perf_counter() - started
     check_stop(should_stop)
-    save_policy(models.policy, Path(policy_dir), Path(out_dir), cfg.use_lora)
+    with transformers_bars(progress):
+        save_policy(models.policy, Path(policy_dir), Path(out_dir), cfg.use_lora)
     return summarise(history, cfg, elapsed, kl_ctl.value)
 
 
@@ -148,9 +152,10 @@ def score_and_advantages(models: Models, rollout: Rollout, cfg: PPOConfig,
     """Fill the rollout's logprobs, values, scores, advantages and returns; return its stats."""
     # 2. Behaviour and reference logprobs, values and RM scores, in minibatch-sized chunks.
     chunks = []
-    chunk = max(1, rollout.input_ids.shape[0] // cfg.num_minibatches)
-    for start in range(0, rollout.input_ids.shape[0], chunk):
-        part = rollout.rows(torch.arange(start, min(start + chunk, rollout.input_ids.shape[0])))
+    batch_size, device = rollout.input_ids.shape[0], rollout.input_ids.device
+    chunk = max(1, batch_size // cfg.num_minibatches)
+    for start in range(0, batch_size, chunk):
+        part = rollout.rows(torch.arange(start, min(start + chunk, batch_size), device=device))
         chunks.append((answer_logprobs(models.policy, part, cfg.temperature),
                        answer_logprobs(models.ref, part, cfg.temperature),
                        answer_values(models.critic, part).float(),

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, GenerationConfig, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -34,11 +37,24 @@ def disable_dropout(model: nn.Module) -> None:
     model.eval()
 
 
+@contextmanager
+def transformers_bars(enabled: bool) -> Iterator[None]:
+    """Show transformers' own load/save progress bars only when ``enabled``."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def read_eos_token_ids(model_dir: Path) -> list[int]:
     """EOS ids of a model directory: generation_config first, then config."""
     try:
         eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:
+    except (OSError, ValueError):
         eos = None
     if eos is None:
         eos = AutoConfig.from_pretrained(model_dir).eos_token_id

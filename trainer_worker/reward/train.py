@@ -25,7 +25,7 @@ from trainer_worker.reward.losses import (
     pairwise_accuracy,
     pointwise_logistic_loss,
 )
-from trainer_worker.reward.model import RewardModel, is_reward_dir
+from trainer_worker.reward.model import RewardModel, is_reward_dir, transformers_bars
 from trainer_worker.reward.stopping import check_stop
 
 
@@ -51,10 +51,11 @@ def train_reward_model(
     if not data.groups and not data.thumbs:
         raise ValueError("no reward data: need at least one preference group or thumb")
     # 1. Model: continue the previous reward model, or put a fresh head on the base policy.
-    if is_reward_dir(Path(init_dir)):
-        model = RewardModel.from_pretrained(init_dir, device=device)
-    else:
-        model = RewardModel.from_base(init_dir, device=device, seed=cfg.seed)
+    with transformers_bars(progress):
+        if is_reward_dir(Path(init_dir)):
+            model = RewardModel.from_pretrained(init_dir, device=device)
+        else:
+            model = RewardModel.from_base(init_dir, device=device, seed=cfg.seed)
     eos, max_len = model.eos_token_ids, cfg.max_length
     # 2. Hold out whole groups (and some thumbs), so pairs of one ranking never straddle the split.
     train_groups, holdout_groups = split_holdout(data.groups, cfg.holdout_fraction, cfg.seed)
@@ -70,7 +71,8 @@ def train_reward_model(
     # 5. Held-out accuracy (training data when nothing could be held out).
     metrics = _evaluate(model, holdout or train, cfg, device)
     check_stop(should_stop)
-    model.save_pretrained(Path(out_dir))
+    with transformers_bars(progress):
+        model.save_pretrained(Path(out_dir))
     n_train_pairs = sum(_n_pairs(len(ex.sequences)) for ex in train if ex.label is None)
     metrics.update({
         "reward/train_loss": train_loss,

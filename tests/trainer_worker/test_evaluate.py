@@ -1,0 +1,126 @@
+"""Sampling (shared by rollouts and the gate) and the evaluation gate's measurements."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_worker.evaluate import evaluate_policy
+from trainer_worker.ppo.policy import load_causal_lm, resolve_eos_token_ids
+from trainer_worker.ppo.rollout import (
+    answer_logprobs,
+    answer_scores,
+    make_rollout,
+    pad_left,
+    sample_answers,
+)
+from trainer_worker.reward import RewardModel
+from trainer_worker.reward.data import pad_right, strip_eos
+
+PROMPTS = [[3, 100, 101, 102, 1, 4], [3, 120, 1, 4], [3, 130, 131, 132, 133, 134, 1, 4]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny matrices: one intra-op thread is many times faster than two on a shared machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def reward_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reward") / "rm"
+    model = RewardModel.from_base(tiny_model_dir, seed=1)
+    model.score_mean, model.score_std = 0.3, 2.0
+    model.save_pretrained(out)
+    return out
+
+
+def test_greedy_sampling_matches_generate(tiny_model_dir: Path) -> None:
+    policy = load_causal_lm(tiny_model_dir, "cpu")
+    eos = resolve_eos_token_ids(tiny_model_dir, None)
+    ids, mask = pad_left(PROMPTS, 0, "cpu")
+    answers, answer_mask, has_eos = sample_answers(
+        policy, ids, mask, max_new_tokens=12, temperature=0.0, eos_token_ids=eos, pad_token_id=0)
+    with torch.no_grad():
+        expected = policy.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                   max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    for row in range(len(PROMPTS)):
+        ours = answers[row][answer_mask[row].bool()].tolist()
+        theirs = expected[row, ids.shape[1]:].tolist()[: len(ours)]
+        assert ours == theirs
+        assert has_eos[row].item() == (ours[-1] in eos)
+
+
+def test_sampling_masks_after_the_first_eos(tiny_model_dir: Path) -> None:
+    policy = load_causal_lm(tiny_model_dir, "cpu")
+    eos = resolve_eos_token_ids(tiny_model_dir, None)
+    prompts = PROMPTS * 8
+    kwargs = {"max_new_tokens": 10, "temperature": 1.0, "eos_token_ids": eos, "pad_token_id": 0,
+              "device": "cpu"}
+    rollout = make_rollout(policy, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    again = make_rollout(policy, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(rollout.input_ids, again.input_ids)
+    answers = rollout.input_ids[:, rollout.prompt_width:]
+    for row in range(len(prompts)):
+        n = int(rollout.answer_mask[row].sum())
+        assert rollout.answer_mask[row, :n].all() and not rollout.answer_mask[row, n:].any()
+        real = answers[row, :n].tolist()
+        assert all(t not in eos for t in real[:-1])
+        assert rollout.has_eos[row].item() == (real[-1] in eos)
+        assert rollout.has_eos[row] or n == 10
+
+
+def test_rollout_scores_match_reward_training_readout(tiny_model_dir: Path,
+                                                      reward_dir: Path) -> None:
+    """PPO reads the RM where RM training reads it: the last content token, EOS excluded."""
+    policy = load_causal_lm(tiny_model_dir, "cpu")
+    reward = RewardModel.from_pretrained(reward_dir)
+    eos = resolve_eos_token_ids(tiny_model_dir, None)
+    rollout = make_rollout(policy, PROMPTS * 4, max_new_tokens=10, temperature=1.0,
+                           eos_token_ids=eos, pad_token_id=0, device="cpu",
+                           generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        scores = answer_scores(reward, rollout)
+        answers = rollout.input_ids[:, rollout.prompt_width:]
+        sequences = [p + strip_eos(a[m.bool()].tolist(), eos) for p, a, m in
+                     zip(PROMPTS * 4, answers, rollout.answer_mask, strict=True)]
+        expected = reward.normalize(reward(*pad_right(sequences)))
+    assert rollout.has_eos.any()
+    assert torch.allclose(scores, expected, atol=1e-4)
+
+
+def test_answer_logprobs_match_sampling_distribution(tiny_model_dir: Path) -> None:
+    """Logprobs recomputed on the padded batch equal a one-sequence-at-a-time forward."""
+    policy = load_causal_lm(tiny_model_dir, "cpu")
+    eos = resolve_eos_token_ids(tiny_model_dir, None)
+    rollout = make_rollout(policy, PROMPTS, max_new_tokens=8, temperature=0.7, eos_token_ids=eos,
+                           pad_token_id=0, device="cpu", generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        logprobs = answer_logprobs(policy, rollout, 0.7)
+        answers = rollout.input_ids[:, rollout.prompt_width:]
+        for row, prompt in enumerate(PROMPTS):
+            answer = answers[row][rollout.answer_mask[row].bool()]
+            full = torch.tensor([prompt + answer.tolist()])
+            logits = policy(full).logits[0, len(prompt) - 1 : -1] / 0.7
+            expected = torch.log_softmax(logits, -1).gather(-1, answer[:, None]).squeeze(-1)
+            assert torch.allclose(logprobs[row, : len(answer)], expected, atol=1e-4)
+
+
+def test_evaluate_policy_against_itself(tiny_model_dir: Path, reward_dir: Path) -> None:
+    kwargs = {"max_new_tokens": 10, "seed": 3, "samples_per_prompt": 2}
+    metrics = evaluate_policy(tiny_model_dir, tiny_model_dir, reward_dir, PROMPTS, **kwargs)
+    assert set(metrics) >= {"eval/score_mean", "eval/kl_ref", "eval/length_mean", "eval/eos_rate"}
+    assert metrics["eval/kl_ref"] == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 <= metrics["eval/eos_rate"] <= 1.0
+    assert 1.0 <= metrics["eval/length_mean"] <= 10.0
+    assert metrics["eval/samples"] == 6
+    assert all(math.isfinite(v) for v in metrics.values())
+    again = evaluate_policy(tiny_model_dir, tiny_model_dir, reward_dir, PROMPTS, **kwargs)
+    assert again == metrics
