@@ -162,3 +162,12 @@ def prune(settings: Settings, store: Store) -> None:
         shutil.rmtree(path, ignore_errors=True)
         store.mark_policy_pruned(row["id"])
         log.info("pruned %s (%s)", row["id"], path)
+
+
+def remove_temporaries(settings: Settings) -> None:
+    """Delete half-written directories a killed leader left (only a leader writes there)."""
+    for root in _dirs(settings):
+        if root.is_dir():
+            for tmp in root.glob(".tmp-*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.info("removed unfinished %s", tmp)

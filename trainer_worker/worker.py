@@ -23,7 +23,7 @@ from feedback_store.errors import StoreError, StoreUnavailableError
 from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy
 from flywheel.policies import record_base_policy
 from flywheel.settings import Settings
-from trainer_worker.cycle import CycleContext, prune, run_cycle
+from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cycle
 from trainer_worker.leader import LeaderLock, LocalLock
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,7 @@ class Worker:
             failed = self.store.fail_stale_runs("abandoned: its worker stopped or died")
             if failed:
                 log.warning("marked %d abandoned run(s) failed", failed)
+            remove_temporaries(self.settings)
             self._was_leader = True
         run = self.store.claim_next_run(self.id)
         if run is None:
@@ -141,7 +142,9 @@ class Worker:
             result = run_cycle(ctx, run_id)
         except BaseException as exc:
             reason = _describe(exc)
-            log.error("training run %d failed: %s", run_id, reason)
+            interrupted = reason.startswith("interrupted")
+            log.error("training run %d failed: %s", run_id, reason,
+                      exc_info=None if interrupted else exc)
             self._mark_failed(run_id, reason, watermark)
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise

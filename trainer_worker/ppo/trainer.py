@@ -100,14 +100,17 @@ def run_ppo(
             generator=sample_gen,
         )
         rollout_seconds = time.perf_counter() - t0
-        # 2-3. Score, shape rewards, estimate advantages.
-        stats = score_and_advantages(models, rollout, cfg, kl_ctl.value)
-        # 4. PPO epochs over minibatches.
+        # 2. Score: behaviour and reference logprobs, values, RM scores.
+        score_rollout(models, rollout, cfg)
+        # 3. Rewards (KL penalty per token, RM score at the end) and GAE advantages.
+        stats = compute_advantages(rollout, cfg, kl_ctl.value)
+        # 4. Update: PPO epochs over minibatches.
         stats |= ppo_update(models, optimizer, rollout, cfg, shuffle_gen, should_stop)
+        # 5. Adapt the KL coefficient (Ziegler; a no-op when fixed).
+        kl_ctl.update(stats["ppo/kl_ref"], cfg.rollout_batch_size)
         stats["rollout_seconds"] = rollout_seconds
         stats["rollout_tokens"] = float(rollout.answer_mask.sum().item())
         history.append(stats)
-        kl_ctl.update(stats["ppo/kl_ref"], cfg.rollout_batch_size)
         bar.set_postfix(score=f"{stats['ppo/score_mean']:.3f}", kl=f"{stats['ppo/kl_ref']:.2f}")
     elapsed = time.perf_counter() - started
     check_stop(should_stop)
@@ -147,10 +150,8 @@ def prompt_batches(prompts: Sequence[list[int]], batch_size: int, seed: int) -> 
 
 
 @torch.no_grad()
-def score_and_advantages(models: Models, rollout: Rollout, cfg: PPOConfig,
-                         kl_coef: float) -> dict[str, float]:
-    """Fill the rollout's logprobs, values, scores, advantages and returns; return its stats."""
-    # 2. Behaviour and reference logprobs, values and RM scores, in minibatch-sized chunks.
+def score_rollout(models: Models, rollout: Rollout, cfg: PPOConfig) -> None:
+    """Fill the rollout's logprobs, ref_logprobs, values and scores, in minibatch-sized chunks."""
     chunks = []
     batch_size, device = rollout.input_ids.shape[0], rollout.input_ids.device
     chunk = max(1, batch_size // cfg.num_minibatches)
@@ -160,11 +161,15 @@ def score_and_advantages(models: Models, rollout: Rollout, cfg: PPOConfig,
                        answer_logprobs(models.ref, part, cfg.temperature),
                        answer_values(models.critic, part).float(),
                        answer_scores(models.reward, part)))
-    rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores = (
+    rollout.logprobs, rollout.ref_logprobs, values, rollout.scores = (
         torch.cat(column) for column in zip(*chunks, strict=True))
+    rollout.values = values * rollout.answer_mask
+
+
+@torch.no_grad()
+def compute_advantages(rollout: Rollout, cfg: PPOConfig, kl_coef: float) -> dict[str, float]:
+    """Per-token rewards, GAE advantages (whitened) and returns; returns the rollout's stats."""
     mask = rollout.answer_mask
-    rollout.values = rollout.values * mask
-    # 3. Per-token KL rewards + final score, then GAE and whitened advantages.
     rewards, _ = compute_rewards(
         rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, rollout.has_eos,
         kl_coef, cfg.missing_eos_penalty, cfg.kl_estimator,
