@@ -26,10 +26,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flywheel.demo_model import build_demo_model  # noqa: E402
-from flywheel.demo_model.judge import judge_answer, sample_user_prompt, score_answer  # noqa: E402
+from flywheel.demo_model import build_demo_model
+from flywheel.demo_model.judge import judge_answer, sample_user_prompt, score_answer
 
 
 @dataclass

@@ -49,9 +49,10 @@ def seed_feedback(store: Store, model: Path, rounds: int = 3) -> None:
             messages = [{"role": "user", "content": prompt}]
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = tok.encode(text, add_special_tokens=False)
-            choices = [NewChoice(i, text, tok.encode(text, add_special_tokens=False)
-                                 + [tok.eos_token_id], [-1.0], "stop")
-                       for i, text in enumerate((GOOD[p], BAD[p]))]
+            choices = [NewChoice(i, answer,
+                                 [*tok.encode(answer, add_special_tokens=False), tok.eos_token_id],
+                                 [-1.0], "stop")
+                       for i, answer in enumerate((GOOD[p], BAD[p]))]
             cid = f"chatcmpl-{r}-{p}"
             store.record_completion(NewCompletion(
                 id=cid, kind="chat", prompt_text=prompt, prompt_token_ids=ids,
