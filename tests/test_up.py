@@ -1,0 +1,75 @@
+"""`flywheel up` end to end: serve, take feedback, train, hot-swap, and stop cleanly on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.server.conftest import free_port, wait_ready
+
+pytestmark = pytest.mark.slow
+
+QUESTIONS = ["What is 2 plus 3?", "What is the capital of France?", "Hello!", "Name a color."]
+
+
+def test_up_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, FLYWHEEL_MODEL=str(tiny_model_dir),
+               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="8", FLYWHEEL_TRAIN__POLL_SECONDS="0.5",
+               FLYWHEEL_TRAIN__EVAL_PROMPTS="4", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
+               FLYWHEEL_TRAIN__KL_BUDGET="1e9", FLYWHEEL_TRAIN__DEVICE="cpu",
+               FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="4",
+               FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
+               FLYWHEEL_PPO__MAX_NEW_TOKENS="8", FLYWHEEL_REWARD__EPOCHS="1",
+               FLYWHEEL_LOG_LEVEL="info")
+    for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR"):
+        env.pop(name, None)
+    log = (tmp_path / "up.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flywheel.cli", "up", "--port", str(port),
+         "--data-dir", str(tmp_path / "data")],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=180)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 3  # redis-server, the server and the worker
+        with httpx.Client(base_url=url, timeout=120) as client:
+            for i in range(6):
+                body = client.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": QUESTIONS[i % 4]}],
+                    "n": 2, "max_tokens": 12}).json()
+                assert body["system_fingerprint"] == "policy-0"
+                for index, rating in enumerate(("up", "down")):
+                    assert client.post("/v1/feedback", json={
+                        "completion_id": body["id"], "choice_index": index,
+                        "rating": rating}).status_code == 201
+            served = _wait_for_new_policy(client, timeout=300)
+        assert served == "policy-1"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+
+def _wait_for_new_policy(client: httpx.Client, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = client.get("/v1/training/runs").json()["data"]
+        if runs and runs[0]["status"] == "failed":
+            raise AssertionError(f"training failed: {runs[0]['error']}")
+        answer = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2}).json()
+        if answer["system_fingerprint"] != "policy-0":
+            return str(answer["system_fingerprint"])
+        time.sleep(1.0)
+    raise AssertionError("no new policy served in time")
