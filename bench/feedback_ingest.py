@@ -303,6 +303,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="keep-alive connections")
     parser.add_argument("--rounds", type=int, default=1, help="repeat both modes")
     parser.add_argument("--warmup", type=int, default=1_000, help="posts before measuring")
+    parser.add_argument("--modes", default="plain,keyed", help="comma-separated: plain, keyed")
     parser.add_argument("--postgres", default=os.environ.get(
         "FLYWHEEL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
         help="a database on the server to bench; a fresh one is created beside it")
@@ -321,7 +322,7 @@ def main() -> int:
         uvloop.run(post_all(port, warm, args.concurrency, server.pid, []))
         ok = True
         for round_ in range(args.rounds):
-            for mode in ("plain", "keyed"):
+            for mode in args.modes.split(","):
                 ok &= run_mode(mode, f"{mode}{round_}", port, db_url, server.pid, completions,
                                args)
         return 0 if ok else 1

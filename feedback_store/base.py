@@ -1,15 +1,14 @@
-"""Engine set-up for SQLite and PostgreSQL, the one-transaction-per-call helpers, group commit."""
+"""Engine set-up for SQLite and PostgreSQL, and the one-transaction-per-call helpers."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import secrets
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -21,7 +20,6 @@ from feedback_store.errors import InvalidInputError, StoreUnavailableError
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a writer waits this long for the file lock, then 503
 POSTGRES_CONNECT_TIMEOUT_S = 5  # an unreachable server fails fast into a 503, not a hang
 UNAVAILABLE = (exc.OperationalError, exc.InterfaceError, exc.TimeoutError)
-R = TypeVar("R")
 
 
 def normalize_url(url: str) -> str:
@@ -120,71 +118,6 @@ def request_hash(body: dict[str, Any]) -> str:
 
 def public_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
-
-
-class _Slot(Generic[R]):
-    __slots__ = ("batch", "ready", "result", "row")
-
-    def __init__(self, row: dict[str, Any]) -> None:
-        self.row = row
-        self.ready = threading.Event()
-        self.batch: list[_Slot[R]] | None = None  # set when this caller writes the batch
-        self.result: R | None = None
-
-
-class GroupCommit(Generic[R]):
-    """One write for the rows of concurrent callers (group commit, one level above PostgreSQL's).
-
-    Up to `max_writers` writes run at once, each from its caller's thread. A caller that finds
-    them all busy queues its row; when a write ends, the oldest queued caller writes every queued
-    row (up to `max_rows`), its own among them. Under load N rows then cost one statement and one
-    commit instead of N; alone, a row is written at once.
-    """
-
-    def __init__(self, write: Callable[[list[dict[str, Any]]], R], *, max_writers: int = 4,
-                 max_rows: int = 256) -> None:
-        self._write = write
-        self._max_writers = max_writers
-        self._max_rows = max_rows
-        self._lock = threading.Lock()
-        self._queue: list[_Slot[R]] = []  # not empty only while every writer is busy
-        self._writers = 0
-
-    def submit(self, row: dict[str, Any]) -> R | None:
-        """The result of the write that carried `row`; None when that write failed in another
-        caller's thread (write the row alone then, so that its own error is the one raised)."""
-        slot: _Slot[R] = _Slot(row)
-        with self._lock:
-            if self._writers < self._max_writers:
-                self._writers += 1
-                slot.batch = [slot]
-            else:
-                self._queue.append(slot)
-        if slot.batch is None:
-            slot.ready.wait()
-            if slot.batch is None:  # carried by another caller's write
-                return slot.result
-        return self._write_batch(slot.batch)
-
-    def _write_batch(self, batch: list[_Slot[R]]) -> R:
-        result: R | None = None
-        try:
-            result = self._write([s.row for s in batch])
-            return result
-        finally:
-            for other in batch[1:]:
-                other.result = result
-                other.ready.set()
-            with self._lock:
-                if self._queue:
-                    ahead = self._queue[: self._max_rows]
-                    del self._queue[: self._max_rows]
-                    ahead[0].batch = ahead
-                else:
-                    self._writers -= 1
-                    ahead = []
-            if ahead:
-                ahead[0].ready.set()
 
 
 class StoreBase:

@@ -13,11 +13,12 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from feedback_store.base import GroupCommit, StoreBase, public_id, request_hash, unix, utcnow
+from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
 from feedback_store.errors import (
     IdempotencyMismatchError,
     InvalidInputError,
     NotFoundError,
+    StoreError,
     StoreUnavailableError,
 )
 from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking, RankingItem
@@ -110,65 +111,102 @@ class FeedbackMixin(StoreBase):
     ) -> tuple[dict[str, Any], bool]:
         """Store a thumbs rating; returns (record, created), created=False for a replayed retry.
 
-        The hot path is one INSERT ... SELECT that finds the choice and skips a used key, shared
-        on PostgreSQL by concurrent calls (GroupCommit); only when it inserts nothing do we look at
-        why (an unknown choice, or a retried key).
+        One INSERT ... SELECT finds the choice and skips a used key; only when it inserts nothing
+        do we look at why (an unknown choice, or a retried key).
         """
-        if rating not in RATINGS:
-            raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
-        _check_key(idempotency_key)
-        request = {
-            "completion_id": completion_id,
-            "choice_index": choice_index,
-            "rating": rating,
-            "comment": comment,
-            "user": user,
-        }
-        digest = request_hash(request)
-        for _ in range(3):
-            created = utcnow()
-            row = {
-                **request,
-                "public_id": public_id("fb"),
+        row = _feedback_row(
+            {
+                "completion_id": completion_id,
+                "choice_index": choice_index,
+                "rating": rating,
+                "comment": comment,
+                "user": user,
                 "idempotency_key": idempotency_key,
-                "request_hash": digest,
-                "created_at": created,
             }
-            if 0 <= choice_index <= MAX_INDEX and self._insert_feedback(row):
-                return {"id": row["public_id"], "object": "feedback", **request,
-                        "created_at": unix(created)}, True
-            with self._tx(write=False) as s:
-                if idempotency_key is not None:
-                    previous = _replayed(s, Feedback, idempotency_key, digest)
-                    if previous is not None:
-                        choice = s.get_one(Choice, previous.choice_id)
-                        return _feedback_record(previous, choice), False
-                _find_choice(s, completion_id, choice_index)
+        )
+        for _ in range(3):
+            if 0 <= choice_index <= MAX_INDEX and self._insert_feedback_rows([row]):
+                return _new_feedback_record(row), True
+            outcome = self._explain_feedback({0: row}).get(0)
+            if isinstance(outcome, StoreError):
+                raise outcome
+            if outcome is not None:
+                return outcome
             # The choice exists and the key is free: both changed since the insert; try again.
+            row = {**row, "public_id": public_id("fb"), "created_at": utcnow()}
         raise StoreUnavailableError("The feedback could not be stored; retry")
 
-    def _insert_feedback(self, row: dict[str, Any]) -> bool:
-        """Insert one rating; False when its choice does not exist or its key is taken."""
-        if self.dialect != "postgresql":  # SQLite writers queue on the file lock anyway
-            with self._statement() as conn:
-                return bool(conn.execute(self._insert_one_feedback, row).rowcount)
+    def add_feedbacks(
+        self, requests: list[dict[str, Any]]
+    ) -> list[tuple[dict[str, Any], bool] | StoreError]:
+        """`add_feedback` for several requests (its keyword arguments as dicts) at once: their rows
+        go in one statement and one commit. Each request gets its (record, created) or the
+        StoreError that `add_feedback` would raise; an unavailable database raises for all."""
+        outcomes: list[tuple[dict[str, Any], bool] | StoreError | None] = [None] * len(requests)
+        rows: dict[int, dict[str, Any]] = {}
+        for i, request in enumerate(requests):
+            try:
+                rows[i] = _feedback_row(request)
+            except InvalidInputError as error:
+                outcomes[i] = error
+        batch = [row for row in rows.values() if 0 <= row["choice_index"] <= MAX_INDEX]
         try:
-            inserted = self._feedback_writes.submit(row)
+            inserted = self._insert_feedback_rows(batch) if batch else set()
         except (InvalidInputError, exc.IntegrityError):
-            inserted = None  # a row of the batch was refused, maybe this one
-        if inserted is None:  # the batch failed: alone, this row meets its own fate
-            inserted = self._insert_feedback_rows([row])
-        return row["public_id"] in inserted
+            inserted = set()  # a row spoiled the statement: each request on its own, below
+        for i, row in rows.items():
+            if row["public_id"] in inserted:
+                outcomes[i] = (_new_feedback_record(row), True)
+        try:
+            left = {i: row for i, row in rows.items() if outcomes[i] is None}
+            for i, outcome in (self._explain_feedback(left) if left else {}).items():
+                outcomes[i] = outcome
+        except InvalidInputError:
+            pass  # a value the database refuses: add_feedback finds which, request by request
+        for i, outcome in enumerate(outcomes):
+            if outcome is None:  # the choice exists and the key is free now, or a failed batch
+                try:
+                    outcomes[i] = self.add_feedback(**requests[i])
+                except StoreUnavailableError:
+                    raise
+                except StoreError as error:
+                    outcomes[i] = error
+        return outcomes  # type: ignore[return-value]
 
-    @cached_property
-    def _feedback_writes(self) -> GroupCommit[set[str]]:
-        return GroupCommit(self._insert_feedback_rows)
+    def _explain_feedback(
+        self, rows: dict[int, dict[str, Any]]
+    ) -> dict[int, tuple[dict[str, Any], bool] | StoreError]:
+        """Why rows were not inserted, in one read transaction: the record stored under the key
+        (a replayed retry), or IdempotencyMismatchError, or NotFoundError for the choice. A row
+        left out may be tried again: its choice exists and its key is free."""
+        keys = [row["idempotency_key"] for row in rows.values() if row["idempotency_key"]]
+        explained: dict[int, tuple[dict[str, Any], bool] | StoreError] = {}
+        with self._tx(write=False) as s:
+            stored = {r.idempotency_key: r for r in s.execute(_STORED_FEEDBACK, {"keys": keys})}
+            for i, row in rows.items():
+                previous = stored.get(row["idempotency_key"])
+                try:
+                    if previous is None:
+                        _find_choice(s, row["completion_id"], row["choice_index"])
+                        continue
+                    if previous.request_hash != row["request_hash"]:
+                        raise _key_reused()
+                    explained[i] = (_feedback_record(previous), False)
+                except (NotFoundError, IdempotencyMismatchError) as error:
+                    explained[i] = error
+        return explained
 
     def _insert_feedback_rows(self, rows: list[dict[str, Any]]) -> set[str]:
-        """PostgreSQL: the public ids of the rows inserted, in one statement for all rows."""
-        params = {name: [row[name] for row in rows] for name in _ROW_COLUMNS}
+        """The public ids of the rows inserted; no row for an unknown choice or a taken key."""
         with self._statement() as conn:
-            return set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
+            if self.dialect == "postgresql":
+                params = {name: [row[name] for row in rows] for name in _ROW_COLUMNS}
+                return set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
+            return {
+                row["public_id"]
+                for row in rows
+                if conn.execute(self._insert_one_feedback, row).rowcount
+            }
 
     @cached_property
     def _insert_one_feedback(self) -> sa.Insert:
@@ -268,6 +306,7 @@ class FeedbackMixin(StoreBase):
         }
 
 
+_HASHED = ("completion_id", "choice_index", "rating", "comment", "user")  # the request body
 _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment", "user",
                 "idempotency_key", "request_hash", "created_at")
 
@@ -291,16 +330,62 @@ RETURNING feedback.public_id
 """)
 
 
+# The stored ratings under some idempotency keys, with their choices.
+_STORED_FEEDBACK = (
+    sa.select(
+        Feedback.idempotency_key,
+        Feedback.request_hash,
+        Feedback.public_id,
+        Feedback.rating,
+        Feedback.comment,
+        Feedback.user,
+        Feedback.created_at,
+        Choice.completion_id,
+        Choice.index,
+    )
+    .join(Choice, Choice.id == Feedback.choice_id)
+    .where(Feedback.idempotency_key.in_(sa.bindparam("keys", expanding=True)))
+)
+
+
 def _replayed(
     s: Session, model: type[Feedback] | type[Ranking], key: str, digest: str
 ) -> Any | None:
     """The row stored under this idempotency key, None when new; a different body is an error."""
     row = s.scalar(sa.select(model).where(model.idempotency_key == key))
     if row is not None and row.request_hash != digest:
-        raise IdempotencyMismatchError(
-            "This Idempotency-Key was already used with a different request body"
-        )
+        raise _key_reused()
     return row
+
+
+def _key_reused() -> IdempotencyMismatchError:
+    return IdempotencyMismatchError(
+        "This Idempotency-Key was already used with a different request body"
+    )
+
+
+def _feedback_row(request: dict[str, Any]) -> dict[str, Any]:
+    """The feedback row of one request (add_feedback's arguments), checked and fingerprinted."""
+    if request["rating"] not in RATINGS:
+        raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
+    _check_key(request.get("idempotency_key"))
+    body = {name: request.get(name) for name in _HASHED}
+    return {
+        **body,
+        "idempotency_key": request.get("idempotency_key"),
+        "request_hash": request_hash(body),
+        "public_id": public_id("fb"),
+        "created_at": utcnow(),
+    }
+
+
+def _new_feedback_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["public_id"],
+        "object": "feedback",
+        **{name: row[name] for name in _HASHED},
+        "created_at": unix(row["created_at"]),
+    }
 
 
 def _check_key(idempotency_key: str | None) -> None:
@@ -334,12 +419,13 @@ def _find_choice(s: Session, completion_id: str, choice_index: int) -> tuple[Com
     return completion, choice
 
 
-def _feedback_record(row: Feedback, choice: Choice) -> dict[str, Any]:
+def _feedback_record(row: sa.Row[Any]) -> dict[str, Any]:
+    """The record of a stored rating, from a row of _STORED_FEEDBACK."""
     return {
         "id": row.public_id,
         "object": "feedback",
-        "completion_id": choice.completion_id,
-        "choice_index": choice.index,
+        "completion_id": row.completion_id,
+        "choice_index": row.index,
         "rating": row.rating,
         "comment": row.comment,
         "user": row.user,

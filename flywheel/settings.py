@@ -45,7 +45,7 @@ class PPOConfig(BaseModel):
     lam: float = 0.95  # GAE lambda (OAI, N+, TRL, DeepSpeed-Chat)
     cliprange: float = 0.2  # policy ratio clip epsilon
     cliprange_value: float = 0.2  # value clip around the rollout values
-    vf_coef: float = 0.1  # value-loss weight in the joint loss
+    vf_coef: float = 0.1  # value-loss weight (N+, TRL); the critic has its own Adam group
     entropy_coef: float = 0.0  # no entropy bonus by default (every reference)
     missing_eos_penalty: float = 1.0  # subtracted from the RM score of answers that never stop
     ppo_epochs: int = 4  # passes over each rollout batch (OAI, N+, TRL)

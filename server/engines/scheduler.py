@@ -24,6 +24,7 @@ import torch
 
 from server.engines.base import ChoiceDelta, EngineError
 from server.engines.batch import PaddedBatch
+from server.engines.bridge import Mailbox
 from server.engines.sampling import RowSampler, Sampled
 from server.engines.sequence import DeltaOrError, Request, Sequence
 
@@ -73,6 +74,7 @@ class Scheduler:
         self._shared_gen = torch.Generator()
         self._shared_gen.manual_seed(random.SystemRandom().getrandbits(63))
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, DeltaOrError]]] = {}
+        self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox[DeltaOrError]] = {}
         self._token_text: dict[int, str] = {}
         self.version = version
         self.running_requests = 0
@@ -299,19 +301,14 @@ class Scheduler:
         self._outbox.setdefault(request.loop, []).append((request, item))
 
     def _flush(self) -> None:
-        """One ``call_soon_threadsafe`` per event loop per step, however many deltas it carries.
-
-        Called after finished rows are dropped, so ``stats()`` is current when a stream ends.
-        """
+        """Hand this step's items to their event loops (called after finished rows are dropped,
+        so ``stats()`` is current when a stream ends)."""
         outbox, self._outbox = self._outbox, {}
         for loop, items in outbox.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
+            mailbox = self._mailboxes.get(loop)
+            if mailbox is None:
+                mailbox = self._mailboxes[loop] = Mailbox(loop)
+            if not mailbox.post([(request.inbox, item) for request, item in items]):
+                del self._mailboxes[loop]  # the loop is closed: nobody is listening any more
                 for request, _ in items:
                     request.cancelled = True
-
-
-def _deliver(items: list[tuple[Request, DeltaOrError]]) -> None:
-    for request, item in items:
-        request.queue.put_nowait(item)

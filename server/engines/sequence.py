@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from server.engines.base import ChoiceDelta, FinishReason, SamplingParams
+from server.engines.bridge import Inbox
 from server.engines.detokenize import IncrementalDecoder, StopMatcher
 from server.engines.sampling import RowParams, choice_generator
 
@@ -13,7 +14,7 @@ DeltaOrError = ChoiceDelta | BaseException
 
 
 class Request:
-    """One ``generate`` call: prompt, parameters, and the queue its deltas are posted to.
+    """One ``generate`` call: prompt, parameters, and the inbox its deltas are posted to.
 
     ``cancelled`` is written by the event loop and read by the decode thread; a plain attribute is
     enough, the thread only needs to see it by its next step.
@@ -32,7 +33,7 @@ class Request:
         self.params = params
         self.max_new_tokens = max_new_tokens
         self.loop = loop
-        self.queue: asyncio.Queue[DeltaOrError] = asyncio.Queue()
+        self.inbox: Inbox[DeltaOrError] = Inbox()
         self.cancelled = False
         self.policy_version = ""  # set by the decode thread when it admits the request
 

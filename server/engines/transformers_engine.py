@@ -149,10 +149,8 @@ class TransformersEngine:
         remaining = request.params.n
         try:
             while remaining:
-                items = [await request.queue.get()]
-                while not request.queue.empty():
-                    items.append(request.queue.get_nowait())
-                for item in coalesce(items):
+                items = await request.inbox.take_all()
+                for item in coalesce(items) if len(items) > 1 else items:
                     if isinstance(item, BaseException):
                         remaining = 0
                         raise item

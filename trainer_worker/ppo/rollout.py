@@ -77,6 +77,8 @@ def sample_answers(
     Returns answers (B, A), answer_mask (B, A) covering tokens up to and including the first
     EOS, and has_eos (B,).
     """
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be at least 1")
     batch = prompt_ids.shape[0]
     device = prompt_ids.device
     eos = torch.tensor(list(eos_token_ids), device=device)
