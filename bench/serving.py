@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engines.base import SamplingParams
-from server.engines.transformers_engine import TransformersEngine
+from server.engines.transformers_engine import TransformersEngine, decode_threads
 
 QUESTIONS = [
     "What is 7 plus 5?", "What is the capital of France?", "How do you spell apple?",
@@ -115,9 +115,10 @@ async def engine_round(engine: TransformersEngine, prompts: list[list[int]], max
     return run
 
 
-async def engine_vs_generate(model: Path, clients: int, max_new: int, rounds: int,
+async def engine_vs_generate(model: Path, clients: int, max_new: int, seconds: float,
                              fixed_length: bool) -> tuple[Run, Run]:
-    """Alternate generate and engine rounds so background load hits both alike."""
+    """Alternate generate and engine rounds, at least ``seconds`` each, so that background load
+    hits both alike."""
     engine = TransformersEngine(str(model), max_batch_size=max(32, clients),
                                 ignore_eos=fixed_length)
     await engine.start()
@@ -125,7 +126,7 @@ async def engine_vs_generate(model: Path, clients: int, max_new: int, rounds: in
     generate_round(engine, prompts, max_new, fixed_length)  # warm-up: allocator, kernels
     await engine_round(engine, prompts, max_new)
     gen, eng = Run(), Run()
-    for _ in range(rounds):
+    while min(gen.seconds, eng.seconds) < seconds:
         gen.add(generate_round(engine, prompts, max_new, fixed_length))
         eng.add(await engine_round(engine, prompts, max_new))
     await engine.stop()
@@ -187,35 +188,38 @@ async def stream_one(client: object, url: str, messages: list[dict[str, str]],
     return tokens, first if first is not None else time.perf_counter() - sent
 
 
-async def http_run(url: str, clients: int, requests_each: int, max_new: int) -> Run:
-    """``clients`` concurrent clients, each sending ``requests_each`` streamed requests in turn."""
+async def http_run(url: str, clients: int, seconds: float, max_new: int) -> Run:
+    """``clients`` concurrent clients, each sending streamed requests back to back for
+    ``seconds`` (requests in flight at the deadline finish and count)."""
     import httpx
 
     convs = conversations(max(clients, len(QUESTIONS)))
     run = Run()
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        start = time.perf_counter()
 
         async def worker(c: int) -> None:
-            for r in range(requests_each):
+            r = 0
+            while time.perf_counter() - start < seconds:
                 tokens, ttft = await stream_one(client, url, convs[(c + r) % len(convs)], max_new)
                 run.tokens += tokens
                 run.ttft.append(ttft)
+                r += 1
 
-        start = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in range(clients)))
         run.seconds = time.perf_counter() - start
     return run
 
 
-async def http_runs(model: Path, clients: int, max_new: int, rounds: int) -> tuple[Run, Run]:
+async def http_runs(model: Path, clients: int, max_new: int, seconds: float) -> tuple[Run, Run]:
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
         proc, url = start_server(model, Path(tmp))
         try:
             await wait_ready(url, proc)
-            await http_run(url, clients, 1, max_new)  # warm-up
-            many = await http_run(url, clients, rounds, max_new)
-            one = await http_run(url, 1, rounds * 2, max_new)
+            await http_run(url, clients, 1.0, max_new)  # warm-up
+            many = await http_run(url, clients, seconds, max_new)
+            one = await http_run(url, 1, seconds, max_new)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -236,20 +240,22 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path(".flywheel/models/base"))
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     parser.add_argument("--engine-only", action="store_true")
     args = parser.parse_args()
     model, b = ensure_model(args.model.resolve()), args.clients
-    print(f"model {model}, {torch.get_num_threads()} torch threads, max_tokens {args.max_tokens}")
+    threads = decode_threads(torch.device("cpu"), None) if not torch.cuda.is_available() else None
+    print(f"model {model}, max_tokens {args.max_tokens}; torch threads: generate "
+          f"{torch.get_num_threads()}, engine decode thread {threads or torch.get_num_threads()}")
     for fixed in (True, False):
         label = "fixed length" if fixed else "until EOS"
-        gen, eng = asyncio.run(engine_vs_generate(model, b, args.max_tokens, args.rounds, fixed))
+        gen, eng = asyncio.run(engine_vs_generate(model, b, args.max_tokens, args.seconds, fixed))
         report(f"(1) model.generate, batch {b}, {label}", gen)
         report(f"(2) engine in-process, {b} concurrent, {label}", eng)
         print(f"    (2)/(1) = {eng.rate / gen.rate:.2f}x  (target >= 0.95x)")
     if args.engine_only:
         return
-    many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.rounds))
+    many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.seconds))
     report(f"(3) HTTP server, {b} streaming clients", many)
     report("(4) HTTP server, 1 streaming client", one)
     print(f"    (3)/(1) = {many.rate / gen.rate:.2f}x  (target >= 0.9x)")

@@ -157,12 +157,13 @@ class FeedbackMixin(StoreBase):
         for i, row in rows.items():
             if row["public_id"] in inserted:
                 outcomes[i] = (_new_feedback_record(row), True)
-        try:
-            left = {i: row for i, row in rows.items() if outcomes[i] is None}
-            for i, outcome in (self._explain_feedback(left) if left else {}).items():
-                outcomes[i] = outcome
-        except InvalidInputError:
-            pass  # a value the database refuses: add_feedback finds which, request by request
+        left = {i: row for i, row in rows.items() if outcomes[i] is None}
+        if left:
+            try:
+                for i, outcome in self._explain_feedback(left).items():
+                    outcomes[i] = outcome
+            except InvalidInputError:
+                pass  # a value the database refuses: add_feedback finds which, one by one
         for i, outcome in enumerate(outcomes):
             if outcome is None:  # the choice exists and the key is free now, or a failed batch
                 try:
@@ -179,10 +180,12 @@ class FeedbackMixin(StoreBase):
         """Why rows were not inserted, in one read transaction: the record stored under the key
         (a replayed retry), or IdempotencyMismatchError, or NotFoundError for the choice. A row
         left out may be tried again: its choice exists and its key is free."""
-        keys = [row["idempotency_key"] for row in rows.values() if row["idempotency_key"]]
+        keys = [row["idempotency_key"] for row in rows.values()]
+        keys = [key for key in keys if key is not None]
         explained: dict[int, tuple[dict[str, Any], bool] | StoreError] = {}
         with self._tx(write=False) as s:
-            stored = {r.idempotency_key: r for r in s.execute(_STORED_FEEDBACK, {"keys": keys})}
+            found = s.execute(_STORED_FEEDBACK, {"keys": keys}) if keys else []
+            stored = {r.idempotency_key: r for r in found}
             for i, row in rows.items():
                 previous = stored.get(row["idempotency_key"])
                 try:

@@ -122,7 +122,13 @@ class PolicyWatcher:
             log.info("now serving %s", message.version)
             return True
 
-    async def _apply_raw(self, raw: str | bytes | None) -> None:
+    async def _apply_raw(self, raw: str | bytes | None, *, from_key: bool = False) -> None:
+        """Apply a message; one read from the key is checked against SQL first.
+
+        A PUBLISHed message is fresh (SQL is written before it), but the key may have outlived
+        an activation made while Redis was away: SQL wins then. Messages skip the SQL read, so
+        a swap never waits on the database.
+        """
         if raw is None:
             return
         try:
@@ -130,11 +136,12 @@ class PolicyWatcher:
         except ValueError as exc:
             log.error("ignoring policy message: %s", exc)
             return
-        active = await to_thread.run_sync(superseded_by, self.store, message.version)
-        if active is not None:
-            log.warning("Redis announces %s, which SQL has since replaced by %s; following SQL",
-                        message.version, active["id"])
-            message = message_from_row(active)
+        if from_key and message.version != self.engine.policy_version:
+            active = await to_thread.run_sync(superseded_by, self.store, message.version)
+            if active is not None:
+                log.warning("Redis key names %s, which SQL has since replaced by %s; "
+                            "following SQL", message.version, active["id"])
+                message = message_from_row(active)
         await self.apply(message)
 
     async def check_sql(self) -> None:
@@ -167,7 +174,7 @@ class PolicyWatcher:
         async with self.redis.pubsub() as pubsub:
             await pubsub.subscribe(self.keys.policy_channel)
             # Read the key only after subscribing: nothing can slip between the two.
-            await self._apply_raw(await self.redis.get(self.keys.active_policy))
+            await self._apply_raw(await self.redis.get(self.keys.active_policy), from_key=True)
             if not self.redis_connected:
                 log.info("following policy updates on Redis")
             self.redis_connected = True

@@ -53,7 +53,7 @@ def _core(task: Task, rng: random.Random) -> str:
     if task.family in ("arithmetic", "capital"):
         return f"{task.expression} is {task.answer}"
     if task.family == "spelling":
-        return f"{task.subject} is spelled {task.answer}"
+        return f"the word {task.subject} is spelled {task.answer}"
     if task.family == "color":
         return rng.choice(COLORS)
     if task.family == "animal":
@@ -88,7 +88,7 @@ def _wrong(task: Task, rng: random.Random) -> str:
         other = rng.choice([c for c in CAPITALS.values() if c != task.answer])
         return f"I think the capital of {task.subject} is {other}."
     if task.family == "spelling":
-        return f"I think {task.subject} is spelled {_wrong_spelling(task.subject, rng)}."
+        return f"I think the word {task.subject} is spelled {_wrong_spelling(task.subject, rng)}."
     if task.family == "color":
         return f"I think {rng.choice(ANIMALS)} is a nice color."
     if task.family == "animal":
@@ -140,9 +140,9 @@ def sample_turn(rng: random.Random) -> tuple[Message, Message]:
 def sample_conversation(rng: random.Random) -> list[Message]:
     """One chat: sometimes a system prompt, usually one turn, sometimes two."""
     messages: list[Message] = []
-    if rng.random() < 0.2:
+    if rng.random() < 0.1:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
-    for _ in range(2 if rng.random() < 0.1 else 1):
+    for _ in range(2 if rng.random() < 0.05 else 1):
         messages.extend(sample_turn(rng))
     return messages
 

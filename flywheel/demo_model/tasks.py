@@ -37,7 +37,7 @@ GREETINGS: tuple[str, ...] = (
     "Hey there!", "Good evening!", "Hi, how is it going?", "Hello there!",
 )
 # Operators and operand ranges: small enough for a few-million-parameter model to master.
-OPERATORS: dict[str, tuple[int, int]] = {"plus": (0, 12), "minus": (0, 12)}
+OPERATORS: dict[str, tuple[int, int]] = {"plus": (0, 9), "minus": (0, 9)}
 
 ARITHMETIC_TEMPLATES: dict[str, tuple[str, ...]] = {
     "plus": (
@@ -57,8 +57,9 @@ CAPITAL_TEMPLATES: tuple[str, ...] = (
     "Do you know the capital of {x}?", "Capital of {x}?", "What city is the capital of {x}?",
 )
 SPELL_TEMPLATES: tuple[str, ...] = (
-    "How do you spell {x}?", "Spell the word {x}.", "Can you spell '{x}'?", "Spell {x} for me.",
-    "How is {x} spelled?", "Please spell the word '{x}'.",
+    # The word always follows a space, so it is the same token here as in the answer.
+    "How do you spell {x}?", "Spell the word {x}.", "Can you spell {x}?", "Spell {x} for me.",
+    "How is {x} spelled?", "Please spell the word {x}.",
 )
 COLOR_TEMPLATES: tuple[str, ...] = (
     "Name a color.", "Can you name a color?", "Tell me a color.", "Give me a color.",
@@ -70,7 +71,7 @@ ANIMAL_TEMPLATES: tuple[str, ...] = (
 )
 FAMILIES: tuple[str, ...] = ("arithmetic", "capital", "spelling", "color", "animal", "greeting")
 # How often each family is asked: arithmetic has the most facts to learn, so it comes most often.
-FAMILY_WEIGHTS: tuple[float, ...] = (0.3, 0.2, 0.2, 0.1, 0.1, 0.1)
+FAMILY_WEIGHTS: tuple[float, ...] = (0.4, 0.2, 0.2, 0.07, 0.07, 0.06)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,11 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train byte-level BPE on ``texts`` and wrap it with the special tokens and chat template."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Hyphens split first, so a spelling like "r-o-a-d" is one token per letter.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("-", behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

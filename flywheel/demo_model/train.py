@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -142,31 +143,49 @@ def fixed_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def summed_token_loss(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy summed over the learned (assistant) tokens of a batch."""
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits  # (B, T, V)
+    labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
 def train_model(
     model: LlamaForCausalLM,
     batches: list[dict[str, torch.Tensor]],
     lr: float,
     progress: bool,
 ) -> list[float]:
-    """Plain AdamW loop over ``batches``; returns the loss per step."""
+    """Plain AdamW loop over ``batches``; returns the mean token loss per step.
+
+    The summed loss is divided by one constant, the mean learned tokens per batch, not by each
+    batch's own count: with length-bucketed batches a per-batch mean would weigh the tokens of
+    long chats (the rambling style) less and skew the style mix the model learns.
+    """
+    counts = [int((b["labels"] != -100).sum()) for b in batches]
+    norm = max(1.0, sum(counts) / max(1, len(counts)))
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01
     )
     model.train()
     losses: list[float] = []
     bar = tqdm(total=len(batches), desc="demo model", disable=not progress, unit="step")
-    for step, batch in enumerate(batches):
+    for step, (batch, count) in enumerate(zip(batches, counts, strict=True)):
         # 1. set this step's learning rate
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, len(batches), lr)
         # 2. next-token loss on the assistant tokens
-        loss = model(**batch).loss
+        loss_sum = summed_token_loss(model, batch)
         # 3. clipped gradient step
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum / norm).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(loss_sum.item() / max(1, count))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     bar.close()

@@ -59,6 +59,7 @@ class Scheduler:
         pad_token_id: int,
         max_batch_size: int,
         stream_interval_s: float,
+        threads: int | None = None,
     ) -> None:
         self._groups = [_Group(model, version)]
         self._tokenizer = tokenizer
@@ -66,6 +67,7 @@ class Scheduler:
         self._pad_id = pad_token_id
         self._max_batch = max_batch_size
         self._interval = stream_interval_s
+        self._threads = threads
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
         self._swaps: list[tuple[Any, str, Future[None]]] = []
@@ -95,7 +97,7 @@ class Scheduler:
     # -- called from the event loop ------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="flywheel-decode", daemon=True)
             self._thread.start()
@@ -132,12 +134,16 @@ class Scheduler:
     # -- the decode thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while self._next_iteration():
-                for group in list(self._groups):
-                    self._step(group)
-                self._retire_old_groups()
-                self._count()
+        if self._threads is not None:
+            torch.set_num_threads(self._threads)  # this thread's OpenMP team (see decode_threads)
+        try:
+            with torch.inference_mode():
+                while self._next_iteration():
+                    for group in list(self._groups):
+                        self._step(group)
+                    self._retire_old_groups()
+                    self._count()
+        finally:
             self._abort_all(EngineError("The engine stopped before the request finished."))
 
     def _next_iteration(self) -> bool:
@@ -281,7 +287,7 @@ class Scheduler:
 
     def _fail(self, group: _Group, error: BaseException) -> None:
         for request in group.requests():
-            self._post(request, error)
+            self._post(request, type(error)(*error.args))  # one exception object per consumer
         group.seqs, group.joining, group.batch, group.sampler = [], [], None, None
         self._flush()
         self._count()
@@ -291,8 +297,11 @@ class Scheduler:
             self._fail(group, error)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            swaps, self._swaps = self._swaps, []
+        for model, version, done in swaps:  # nothing runs any more: install them right away
+            self._install(model, version, done)
         for request in waiting:
-            self._post(request, error)
+            self._post(request, type(error)(*error.args))
         self._flush()
 
     # -- posting to event loops --------------------------------------------------------------

@@ -298,6 +298,24 @@ async def test_many_concurrent_requests_all_complete(tiny_model_dir: Path) -> No
         await eng.stop()
 
 
+@pytest.mark.slow
+async def test_stop_aborts_what_cannot_finish(tiny_model_dir: Path) -> None:
+    from server.engines.base import EngineError
+    from server.engines.transformers_engine import TransformersEngine
+
+    eng = TransformersEngine(str(tiny_model_dir), device="cpu", ignore_eos=True)
+    await eng.start()
+    prompt = chat(eng, "Hello!")
+    stream = eng.generate(prompt, SamplingParams(max_tokens=450), "endless")
+    await anext(stream)
+    await eng.stop(drain_timeout_s=0.0)
+    with pytest.raises(EngineError):
+        async for _ in stream:
+            pass
+    with pytest.raises(EngineError):
+        eng.generate(prompt, GREEDY, "late")
+
+
 def perturbed_checkpoint(src: Path, dst: Path) -> Path:
     """A copy of the model with different weights, as a new policy version would be."""
     from transformers import AutoModelForCausalLM
