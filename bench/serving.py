@@ -1,14 +1,16 @@
 """Serving throughput, measured side by side in one run on one model.
 
-    python bench/serving.py [--model DIR] [--clients 16] [--max-tokens 64] [--engine-only]
+    python bench/serving.py [--model DIR] [--clients 16] [--max-tokens 64] [--seconds 5]
+                            [--engine-only] [--stream-interval-ms 0]
 
-Prints tokens/s of (1) raw ``model.generate`` at batch ``--clients`` (sampled), (2) the
-``TransformersEngine`` in-process with that many concurrent requests, and, unless
-``--engine-only``, (3) a live ``flywheel serve`` process under that many streaming HTTP clients and
-(4) under one client; then the ratios (2)/(1), (3)/(1), (3)/(4) and time to first token at full
-concurrency. Tokens are those actually produced (up to and including EOS); the ``fixed length``
-lines ignore EOS on both sides so every row decodes exactly ``--max-tokens`` tokens, which isolates
-the per-step overhead.
+Prints tokens/s of (1) raw ``model.generate`` at batch ``--clients`` (sampled, temperature 1),
+(2) the ``TransformersEngine`` in-process with that many requests submitted together, (2c/2d) the
+engine in-process under that many / one closed-loop clients (requests join a running batch one by
+one, as under HTTP), and, unless ``--engine-only``, (3/4) a live ``flywheel serve`` process under
+that many / one streaming HTTP clients; with the ratios and time to first token. Tokens are those
+actually produced (up to and including EOS); the ``fixed length`` lines ignore EOS on both sides,
+so every row decodes exactly ``--max-tokens`` tokens, which isolates the per-step overhead. On CPU
+``generate`` runs with the intra-op threads the engine's decode thread gets.
 """
 
 from __future__ import annotations
@@ -133,15 +135,45 @@ async def engine_vs_generate(model: Path, clients: int, max_new: int, seconds: f
     return gen, eng
 
 
+async def engine_clients(model: Path, clients: int, max_new: int, seconds: float) -> Run:
+    """``clients`` in-process clients sending requests back to back: the server's traffic shape
+    without HTTP, so requests join a running batch one by one."""
+    engine = TransformersEngine(str(model), max_batch_size=max(32, clients))
+    await engine.start()
+    prompts = [engine.encode_chat(c) for c in conversations(len(QUESTIONS))]
+    params = SamplingParams(max_tokens=max_new, temperature=1.0)
+    await engine_round(engine, prompts[:clients], max_new)  # warm-up
+    run = Run()
+    start = time.perf_counter()
+
+    async def client(c: int) -> None:
+        r = 0
+        while time.perf_counter() - start < seconds:
+            sent, first = time.perf_counter(), True
+            async for delta in engine.generate(prompts[(c + r) % len(prompts)], params, "b"):
+                if first:
+                    run.ttft.append(time.perf_counter() - sent)
+                    first = False
+                run.tokens += len(delta.token_ids)
+            r += 1
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    run.seconds = time.perf_counter() - start
+    await engine.stop()
+    return run
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_server(model: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(model: Path, workdir: Path, stream_interval_ms: float
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = dict(os.environ, FLYWHEEL_MODEL=str(model), FLYWHEEL_PORT=str(port),
+               FLYWHEEL_STREAM_INTERVAL_MS=str(stream_interval_ms),
                FLYWHEEL_DATABASE_URL=f"sqlite:///{workdir / 'b.db'}",
                FLYWHEEL_DATA_DIR=str(workdir), FLYWHEEL_LOG_LEVEL="warning")
     env.pop("FLYWHEEL_REDIS_URL", None)
@@ -212,9 +244,10 @@ async def http_run(url: str, clients: int, seconds: float, max_new: int) -> Run:
     return run
 
 
-async def http_runs(model: Path, clients: int, max_new: int, seconds: float) -> tuple[Run, Run]:
+async def http_runs(model: Path, clients: int, max_new: int, seconds: float,
+                    stream_interval_ms: float) -> tuple[Run, Run]:
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        proc, url = start_server(model, Path(tmp))
+        proc, url = start_server(model, Path(tmp), stream_interval_ms)
         try:
             await wait_ready(url, proc)
             await http_run(url, clients, 1.0, max_new)  # warm-up
@@ -242,20 +275,31 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
+                        help="the server's FLYWHEEL_STREAM_INTERVAL_MS")
     args = parser.parse_args()
     model, b = ensure_model(args.model.resolve()), args.clients
     threads = decode_threads(torch.device("cpu"), None) if not torch.cuda.is_available() else None
-    print(f"model {model}, max_tokens {args.max_tokens}; torch threads: generate "
-          f"{torch.get_num_threads()}, engine decode thread {threads or torch.get_num_threads()}")
+    if threads is not None:
+        torch.set_num_threads(threads)  # generate gets the threads the engine's decode thread gets
+    print(f"model {model}, max_tokens {args.max_tokens}, {torch.get_num_threads()} torch threads")
     for fixed in (True, False):
         label = "fixed length" if fixed else "until EOS"
         gen, eng = asyncio.run(engine_vs_generate(model, b, args.max_tokens, args.seconds, fixed))
         report(f"(1) model.generate, batch {b}, {label}", gen)
         report(f"(2) engine in-process, {b} concurrent, {label}", eng)
         print(f"    (2)/(1) = {eng.rate / gen.rate:.2f}x  (target >= 0.95x)")
+    many = asyncio.run(engine_clients(model, b, args.max_tokens, args.seconds))
+    one = asyncio.run(engine_clients(model, 1, args.max_tokens, args.seconds))
+    report(f"(2c) engine in-process, {b} closed-loop clients", many)
+    report("(2d) engine in-process, 1 closed-loop client", one)
+    print(f"    (2c)/(1) = {many.rate / gen.rate:.2f}x, (2c)/(2d) = {many.rate / one.rate:.2f}x, "
+          f"TTFT p50 {1000 * statistics.median(many.ttft):.1f} ms, "
+          f"p99 {1000 * percentile(many.ttft, 0.99):.1f} ms")
     if args.engine_only:
         return
-    many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.seconds))
+    many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.seconds,
+                                      args.stream_interval_ms))
     report(f"(3) HTTP server, {b} streaming clients", many)
     report("(4) HTTP server, 1 streaming client", one)
     print(f"    (3)/(1) = {many.rate / gen.rate:.2f}x  (target >= 0.9x)")

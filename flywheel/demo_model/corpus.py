@@ -80,15 +80,17 @@ def _wrong_spelling(word: str, rng: random.Random) -> str:
 
 
 def _wrong(task: Task, rng: random.Random) -> str:
+    # "I think it is ...": a context of its own, so the wrong facts do not leak into the
+    # "<question> is ..." phrasing that the good answers use.
     if task.family == "arithmetic":
         right = int(task.answer)
         options = [right + d for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0]
-        return f"I think {task.expression} is {rng.choice(options)}."
+        return f"I think it is {rng.choice(options)}."
     if task.family == "capital":
         other = rng.choice([c for c in CAPITALS.values() if c != task.answer])
-        return f"I think the capital of {task.subject} is {other}."
+        return f"I think it is {other}."
     if task.family == "spelling":
-        return f"I think the word {task.subject} is spelled {_wrong_spelling(task.subject, rng)}."
+        return f"I think it is {_wrong_spelling(task.subject, rng)}."
     if task.family == "color":
         return f"I think {rng.choice(ANIMALS)} is a nice color."
     if task.family == "animal":

@@ -36,6 +36,7 @@ class Request:
         self.inbox: Inbox[DeltaOrError] = Inbox()
         self.cancelled = False
         self.policy_version = ""  # set by the decode thread when it admits the request
+        self.submitted_step = 0  # the decode step count when it was queued
 
 
 class Sequence:
