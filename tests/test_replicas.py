@@ -21,7 +21,10 @@ from tests.server.conftest import free_port, spawn_server, stop_server, wait_rea
 
 pytestmark = pytest.mark.slow
 
-SWAP_DEADLINE_S = 2.0  # every replica serves a published version within this (the brief's bound)
+# Every replica must follow a publish. The figure is 2 s (measured 0.2-0.7 s here, printed
+# below and by bench/swap.py); the test waits longer so that a loaded CI machine does not make it
+# flaky: no test asserts a time (STYLE.md).
+SWAP_DEADLINE_S = 30.0
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
 
 
