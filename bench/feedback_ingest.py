@@ -74,10 +74,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(db_url: str, port: int) -> subprocess.Popen[bytes]:
+def start_server(db_url: str, port: int, gc_freeze: bool) -> subprocess.Popen[bytes]:
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "_feedback_server.py"),
-         "--database-url", db_url, "--port", str(port)],
+         "--database-url", db_url, "--port", str(port), *(["--gc-freeze"] if gc_freeze else [])],
         cwd=ROOT,
     )
     deadline = time.monotonic() + 60
@@ -310,6 +310,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1, help="repeat both modes")
     parser.add_argument("--warmup", type=int, default=1_000, help="posts before measuring")
     parser.add_argument("--modes", default="plain,keyed", help="comma-separated: plain, keyed")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.freeze() in the server once started (see _feedback_server.py)")
     parser.add_argument("--postgres", default=os.environ.get(
         "FLYWHEEL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"),
         help="a database on the server to bench; a fresh one is created beside it")
@@ -319,10 +321,11 @@ def main() -> int:
     server = None
     try:
         port = free_port()
-        server = start_server(db_url, port)
+        server = start_server(db_url, port, args.gc_freeze)
         completions = store_completions(port)
         print(f"feedback ingest: {args.requests} posts per mode, {args.concurrency} connections, "
               f"{len(completions)} completions, {os.cpu_count()} CPUs, "
+              f"{'gc.freeze() after start-up, ' if args.gc_freeze else ''}"
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
         warm, _ = build_requests(port, completions, args.warmup, "warm", keyed=False)
         uvloop.run(post_all(port, warm, args.concurrency, server.pid, db_url))

@@ -141,7 +141,8 @@ class FeedbackMixin(StoreBase):
     ) -> list[tuple[dict[str, Any], bool] | StoreError]:
         """`add_feedback` for several requests (its keyword arguments as dicts) at once: their rows
         go in one statement and one commit. Each request gets its (record, created) or the
-        StoreError that `add_feedback` would raise; an unavailable database raises for all."""
+        StoreError that `add_feedback` would raise; StoreUnavailableError is raised when the
+        database is unavailable before anything was stored."""
         outcomes: list[tuple[dict[str, Any], bool] | StoreError | None] = [None] * len(requests)
         rows: dict[int, dict[str, Any]] = {}
         for i, request in enumerate(requests):
@@ -157,6 +158,15 @@ class FeedbackMixin(StoreBase):
         for i, row in rows.items():
             if row["public_id"] in inserted:
                 outcomes[i] = (_new_feedback_record(row), True)
+        try:
+            self._settle_feedback(requests, rows, outcomes)
+        except StoreUnavailableError as error:  # the rows stored above are still answered
+            outcomes = [error if outcome is None else outcome for outcome in outcomes]
+        return outcomes  # type: ignore[return-value]
+
+    def _settle_feedback(self, requests: list[dict[str, Any]], rows: dict[int, dict[str, Any]],
+                         outcomes: list[Any]) -> None:
+        """The outcomes of the requests whose rows the batch did not insert."""
         left = {i: row for i, row in rows.items() if outcomes[i] is None}
         if left:
             try:
@@ -172,7 +182,6 @@ class FeedbackMixin(StoreBase):
                     raise
                 except StoreError as error:
                     outcomes[i] = error
-        return outcomes  # type: ignore[return-value]
 
     def _explain_feedback(
         self, rows: dict[int, dict[str, Any]]

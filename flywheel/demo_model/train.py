@@ -43,7 +43,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 1, 128, 512, steps=200, batch_size=16, lr=3e-3,
                    tokenizer_conversations=1000, threads=1),
-    "demo": Preset(192, 4, 3, 512, 2048, steps=700, batch_size=32, lr=2e-3,
+    "demo": Preset(128, 4, 2, 384, 2048, steps=1300, batch_size=32, lr=3e-3,
                    tokenizer_conversations=8000),
 }
 
