@@ -14,6 +14,7 @@ from trainer_worker.ppo.policy import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.rollout import (
     answer_logprobs,
     answer_scores,
+    answer_values,
     make_rollout,
     pad_left,
     sample_answers,
@@ -124,3 +125,28 @@ def test_evaluate_policy_against_itself(tiny_model_dir: Path, reward_dir: Path) 
     assert all(math.isfinite(v) for v in metrics.values())
     again = evaluate_policy(tiny_model_dir, tiny_model_dir, reward_dir, PROMPTS, **kwargs)
     assert again == metrics
+
+
+def test_trimmed_minibatch_gives_the_same_logprobs_and_values(tiny_model_dir: Path,
+                                                               reward_dir: Path) -> None:
+    """PPO trims all-padding columns from minibatches; that must not change any number."""
+    policy = load_causal_lm(tiny_model_dir, "cpu")
+    critic = RewardModel.from_pretrained(reward_dir)
+    eos = resolve_eos_token_ids(tiny_model_dir, None)
+    rollout = make_rollout(policy, PROMPTS * 3, max_new_tokens=12, temperature=1.0,
+                           eos_token_ids=eos, pad_token_id=0, device="cpu",
+                           generator=torch.Generator().manual_seed(4))
+    short_prompt_rows = torch.tensor([1, 4, 7])  # PROMPTS[1], the shortest prompt
+    lengths = rollout.answer_mask.sum(-1)[short_prompt_rows]
+    mb = rollout.rows(short_prompt_rows[lengths.argsort()[:2]])  # its two shortest answers
+    small = mb.trimmed()
+    width = small.answer_mask.shape[1]
+    assert small.prompt_width == len(PROMPTS[1]) < mb.prompt_width
+    assert width == int(mb.answer_mask.sum(-1).max())
+    assert torch.equal(small.answer_mask, mb.answer_mask[:, :width])
+    with torch.no_grad():
+        full_lp, small_lp = answer_logprobs(policy, mb, 1.0), answer_logprobs(policy, small, 1.0)
+        full_v, small_v = answer_values(critic, mb), answer_values(critic, small)
+    mask = small.answer_mask.bool()
+    assert torch.allclose(full_lp[:, :width][mask], small_lp[mask], atol=1e-4)
+    assert torch.allclose(full_v[:, :width][mask], small_v[mask], atol=1e-4)

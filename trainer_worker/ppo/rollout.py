@@ -39,6 +39,21 @@ class Rollout:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return Rollout(**{k: v[index] if isinstance(v, Tensor) else v for k, v in values.items()})
 
+    def trimmed(self) -> Rollout:
+        """Drop the columns that are padding in every row (a minibatch's shorter rows)."""
+        prompt_real = self.attention_mask[:, : self.prompt_width].any(0)  # (P,)
+        left = min(int(prompt_real.long().argmax()), self.prompt_width - 1)
+        width = max(1, int(self.answer_mask.sum(-1).max()))
+        out: dict[str, object] = {"prompt_width": self.prompt_width - left}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask"):
+                value = value[:, left : self.prompt_width + width]
+            elif isinstance(value, Tensor) and value.dim() == 2:
+                value = value[:, :width]
+            out.setdefault(f.name, value)
+        return Rollout(**out)  # type: ignore[arg-type]
+
 
 def pad_left(prompts: Sequence[Sequence[int]], pad_token_id: int,
              device: torch.device | str) -> tuple[Tensor, Tensor]:

@@ -200,7 +200,7 @@ def ppo_update(models: Models, optimizer: torch.optim.Optimizer, rollout: Rollou
         order = torch.randperm(batch_size, generator=generator).to(rollout.input_ids.device)
         for start in range(0, batch_size, mb_size):
             check_stop(should_stop)
-            mb = rollout.rows(order[start : start + mb_size])
+            mb = rollout.rows(order[start : start + mb_size]).trimmed()
             mb_stats = ppo_minibatch_step(models, optimizer, mb, cfg)
             for key, value in mb_stats.items():
                 sums[key] = sums.get(key, 0.0) + value
