@@ -1,4 +1,4 @@
-"""Real sockets: 200 concurrent feedback posts; the official `openai` SDK against `flywheel serve`."""
+"""Real sockets: 200 concurrent feedback posts; the `openai` SDK against `flywheel serve`."""
 
 from __future__ import annotations
 
