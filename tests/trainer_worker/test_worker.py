@@ -205,16 +205,22 @@ def test_database_down_mid_cycle_marks_run_failed(tmp_path: Path, postgres_url: 
                 conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
                 conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                      "WHERE datname = :n"), {"n": name})
-
-            def restore() -> None:
-                time.sleep(3)
-                with admin.connect() as conn:
-                    conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-
-            threading.Thread(target=restore, daemon=True).start()
         return False
 
+    mark_failed = worker._mark_failed
+
+    def restore_then_mark(*args: object) -> None:
+        # The database comes back a little after the worker first tries to record the failure.
+        def restore() -> None:
+            time.sleep(1.5)
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+
+        threading.Thread(target=restore, daemon=True).start()
+        mark_failed(*args)  # type: ignore[arg-type]
+
     worker.should_stop = take_db_down_once  # type: ignore[method-assign]
+    worker._mark_failed = restore_then_mark  # type: ignore[method-assign]
     run = run_until_done(worker, store)
     assert state["down"]
     assert run["status"] == "failed"
