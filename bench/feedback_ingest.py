@@ -1,7 +1,7 @@
 """Feedback ingest through HTTP on PostgreSQL: writes/s, latency, and no lost writes.
 
     python bench/feedback_ingest.py [--requests 20000] [--concurrency 32] [--rounds 1]
-                                    [--modes plain,keyed] [--postgres URL]
+                                    [--modes plain,keyed] [--gc-freeze] [--postgres URL]
 
 Creates a fresh database next to ``--postgres``, starts one server process on a fake engine
 (``bench/_feedback_server.py``, uvicorn as `flywheel serve` runs it), stores a few completions
@@ -18,7 +18,8 @@ least 1,500 writes/s and p99 under 50 ms on 2 cores. With a fixed number of conn
 latency is connections / throughput (Little's law): 1,500 writes/s is a 21 ms mean at 32
 connections but 43 ms at 64, which leaves a 50 ms p99 no room; hence 32 by default. The CPU per
 request of the server, of its PostgreSQL backends and of this client, and the load average, are
-printed too: other processes on the machine distort the figures.
+printed too: other processes on the machine distort the figures. ``--gc-freeze`` freezes the
+server's start-up heap, a change proposed for `flywheel serve` (see ``_feedback_server.py``).
 """
 
 from __future__ import annotations
