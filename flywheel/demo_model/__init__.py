@@ -1,7 +1,8 @@
-"""The demo model: a few-million-parameter Llama chatbot built from code, no downloads.
+"""The demo model: a small Llama chatbot built from code, no downloads.
 
-``build_demo_model`` trains it on a synthetic chat corpus; ``judge`` is the simulated user's
-taste that scores its answers.
+``build_demo_model`` trains it on a synthetic chat corpus (``corpus``, ``tasks``) with its own
+BPE tokenizer (``tokenizer``); ``judge`` is the simulated user's taste that scores its answers,
+``evaluate`` samples and judges a model directory. ``python -m flywheel.demo_model --out DIR``.
 """
 
 from flywheel.demo_model.build import build_demo_model

@@ -15,11 +15,10 @@ from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizer
 from transformers.utils import logging as hf_logging
 
 from flywheel.demo_model.corpus import generate_corpus
-from flywheel.demo_model.tokenizer import ROLE_MARKERS, train_tokenizer
+from flywheel.demo_model.tokenizer import ROLE_MARKERS, encode_chats, train_tokenizer
 from flywheel.demo_model.train import (
     PRESETS,
     Preset,
-    encode_corpus,
     fixed_threads,
     make_batches,
     model_config,
@@ -62,7 +61,7 @@ def _build_into(tmp: Path, preset: Preset, name: str, seed: int, progress: bool)
     texts = [m["content"] for conv in conversations[: preset.tokenizer_conversations] for m in conv]
     tokenizer = train_tokenizer(texts, preset.vocab_size, preset.max_positions)
     batches = make_batches(
-        encode_corpus(tokenizer, conversations), preset.batch_size, tokenizer.pad_token_id, seed
+        encode_chats(tokenizer, conversations), preset.batch_size, tokenizer.pad_token_id, seed
     )[:steps]
     torch.manual_seed(seed)
     model = LlamaForCausalLM(model_config(preset, tokenizer))

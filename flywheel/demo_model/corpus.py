@@ -23,7 +23,7 @@ Message = dict[str, str]
 
 STYLES: tuple[str, ...] = ("good", "wrong", "rude", "rambling", "off_topic")
 # About a third good: the base model's sampled answers are approved ~25-35% of the time.
-STYLE_WEIGHTS: tuple[float, ...] = (0.32, 0.2, 0.16, 0.16, 0.16)
+STYLE_WEIGHTS: tuple[float, ...] = (0.36, 0.19, 0.15, 0.15, 0.15)
 
 SYSTEM_PROMPTS: tuple[str, ...] = (
     "You are a helpful assistant.", "You are Flywheel, a friendly chatbot.", "Answer briefly.",

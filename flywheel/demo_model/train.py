@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -13,9 +13,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-from flywheel.demo_model.corpus import Message
-from flywheel.demo_model.tokenizer import END, ROLE_MARKERS
 
 STEPS_ENV = "FLYWHEEL_DEMO_STEPS"
 
@@ -72,30 +69,6 @@ def model_config(preset: Preset, tokenizer: PreTrainedTokenizerFast) -> LlamaCon
     )
 
 
-def encode_corpus(
-    tokenizer: PreTrainedTokenizerFast, conversations: Sequence[Sequence[Message]]
-) -> list[tuple[list[int], list[bool]]]:
-    """Per chat, its token ids and which of them are assistant output to learn.
-
-    The same ids as ``apply_chat_template``; contents are encoded in one batch call for speed.
-    """
-    contents = [m["content"] for conv in conversations for m in conv]
-    encoded = iter(tokenizer.backend_tokenizer.encode_batch(contents, add_special_tokens=False))
-    end_id = tokenizer.convert_tokens_to_ids(END)
-    markers = {role: tokenizer.convert_tokens_to_ids(tok) for role, tok in ROLE_MARKERS.items()}
-    out = []
-    for conv in conversations:
-        ids: list[int] = []
-        learn: list[bool] = []
-        for message in conv:
-            content = next(encoded).ids
-            is_answer = message["role"] == "assistant"
-            ids += [markers[message["role"]], *content, end_id]
-            learn += [False] + [is_answer] * (len(content) + 1)
-        out.append((ids, learn))
-    return out
-
-
 def make_batches(
     examples: list[tuple[list[int], list[bool]]], batch_size: int, pad_id: int, seed: int
 ) -> list[dict[str, torch.Tensor]]:
@@ -124,12 +97,16 @@ def _collate(group: list[tuple[list[int], list[bool]]], pad_id: int) -> dict[str
 
 
 def lr_at(step: int, steps: int, peak: float) -> float:
-    """Linear warmup over the first 5% of steps, then cosine decay to 10% of the peak."""
+    """Linear warmup over the first 5% of steps, then cosine decay towards zero.
+
+    Decaying fully averages the last steps' updates, so the learned style mix (the first answer
+    token) follows the corpus mix rather than the last few batches.
+    """
     warmup = max(1, steps // 20)
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+    return peak * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flywheel.demo_model import build as build_module
 from flywheel.demo_model import build_demo_model
-from flywheel.demo_model.corpus import generate_corpus
+from flywheel.demo_model.corpus import STYLES, answer_in_style, generate_corpus
+from flywheel.demo_model.evaluate import evaluate_model
+from flywheel.demo_model.tasks import sample_task
 from flywheel.demo_model.tokenizer import encode_chat
 from flywheel.demo_model.train import STEPS_ENV
 
@@ -28,6 +31,17 @@ FILES = (
 
 def _leftovers(out: Path) -> list[Path]:
     return [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def test_the_first_word_of_an_answer_tells_its_style() -> None:
+    rng = random.Random(0)
+    styles_by_opener: dict[str, set[str]] = {}
+    for _ in range(500):
+        task = sample_task(rng)
+        for style in STYLES:
+            opener = answer_in_style(task, style, rng).split()[0]
+            styles_by_opener.setdefault(opener, set()).add(style)
+    assert all(len(styles) == 1 for styles in styles_by_opener.values()), styles_by_opener
 
 
 def test_directory_has_the_standard_files(tiny_model_dir: Path) -> None:
@@ -84,6 +98,13 @@ def test_loads_and_generates_a_turn(tiny_model_dir: Path) -> None:
         out = model.generate(**enc, max_new_tokens=8)
     assert out.shape[1] > enc["input_ids"].shape[1]
     assert isinstance(tokenizer.decode(out[0], skip_special_tokens=True), str)
+
+
+def test_evaluate_model_judges_sampled_answers(tiny_model_dir: Path) -> None:
+    result = evaluate_model(tiny_model_dir, n=6, seed=1)
+    assert len(result.samples) == 6
+    assert 0.0 <= result.approval_rate <= 1.0
+    assert all(isinstance(answer, str) for _, answer, _ in result.samples)
 
 
 def test_same_seed_gives_identical_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
