@@ -100,8 +100,11 @@ class Engine(Protocol):
     async def swap_weights(self, path: str, version: str) -> None:
         """Load the checkpoint at ``path`` beside the current weights and make it the served one.
 
-        Requests already running finish on the old weights; requests admitted after this returns
-        run on the new ones. Raises ``SwapError`` and keeps the old weights on any failure.
+        Requests admitted after this returns run on the new weights and carry ``version``.
+        Requests already running keep the label they were admitted with; the transformers engine
+        finishes them on the old weights, while vLLM (which reloads in place, ``mode="keep"``)
+        re-prefills them on the new weights. Raises ``SwapError`` and keeps serving the old
+        weights on any failure.
         """
         ...
 
