@@ -218,9 +218,13 @@ def print_summary(user: SimulatedUser, policies: list[dict]) -> None:
         print(f"{version:<10} {status.get(version, '?'):<9} {s.answers:>7} {s.rate:>8.1%} "
               f"{kl_text:>10}")
     base = user.stats.get("policy-0", VersionStats()).rate
-    best = max((s.rate for v, s in user.stats.items() if s.answers >= 20), default=base)
-    print(f"learning: approval {base:.1%} -> {best:.1%} ({100 * (best - base):+.1f} points, "
-          f"target >= +40); failed requests {user.failures}")
+    measured = [v for v in user.stats if user.stats[v].answers >= 20]
+    last = max(measured, key=lambda v: int(v.split("-")[-1]), default="policy-0")
+    final = user.stats[last].rate if last in user.stats else base
+    best = max((user.stats[v].rate for v in measured), default=base)
+    print(f"learning: approval {base:.1%} (policy-0) -> {final:.1%} ({last}, the last served), "
+          f"{100 * (final - base):+.1f} points (target >= +40); best version {best:.1%}; "
+          f"failed requests {user.failures}")
     rejected = [p["id"] for p in policies if p["status"] == "rejected"]
     if rejected:
         print(f"rejected by the gate: {', '.join(rejected)}")
