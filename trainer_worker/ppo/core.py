@@ -9,6 +9,7 @@ OAI lm-human-preferences ``train_policy.py`` (per-token KL reward, KL controller
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 KLEstimator = Literal["k1", "k2", "k3"]
+ReduceSum = Callable[[Tensor], Tensor]  # elementwise sum of a 1-D tensor over all processes
 
 
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
@@ -36,9 +38,33 @@ def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return variance
 
 
-def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
-    """Normalise to unit variance (and zero mean) over masked entries (TRL ``masked_whiten``)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def reduced_masked_mean_var(values: Tensor, mask: Tensor,
+                            reduce_sum: ReduceSum) -> tuple[Tensor, Tensor]:
+    """``masked_mean`` and ``masked_var`` of the union of every process's entries.
+
+    Sums and counts are reduced, never the per-process means, so unequal token counts weigh
+    right (TRL ``masked_whiten`` computed on the gathered batch gives the same numbers).
+    """
+    mask = mask.to(values.dtype)
+    total, count = reduce_sum(torch.stack([(values * mask).sum(), mask.sum()]))
+    mean = total / count.clamp(min=1.0)
+    squares = reduce_sum((((values - mean) ** 2) * mask).sum().reshape(1))[0]
+    variance = squares / count.clamp(min=1.0)
+    if count > 1:
+        variance = variance * count / (count - 1)
+    return mean, variance
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True,
+                  reduce_sum: ReduceSum | None = None) -> Tensor:
+    """Normalise to unit variance (and zero mean) over masked entries (TRL ``masked_whiten``).
+
+    With ``reduce_sum`` the statistics are those of the entries of all processes together.
+    """
+    if reduce_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        mean, var = reduced_masked_mean_var(values, mask, reduce_sum)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

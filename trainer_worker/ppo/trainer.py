@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from flywheel.settings import PPOConfig
 from trainer_worker.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
+    ReduceSum,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
@@ -61,6 +62,18 @@ class Models:
     critic: RewardModel  # trained, initialised from the reward model
 
 
+@dataclass(frozen=True)
+class StepHooks:
+    """What changes when the update runs over several processes; the defaults are one process."""
+
+    backward: Callable[[Tensor], None] = Tensor.backward  # ``accelerator.backward`` under DDP
+    clip_grad_norm: Callable[..., Tensor] = torch.nn.utils.clip_grad_norm_
+    reduce_sum: ReduceSum | None = None  # sum over processes: advantage whitening, early stop
+
+
+ONE_PROCESS = StepHooks()
+
+
 def run_ppo(
     policy_dir: Path, ref_dir: Path, reward_dir: Path, prompts: list[list[int]],
     cfg: PPOConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True,
@@ -76,13 +89,8 @@ def run_ppo(
     with transformers_bars(progress):
         models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
     pad = filler_token_id(models.ref, eos)
-    optimizer = torch.optim.Adam([
-        {"params": [p for p in models.policy.parameters() if p.requires_grad], "lr": cfg.lr},
-        {"params": [p for p in models.critic.parameters() if p.requires_grad],
-         "lr": cfg.critic_lr},
-    ], eps=1e-5)  # N+: eps 1e-5
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+    optimizer = make_optimizer(models.policy, models.critic, cfg)
+    kl_ctl = make_kl_controller(cfg)
     batches = prompt_batches(fit_prompts(prompts, models.ref, cfg.max_new_tokens),
                              cfg.rollout_batch_size, cfg.seed)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -133,6 +141,19 @@ def load_models(policy_dir: Path, ref_dir: Path, reward_dir: Path, cfg: PPOConfi
     return Models(policy=policy, ref=ref, reward=reward, critic=critic)
 
 
+def make_optimizer(policy: nn.Module, critic: nn.Module, cfg: PPOConfig) -> torch.optim.Adam:
+    """Adam over the trainable parameters, one learning rate for the policy, one for the critic."""
+    return torch.optim.Adam([
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
+        {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_lr},
+    ], eps=1e-5)  # N+: eps 1e-5
+
+
+def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    return (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+            if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
+
+
 def prompt_batches(prompts: Sequence[list[int]], batch_size: int, seed: int) -> Iterator[
     list[list[int]]
 ]:
@@ -167,17 +188,21 @@ def score_rollout(models: Models, rollout: Rollout, cfg: PPOConfig) -> None:
 
 
 @torch.no_grad()
-def compute_advantages(rollout: Rollout, cfg: PPOConfig, kl_coef: float) -> dict[str, float]:
-    """Per-token rewards, GAE advantages (whitened) and returns; returns the rollout's stats."""
+def compute_advantages(rollout: Rollout, cfg: PPOConfig, kl_coef: float,
+                       reduce_sum: ReduceSum | None = None) -> dict[str, float]:
+    """Per-token rewards, GAE advantages (whitened) and returns; returns the rollout's stats.
+
+    With ``reduce_sum`` the whitening statistics are those of every process's rollout together.
+    """
     mask = rollout.answer_mask
     rewards, _ = compute_rewards(
         rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, rollout.has_eos,
         kl_coef, cfg.missing_eos_penalty, cfg.kl_estimator,
     )  # (B, A)
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
+        rewards = masked_whiten(rewards, mask, shift_mean=False, reduce_sum=reduce_sum)
     advantages, rollout.returns = compute_gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-    rollout.advantages = masked_whiten(advantages, mask)
+    rollout.advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)
     kl_sequence = (kl_penalty(rollout.logprobs, rollout.ref_logprobs, "k1") * mask).sum(-1)
     return {
         "ppo/score_mean": rollout.scores.mean().item(),
@@ -190,7 +215,8 @@ def compute_advantages(rollout: Rollout, cfg: PPOConfig, kl_coef: float) -> dict
 
 
 def ppo_update(models: Models, optimizer: torch.optim.Optimizer, rollout: Rollout,
-               cfg: PPOConfig, generator: torch.Generator, should_stop: StopFn) -> dict[str, float]:
+               cfg: PPOConfig, generator: torch.Generator, should_stop: StopFn,
+               hooks: StepHooks = ONE_PROCESS) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped policy + value updates; stop early past ``target_kl``."""
     batch_size = rollout.input_ids.shape[0]
     mb_size = max(1, batch_size // cfg.num_minibatches)
@@ -201,17 +227,17 @@ def ppo_update(models: Models, optimizer: torch.optim.Optimizer, rollout: Rollou
         for start in range(0, batch_size, mb_size):
             check_stop(should_stop)
             mb = rollout.rows(order[start : start + mb_size]).trimmed()
-            mb_stats = ppo_minibatch_step(models, optimizer, mb, cfg)
+            mb_stats = ppo_minibatch_step(models, optimizer, mb, cfg, hooks)
             for key, value in mb_stats.items():
                 sums[key] = sums.get(key, 0.0) + value
             n_updates += 1
-            if cfg.target_kl is not None and mb_stats["ppo/approx_kl"] > cfg.target_kl:
+            if cfg.target_kl is not None and _approx_kl(mb_stats, hooks) > cfg.target_kl:
                 return _averaged(sums, n_updates)  # early stop (cleanrl ``target_kl``)
     return _averaged(sums, n_updates)
 
 
 def ppo_minibatch_step(models: Models, optimizer: torch.optim.Optimizer, mb: Rollout,
-                       cfg: PPOConfig) -> dict[str, float]:
+                       cfg: PPOConfig, hooks: StepHooks = ONE_PROCESS) -> dict[str, float]:
     """One gradient step on ``pg_loss + vf_coef * vf_loss - entropy_coef * entropy``."""
     mask = mb.answer_mask
     logits = answer_logits(models.policy, mb, cfg.temperature)  # (b, A, V)
@@ -224,15 +250,23 @@ def ppo_minibatch_step(models: Models, optimizer: torch.optim.Optimizer, mb: Rol
         entropy = masked_mean(entropy_from_logits(logits), mask)
     loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * entropy
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(models.policy.parameters(), cfg.max_grad_norm)
-    torch.nn.utils.clip_grad_norm_(models.critic.parameters(), cfg.max_grad_norm)
+    hooks.backward(loss)
+    hooks.clip_grad_norm(models.policy.parameters(), cfg.max_grad_norm)
+    hooks.clip_grad_norm(models.critic.parameters(), cfg.max_grad_norm)
     optimizer.step()
     return {
         "ppo/policy_loss": pg_loss.item(), "ppo/value_loss": vf_loss.item(),
         "ppo/approx_kl": approx_kl.item(), "ppo/clipfrac": clipfrac.item(),
         "ppo/value_clipfrac": vf_clipfrac.item(), "ppo/entropy": entropy.item(),
     }
+
+
+def _approx_kl(mb_stats: dict[str, float], hooks: StepHooks) -> float:
+    """The minibatch's approx KL, averaged over processes so they all stop at the same step."""
+    if hooks.reduce_sum is None:
+        return mb_stats["ppo/approx_kl"]
+    kl, count = hooks.reduce_sum(torch.tensor([mb_stats["ppo/approx_kl"], 1.0]))
+    return (kl / count).item()
 
 
 def _averaged(sums: dict[str, float], count: int) -> dict[str, float]:
