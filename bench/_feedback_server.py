@@ -50,9 +50,9 @@ def main() -> None:
 
     import uvicorn
 
-    from bench._fake_engine import FakeEngine
     from flywheel.settings import Settings
     from server.app import create_app
+    from server.engines.fake import FakeEngine
 
     data_dir = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
     settings = Settings(data_dir=data_dir, database_url=args.database_url, redis_url="",

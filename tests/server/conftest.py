@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from feedback_store import Store
 from flywheel.settings import Settings
 from server.app import create_app
-from tests.server.fake_engine import FakeEngine
+from server.engines.fake import FakeEngine
 
 
 def free_port() -> int:

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from server.app import create_app
+from server.engines.fake import FakeEngine
 from tests.server.conftest import make_settings
-from tests.server.fake_engine import FakeEngine
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 

@@ -24,9 +24,9 @@ from flywheel.policies import record_base_policy
 from flywheel.settings import Settings
 from server import hotswap
 from server.app import create_app
+from server.engines.fake import FakeEngine
 from server.policy import initial_policy
 from tests.helpers import make_checkpoint
-from tests.server.fake_engine import FakeEngine
 
 T = TypeVar("T")
 CHAT = {"model": "flywheel", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

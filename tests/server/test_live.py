@@ -11,8 +11,8 @@ import pytest
 
 from feedback_store import Store
 from server.app import create_app
+from server.engines.fake import FakeEngine
 from tests.server.conftest import ThreadServer, free_port, make_settings
-from tests.server.fake_engine import FakeEngine
 
 
 def test_200_concurrent_feedback_posts(tmp_path: Path, db_url: str, store: Store) -> None:

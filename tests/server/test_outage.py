@@ -12,9 +12,9 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from server.app import create_app
+from server.engines.fake import FakeEngine
 from tests.conftest import POSTGRES_URL
 from tests.server.conftest import make_settings
-from tests.server.fake_engine import FakeEngine
 
 pytestmark = pytest.mark.postgres
 

@@ -1,4 +1,8 @@
-"""A deterministic in-process engine for fast API tests (real engines are tested separately)."""
+"""A deterministic engine without a model: for fast tests and benchmarks of the HTTP layer.
+
+Characters are tokens and every answer is four words drawn from a seeded generator. The real
+engines (transformers, vLLM) are tested on their own.
+"""
 
 from __future__ import annotations
 
