@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from flywheel.hf_progress import transformers_bars
 from trainer_worker.ppo.core import kl_penalty
 from trainer_worker.ppo.policy import (
     filler_token_id,
@@ -15,7 +16,7 @@ from trainer_worker.ppo.policy import (
     resolve_eos_token_ids,
 )
 from trainer_worker.ppo.rollout import answer_logprobs, answer_scores, make_rollout
-from trainer_worker.reward.model import RewardModel, transformers_bars
+from trainer_worker.reward.model import RewardModel
 
 
 @torch.no_grad()

@@ -6,13 +6,10 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.utils import logging as hf_logging
 
 from flywheel.demo_model.corpus import generate_corpus
 from flywheel.demo_model.tokenizer import ROLE_MARKERS, encode_chats, train_tokenizer
@@ -25,6 +22,7 @@ from flywheel.demo_model.train import (
     resolve_steps,
     train_model,
 )
+from flywheel.hf_progress import transformers_bars
 
 INFO_NAME = "demo_model.json"
 _BUILDING = ".building-"
@@ -83,7 +81,7 @@ def _save(
         do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    with _transformers_bars(progress):
+    with transformers_bars(progress):
         model.save_pretrained(tmp)
     # The template inside tokenizer_config.json, where every loader looks for it.
     tokenizer.save_pretrained(tmp, save_jinja_files=False)
@@ -101,19 +99,6 @@ def _write_compat_tokenizer_files(tmp: Path, tokenizer: PreTrainedTokenizerFast)
         "additional_special_tokens": list(ROLE_MARKERS.values()),
     }
     (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-
-
-@contextmanager
-def _transformers_bars(enabled: bool) -> Iterator[None]:
-    """Silence transformers' own progress bars unless ours are on."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled and not enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from flywheel.hf_progress import transformers_bars
 from flywheel.settings import PPOConfig
 from trainer_worker.ppo.core import (
     AdaptiveKLController,
@@ -48,7 +49,7 @@ from trainer_worker.ppo.rollout import (
     answer_values,
     make_rollout,
 )
-from trainer_worker.reward.model import RewardModel, transformers_bars
+from trainer_worker.reward.model import RewardModel
 from trainer_worker.reward.stopping import check_stop
 
 StopFn = Callable[[], bool] | None

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, GenerationConfig, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -35,19 +32,6 @@ def disable_dropout(model: nn.Module) -> None:
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     model.eval()
-
-
-@contextmanager
-def transformers_bars(enabled: bool) -> Iterator[None]:
-    """Show transformers' own load/save progress bars only when ``enabled``."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    if not enabled:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def read_eos_token_ids(model_dir: Path) -> list[int]:

@@ -12,6 +12,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from feedback_store.types import PreferenceGroup, ThumbExample
+from flywheel.hf_progress import transformers_bars
 from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import (
     Example,
@@ -25,7 +26,7 @@ from trainer_worker.reward.losses import (
     pairwise_accuracy,
     pointwise_logistic_loss,
 )
-from trainer_worker.reward.model import RewardModel, is_reward_dir, transformers_bars
+from trainer_worker.reward.model import RewardModel, is_reward_dir
 from trainer_worker.reward.stopping import check_stop
 
 
