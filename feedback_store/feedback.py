@@ -22,6 +22,7 @@ from feedback_store.errors import (
     StoreUnavailableError,
 )
 from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking, RankingItem
+from feedback_store.training_data import is_holdout_hash
 from feedback_store.types import NewCompletion
 
 T = TypeVar("T")
@@ -93,6 +94,7 @@ class FeedbackMixin(StoreBase):
                 messages=c.messages,
                 prompt_text=c.prompt_text,
                 prompt_token_ids=list(c.prompt_token_ids),
+                holdout=is_holdout_hash(digest),
                 created_at=created,
             )
             .on_conflict_do_nothing(index_elements=["sha256"])
@@ -209,16 +211,24 @@ class FeedbackMixin(StoreBase):
         return explained
 
     def _insert_feedback_rows(self, rows: list[dict[str, Any]]) -> set[str]:
-        """The public ids of the rows inserted; no row for an unknown choice or a taken key."""
+        """The public ids of the rows inserted; no row for an unknown choice or a taken key.
+
+        Each inserted row also counts in `policy_ratings` (live approval per version), in the
+        same statement on PostgreSQL and the same transaction on SQLite.
+        """
         with self._statement() as conn:
             if self.dialect == "postgresql":
                 params = {name: [row[name] for row in rows] for name in _ROW_COLUMNS}
                 return set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
-            return {
-                row["public_id"]
-                for row in rows
-                if conn.execute(self._insert_one_feedback, row).rowcount
-            }
+            inserted = set()
+            for row in rows:
+                if conn.execute(self._insert_one_feedback, row).rowcount:
+                    conn.execute(_COUNT_ONE_RATING, {
+                        "completion_id": row["completion_id"],
+                        "up": int(row["rating"] == "up"), "down": int(row["rating"] == "down"),
+                    })
+                    inserted.add(row["public_id"])
+            return inserted
 
     @cached_property
     def _insert_one_feedback(self) -> sa.Insert:
@@ -283,7 +293,7 @@ class FeedbackMixin(StoreBase):
             s.add(row)
             s.flush()
             s.add_all(
-                RankingItem(ranking_id=row.id, position=pos, choice_id=choice.id)
+                RankingItem(ranking_id=row.id, position=pos, tier=pos, choice_id=choice.id)
                 for pos, (_, choice) in enumerate(found)
             )
             s.flush()
@@ -324,8 +334,10 @@ _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment
 
 # The rows as parallel arrays: the same SQL whatever their number, so psycopg prepares it once per
 # connection. Rows whose choice does not exist find nothing to join; rows whose key is taken, by
-# a stored row or by another row of the same batch, are skipped by ON CONFLICT DO NOTHING.
+# a stored row or by another row of the same batch, are skipped by ON CONFLICT DO NOTHING. The
+# second CTE adds the inserted rows to their versions' counters in the same statement.
 _INSERT_FEEDBACK_ROWS = sa.text("""
+WITH inserted AS (
 INSERT INTO feedback (choice_id, public_id, rating, comment, "user", idempotency_key,
                       request_hash, created_at)
 SELECT choices.id, v.public_id, v.rating, v.comment, v."user", v.idempotency_key,
@@ -338,7 +350,29 @@ FROM unnest(CAST(:completion_id AS varchar[]), CAST(:choice_index AS integer[]),
           request_hash, created_at)
 JOIN choices ON choices.completion_id = v.completion_id AND choices.index = v.choice_index
 ON CONFLICT (idempotency_key) DO NOTHING
-RETURNING feedback.public_id
+RETURNING feedback.public_id, feedback.choice_id, feedback.rating
+), counted AS (
+INSERT INTO policy_ratings (policy_version, up, down)
+SELECT completions.policy_version,
+       SUM(CASE WHEN inserted.rating = 'up' THEN 1 ELSE 0 END),
+       SUM(CASE WHEN inserted.rating = 'down' THEN 1 ELSE 0 END)
+FROM inserted
+JOIN choices ON choices.id = inserted.choice_id
+JOIN completions ON completions.id = choices.completion_id
+GROUP BY completions.policy_version
+ORDER BY completions.policy_version
+ON CONFLICT (policy_version) DO UPDATE
+SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
+)
+SELECT public_id FROM inserted
+""")
+
+# SQLite: one stored row's thumb added to its version's counter.
+_COUNT_ONE_RATING = sa.text("""
+INSERT INTO policy_ratings (policy_version, up, down)
+SELECT policy_version, :up, :down FROM completions WHERE id = :completion_id
+ON CONFLICT (policy_version) DO UPDATE
+SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
 """)
 
 

@@ -20,9 +20,9 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-POLICY_STATUSES = ("active", "candidate", "rejected", "retired")
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected")
-RUN_FINISHED = ("succeeded", "failed", "rejected")
+POLICY_STATUSES = ("active", "canary", "candidate", "rejected", "retired")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected", "skipped")
+RUN_FINISHED = ("succeeded", "failed", "rejected", "skipped")
 RUN_TRIGGERS = ("feedback", "manual")
 
 
@@ -74,6 +74,9 @@ class Prompt(Base):
     messages: Mapped[list[dict[str, Any]] | None] = mapped_column(json_type())
     prompt_text: Mapped[str] = mapped_column(sa.Text)
     prompt_token_ids: Mapped[list[int]] = mapped_column(json_type())
+    # In the stable held-out split (from `sha256`, see training_data.is_holdout_hash): feedback
+    # on these prompts never trains the reward model or PPO; it judges them.
+    holdout: Mapped[bool] = mapped_column(sa.Boolean, index=True, default=False)
     created_at: Mapped[datetime]
 
 
@@ -140,7 +143,7 @@ class Ranking(Base):
 
 
 class RankingItem(Base):
-    """One ranked answer; position 0 is the best."""
+    """One ranked answer; position 0 is the best, items of one `tier` are tied (no pair)."""
 
     __tablename__ = "ranking_items"
 
@@ -148,11 +151,23 @@ class RankingItem(Base):
         sa.ForeignKey("rankings.id", ondelete="CASCADE"), primary_key=True
     )
     position: Mapped[int] = mapped_column(primary_key=True)
+    tier: Mapped[int]
     choice_id: Mapped[int] = mapped_column(sa.ForeignKey("choices.id"), index=True)
 
 
+class PolicyRatings(Base):
+    """Thumbs on the answers each version produced, counted as feedback is stored."""
+
+    __tablename__ = "policy_ratings"
+
+    policy_version: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    up: Mapped[int] = mapped_column(default=0)
+    down: Mapped[int] = mapped_column(default=0)
+
+
 class PolicyVersion(Base):
-    """A policy checkpoint; at most one row is `active` (a partial unique index)."""
+    """A policy checkpoint; at most one row is `active` and one `canary` (partial unique
+    indexes). A canary records its share of traffic and where its live evidence starts."""
 
     __tablename__ = "policy_versions"
     __table_args__ = (
@@ -164,6 +179,13 @@ class PolicyVersion(Base):
             sqlite_where=sa.text("status = 'active'"),
             postgresql_where=sa.text("status = 'active'"),
         ),
+        sa.Index(
+            "uq_policy_versions_one_canary",
+            "status",
+            unique=True,
+            sqlite_where=sa.text("status = 'canary'"),
+            postgresql_where=sa.text("status = 'canary'"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
@@ -174,6 +196,9 @@ class PolicyVersion(Base):
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
     activated_at: Mapped[datetime | None]
+    canary_fraction: Mapped[float | None] = mapped_column(sa.Float)
+    canary_started_at: Mapped[datetime | None]
+    canary_feedback_after: Mapped[int | None]  # feedback ids above this are canary evidence
 
 
 class RewardModel(Base):

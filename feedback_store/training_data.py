@@ -206,6 +206,12 @@ def pair_thumbs(thumbs: list[_Thumb]) -> tuple[list[tuple[_Thumb, _Thumb]], list
     return pairs, sorted(singles, key=lambda t: t.feedback_id)
 
 
+def is_holdout_hash(sha256: str) -> bool:
+    """Whether a prompt (by the SHA-256 of its text) is in the held-out split: stable across
+    processes, databases and re-imports, since it depends on the text alone."""
+    return int(sha256[:16], 16) % 100 < HOLDOUT_PERCENT
+
+
 def is_holdout(prompt_id: int) -> bool:
     """Whether a prompt belongs to the held-out set: a hash stable across processes and runs."""
     digest = hashlib.sha256(f"prompt:{prompt_id}".encode()).digest()

@@ -93,6 +93,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK", UP_MIN_NEW_FEEDBACK)
+    # Under `up`, users decide what ships: candidates start as canaries, and a version users
+    # rate significantly better than the active one is rolled back to.
+    os.environ.setdefault("FLYWHEEL_CANARY__AUTO", "true")
+    os.environ.setdefault("FLYWHEEL_CANARY__AUTO_ROLLBACK", "true")
     settings = _settings(args, data_dir=data_dir)
     _configure_logging(settings.log_level)
 

@@ -66,16 +66,36 @@ class PPOConfig(BaseModel):
 
 
 class TrainSettings(BaseModel):
-    """When and how the worker trains."""
+    """When and how the worker trains, and the offline gate that picks canaries."""
 
     min_new_feedback: int = 64  # feedback events that trigger a cycle
     poll_seconds: float = 2.0  # how often the worker looks for new feedback
-    eval_prompts: int = 32  # held-out prompts for the gate
+    eval_prompts: int = 32  # distinct held-out prompts the gate samples answers to
+    gate_samples: int = 128  # answers per policy the gate compares, at least (several per prompt)
     kl_budget: float = 10.0  # nats per answer: candidates further from the base are rejected
-    min_improvement: float = 0.0  # mean RM score gain over the active policy needed to publish
+    min_improvement: float = 0.0  # lower 95% bound of the paired RM score gain must exceed it
+    reward_accuracy_floor: float = 0.55  # RM unused unless held-out accuracy's lower bound beats it
+    min_holdout_pairs: int = 24  # fewer held-out pairs cannot show accuracy above the floor
+    max_length_drift: float = 0.5  # relative change of mean answer length allowed per cycle
+    max_eos_drift: float = 0.2  # absolute change of the EOS rate allowed per cycle
     keep_checkpoints: int = 3  # newest checkpoints kept on disk besides the active one
     lock_ttl_seconds: float = 30.0  # leader lock lifetime, renewed at a third of it
     device: str = "auto"  # "cpu", "cuda" or "auto"
+
+
+class CanarySettings(BaseModel):
+    """Live rollout: a new version serves a share of users until their thumbs decide it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    auto: bool = False  # a candidate that passes the gate starts as a canary (on in `flywheel up`)
+    fraction: float = Field(default=0.2, gt=0.0, lt=1.0)  # share of new requests on the canary
+    min_ratings: int = 100  # thumbs per arm before any decision: the CLT needs a few dozen
+    margin: float = 0.02  # promote when the canary is at most this much worse (approval points)
+    alpha: float = 0.05  # error rate of each decision, valid under continuous monitoring
+    max_hours: float = 24.0  # no decision by then: the canary ends, the active version stays
+    auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
+    min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better
 
 
 class Settings(BaseSettings):
@@ -108,6 +128,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:

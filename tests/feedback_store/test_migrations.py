@@ -23,6 +23,7 @@ TABLES = {
     "rankings",
     "ranking_items",
     "policy_versions",
+    "policy_ratings",
     "reward_models",
     "training_runs",
 }
