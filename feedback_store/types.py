@@ -42,6 +42,9 @@ class PreferenceGroup:
     prompt_token_ids: list[int]
     answers: list[list[int]]  # token ids of each answer, best first
     source: Literal["ranking", "thumbs"]
+    # Tier of each answer (non-decreasing, 0 = best); answers of one tier are tied and form no
+    # pair. None: every answer its own tier (a strict order).
+    tiers: list[int] | None = None
 
 
 @dataclass(frozen=True)
