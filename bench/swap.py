@@ -32,14 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import redis.asyncio as aioredis
+import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from feedback_store import Store
 from flywheel.checkpoints import digest_of
 from flywheel.embedded_redis import EmbeddedRedis
-from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy_async
+from flywheel.hotswap import PolicyMessage, Publisher, RedisKeys, ServingPlan
 from tests.helpers import make_checkpoint
 
 QUESTIONS = [
@@ -85,9 +85,10 @@ def verdict(ok: bool) -> str:
 
 
 class Bench:
-    def __init__(self, url: str, store: Store, redis_client: aioredis.Redis, keys: RedisKeys,
+    def __init__(self, url: str, store: Store, redis_client: redis.Redis, keys: RedisKeys,
                  checkpoints: list[PolicyMessage]) -> None:
-        self.url, self.store, self.redis, self.keys = url, store, redis_client, keys
+        self.url, self.store = url, store
+        self.publisher = Publisher(redis_client, keys)
         self.pending = list(checkpoints)
         self.http = httpx.AsyncClient(base_url=url, timeout=120,
                                       limits=httpx.Limits(max_connections=64))
@@ -101,7 +102,7 @@ class Bench:
         message = self.pending.pop(0)
         await asyncio.to_thread(self.store.activate_policy, message.version)
         published = time.perf_counter()
-        await publish_policy_async(self.redis, self.keys, message)
+        await asyncio.to_thread(self.publisher.announce, ServingPlan(message))
         return message.version, published
 
     async def swap_latency(self) -> float:
@@ -199,7 +200,7 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path, redis_url: s
         proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env,
                                 stdout=out, stderr=subprocess.STDOUT,
                                 cwd=Path(__file__).resolve().parents[1])
-    redis_client = aioredis.from_url(redis_url)
+    redis_client = redis.Redis.from_url(redis_url)
     bench = Bench(f"http://127.0.0.1:{port}", store, redis_client, RedisKeys(namespace),
                   checkpoints)
     try:
@@ -209,7 +210,7 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path, redis_url: s
             args.clients, args.max_tokens, args.swaps, args.gap, args.warmup)
     finally:
         await bench.http.aclose()
-        await redis_client.aclose()
+        redis_client.close()
         proc.terminate()
         proc.wait(timeout=60)
         store.close()

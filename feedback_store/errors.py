@@ -30,6 +30,12 @@ class InvalidInputError(StoreError):
     default_code = "invalid_input"
 
 
+class ConflictError(StoreError):
+    """The request conflicts with the current state, e.g. a second canary (HTTP 409)."""
+
+    default_code = "conflict"
+
+
 class IdempotencyMismatchError(StoreError):
     """An idempotency key was reused with a different request body (HTTP 422)."""
 

@@ -9,8 +9,16 @@ from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, unix, utcnow
-from feedback_store.errors import InvalidInputError, NotFoundError
-from feedback_store.models import POLICY_STATUSES, PolicyVersion, RewardModel
+from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
+from feedback_store.models import (
+    POLICY_STATUSES,
+    Choice,
+    Completion,
+    Feedback,
+    PolicyRatings,
+    PolicyVersion,
+    RewardModel,
+)
 
 BASE_POLICY_ID = "policy-0"
 
@@ -101,10 +109,108 @@ class PoliciesMixin(StoreBase):
                 f"Policy '{id}' already exists", param="id", code="policy_exists"
             ) from error
 
-    def activate_policy(self, id: str, *, force: bool = False) -> dict[str, Any]:
-        """Make this version the served one and retire the old one (rollback and roll-forward)."""
+    def activate_policy(self, id: str, *, force: bool = False,
+                        metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Make this version the served one and retire the old one (rollback and roll-forward).
+
+        Promoting the canary ends it; activating another version aborts a running canary, whose
+        evidence compared it with a version no longer served. `metrics` are merged in.
+        """
         with self._tx() as s:
-            return _policy_record(_activate(s, id, force=force))
+            row = _activate(s, id, force=force)
+            if metrics:
+                row.metrics = {**row.metrics, **metrics}
+            return _policy_record(row)
+
+    def serving_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """(active, canary) rows, read in one transaction."""
+        with self._tx(write=False) as s:
+            rows = s.scalars(
+                sa.select(PolicyVersion).where(PolicyVersion.status.in_(("active", "canary")))
+            ).all()
+            by_status = {r.status: _policy_record(r) for r in rows}
+        return by_status.get("active"), by_status.get("canary")
+
+    def start_canary(self, id: str, fraction: float, *, force: bool = False) -> dict[str, Any]:
+        """Serve stored version `id` to `fraction` of new requests beside the active one.
+
+        Its live evidence counts feedback stored from now on, on answers produced from now on.
+        """
+        if not 0.0 < fraction < 1.0:
+            raise InvalidInputError("fraction must lie strictly between 0 and 1",
+                                    param="fraction", code="invalid_fraction")
+        with self._tx() as s:
+            rows = {p.id: p for p in s.scalars(sa.select(PolicyVersion).with_for_update())}
+            target = rows.get(id)
+            if target is None:
+                raise NotFoundError(f"No policy version '{id}'", code="policy_not_found")
+            running = next((r for r in rows.values() if r.status == "canary"), None)
+            if running is not None:
+                raise ConflictError(f"Policy '{running.id}' is on canary already; end it first",
+                                    param="id", code="canary_running")
+            if target.status == "active":
+                raise ConflictError(f"Policy '{id}' is already active", param="id",
+                                    code="policy_active")
+            _check_servable(target, force=force)
+            target.status = "canary"
+            target.canary_fraction = float(fraction)
+            target.canary_started_at = utcnow()
+            target.canary_feedback_after = s.scalar(sa.select(sa.func.max(Feedback.id))) or 0
+            s.flush()
+            return _policy_record(target)
+
+    def end_canary(self, status: str, metrics: dict[str, Any] | None = None,
+                   *, id: str | None = None) -> dict[str, Any]:
+        """End the running canary (of version `id`, when given) with a new status
+        ("rejected", or "candidate" when aborted or out of time) and its evidence merged into
+        `metrics`. NotFoundError when no canary runs (or another one does)."""
+        if status not in ("rejected", "candidate", "retired"):
+            raise InvalidInputError("a canary ends as rejected, candidate or retired",
+                                    param="status")
+        with self._tx() as s:
+            row = s.scalar(sa.select(PolicyVersion).where(PolicyVersion.status == "canary")
+                           .with_for_update())
+            if row is None or (id is not None and row.id != id):
+                raise NotFoundError("No canary is running" if row is None else
+                                    f"Policy '{id}' is not on canary ('{row.id}' is)",
+                                    code="no_canary")
+            row.status = status
+            if metrics:
+                row.metrics = {**row.metrics, **metrics}
+            s.flush()
+            return _policy_record(row)
+
+    def live_ratings(self) -> dict[str, tuple[int, int]]:
+        """Thumbs (up, down) on the answers of each version, from the maintained counters."""
+        with self._tx(write=False) as s:
+            return {v: (up, down) for v, up, down in s.execute(
+                sa.select(PolicyRatings.policy_version, PolicyRatings.up, PolicyRatings.down))}
+
+    def canary_evidence(self) -> dict[str, tuple[int, int]] | None:
+        """Thumbs (up, down) per arm during the running canary: feedback stored since it began,
+        on answers produced since it began, by the active version or the canary. A bounded
+        range scan of the feedback primary key; None when no canary runs."""
+        active, canary = self.serving_state()
+        if canary is None or active is None:
+            return None
+        arms = (active["id"], canary["id"])
+        with self._tx(write=False) as s:
+            row = s.get(PolicyVersion, canary["id"])
+            assert row is not None
+            up = sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0))
+            down = sa.func.sum(sa.case((Feedback.rating == "down", 1), else_=0))
+            counts = s.execute(
+                sa.select(Completion.policy_version, up, down)
+                .select_from(Feedback)
+                .join(Choice, Choice.id == Feedback.choice_id)
+                .join(Completion, Completion.id == Choice.completion_id)
+                .where(Feedback.id > (row.canary_feedback_after or 0),
+                       Completion.created_at >= row.canary_started_at,
+                       Completion.policy_version.in_(arms))
+                .group_by(Completion.policy_version)
+            ).all()
+        found = {v: (int(u or 0), int(d or 0)) for v, u, d in counts}
+        return {v: found.get(v, (0, 0)) for v in arms}
 
     def set_policy_status(
         self, id: str, status: str, metrics: dict[str, Any] | None = None
@@ -128,24 +234,27 @@ class PoliciesMixin(StoreBase):
             s.flush()
             return _policy_record(row)
 
-    def prunable_policies(self, keep: int) -> list[dict[str, Any]]:
-        """Versions whose files may be deleted: not active, not policy-0, not the newest `keep`."""
+    def prunable_policies(self, keep: int, protect: set[str] | None = None
+                          ) -> list[dict[str, Any]]:
+        """Versions whose files may be deleted: not active, not on canary, not policy-0, not the
+        newest `keep`, not in `protect` (the best version by live approval)."""
         with self._tx(write=False) as s:
             rows = _newest_first(s.scalars(sa.select(PolicyVersion)))
-        protected = {p.id for p in rows[: max(keep, 0)]} | {BASE_POLICY_ID}
+        protected = {p.id for p in rows[: max(keep, 0)]} | {BASE_POLICY_ID} | (protect or set())
         return [
             _policy_record(p)
             for p in rows
-            if p.id not in protected and p.status != "active" and p.path is not None
+            if p.id not in protected and p.status not in ("active", "canary")
+            and p.path is not None
         ]
 
     def mark_policy_pruned(self, id: str) -> dict[str, Any]:
         """Forget the path of a version whose files were deleted, so it is not pruned twice."""
         with self._tx() as s:
             row = _get_policy(s, id)
-            if row.status == "active":
+            if row.status in ("active", "canary"):
                 raise InvalidInputError(
-                    f"Policy '{id}' is active", param="id", code="policy_active"
+                    f"Policy '{id}' is {row.status}", param="id", code="policy_serving"
                 )
             row.path = None
             s.flush()
@@ -196,25 +305,33 @@ def _activate(s: Session, id: str, *, force: bool) -> PolicyVersion:
     target = rows.get(id)
     if target is None:
         raise NotFoundError(f"No policy version '{id}'", code="policy_not_found")
-    if target.status == "rejected" and not force:
-        raise InvalidInputError(
-            f"Policy '{id}' was rejected by evaluation; force to activate it anyway",
-            param="id",
-            code="policy_rejected",
-        )
-    if target.path is None:
-        raise InvalidInputError(
-            f"Policy '{id}' has no stored files", param="id", code="policy_pruned"
-        )
+    _check_servable(target, force=force)
     if target.status == "active":
         return target
     for row in rows.values():
         if row.status == "active":
             row.status = "retired"
+        elif row.status == "canary" and row.id != id:
+            row.status = "candidate"  # its evidence compared it with a version no longer served
+            row.metrics = {**row.metrics, "canary/decision": "aborted",
+                           "canary/reason": f"{id} was activated"}
     s.flush()  # retire first: the partial unique index allows one active row at any moment
     target.status, target.activated_at = "active", utcnow()
     s.flush()
     return target
+
+
+def _check_servable(target: PolicyVersion, *, force: bool) -> None:
+    if target.status == "rejected" and not force:
+        raise InvalidInputError(
+            f"Policy '{target.id}' was rejected; force to serve it anyway",
+            param="id",
+            code="policy_rejected",
+        )
+    if target.path is None:
+        raise InvalidInputError(
+            f"Policy '{target.id}' has no stored files", param="id", code="policy_pruned"
+        )
 
 
 def _active(s: Session) -> PolicyVersion | None:
@@ -259,6 +376,10 @@ def _policy_record(p: PolicyVersion) -> dict[str, Any]:
         "path": p.path,
         "sha256": p.sha256,
         "activated_at": unix(p.activated_at),
+        "canary": None if p.status != "canary" else {
+            "fraction": p.canary_fraction,
+            "started_at": unix(p.canary_started_at),
+        },
     }
 
 

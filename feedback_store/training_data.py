@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -25,7 +24,9 @@ from feedback_store.models import (
 )
 from feedback_store.types import PreferenceGroup, PromptRecord, RewardData, ThumbExample
 
-HOLDOUT_PERCENT = 20  # share of prompts kept out of PPO training, to evaluate candidates on
+HOLDOUT_PERCENT = 20  # share of prompts kept out of training, to evaluate candidates on
+Split = Literal["train", "holdout", "all"]
+_SPLITS: dict[str, bool | None] = {"train": False, "holdout": True, "all": None}
 _IN_CHUNK = 500  # ids per IN (...) clause, well under every backend's parameter limit
 
 
@@ -45,11 +46,25 @@ class _Thumb:
 
 
 @dataclass(frozen=True)
+class _Ranking:
+    prompt_id: int
+    answers: list[_Answer]  # best first, no two with the same text
+    tiers: list[int]  # of each answer: non-decreasing from 0, at least two distinct
+
+    def pairs(self) -> Iterator[tuple[_Answer, _Answer]]:
+        """(better, worse) for every two answers in different tiers, best first."""
+        for i, better in enumerate(self.answers):
+            for j in range(i + 1, len(self.answers)):
+                if self.tiers[i] < self.tiers[j]:
+                    yield better, self.answers[j]
+
+
+@dataclass(frozen=True)
 class _Feedback:
     """Everything rated, read in one transaction."""
 
     prompts: dict[int, Prompt]
-    rankings: list[tuple[int, list[_Answer]]]  # (prompt id, answers best first)
+    rankings: list[_Ranking]
     thumbs: list[_Thumb]
 
 
@@ -81,16 +96,22 @@ class TrainingDataMixin(StoreBase):
             rankings = s.scalar(sa.select(sa.func.count()).where(Ranking.id > after_rankings))
         return (thumbs or 0) + (rankings or 0)
 
-    def reward_data(self) -> RewardData:
-        """Rankings and up/down pairs as preference groups; unpaired thumbs as pointwise labels."""
-        data = self._read_feedback()
+    def reward_data(self, split: Split = "train") -> RewardData:
+        """Rankings and up/down pairs as preference groups; unpaired thumbs as pointwise labels.
+
+        `split` picks feedback by its prompt's stored `holdout` flag: "train" (the default) never
+        includes held-out feedback, so the reward model cannot learn what later judges it.
+        """
+        data = self._read_feedback(split)
         groups = [
             PreferenceGroup(
-                prompt_token_ids=list(data.prompts[pid].prompt_token_ids),
-                answers=[list(a.token_ids) for a in answers],
+                prompt_token_ids=list(data.prompts[r.prompt_id].prompt_token_ids),
+                answers=[list(a.token_ids) for a in r.answers],
                 source="ranking",
+                # None for a strict order, as PreferenceGroup defines it.
+                tiers=None if len(set(r.tiers)) == len(r.tiers) else list(r.tiers),
             )
-            for pid, answers in data.rankings
+            for r in data.rankings
         ]
         pairs, singles = pair_thumbs(data.thumbs)
         groups += [
@@ -112,15 +133,14 @@ class TrainingDataMixin(StoreBase):
         return RewardData(groups=groups, thumbs=thumbs)
 
     def export_preferences(self) -> Iterator[dict[str, Any]]:
-        """TRL rows: ranked and up/down pairs as prompt/chosen/rejected, every thumb as
-        prompt/completion/label. Read eagerly, so a database error raises here, not mid-stream."""
-        data = self._read_feedback()
+        """TRL rows of all feedback: ranked and up/down pairs as prompt/chosen/rejected (none for
+        tied answers or answers of equal text), every thumb as prompt/completion/label. Read
+        eagerly, so a database error raises here, not mid-stream."""
+        data = self._read_feedback("all")
         rows: list[dict[str, Any]] = []
-        for pid, answers in data.rankings:
-            prompt = data.prompts[pid]
-            for i, better in enumerate(answers):
-                for worse in answers[i + 1 :]:
-                    rows.append(_pair_row(prompt, better, worse))
+        for ranking in data.rankings:
+            prompt = data.prompts[ranking.prompt_id]
+            rows += [_pair_row(prompt, better, worse) for better, worse in ranking.pairs()]
         pairs, _ = pair_thumbs(data.thumbs)
         rows += [
             _pair_row(data.prompts[up.prompt_id], up.answer, down.answer) for up, down in pairs
@@ -138,11 +158,13 @@ class TrainingDataMixin(StoreBase):
 
     def sample_prompts(self, n: int, *, seed: int, holdout: bool = False) -> list[PromptRecord]:
         """Up to n distinct stored prompts, the same for the same seed and data, from the
-        held-out ~20% (`holdout=True`) or the rest; from all prompts when that side is empty."""
+        held-out split (`holdout=True`) or the training one; [] when that side is empty (never
+        the other side: a gate must not judge on training prompts)."""
         with self._tx(write=False) as s:
-            ids = list(s.scalars(sa.select(Prompt.id).order_by(Prompt.id)))
-            side = [i for i in ids if is_holdout(i) == holdout] or ids
-            chosen = random.Random(seed).sample(side, min(max(n, 0), len(side)))
+            ids = list(
+                s.scalars(sa.select(Prompt.id).where(Prompt.holdout == holdout).order_by(Prompt.id))
+            )
+            chosen = random.Random(seed).sample(ids, min(max(n, 0), len(ids)))
             rows = _prompts_by_id(s, chosen)
         return [
             PromptRecord(
@@ -154,41 +176,91 @@ class TrainingDataMixin(StoreBase):
             for i in chosen
         ]
 
-    def _read_feedback(self) -> _Feedback:
+    def holdout_prompt_count(self) -> int:
+        """Stored prompts in the held-out split."""
         with self._tx(write=False) as s:
-            ranked = s.execute(
-                sa.select(Ranking.id, Ranking.prompt_id, Choice.id, Choice.text, Choice.token_ids)
-                .join(RankingItem, RankingItem.ranking_id == Ranking.id)
-                .join(Choice, Choice.id == RankingItem.choice_id)
-                .order_by(Ranking.id, RankingItem.position)
-            ).all()
-            rated = s.execute(
-                sa.select(
-                    Feedback.id,
-                    Feedback.rating,
-                    Completion.prompt_id,
-                    Choice.id,
-                    Choice.text,
-                    Choice.token_ids,
-                )
-                .join(Choice, Choice.id == Feedback.choice_id)
-                .join(Completion, Completion.id == Choice.completion_id)
-                .order_by(Feedback.id)
-            ).all()
+            return s.scalar(sa.select(sa.func.count()).where(Prompt.holdout == sa.true())) or 0
+
+    def _read_feedback(self, split: Split) -> _Feedback:
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {sorted(_SPLITS)}, not {split!r}")
+        held = _SPLITS[split]
+        ranked_query = (
+            sa.select(
+                Ranking.id, Ranking.prompt_id, RankingItem.tier, Choice.id, Choice.text,
+                Choice.token_ids,
+            )
+            .join(RankingItem, RankingItem.ranking_id == Ranking.id)
+            .join(Choice, Choice.id == RankingItem.choice_id)
+            .order_by(Ranking.id, RankingItem.position)
+        )
+        rated_query = (
+            sa.select(
+                Feedback.id,
+                Feedback.rating,
+                Completion.prompt_id,
+                Choice.id,
+                Choice.text,
+                Choice.token_ids,
+            )
+            .join(Choice, Choice.id == Feedback.choice_id)
+            .join(Completion, Completion.id == Choice.completion_id)
+            .order_by(Feedback.id)
+        )
+        if held is not None:
+            ranked_query = ranked_query.join(Prompt, Prompt.id == Ranking.prompt_id).where(
+                Prompt.holdout == held
+            )
+            rated_query = rated_query.join(Prompt, Prompt.id == Completion.prompt_id).where(
+                Prompt.holdout == held
+            )
+        with self._tx(write=False) as s:
+            ranked = s.execute(ranked_query).all()
+            rated = s.execute(rated_query).all()
             prompts = _prompts_by_id(s, {r[1] for r in ranked} | {r[2] for r in rated})
-        rankings: dict[int, tuple[int, list[_Answer]]] = {}
-        for rid, pid, cid, text, token_ids in ranked:
-            rankings.setdefault(rid, (pid, []))[1].append(_Answer(cid, text, token_ids))
+        stored: dict[int, tuple[int, list[tuple[int, _Answer]]]] = {}
+        for rid, pid, tier, cid, text, token_ids in ranked:
+            stored.setdefault(rid, (pid, []))[1].append((tier, _Answer(cid, text, token_ids)))
+        rankings = [
+            ranking
+            for pid, items in stored.values()
+            if (ranking := _distinct_ranking(pid, items)) is not None
+        ]
         thumbs = [
             _Thumb(fid, pid, _Answer(cid, text, token_ids), rating == "up")
             for fid, rating, pid, cid, text, token_ids in rated
         ]
-        return _Feedback(prompts=prompts, rankings=list(rankings.values()), thumbs=thumbs)
+        return _Feedback(prompts=prompts, rankings=rankings, thumbs=thumbs)
+
+
+def _distinct_ranking(prompt_id: int, items: list[tuple[int, _Answer]]) -> _Ranking | None:
+    """A stored ranking (tier, answer) best first, with each text once; None without a pair.
+
+    Of answers with the same text only the first (best placed) stays. Moving the later one into
+    the first one's tier instead would invent preferences the user did not state (with A > B > A',
+    A' would come to beat B); dropping it loses only pairs that restate a kept one or contradict
+    it (B > A' against A > B). Tiers are renumbered 0, 1, ... over what is left.
+    """
+    seen: set[str] = set()
+    kept: list[tuple[int, _Answer]] = []
+    for tier, answer in items:
+        if answer.text not in seen:
+            seen.add(answer.text)
+            kept.append((tier, answer))
+    dense = {tier: rank for rank, tier in enumerate(sorted({tier for tier, _ in kept}))}
+    if len(dense) < 2:
+        return None
+    return _Ranking(
+        prompt_id=prompt_id,
+        answers=[answer for _, answer in kept],
+        tiers=[dense[tier] for tier, _ in kept],
+    )
 
 
 def pair_thumbs(thumbs: list[_Thumb]) -> tuple[list[tuple[_Thumb, _Thumb]], list[_Thumb]]:
-    """Pair each down with an unused up on the same prompt and a different answer, in order;
-    returns the (up, down) pairs and the thumbs left over, in feedback order."""
+    """Pair each down with an unused up on the same prompt and an answer of different text, in
+    order (equal texts teach nothing and are no export row); returns the (up, down) pairs and
+    the thumbs left over, in feedback order."""
     by_prompt: dict[int, tuple[list[_Thumb], list[_Thumb]]] = defaultdict(lambda: ([], []))
     for t in thumbs:
         by_prompt[t.prompt_id][0 if t.up else 1].append(t)
@@ -196,7 +268,7 @@ def pair_thumbs(thumbs: list[_Thumb]) -> tuple[list[tuple[_Thumb, _Thumb]], list
     singles: list[_Thumb] = []
     for ups, downs in by_prompt.values():
         for down in downs:
-            up = next((u for u in ups if u.answer.token_ids != down.answer.token_ids), None)
+            up = next((u for u in ups if u.answer.text != down.answer.text), None)
             if up is None:
                 singles.append(down)
             else:
@@ -210,12 +282,6 @@ def is_holdout_hash(sha256: str) -> bool:
     """Whether a prompt (by the SHA-256 of its text) is in the held-out split: stable across
     processes, databases and re-imports, since it depends on the text alone."""
     return int(sha256[:16], 16) % 100 < HOLDOUT_PERCENT
-
-
-def is_holdout(prompt_id: int) -> bool:
-    """Whether a prompt belongs to the held-out set: a hash stable across processes and runs."""
-    digest = hashlib.sha256(f"prompt:{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < HOLDOUT_PERCENT
 
 
 def _prompts_by_id(s: Session, ids: Iterable[int]) -> dict[int, Prompt]:

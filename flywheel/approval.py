@@ -1,13 +1,26 @@
 """Live approval statistics: intervals for one version, and the decisions between two.
 
 Pure Python (no torch, no database): the server shows these numbers, the worker acts on them.
+The decisions use an always-valid confidence sequence for the difference of two approvals, so
+the worker may re-check them after every new thumb without inflating its error rates.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+# Mixing scale of the normal mixture, in approval points. Johari et al. (2017, sec. 4) match tau
+# to the effects one expects: the boundary is tightest for |Δ| of the order of tau. The decisions
+# here turn on 10-20 point moves; at 4:1 traffic and p = 0.5, tau = 0.1 needs the fewest canary
+# ratings of tau in [0.03, 0.3] to narrow the interval to 10-12 points (bench/canary_decision.py).
+TAU = 0.1
+
+Verdict = Literal["promote", "reject", "wait"]
+Evidence = dict[str, float | int | str]
 
 
 def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float] | None:
@@ -23,3 +36,159 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     centre = (p + z2 / (2 * n)) / (1 + z2 / n)
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """Thumbs on the answers of one policy version."""
+
+    up: int
+    down: int
+
+    @property
+    def n(self) -> int:
+        """Ratings received."""
+        return self.up + self.down
+
+    @property
+    def approval(self) -> float | None:
+        """Share of thumbs up; None before the first rating."""
+        return self.up / self.n if self.n else None
+
+
+def _variance(arm: Arm) -> float:
+    """Variance of one arm's approval, with Agresti-Caffo's +1 up, +1 down (Agresti & Caffo 2000).
+
+    The shrunk proportion keeps the variance positive for an arm that is all up or all down,
+    where the plain plug-in p(1-p)/n would be 0 and the interval would collapse to a point.
+    """
+    p = (arm.up + 1) / (arm.n + 2)
+    return p * (1 - p) / arm.n
+
+
+def mixture_half_width(v: float, *, alpha: float, tau: float = TAU) -> float:
+    """Half-width of the normal-mixture confidence sequence for an estimate of variance `v`.
+
+    Robbins (1970); Johari, Pekelis & Walsh, "Always valid inference" (2017), eq. for the
+    mSPRT with a N(0, tau^2) mixture: the set of Δ whose mixture likelihood ratio is below 1/alpha,
+    w = sqrt(v (v + tau^2) / tau^2 * (log((v + tau^2) / v) - 2 log alpha)).
+    """
+    t2 = tau * tau
+    return math.sqrt(v * (v + t2) / t2 * (math.log((v + t2) / v) - 2 * math.log(alpha)))
+
+
+def difference_sequence(
+    active: Arm, canary: Arm, *, alpha: float, tau: float = TAU
+) -> tuple[float, float]:
+    """Always-valid 1-alpha interval for Δ = p_canary - p_active, clipped to [-1, 1].
+
+    Covers Δ at every rating simultaneously (time-uniform), so it may be checked after each new
+    thumb. Two-sample Bernoulli difference with the plug-in variance
+    V = pc(1-pc)/nc + pa(1-pa)/na (Johari et al. 2017, sec. 4.2). (-1, 1) while an arm is empty.
+    """
+    if active.n == 0 or canary.n == 0:
+        return -1.0, 1.0
+    diff = canary.up / canary.n - active.up / active.n
+    half = mixture_half_width(_variance(active) + _variance(canary), alpha=alpha, tau=tau)
+    return max(-1.0, diff - half), min(1.0, diff + half)
+
+
+def _comparison(prefix: str, active: Arm, other: Arm, interval: tuple[float, float]) -> Evidence:
+    """Flat evidence for one comparison: counts, approvals, difference and interval bounds."""
+    out: Evidence = {
+        "active_ratings": active.n,
+        f"{prefix}_ratings": other.n,
+        "low": interval[0],
+        "high": interval[1],
+    }
+    # JSON has no NaN: an approval (and so the difference) is left out while its arm is empty.
+    if active.approval is not None:
+        out["active_approval"] = active.approval
+    if other.approval is not None:
+        out[f"{prefix}_approval"] = other.approval
+    if active.approval is not None and other.approval is not None:
+        out["difference"] = other.approval - active.approval
+    return out
+
+
+@dataclass(frozen=True)
+class CanaryDecision:
+    """What the live thumbs say about a canary, and why."""
+
+    verdict: Verdict
+    interval: tuple[float, float]  # always-valid interval for p_canary - p_active
+    active: Arm
+    canary: Arm
+    min_ratings: int
+    margin: float
+    alpha: float
+    tau: float = TAU
+
+    def evidence(self) -> Evidence:
+        """Flat, JSON-able record of the decision, stored with the version's metrics."""
+        out = _comparison("canary", self.active, self.canary, self.interval)
+        out.update(
+            rule="msprt-noninferiority",
+            verdict=self.verdict,
+            min_ratings=self.min_ratings,
+            margin=self.margin,
+            alpha=self.alpha,
+            tau=self.tau,
+        )
+        return out
+
+
+def decide_canary(
+    active: Arm, canary: Arm, *, min_ratings: int, margin: float, alpha: float
+) -> CanaryDecision:
+    """Promote, reject or keep waiting on a canary, from the thumbs so far.
+
+    Wait until both arms have `min_ratings`; then reject when the always-valid interval shows
+    the canary worse (high < 0), else promote when it shows it not worse by more than `margin`
+    (low > -margin), else wait. Reject wins when both hold (a canary shown worse never ships).
+    Each error is at most alpha, however often this is called (Johari et al. 2017).
+    """
+    interval = difference_sequence(active, canary, alpha=alpha)
+    verdict: Verdict = "wait"
+    if min(active.n, canary.n) >= min_ratings:
+        if interval[1] < 0:
+            verdict = "reject"
+        elif interval[0] > -margin:
+            verdict = "promote"
+    return CanaryDecision(verdict, interval, active, canary, min_ratings, margin, alpha)
+
+
+def regression(
+    active: tuple[str, Arm], others: dict[str, Arm], *, min_ratings: int, alpha: float
+) -> tuple[str, Evidence] | None:
+    """The stored version users rate significantly better than the active one, if any.
+
+    For "no forgetting" rollback. Each other version is compared with the active one by the same
+    confidence sequence at alpha / len(others) (Bonferroni), so the chance of any false alarm
+    stays below alpha under continuous monitoring; with both arms at `min_ratings` or more it
+    counts as better when low > 0. Of several, the one with the highest lower bound wins (the
+    surest gain). Its thumbs are older than the active one's: drift in users shows up here too.
+    """
+    name, arm = active
+    level = alpha / max(1, len(others))
+    best: tuple[str, Evidence] | None = None
+    best_low = 0.0
+    for other_name, other in sorted(others.items()):
+        if min(arm.n, other.n) < min_ratings:
+            continue
+        interval = difference_sequence(arm, other, alpha=level)
+        if interval[0] > best_low:
+            best_low = interval[0]
+            evidence = _comparison("version", arm, other, interval)
+            evidence.update(
+                rule="msprt-superiority-bonferroni",
+                active=name,
+                version=other_name,
+                comparisons=len(others),
+                alpha=alpha,
+                alpha_each=level,
+                tau=TAU,
+                min_ratings=min_ratings,
+            )
+            best = other_name, evidence
+    return best

@@ -1,15 +1,25 @@
-"""The hot-swap protocol's names and message, shared by the worker (publisher) and the servers.
+"""The hot-swap protocol: Redis names, the messages, and the one publisher of served versions.
 
-The worker ``SET``s the active-policy key to the JSON message and ``PUBLISH``es the same JSON on the
-policy channel. A server applies a message whose version differs from the one it
-serves; on start and on every reconnect it reads the key, so a lost message is never a lost swap.
+What every server serves is a ``ServingPlan``: the active version and, during a rollout, a canary
+with its share of traffic. The publisher ``SET``s the active-version key (a ``PolicyMessage``) and
+the canary key (a ``CanaryMessage``, deleted when none runs), and ``PUBLISH``es the whole plan on
+the policy channel, in one MULTI. The published JSON is the active version's message
+(``{"version", "path", "sha256"}``, as the contract fixes it) plus a ``"canary"`` field. A server
+reads both keys on start and on every reconnect, so a lost message is never a lost swap. SQL is
+written before Redis, and servers take SQL's word whenever they can read it
+(``flywheel.serving_plan.decide``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import redis
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,8 +34,13 @@ class RedisKeys:
         return f"{self.namespace}:policy:active"
 
     @property
+    def canary_policy(self) -> str:
+        """JSON CanaryMessage of the version on canary; absent when none runs."""
+        return f"{self.namespace}:policy:canary"
+
+    @property
     def policy_channel(self) -> str:
-        """PUBLISHed PolicyMessage on every activation."""
+        """PUBLISHed ServingPlan on every change of the active version or the canary."""
         return f"{self.namespace}:policy:updates"
 
     @property
@@ -39,8 +54,20 @@ class RedisKeys:
         return f"{self.namespace}:training:requests"
 
 
+def _fields(raw: str | bytes | dict[str, Any]) -> dict[str, Any]:
+    try:
+        data = raw if isinstance(raw, dict) else json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed policy message: {raw!r}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"malformed policy message: {raw!r}")
+    return data
+
+
 @dataclass(frozen=True)
 class PolicyMessage:
+    """A version and where its verified checkpoint lies."""
+
     version: str
     path: str
     sha256: str
@@ -49,29 +76,113 @@ class PolicyMessage:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, raw: str | bytes) -> PolicyMessage:
+    def from_json(cls, raw: str | bytes | dict[str, Any]) -> PolicyMessage:
         """Parse a message; raises ``ValueError`` on anything malformed."""
+        data = _fields(raw)
         try:
-            data = json.loads(raw)
             return cls(version=str(data["version"]), path=str(data["path"]),
                        sha256=str(data["sha256"]))
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        except KeyError as exc:
             raise ValueError(f"malformed policy message: {raw!r}") from exc
 
-
-def publish_policy(client: Any, keys: RedisKeys, message: PolicyMessage) -> None:
-    """SET the active version, then PUBLISH it, in one MULTI (a sync ``redis.Redis`` client)."""
-    payload = message.to_json()
-    pipe = client.pipeline(transaction=True)
-    pipe.set(keys.active_policy, payload)
-    pipe.publish(keys.policy_channel, payload)
-    pipe.execute()
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> PolicyMessage:
+        """The message of a policy row of the store."""
+        return cls(version=row["id"], path=row["path"], sha256=row.get("sha256") or "")
 
 
-async def publish_policy_async(client: Any, keys: RedisKeys, message: PolicyMessage) -> None:
-    """The same with a ``redis.asyncio.Redis`` client."""
-    payload = message.to_json()
-    async with client.pipeline(transaction=True) as pipe:
-        pipe.set(keys.active_policy, payload)
-        pipe.publish(keys.policy_channel, payload)
-        await pipe.execute()
+@dataclass(frozen=True)
+class CanaryMessage(PolicyMessage):
+    """A version on canary, served to ``fraction`` of new requests beside the active one."""
+
+    fraction: float = 0.0
+
+    @classmethod
+    def from_json(cls, raw: str | bytes | dict[str, Any]) -> CanaryMessage:
+        data = _fields(raw)
+        base = PolicyMessage.from_json(data)
+        try:
+            fraction = float(data["fraction"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed canary message: {raw!r}") from exc
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"canary fraction {fraction} outside (0, 1)")
+        return cls(base.version, base.path, base.sha256, fraction)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CanaryMessage:
+        return cls(version=row["id"], path=row["path"], sha256=row.get("sha256") or "",
+                   fraction=float((row.get("canary") or {}).get("fraction") or 0.0))
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """What every server serves: the active version, and the canary beside it when one runs."""
+
+    active: PolicyMessage
+    canary: CanaryMessage | None = None
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = asdict(self.active)
+        body["canary"] = None if self.canary is None else asdict(self.canary)
+        return json.dumps(body, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ServingPlan:
+        """Parse a channel message. A message without a ``"canary"`` field (an older publisher)
+        announces an active version and no canary."""
+        data = _fields(raw)
+        canary = data.get("canary")
+        return cls(PolicyMessage.from_json(data),
+                   None if canary is None else CanaryMessage.from_json(canary))
+
+
+class Publisher:
+    """The one way served versions reach Redis (worker, admin routes, rollbacks).
+
+    Synchronous; async callers run it in a thread. Returns False instead of raising when Redis is
+    unreachable: servers poll SQL meanwhile and read the keys when they reconnect.
+    """
+
+    def __init__(self, client: redis.Redis | None, keys: RedisKeys) -> None:
+        self.client, self.keys = client, keys
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str) -> Publisher:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5) \
+            if url else None
+        return cls(client, RedisKeys(namespace))
+
+    def announce(self, plan: ServingPlan) -> bool:
+        """SET both keys and PUBLISH the plan, in one MULTI."""
+        if self.client is None:
+            return False
+        try:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.set(self.keys.active_policy, plan.active.to_json())
+            if plan.canary is None:
+                pipe.delete(self.keys.canary_policy)
+            else:
+                pipe.set(self.keys.canary_policy, plan.canary.to_json())
+            pipe.publish(self.keys.policy_channel, plan.to_json())
+            pipe.execute()
+            return True
+        except (redis.RedisError, OSError) as exc:
+            log.warning("could not publish %s: %s (servers will find it in SQL)",
+                        plan.active.version, exc)
+            return False
+
+    def read(self) -> ServingPlan | None:
+        """The plan the keys hold (what a server reads on start and reconnect); raises
+        ``redis.RedisError``/``OSError`` when unreachable, ``ValueError`` when malformed."""
+        if self.client is None:
+            return None
+        active, canary = self.client.mget(self.keys.active_policy, self.keys.canary_policy)
+        if active is None:
+            return None
+        return ServingPlan(PolicyMessage.from_json(active),
+                           None if canary is None else CanaryMessage.from_json(canary))
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()

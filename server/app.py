@@ -14,17 +14,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from feedback_store import Store
 from feedback_store.errors import StoreUnavailableError
+from flywheel.hotswap import Publisher
 from flywheel.settings import Settings
 from server.admin.api_router import router as admin_router
 from server.auth import Authenticator
+from server.canary_split import CanarySplit
 from server.completions.api_router import router as completions_router
 from server.engines.base import Engine
 from server.errors import install_error_handlers
 from server.feedback.api_router import router as feedback_router
 from server.health import router as health_router
-from server.hotswap import PolicyWatcher
+from server.hotswap import PolicyWatcher, initial_plan
 from server.metrics import ServerMetrics
-from server.policy import initial_policy
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,21 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         await to_thread.run_sync(wait_for_database, db)
         await to_thread.run_sync(db.upgrade)
         metrics = ServerMetrics()
+        publisher = Publisher.from_url(settings.redis_url, settings.redis_namespace)
         eng = engine
         if eng is None:
             from server.engines import create_engine
 
-            path, version = await initial_policy(settings, db)
-            eng = create_engine(settings, model_path=path, policy_version=version)
+            plan = await to_thread.run_sync(initial_plan, settings, db, publisher)
+            eng = create_engine(settings, model_path=plan.active.path,
+                                policy_version=plan.active.version)
         await eng.start()
         metrics.set_policy(eng.policy_version)
+        split = CanarySplit()
         state = AppState(settings=settings, engine=eng, store=db, metrics=metrics,
-                         auth=Authenticator(settings))
+                         auth=Authenticator(settings), split=split, publisher=publisher)
         if watch:
-            state.watcher = PolicyWatcher(settings, eng, db, metrics)
+            state.watcher = PolicyWatcher(settings, eng, db, metrics, split)
             await state.watcher.start()
         app.state.flywheel = state
         # Start-up leaves ~140k long-lived objects (torch, transformers, the app); full GC passes
@@ -82,6 +86,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
             if state.watcher is not None:
                 await state.watcher.stop()
             await eng.stop()
+            publisher.close()
             if store is None:
                 db.close()
 

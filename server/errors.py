@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from feedback_store.errors import (
+    ConflictError,
     IdempotencyMismatchError,
     InvalidInputError,
     NotFoundError,
@@ -95,6 +96,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(InvalidInputError)
     async def _invalid(_: Request, exc: InvalidInputError) -> JSONResponse:
         return error_response(APIError(400, exc.message, param=exc.param, code=exc.code))
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(_: Request, exc: ConflictError) -> JSONResponse:
+        return error_response(APIError(409, exc.message, param=exc.param, code=exc.code))
 
     @app.exception_handler(IdempotencyMismatchError)
     async def _mismatch(_: Request, exc: IdempotencyMismatchError) -> JSONResponse:

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from feedback_store.errors import StoreError
+from flywheel.live_approval import forgotten
 from server.errors import error_body
 from server.state import AppState, get_state, require_user
 
@@ -50,8 +51,20 @@ async def readyz(request: Request) -> JSONResponse:
     watcher = state.watcher
     return JSONResponse({
         "status": "ready", "policy_version": state.engine.policy_version,
+        "canary": state.split.version,
         "redis": None if watcher is None or watcher.redis is None else watcher.redis_connected,
+        "regression": await to_thread.run_sync(_regression, state),
     })
+
+
+def _regression(state: AppState) -> dict | None:
+    """A stored version users rate significantly better than the active one: ready still (the
+    server serves), but said, so an operator or the worker's auto-rollback can act."""
+    try:
+        return forgotten(state.store.list_policies(), state.store.live_ratings(),
+                         state.settings.canary)
+    except StoreError:
+        return None
 
 
 @router.get("/metrics")

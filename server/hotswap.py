@@ -1,9 +1,10 @@
-"""The server's side of the hot-swap protocol: follow the active policy version, swap the engine.
+"""The server's side of the hot-swap protocol: follow the serving plan, swap the engine.
 
-With Redis: subscribe to the policy channel, and read the active-version key after every
-(re)connect, so a message lost while disconnected is never a lost swap. Without Redis, or while it
-is unreachable: poll the active policy row in SQL. Every checkpoint is verified before it is
-loaded; a corrupt one is refused and logged, and the old weights keep serving.
+With Redis: subscribe to the policy channel, and read the plan's keys after every (re)connect, so
+a message lost while disconnected is never a lost swap. Without Redis, or while it is unreachable:
+poll SQL. Every one of these paths ends in ``refresh``, which decides the plan with
+``flywheel.serving_plan.decide`` (SQL first) and applies it. Every checkpoint is verified before it
+is loaded; a corrupt one is refused and logged, and the old weights keep serving.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
 import redis.asyncio as aioredis
@@ -21,13 +23,13 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from feedback_store import Store
-from feedback_store.errors import StoreError
 from flywheel.checkpoints import CheckpointError, verify
-from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy_async
+from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys, ServingPlan
+from flywheel.serving_plan import BASE_POLICY, decide, read_sql, record_base_policy
 from flywheel.settings import Settings
+from server.canary_split import CanarySplit
 from server.engines.base import Engine, SwapError
 from server.metrics import ServerMetrics
-from server.policy import superseded_by
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +53,13 @@ class Backoff:
         self.attempt = 0
 
 
-def message_from_row(row: dict) -> PolicyMessage:
-    return PolicyMessage(version=row["id"], path=row["path"], sha256=row.get("sha256") or "")
-
-
 class PolicyWatcher:
-    """Keeps one engine on the active policy version."""
+    """Keeps one engine on the serving plan: the active version, and the canary beside it."""
 
     def __init__(self, settings: Settings, engine: Engine, store: Store,
-                 metrics: ServerMetrics) -> None:
+                 metrics: ServerMetrics, split: CanarySplit) -> None:
         self.settings, self.engine, self.store, self.metrics = settings, engine, store, metrics
+        self.split = split
         self.keys = RedisKeys(settings.redis_namespace)
         self.redis: aioredis.Redis | None = (
             # No client-side retries: a reconnect hidden inside redis-py would skip the key read
@@ -86,77 +85,88 @@ class PolicyWatcher:
         if self.redis is not None:
             await self.redis.aclose()
 
-    async def publish(self, message: PolicyMessage) -> bool:
-        """Announce a new active version to every replica; False when Redis is not reachable."""
-        if self.redis is None:
-            return False
-        try:
-            await publish_policy_async(self.redis, self.keys, message)
-            return True
-        except (RedisError, OSError) as exc:
-            log.warning("could not publish %s: %s (replicas will find it in SQL)",
-                        message.version, exc)
-            return False
+    async def refresh(self, announced: ServingPlan | None = None) -> None:
+        """Decide the plan (SQL's rows first, ``announced`` while SQL is away) and apply it."""
+        plan = decide(await to_thread.run_sync(read_sql, self.store), announced)
+        if plan is not None:
+            await self.apply(plan)
 
-    async def apply(self, message: PolicyMessage) -> bool:
-        """Verify and swap to ``message``; True when the engine now serves it."""
+    async def apply(self, plan: ServingPlan) -> None:
+        """Bring the engine to ``plan``: the active version first, then the canary."""
         async with self._lock:
-            if message.version == self.engine.policy_version:
-                return True
-            key = (message.version, message.sha256)
-            refused_at = self._refused.get(key)
-            if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_SECONDS:
-                return False
-            try:
-                await to_thread.run_sync(lambda: verify(message.path, message.sha256 or None,
-                                                        message.version))
-                await self.engine.swap_weights(message.path, message.version)
-            except (CheckpointError, SwapError, OSError) as exc:
-                self._refused[key] = time.monotonic()
-                self.metrics.swaps.labels("refused").inc()
-                log.error("refused policy %s from %s: %s; still serving %s", message.version,
-                          message.path, exc, self.engine.policy_version)
-                return False
-            self.metrics.swaps.labels("ok").inc()
+            await self._apply_active(plan.active)
+            await self._apply_canary(plan.canary)
+
+    async def _apply_active(self, message: PolicyMessage) -> None:
+        if message.version == self.engine.policy_version:
+            return
+        if message.version == self.engine.canary_version:
+            self.split.clear()  # promotion: the loaded canary weights become the active ones
+        if await self._load(message, self.engine.swap_weights):
             self.metrics.set_policy(message.version)
             log.info("now serving %s", message.version)
-            return True
 
-    async def _apply_raw(self, raw: str | bytes | None, *, from_key: bool = False) -> None:
-        """Apply a message; one read from the key is checked against SQL first.
-
-        A PUBLISHed message is fresh (SQL is written before it), but the key may have outlived
-        an activation made while Redis was away: SQL wins then. Messages skip the SQL read, so
-        a swap never waits on the database.
-        """
-        if raw is None:
+    async def _apply_canary(self, message: CanaryMessage | None) -> None:
+        if message is None or message.version == self.engine.policy_version:
+            if self.engine.canary_version is not None:
+                self.split.clear()
+                await self.engine.end_canary()
+                log.info("canary ended; serving %s only", self.engine.policy_version)
+            self.metrics.set_canary(None, 0.0)
             return
+        if message.version != self.engine.canary_version:
+            self.split.clear()
+            if not await self._load(message, self.engine.set_canary):
+                return
+            log.info("canary %s on %.0f%% of new requests", message.version,
+                     100 * message.fraction)
+        self.split.set(message.version, message.fraction)
+        self.metrics.set_canary(message.version, message.fraction)
+
+    async def _load(self, message: PolicyMessage, load: Callable[[str, str], Awaitable[None]]
+                    ) -> bool:
+        """Verify the checkpoint and hand it to ``load``; False (logged, counted) on refusal."""
+        key = (message.version, message.sha256)
+        refused_at = self._refused.get(key)
+        if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_SECONDS:
+            return False
         try:
-            message = PolicyMessage.from_json(raw)
+            await to_thread.run_sync(lambda: verify(message.path, message.sha256 or None,
+                                                    message.version))
+            await load(message.path, message.version)
+        except (CheckpointError, SwapError, OSError) as exc:
+            self._refused[key] = time.monotonic()
+            self.metrics.swaps.labels("refused").inc()
+            log.error("refused policy %s from %s: %s; still serving %s", message.version,
+                      message.path, exc, self.engine.policy_version)
+            return False
+        self.metrics.swaps.labels("ok").inc()
+        return True
+
+    async def _read_keys(self) -> ServingPlan | None:
+        assert self.redis is not None
+        active, canary = await self.redis.mget(self.keys.active_policy, self.keys.canary_policy)
+        if active is None:
+            return None
+        try:
+            return ServingPlan(PolicyMessage.from_json(active),
+                               None if canary is None else CanaryMessage.from_json(canary))
+        except ValueError as exc:
+            log.error("ignoring the policy keys: %s", exc)
+            return None
+
+    async def _on_message(self, raw: str | bytes) -> None:
+        try:
+            plan = ServingPlan.from_json(raw)
         except ValueError as exc:
             log.error("ignoring policy message: %s", exc)
             return
-        if from_key and message.version != self.engine.policy_version:
-            active = await to_thread.run_sync(superseded_by, self.store, message.version)
-            if active is not None:
-                log.warning("Redis key names %s, which SQL has since replaced by %s; "
-                            "following SQL", message.version, active["id"])
-                message = message_from_row(active)
-        await self.apply(message)
-
-    async def check_sql(self) -> None:
-        try:
-            row = await to_thread.run_sync(self.store.active_policy)
-        except StoreError as exc:
-            log.debug("active policy not readable from SQL: %s", exc)
-            return
-        if row is not None and row.get("path"):
-            await self.apply(message_from_row(row))
+        await self.refresh(plan)
 
     async def _run(self) -> None:
         if self.redis is None:
             while True:
-                await self.check_sql()
+                await self.refresh()
                 await asyncio.sleep(SQL_POLL_SECONDS)
         backoff = Backoff()
         while True:
@@ -166,15 +176,15 @@ class PolicyWatcher:
                 if self.redis_connected:
                     log.warning("lost Redis (%s); polling SQL until it is back", exc)
                 self.redis_connected = False
-            await self.check_sql()
+            await self.refresh()
             await asyncio.sleep(min(backoff.next(), SQL_POLL_SECONDS))
 
     async def _follow_redis(self, backoff: Backoff) -> None:
         assert self.redis is not None
         async with self.redis.pubsub() as pubsub:
             await pubsub.subscribe(self.keys.policy_channel)
-            # Read the key only after subscribing: nothing can slip between the two.
-            await self._apply_raw(await self.redis.get(self.keys.active_policy), from_key=True)
+            # Read the keys only after subscribing: nothing can slip between the two.
+            await self.refresh(await self._read_keys())
             if not self.redis_connected:
                 log.info("following policy updates on Redis")
             self.redis_connected = True
@@ -183,7 +193,31 @@ class PolicyWatcher:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    await self._apply_raw(message["data"])
-                if time.monotonic() - last_sql > SQL_RECHECK_SECONDS:
-                    await self.check_sql()
+                    await self._on_message(message["data"])
                     last_sql = time.monotonic()
+                if time.monotonic() - last_sql > SQL_RECHECK_SECONDS:
+                    await self.refresh()
+                    last_sql = time.monotonic()
+
+
+def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> ServingPlan:
+    """The plan a server starts on (blocking): decided like every later one, its active version
+    verified; the base model when nothing verifiable is recorded. The canary, if any, is loaded
+    by the watcher's first refresh, once the engine serves."""
+    record_base_policy(settings, store)
+    try:
+        announced = publisher.read()
+    except (RedisError, OSError, ValueError) as exc:
+        log.warning("serving plan not readable from Redis (%s); using SQL", exc)
+        announced = None
+    plan = decide(read_sql(store), announced)
+    if plan is not None and not (plan.active.version == BASE_POLICY
+                                 and plan.active.path == settings.model):
+        try:
+            verify(plan.active.path, plan.active.sha256 or None, plan.active.version)
+            return plan
+        except CheckpointError as exc:
+            log.error("cannot start on %s: %s; starting on the base model", plan.active.version,
+                      exc)
+    return ServingPlan(PolicyMessage(BASE_POLICY, settings.model, ""),
+                       None if plan is None else plan.canary)

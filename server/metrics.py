@@ -43,13 +43,24 @@ class ServerMetrics:
         self.unstored = Counter("flywheel_completions_unstored_total",
                                 "Completions served while the database was unavailable",
                                 registry=r)
+        self.canary = Gauge("flywheel_canary_fraction",
+                            "Share of new requests sent to the version on canary", ["version"],
+                            registry=r)
         self._served: str | None = None
+        self._canary: str | None = None
 
     def set_policy(self, version: str) -> None:
         if self._served is not None:
             self.policy.remove(self._served)
         self.policy.labels(version=version).set(1)
         self._served = version
+
+    def set_canary(self, version: str | None, fraction: float) -> None:
+        if self._canary is not None and self._canary != version:
+            self.canary.remove(self._canary)
+        if version is not None:
+            self.canary.labels(version=version).set(fraction)
+        self._canary = version
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from feedback_store import Store
+from flywheel.hotswap import Publisher
 from flywheel.settings import Settings
 from server.auth import Authenticator
+from server.canary_split import CanarySplit
 from server.engines.base import Engine
 from server.metrics import ServerMetrics
 
@@ -24,6 +26,8 @@ class AppState:
     store: Store
     metrics: ServerMetrics
     auth: Authenticator
+    split: CanarySplit
+    publisher: Publisher
     watcher: PolicyWatcher | None = None
 
 

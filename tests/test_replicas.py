@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from feedback_store import Store
-from flywheel.hotswap import RedisKeys, publish_policy
-from flywheel.policies import BASE_POLICY
+from flywheel.hotswap import Publisher, RedisKeys, ServingPlan
+from flywheel.serving_plan import BASE_POLICY
 from tests.helpers import make_checkpoint
 from tests.server.conftest import free_port, spawn_server, stop_server, wait_ready
 
@@ -96,7 +96,7 @@ def test_replicas_follow_a_publish_and_a_late_one_starts_on_it(
         client = redis.Redis.from_url(redis_url)
         stack.callback(client.close)
         stack.callback(client.delete, keys.active_policy)
-        publish_policy(client, keys, message)
+        assert Publisher(client, keys).announce(ServingPlan(message))
         published = time.monotonic()
         flipped: dict[str, float] = {}  # replica -> seconds from PUBLISH to serving policy-1
         while len(flipped) < len(replicas) and time.monotonic() - published < SWAP_DEADLINE_S:

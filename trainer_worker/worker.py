@@ -20,11 +20,12 @@ import redis
 
 from feedback_store import Store
 from feedback_store.errors import StoreError, StoreUnavailableError
-from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy
-from flywheel.policies import record_base_policy
+from flywheel.hotswap import Publisher, RedisKeys
+from flywheel.serving_plan import record_base_policy
 from flywheel.settings import Settings
 from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cycle
 from trainer_worker.leader import LeaderLock, LocalLock
+from trainer_worker.promotion import Promotion
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Worker:
                        settings.train.lock_ttl_seconds)
             if self.redis is not None else LocalLock()
         )
+        self.publisher = Publisher(self.redis, self.keys)
+        self.promotion = Promotion(settings, self.store, self.publisher)
         self.stopping = threading.Event()
         self._was_leader = False
 
@@ -73,15 +76,6 @@ class Worker:
 
     def should_stop(self) -> bool:
         return self.stopping.is_set() or self.lock.lost.is_set()
-
-    # --- Redis ---------------------------------------------------------------------------------
-    def publish(self, message: PolicyMessage) -> None:
-        if self.redis is None:
-            return
-        try:
-            publish_policy(self.redis, self.keys, message)
-        except redis.RedisError as exc:  # servers find the version in SQL meanwhile
-            log.warning("could not publish %s: %s", message.version, exc)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -125,10 +119,13 @@ class Worker:
                 log.warning("marked %d abandoned run(s) failed", failed)
             remove_temporaries(self.settings)
             self._was_leader = True
+        if self.promotion.tick() is not None:
+            return True
         run = self.store.claim_next_run(self.id)
         if run is None:
             new = self.store.new_feedback_count()
-            if new >= self.settings.train.min_new_feedback and not self.store.has_open_run():
+            if (new >= self.settings.train.min_new_feedback and not self.store.has_open_run()
+                    and self._canary_idle()):
                 log.info("%d new feedback events: queueing a training cycle", new)
                 self.store.create_training_run(trigger="feedback")
                 return True
@@ -136,10 +133,16 @@ class Worker:
         self.execute(run, device)
         return True
 
+    def _canary_idle(self) -> bool:
+        """Feedback starts no cycle while a canary runs: its candidate could not be released
+        until the canary is decided, and the next cycle should start from the winner."""
+        return self.store.serving_state()[1] is None
+
     def execute(self, run: dict, device: str) -> None:
         run_id = int(run["id"])
         watermark = self.store.feedback_watermark()
-        ctx = CycleContext(self.settings, self.store, device, self.should_stop, self.publish)
+        ctx = CycleContext(settings=self.settings, store=self.store, device=device,
+                           should_stop=self.should_stop)
         log.info("training run %d started", run_id)
         try:
             result = run_cycle(ctx, run_id)
@@ -152,11 +155,19 @@ class Worker:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
             return
-        self.store.update_training_run(run_id, status=result.status, metrics=result.metrics,
+        metrics = dict(result.metrics)
+        if result.status == "succeeded" and result.policy_id is not None:
+            try:
+                metrics["cycle/release"] = self.promotion.release(result.policy_id)
+            except StoreError as exc:  # e.g. an operator started a canary meanwhile
+                log.warning("%s stays a candidate: %s", result.policy_id, exc)
+                metrics["cycle/release"] = f"not released: {exc}"
+        self.store.update_training_run(run_id, status=result.status, metrics=metrics,
                                        policy_id=result.policy_id,
                                        reward_model_id=result.reward_model_id,
                                        watermark=watermark)
-        log.info("training run %d %s (%s)", run_id, result.status, result.policy_id)
+        log.info("training run %d %s (%s)", run_id, result.status,
+                 result.policy_id or result.metrics.get("cycle/skip_reason"))
         try:
             prune(self.settings, self.store)
         except (OSError, StoreError) as exc:

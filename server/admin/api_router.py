@@ -1,22 +1,22 @@
-"""Routes to inspect and steer the policy versions and the trainer."""
+"""Routes to inspect and steer the policy versions (activation, canary) and the trainer."""
 
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import Annotated
+from typing import Annotated, Any
 
 from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from flywheel.hotswap import PolicyMessage
-from server.hotswap import message_from_row
+from flywheel.live_approval import best_version, forgotten, live_record
+from flywheel.serving_plan import announce
 from server.state import AppState, require_admin, require_user
 
 router = APIRouter()
 
-_PUBLIC_POLICY_FIELDS = ("id", "parent", "created_at", "status", "metrics")
+_PUBLIC_POLICY_FIELDS = ("id", "parent", "created_at", "status", "metrics", "canary")
 
 
 class ActivateRequest(BaseModel):
@@ -24,23 +24,60 @@ class ActivateRequest(BaseModel):
     force: bool = False
 
 
-def _policy(row: dict) -> dict:
+class CanaryRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    fraction: float | None = Field(default=None, gt=0.0, lt=1.0)  # default: canary.fraction
+    force: bool = False  # canary a version that was rejected before
+
+
+def _policy(row: dict, ratings: dict[str, tuple[int, int]]) -> dict:
     body = {k: row.get(k) for k in _PUBLIC_POLICY_FIELDS}
     body["object"] = "policy"
+    body["live"] = live_record(*ratings.get(row["id"], (0, 0)))
     return body
+
+
+def _policies_view(state: AppState) -> dict[str, Any]:
+    rows = state.store.list_policies()
+    ratings = state.store.live_ratings()
+    cfg = state.settings.canary
+    return {
+        "object": "list",
+        "data": [_policy(r, ratings) for r in rows],
+        "served": state.engine.policy_version,
+        "canary": state.split.version,
+        "best": best_version(rows, ratings, cfg.min_rollback_ratings),
+        "regression": forgotten(rows, ratings, cfg),
+    }
+
+
+async def _announce(state: AppState) -> bool:
+    """Publish what SQL now records, and apply it here before answering."""
+    plan, published = await to_thread.run_sync(announce, state.store, state.publisher)
+    if plan is not None and state.watcher is not None:
+        await state.watcher.apply(plan)
+    return published
+
+
+async def _one(state: AppState, policy_id: str, published: bool) -> dict:
+    row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
+    ratings = await to_thread.run_sync(state.store.live_ratings)
+    return {**_policy(row, ratings), "published": published}
 
 
 @router.get("/v1/policies")
 async def list_policies(state: Annotated[AppState, Depends(require_user)]) -> dict:
-    rows = await to_thread.run_sync(state.store.list_policies)
-    return {"object": "list", "data": [_policy(r) for r in rows],
-            "served": state.engine.policy_version}
+    """Every version newest first, with its live approval; `best` is the stored version with
+    the highest lower bound of approval, `regression` names a stored version users rate
+    significantly better than the active one (null while the active holds its own)."""
+    return await to_thread.run_sync(_policies_view, state)
 
 
 @router.get("/v1/policies/{policy_id}")
 async def get_policy(policy_id: str, state: Annotated[AppState, Depends(require_user)]) -> dict:
     row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
-    return _policy(row)
+    ratings = await to_thread.run_sync(state.store.live_ratings)
+    return _policy(row, ratings)
 
 
 @router.post("/v1/policies/{policy_id}/activate")
@@ -50,17 +87,37 @@ async def activate_policy(
     force: Annotated[bool, Query()] = False,
     body: Annotated[ActivateRequest | None, Body()] = None,
 ) -> dict:
-    """Make a stored version the served one on every replica (rollback and roll-forward)."""
+    """Make a stored version the served one on every replica: rollback, roll-forward, and
+    promotion of the canary."""
     force = force or bool(body and body.force)
-    row = await to_thread.run_sync(lambda: state.store.activate_policy(policy_id, force=force))
-    message: PolicyMessage = message_from_row(row)
-    published = False
-    if state.watcher is not None:
-        published = await state.watcher.publish(message)
-        await state.watcher.apply(message)
-    result = _policy(row)
-    result["published"] = published
-    return result
+    await to_thread.run_sync(lambda: state.store.activate_policy(policy_id, force=force))
+    return await _one(state, policy_id, await _announce(state))
+
+
+@router.post("/v1/policies/{policy_id}/canary", status_code=201)
+async def start_canary(
+    policy_id: str,
+    state: Annotated[AppState, Depends(require_admin)],
+    body: Annotated[CanaryRequest | None, Body()] = None,
+) -> dict:
+    """Serve a stored version to a share of new requests on every replica; 409 while another
+    canary runs."""
+    request = body or CanaryRequest()
+    fraction = request.fraction if request.fraction is not None else \
+        state.settings.canary.fraction
+    await to_thread.run_sync(
+        lambda: state.store.start_canary(policy_id, fraction, force=request.force))
+    return await _one(state, policy_id, await _announce(state))
+
+
+@router.delete("/v1/policies/{policy_id}/canary")
+async def abort_canary(policy_id: str, state: Annotated[AppState, Depends(require_admin)]
+                       ) -> dict:
+    """End the canary of this version without promotion (it returns to `candidate`)."""
+    await to_thread.run_sync(lambda: state.store.end_canary(
+        "candidate", {"canary/decision": "aborted", "canary/reason": "ended by an operator"},
+        id=policy_id))
+    return await _one(state, policy_id, await _announce(state))
 
 
 @router.get("/v1/training/runs")

@@ -250,7 +250,8 @@ class Run:
         self.started = time.perf_counter()
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}
         self.policy = state.engine.policy_version
-        self._it = state.engine.generate(job.prompt_ids, job.params, job.id)
+        self._it = state.engine.generate(job.prompt_ids, job.params, job.id,
+                                         canary=state.split.to_canary(job.user))
         self._first = True
         state.metrics.in_flight.inc()
         state.metrics.prompt_tokens.inc(len(job.prompt_ids))

@@ -66,12 +66,14 @@ class SwapError(RuntimeError):
 
 @runtime_checkable
 class Engine(Protocol):
-    """An async text-generation engine serving one policy version at a time.
+    """An async text-generation engine serving the active policy version and, optionally, a canary.
 
     ``generate`` yields deltas for all ``n`` choices of one request, interleaved, until each
     choice has yielded a delta with a ``finish_reason``. Every delta of a request carries the same
-    ``policy_version``: the one that was active when the request was admitted. Cancelling the
-    iterator (client gone) frees the request's slots.
+    ``policy_version``: the one whose weights the request was admitted to (the canary's when it
+    asked for the canary and one was loaded, else the active one). Cancelling the iterator
+    (client gone) frees the request's slots. Which requests go to the canary is the server's
+    decision; the engine serves the arm it is told.
     """
 
     model_name: str
@@ -80,6 +82,11 @@ class Engine(Protocol):
 
     @property
     def policy_version(self) -> str: ...
+
+    @property
+    def canary_version(self) -> str | None:
+        """The canary's version; None when no canary is loaded."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -94,8 +101,11 @@ class Engine(Protocol):
     def decode(self, token_ids: list[int]) -> str: ...
 
     def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[ChoiceDelta]: ...
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+        canary: bool = False,
+    ) -> AsyncIterator[ChoiceDelta]:
+        """``canary=True`` runs on the canary when one is loaded, else on the active version."""
+        ...
 
     async def swap_weights(self, path: str, version: str) -> None:
         """Load the checkpoint at ``path`` beside the current weights and make it the served one.
@@ -105,7 +115,24 @@ class Engine(Protocol):
         finishes them on the old weights, while vLLM (which reloads in place, ``mode="keep"``)
         re-prefills them on the new weights. Raises ``SwapError`` and keeps serving the old
         weights on any failure.
+
+        When ``version`` is the canary's, its loaded weights are promoted without a reload: the
+        canary ends (``canary_version`` becomes None) and canary requests go to the active one.
         """
+        ...
+
+    async def set_canary(self, path: str, version: str) -> None:
+        """Load ``path`` beside the active weights and serve it to requests that ask for the canary.
+
+        Replaces a previous canary (its in-flight requests finish on it); the version already
+        loaded as the canary is a no-op. Raises ``SwapError`` and changes nothing on any failure
+        (the same checks as ``swap_weights``).
+        """
+        ...
+
+    async def end_canary(self) -> None:
+        """New requests stop going to the canary; in-flight ones finish on it; then its weights
+        are freed (after this returns, once the last of them ends). No canary: a no-op."""
         ...
 
     def stats(self) -> EngineStats: ...

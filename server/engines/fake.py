@@ -1,7 +1,8 @@
 """A deterministic engine without a model: for fast tests and benchmarks of the HTTP layer.
 
 Characters are tokens and every answer is four words drawn from a seeded generator. The real
-engines (transformers, vLLM) are tested on their own.
+engines (transformers, vLLM) are tested on their own. A canary is only a second label: requests
+that ask for it carry its version, with the same answers.
 """
 
 from __future__ import annotations
@@ -25,12 +26,18 @@ class FakeEngine:
     def __init__(self, max_model_len: int = 512, policy_version: str = "policy-0") -> None:
         self.max_model_len = max_model_len
         self._version = policy_version
-        self.swaps: list[tuple[str, str]] = []
-        self.running = 0
+        self._canary: str | None = None
+        self.swaps: list[tuple[str, str]] = []  # every swap_weights call, promotions included
+        self.loads: list[tuple[str, str]] = []  # every directory read (swaps and canaries)
+        self.running: dict[str, int] = {}  # requests running per version
 
     @property
     def policy_version(self) -> str:
         return self._version
+
+    @property
+    def canary_version(self) -> str | None:
+        return self._canary
 
     async def start(self) -> None:
         return None
@@ -49,9 +56,9 @@ class FakeEngine:
         return "".join(chr(t) for t in token_ids if t != EOS)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[ChoiceDelta]:
-        version = self._version
-        self.running += 1
+                       request_id: str, *, canary: bool = False) -> AsyncIterator[ChoiceDelta]:
+        version = self._canary if canary and self._canary is not None else self._version
+        self.running[version] = self.running.get(version, 0) + 1
         try:
             for index in range(params.n):
                 rng = random.Random(f"{params.seed}-{index}" if params.seed is not None
@@ -61,7 +68,9 @@ class FakeEngine:
                 async for delta in self._stream(index, text, params, version):
                     yield delta
         finally:
-            self.running -= 1
+            self.running[version] -= 1
+            if not self.running[version] and version not in (self._version, self._canary):
+                del self.running[version]  # drained: its "weights" are freed
 
     async def _stream(self, index: int, text: str, params: SamplingParams,
                       version: str) -> AsyncIterator[ChoiceDelta]:
@@ -85,10 +94,33 @@ class FakeEngine:
                           finish_reason="stop")
 
     async def swap_weights(self, path: str, version: str) -> None:
-        if not Path(path).is_dir():
-            raise SwapError(f"{path} is not a directory")
+        if version != self._canary:
+            self._load(path)
+            self.loads.append((path, version))
+        else:
+            self._canary = None  # promoted: the canary's weights become the active ones
         self.swaps.append((path, version))
         self._version = version
 
+    async def set_canary(self, path: str, version: str) -> None:
+        if version == self._canary:
+            return
+        if version == self._version:
+            raise SwapError(f"{version} is the active version; it cannot be its own canary")
+        self._load(path)
+        self.loads.append((path, version))
+        self._canary = version
+
+    async def end_canary(self) -> None:
+        self._canary = None
+
+    def _load(self, path: str) -> None:
+        if not Path(path).is_dir():
+            raise SwapError(f"{path} is not a directory")
+
     def stats(self) -> EngineStats:
-        return EngineStats(running=self.running)
+        loaded = {self._version: 0, **({self._canary: 0} if self._canary else {}), **self.running}
+        return EngineStats(running=sum(self.running.values()),
+                           extra={"active_version": self._version,
+                                  "canary_version": self._canary,
+                                  "requests_by_version": loaded})

@@ -1,11 +1,12 @@
-"""The decode thread: continuous batching over one or two model groups.
+"""The decode thread: continuous batching over the model groups of ``groups.py``.
 
-Each loop iteration (1) installs newly loaded weights, (2) admits waiting requests up to
-``max_batch_size`` sequences (once a few have gathered, see ``_join_due``), then for every group
-(3) prefills the joiners and merges them into the running batch, (4) runs one decode step for all
-rows and (5) drops finished and cancelled rows. A group is one model with its policy version:
-after a hot swap, the old group admits nothing and is dropped once its last sequence finishes, so
-in-flight requests end on the weights they started with.
+Each loop iteration (1) applies queued weight changes, (2) admits waiting requests up to
+``max_batch_size`` sequences (once a few have gathered, see ``_join_due``), each to its arm's
+group (the active policy, or the canary when it asked for one and one is loaded), then for every
+group (3) prefills the joiners and merges them into the running batch, (4) runs one decode step
+for all rows and (5) drops finished and cancelled rows. A group that lost its role (after a hot
+swap, a promotion or the end of a canary) admits nothing and is dropped once its last sequence
+finishes, so in-flight requests end on the weights they started with.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ import torch
 from server.engines.base import ChoiceDelta, EngineError
 from server.engines.batch import PaddedBatch
 from server.engines.bridge import Mailbox
+from server.engines.groups import Change, ChangeKind, Group, Groups
 from server.engines.sampling import RowSampler, Sampled
 from server.engines.sequence import DeltaOrError, Request, Sequence
 
@@ -33,21 +34,6 @@ logger = logging.getLogger(__name__)
 
 JOIN_RATIO = 0.25  # join waiting requests once they number a quarter of the running sequences
 MAX_JOIN_WAIT_STEPS = 4  # ... or once the oldest has waited this many decode steps
-
-
-@dataclass
-class _Group:
-    model: Any
-    version: str
-    seqs: list[Sequence] = field(default_factory=list)
-    joining: list[Request] = field(default_factory=list)
-    batch: PaddedBatch | None = None
-    sampler: RowSampler | None = None  # None: rebuild before the next step
-
-    def requests(self) -> list[Request]:
-        unique = {id(s.request): s.request for s in self.seqs}
-        unique.update((id(r), r) for r in self.joining)
-        return list(unique.values())
 
 
 class Scheduler:
@@ -65,7 +51,7 @@ class Scheduler:
         stream_interval_s: float,
         threads: int | None = None,
     ) -> None:
-        self._groups = [_Group(model, version)]
+        self._groups = Groups(model, version)
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
         self._pad_id = pad_token_id
@@ -74,7 +60,7 @@ class Scheduler:
         self._threads = threads
         self._cond = threading.Condition()
         self._waiting: deque[Request] = deque()
-        self._swaps: list[tuple[Any, str, Future[None]]] = []
+        self._changes: list[Change] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._shared_gen = torch.Generator()
@@ -82,21 +68,35 @@ class Scheduler:
         self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, DeltaOrError]]] = {}
         self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox[DeltaOrError]] = {}
         self._token_text: dict[int, str] = {}
-        self.version = version
         self.running_requests = 0
         self.running_sequences = 0
         self.steps = 0
+        self.requests_by_version: dict[str, int] = {version: 0}
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
 
     @property
+    def version(self) -> str:
+        return self._groups.active.version
+
+    @property
     def model(self) -> Any:
-        return self._groups[-1].model
+        return self._groups.active.model
+
+    @property
+    def canary_version(self) -> str | None:
+        canary = self._groups.canary
+        return canary.version if canary is not None else None
+
+    @property
+    def canary_model(self) -> Any:
+        canary = self._groups.canary
+        return canary.model if canary is not None else None
 
     def group_versions(self) -> list[str]:
-        return [g.version for g in self._groups]
+        return self._groups.versions()
 
     # -- called from the event loop ------------------------------------------------------------
 
@@ -117,15 +117,20 @@ class Scheduler:
             self._cond.notify()
 
     def install(self, model: Any, version: str) -> Future[None]:
-        """Queue new weights for the decode thread; the future resolves once they are served."""
-        done: Future[None] = Future()
+        """Queue new active weights; the future resolves once new requests run on them."""
+        return self.change("activate", model, version)
+
+    def change(self, kind: ChangeKind, model: Any = None, version: str = "") -> Future[None]:
+        """Queue a weight change (``groups.Change``) for the decode thread; the future resolves
+        once it is applied, that is once new requests are admitted accordingly."""
+        change = Change(kind, model, version)
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
-                self._install(model, version, done)
+                self._apply(change)
             else:
-                self._swaps.append((model, version, done))
+                self._changes.append(change)
                 self._cond.notify()
-        return done
+        return change.done
 
     def stop(self) -> None:
         """Abort whatever is still outstanding and join the thread (blocking)."""
@@ -144,9 +149,9 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while self._next_iteration():
-                    for group in list(self._groups):
+                    for group in list(self._groups.all):
                         self._step(group)
-                    self._retire_old_groups()
+                    self._groups.retire()
                     self._count()
         finally:
             self._abort_all(EngineError("The engine stopped before the request finished."))
@@ -154,38 +159,40 @@ class Scheduler:
     def _next_iteration(self) -> bool:
         """Wait for work, install queued weights and admit requests; False when stopping."""
         with self._cond:
-            while not (self._waiting or self._swaps or self._stopping or self.running_sequences):
+            while not (self._waiting or self._changes or self._stopping
+                       or self.running_sequences):
                 self._cond.wait()
             if self._stopping:
                 return False
-            swaps, self._swaps = self._swaps, []
-            for model, version, done in swaps:
-                self._install(model, version, done)
+            changes, self._changes = self._changes, []
+            for change in changes:
+                self._apply(change)
             self._admit()
         return True
 
-    def _install(self, model: Any, version: str, done: Future[None]) -> None:
-        self._groups.append(_Group(model, version))
-        self.version = version
-        self._retire_old_groups()
-        done.set_result(None)
+    def _apply(self, change: Change) -> None:
+        self._groups.apply(change)
+        self._groups.retire()
+        self._count()
 
     def _admit(self) -> None:
         if not self._waiting or (self.running_sequences and not self._join_due()):
             return
-        group = self._groups[-1]
         free = self._max_batch - self.running_sequences
+        joined = False
         while self._waiting:
             request = self._waiting[0]
             if request.cancelled:
                 self._waiting.popleft()
                 continue
             n = request.params.n
-            if n > free and (free < self._max_batch or group.joining):
+            if n > free and (free < self._max_batch or joined):
                 break  # full; a request wider than the whole batch runs alone
             self._waiting.popleft()
-            request.policy_version = group.version
+            group = self._groups.for_request(request)
+            request.policy_version = group.version  # the weights it will actually run on
             group.joining.append(request)
+            joined = True
             free -= n
             self.running_sequences += n
 
@@ -203,7 +210,7 @@ class Scheduler:
         gathered = len(self._waiting) >= math.ceil(self.running_sequences * JOIN_RATIO)
         return gathered or waited >= MAX_JOIN_WAIT_STEPS
 
-    def _step(self, group: _Group) -> None:
+    def _step(self, group: Group) -> None:
         try:
             if group.joining:
                 self._prefill(group)
@@ -217,7 +224,7 @@ class Scheduler:
             logger.exception("decode step failed for policy %s", group.version)
             self._fail(group, EngineError(f"Generation failed: {exc}"))
 
-    def _prefill(self, group: _Group) -> None:
+    def _prefill(self, group: Group) -> None:
         requests = [r for r in group.joining if not r.cancelled]
         if not requests:
             group.joining = []
@@ -244,7 +251,7 @@ class Scheduler:
         group.sampler = None
         self._count()
 
-    def _decode(self, group: _Group) -> None:
+    def _decode(self, group: Group) -> None:
         assert group.batch is not None
         logits = group.batch.decode(group.model)
         if group.sampler is None:
@@ -276,7 +283,7 @@ class Scheduler:
             text = self._token_text[token_id] = self._tokenizer.decode([token_id])
         return text
 
-    def _drop_done(self, group: _Group) -> None:
+    def _drop_done(self, group: Group) -> None:
         if group.batch is None:
             return
         keep = [i for i, s in enumerate(group.seqs) if s.finish_reason is None
@@ -291,22 +298,15 @@ class Scheduler:
         group.sampler = None
         self._count()
 
-    def _retire_old_groups(self) -> None:
-        for group in self._groups[:-1]:
-            if not group.seqs and not group.joining:
-                self._groups.remove(group)
-                logger.info("policy %s drained; old weights released", group.version)
-                del group.model
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-
     def _count(self) -> None:
-        self.running_requests = sum(len(g.requests()) for g in self._groups)
+        groups = self._groups.all
+        self.requests_by_version = self._groups.requests_by_version()
+        self.running_requests = sum(self.requests_by_version.values())
         self.running_sequences = sum(
-            len(g.seqs) + sum(r.params.n for r in g.joining) for g in self._groups
+            len(g.seqs) + sum(r.params.n for r in g.joining) for g in groups
         )
 
-    def _fail(self, group: _Group, error: BaseException) -> None:
+    def _fail(self, group: Group, error: BaseException) -> None:
         for request in group.requests():
             self._post(request, type(error)(*error.args))  # one exception object per consumer
         group.seqs, group.joining, group.batch, group.sampler = [], [], None, None
@@ -314,13 +314,13 @@ class Scheduler:
         self._count()
 
     def _abort_all(self, error: BaseException) -> None:
-        for group in self._groups:
+        for group in list(self._groups.all):
             self._fail(group, error)
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
-            swaps, self._swaps = self._swaps, []
-        for model, version, done in swaps:  # nothing runs any more: install them right away
-            self._install(model, version, done)
+            changes, self._changes = self._changes, []
+        for change in changes:  # nothing runs any more: apply them right away
+            self._apply(change)
         for request in waiting:
             self._post(request, type(error)(*error.args))
         self._flush()

@@ -27,6 +27,7 @@ class Request:
         params: SamplingParams,
         max_new_tokens: int,
         loop: asyncio.AbstractEventLoop,
+        canary: bool = False,
     ) -> None:
         self.id = request_id
         self.prompt = prompt
@@ -35,6 +36,7 @@ class Request:
         self.loop = loop
         self.inbox: Inbox[DeltaOrError] = Inbox()
         self.cancelled = False
+        self.canary = canary  # asks for the canary arm (the active one while none is loaded)
         self.policy_version = ""  # set by the decode thread when it admits the request
         self.submitted_step = 0  # the decode step count when it was queued
 

@@ -1,8 +1,9 @@
 """The Hugging Face ``transformers`` engine: continuous batching on one decode thread, CPU or GPU.
 
 The event loop side (this module) validates and tokenises, hands requests to the decode thread
-(``scheduler.py``) and streams back the deltas it posts; weights for a hot swap are loaded on a
-worker thread and handed over between decode steps.
+(``scheduler.py``) and streams back the deltas it posts; weights for a hot swap or a canary are
+loaded on a worker thread and handed over between decode steps (``groups.py``). A canary is a
+second model beside the active one: both decode every iteration, each in its own batch.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def decode_threads(device: torch.device, requested: int | None) -> int | None:
 
 
 class TransformersEngine:
-    """Serves one local Hugging Face causal LM directory with continuous batching."""
+    """Serves a local Hugging Face causal LM directory (and optionally a canary beside it) with
+    continuous batching."""
 
     def __init__(
         self,
@@ -116,9 +118,18 @@ class TransformersEngine:
         return self._scheduler.version
 
     @property
+    def canary_version(self) -> str | None:
+        return self._scheduler.canary_version
+
+    @property
     def model(self) -> Any:
         """The model new requests run on (tests and benchmarks use it for reference passes)."""
         return self._scheduler.model
+
+    @property
+    def canary_model(self) -> Any:
+        """The model new canary requests run on (None without a canary)."""
+        return self._scheduler.canary_model
 
     async def start(self) -> None:
         self._closing = False
@@ -151,7 +162,8 @@ class TransformersEngine:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+        canary: bool = False,
     ) -> AsyncIterator[ChoiceDelta]:
         """Validate now (``PromptTooLongError`` before any streaming starts), then stream."""
         prompt = list(prompt_token_ids)
@@ -164,12 +176,14 @@ class TransformersEngine:
         if self._closing:
             raise EngineError("The engine is shutting down.")
         max_new = max(1, min(params.max_tokens, self.max_model_len - len(prompt)))
-        return self._stream(request_id, prompt, params, max_new)
+        return self._stream(request_id, prompt, params, max_new, canary)
 
     async def _stream(
-        self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int
+        self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
+        canary: bool,
     ) -> AsyncIterator[ChoiceDelta]:
-        request = Request(request_id, prompt, params, max_new, asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        request = Request(request_id, prompt, params, max_new, loop, canary=canary)
         self._scheduler.start()
         self._scheduler.submit(request)
         remaining = request.params.n
@@ -189,15 +203,48 @@ class TransformersEngine:
                 self._scheduler.wake()
 
     async def swap_weights(self, path: str, version: str) -> None:
-        if self._swap_lock is None:
-            self._swap_lock = asyncio.Lock()
-        async with self._swap_lock:
-            try:
-                model = await asyncio.to_thread(self._load_checked, path)
-            except Exception as exc:
-                raise SwapError(f"could not load policy {version} from {path}: {exc}") from exc
+        """A new active version; the loaded canary's weights when ``version`` is the canary's."""
+        async with self._lock():
+            if version == self._scheduler.canary_version:
+                await asyncio.wrap_future(self._scheduler.change("promote"))
+                logger.info("canary %s promoted to active", version)
+                return
+            model = await self._load(path, version)
             await asyncio.wrap_future(self._scheduler.install(model, version))
         logger.info("now serving policy %s from %s", version, path)
+
+    async def set_canary(self, path: str, version: str) -> None:
+        """Load ``path`` beside the active weights for requests that ask for the canary."""
+        async with self._lock():
+            if version == self._scheduler.canary_version:
+                return
+            if version == self._scheduler.version:
+                raise SwapError(f"{version} is the active version; it cannot be its own canary")
+            model = await self._load(path, version)
+            await asyncio.wrap_future(self._scheduler.change("canary", model, version))
+        logger.info("serving canary %s from %s beside %s", version, path, self.policy_version)
+
+    async def end_canary(self) -> None:
+        """Canary requests go to the active version from now; running ones finish on the canary,
+        whose weights the decode thread frees after the last one."""
+        async with self._lock():
+            ended = self._scheduler.canary_version
+            if ended is None:
+                return
+            await asyncio.wrap_future(self._scheduler.change("end_canary"))
+        logger.info("canary %s ended", ended)
+
+    def _lock(self) -> asyncio.Lock:
+        """One weight change at a time (created lazily: the engine is built outside a loop)."""
+        if self._swap_lock is None:
+            self._swap_lock = asyncio.Lock()
+        return self._swap_lock
+
+    async def _load(self, path: str, version: str) -> Any:
+        try:
+            return await asyncio.to_thread(self._load_checked, path)
+        except Exception as exc:
+            raise SwapError(f"could not load policy {version} from {path}: {exc}") from exc
 
     def stats(self) -> EngineStats:
         s = self._scheduler
@@ -207,7 +254,10 @@ class TransformersEngine:
             extra={
                 "running_sequences": s.running_sequences,
                 "decode_steps": s.steps,
-                "policy_versions": s.group_versions(),
+                "policy_versions": s.group_versions(),  # loaded, oldest first (draining too)
+                "active_version": s.version,
+                "canary_version": s.canary_version,
+                "requests_by_version": dict(s.requests_by_version),
             },
         )
 

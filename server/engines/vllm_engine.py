@@ -10,6 +10,20 @@ Policies are swapped two ways:
 * LoRA policies (``<checkpoint>/adapter/adapter_config.json``): each version is added as a new
   adapter ``LoRARequest(version, id, path)`` and new requests carry it; nothing pauses, and
   running requests finish on the adapter they were admitted with.
+
+Canaries (``set_canary``; ``vllm_canary.py``) serve a second version beside the active one:
+
+* a LoRA canary is one more adapter in the same engine (vLLM picks the adapter per request), on
+  the base weights; an in-place full-weight swap of the active policy ends it, since it changes
+  the weights under the adapter;
+* a full-weight canary is a second ``AsyncLLM`` in this process, started from the checkpoint with
+  the GPU memory the first leaves (``canary_memory_share``: 0.10 beside the default 0.85), and
+  shut down after the canary ends and its last request finished. Promoting it makes it the main
+  engine without a reload, so the replica then serves with the canary's smaller KV cache (fewer
+  concurrent sequences) until it restarts. We chose this over replica-level canaries (whole
+  replicas on the candidate) because the contract serves a fraction on every replica, sticky per
+  user, which one replica can only do with both versions loaded. A canary whose engine does not
+  fit in the memory left is refused with ``SwapError``; the active version serves on.
 """
 
 from __future__ import annotations
@@ -31,6 +45,13 @@ from server.engines.base import (
     EngineStats,
     SamplingParams,
     SwapError,
+)
+from server.engines.vllm_canary import (
+    Canary,
+    Leases,
+    build_canary_engine,
+    canary_engine_args,
+    canary_memory_share,
 )
 from server.engines.vllm_params import (
     build_sampling_params,
@@ -81,7 +102,8 @@ def load_tokenizer(model_dir: str) -> Any:
 
 
 class VLLMEngine:
-    """Serves one policy version at a time from a vLLM ``AsyncLLM`` in this process."""
+    """Serves the active policy (and optionally a canary) from vLLM ``AsyncLLM``s in this process.
+    """
 
     def __init__(
         self,
@@ -92,7 +114,10 @@ class VLLMEngine:
         bindings: VLLMBindings | None = None,
         tokenizer: Any | None = None,
         extra_engine_args: Mapping[str, Any] | None = None,
+        canary_gpu_memory_utilization: float | None = None,
     ) -> None:
+        """``canary_gpu_memory_utilization``: the share of a full-weight canary's own engine
+        (default: what the active engine's share leaves, see ``canary_memory_share``)."""
         self.settings = settings
         self.model_name = settings.served_model_name
         self.max_model_len = settings.max_model_len or 0
@@ -116,10 +141,19 @@ class VLLMEngine:
         self._degraded: str | None = None
         self._last_swap_seconds: float | None = None
         self._mixed_choices = 0
+        self._canary: Canary | None = None
+        self._canary_memory = canary_gpu_memory_utilization or canary_memory_share(
+            float(self._engine_args.get("gpu_memory_utilization", 0.9)))
+        self._leases = Leases()  # requests per AsyncLLM; retired ones shut down when drained
+        self._by_version: dict[str, int] = {}  # requests running per version
 
     @property
     def policy_version(self) -> str:
         return self._version
+
+    @property
+    def canary_version(self) -> str | None:
+        return self._canary.version if self._canary is not None else None
 
     async def start(self) -> None:
         """Build the ``AsyncLLM`` (loads the model; blocks the loop while it does)."""
@@ -146,6 +180,10 @@ class VLLMEngine:
         log.info("vLLM engine serving %s from %s", self._version, self._start_path)
 
     async def stop(self) -> None:
+        if self._canary is not None and self._canary.llm is not None:
+            self._canary.llm.shutdown()
+        self._canary = None
+        self._leases.shutdown_all()
         if self._llm is not None:
             self._llm.shutdown()
             self._llm = None
@@ -170,34 +208,48 @@ class VLLMEngine:
         return str(self._require_tokenizer().decode([token_id]))
 
     async def generate(
-        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+        canary: bool = False,
     ) -> AsyncIterator[ChoiceDelta]:
-        llm, api = self._require_started()
+        api = self._require_started()[1]
         self._waiting += 1
         try:
             await self._admitting.wait()  # closed while full weights swap
         finally:
             self._waiting -= 1
-        version, lora = self._version, self._lora  # fixed at admission
+        llm, version, lora = self._arm(canary)  # fixed at admission
         sampling = build_sampling_params(params, api.sampling_params, api.delta_kind)
         self._running += 1
+        self._by_version[version] = self._by_version.get(version, 0) + 1
         try:
-            stream = llm.generate(api.tokens_input(list(prompt_token_ids)), sampling, request_id,
-                                  lora_request=lora)
-            async with aclosing(stream):
-                async for output in stream:
-                    for completion in output.outputs:
-                        self._note_versions(completion, version)
-                        delta = to_choice_delta(completion, version, params.top_logprobs,
-                                                self._decode_token)
-                        if delta is not None:
-                            yield delta
+            with self._leases.hold(llm):  # a retired engine shuts down after its last request
+                stream = llm.generate(api.tokens_input(list(prompt_token_ids)), sampling,
+                                      request_id, lora_request=lora)
+                async with aclosing(stream):
+                    async for output in stream:
+                        for completion in output.outputs:
+                            self._note_versions(completion, version)
+                            delta = to_choice_delta(completion, version, params.top_logprobs,
+                                                    self._decode_token)
+                            if delta is not None:
+                                yield delta
         except EngineError:
             raise
         except Exception as exc:
             raise EngineError(f"vLLM failed request {request_id}: {exc}") from exc
         finally:
             self._running -= 1
+            self._by_version[version] -= 1
+            if not self._by_version[version]:
+                del self._by_version[version]
+
+    def _arm(self, canary: bool) -> tuple[Any, str, Any]:
+        """The engine, version and adapter a new request runs on."""
+        main = self._require_started()[0]
+        if canary and self._canary is not None:
+            c = self._canary
+            return (c.llm if c.llm is not None else main), c.version, c.lora
+        return main, self._version, self._lora
 
     def _note_versions(self, completion: Any, version: str) -> None:
         if completion.finish_reason is not None and spans_other_versions(completion, version):
@@ -213,15 +265,73 @@ class VLLMEngine:
         async with self._swap_lock:
             if version == self._version:
                 return
+            if self._canary is not None and version == self._canary.version:
+                self._promote(self._canary)
+                return
             started = time.perf_counter()
             adapter = lora_adapter_dir(Path(path))
             if adapter is not None and self.lora_enabled:
                 await self._swap_lora(adapter, version)
             else:
                 self._check_full_checkpoint(path, version)
+                if self._canary is not None and self._canary.llm is None:
+                    log.warning("canary %s ends: new full weights change the weights under its "
+                                "adapter", self._canary.version)
+                    self._canary = None
                 await self._swap_full(path, version)
             self._last_swap_seconds = time.perf_counter() - started
             log.info("swapped to %s in %.2fs", version, self._last_swap_seconds)
+
+    async def set_canary(self, path: str, version: str) -> None:
+        """Serve ``version`` from ``path`` to canary requests: a second adapter for a LoRA
+        policy, a second engine for full weights (see the module docstring)."""
+        self._require_started()
+        async with self._swap_lock:
+            if version == self.canary_version:
+                return
+            if version == self._version:
+                raise SwapError(f"{version} is the active version; it cannot be its own canary")
+            canary = await self._load_canary(path, version)
+            previous, self._canary = self._canary, canary
+            self._retire(previous)
+        log.info("serving canary %s from %s beside %s", version, path, self._version)
+
+    async def end_canary(self) -> None:
+        async with self._swap_lock:
+            previous, self._canary = self._canary, None
+            self._retire(previous)
+        if previous is not None:
+            log.info("canary %s ended", previous.version)
+
+    async def _load_canary(self, path: str, version: str) -> Canary:
+        adapter = lora_adapter_dir(Path(path))
+        if adapter is not None and self.lora_enabled:
+            if self._weights_path != self._base_path:
+                raise SwapError(f"LoRA canary {version} needs the base weights, but the active "
+                                f"{self._version} is a full-weight policy")
+            return Canary(version, lora=await self._add_adapter(adapter, version))
+        self._check_full_checkpoint(path, version)
+        args = canary_engine_args(self._engine_args, path, self._base_path, self._canary_memory)
+        llm = await build_canary_engine(self._require_started()[1].build_engine, args, version)
+        return Canary(version, llm=llm, weights_path=path)
+
+    def _retire(self, canary: Canary | None) -> None:
+        """A canary's own engine shuts down after its last request (an adapter just stays in
+        vLLM's LRU cache, as a swapped-out active adapter does)."""
+        if canary is not None and canary.llm is not None:
+            self._leases.retire(canary.llm)
+
+    def _promote(self, canary: Canary) -> None:
+        """The canary becomes the active version, on the weights it is already loaded with."""
+        self._canary, self._version = None, canary.version
+        if canary.llm is None:
+            self._lora = canary.lora
+        else:
+            previous, self._llm = self._llm, canary.llm
+            self._weights_path, self._lora = canary.weights_path, None
+            self.max_model_len = int(canary.llm.model_config.max_model_len)
+            self._leases.retire(previous)
+        log.info("canary %s promoted to active without a reload", canary.version)
 
     def _check_full_checkpoint(self, path: str, version: str) -> None:
         """Refuse before pausing what an in-place reload cannot load."""
@@ -288,10 +398,20 @@ class VLLMEngine:
             "degraded": self._degraded,
             "last_swap_seconds": self._last_swap_seconds,
             "choices_spanning_swaps": self._mixed_choices,
+            "active_version": self._version,
+            "canary_version": self.canary_version,
+            "canary_lora": getattr(getattr(self._canary, "lora", None), "lora_name", None),
+            "canary_weights_path": getattr(self._canary, "weights_path", None) or None,
+            "requests_by_version": self._requests_by_version(),
+            "retiring_engines": self._leases.retiring,
         }
         if self._llm is not None:
             extra["unfinished_requests"] = self._llm.get_num_unfinished_requests()
         return EngineStats(running=self._running, waiting=self._waiting, extra=extra)
+
+    def _requests_by_version(self) -> dict[str, int]:
+        loaded = [self._version] + ([self._canary.version] if self._canary else [])
+        return {**dict.fromkeys(loaded, 0), **self._by_version}
 
     def _require_started(self) -> tuple[Any, VLLMBindings]:
         if self._llm is None or self._bindings is None:

@@ -15,8 +15,7 @@ from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from feedback_store import Store
-from feedback_store.errors import StoreError
-from server.errors import APIError
+from feedback_store.errors import InvalidInputError, StoreError
 from server.feedback.protocol import FeedbackRequest, RankingRequest
 from server.state import AppState, require_admin, require_user
 
@@ -138,16 +137,26 @@ async def post_feedback(body: FeedbackRequest, state: Annotated[AppState, Depend
 @router.post("/v1/rankings", status_code=201)
 async def post_ranking(body: RankingRequest, state: Annotated[AppState, Depends(user_state)],
                        idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    items = body.as_items()
-    if len(set(items)) != len(items):
-        raise APIError(400, "A ranking may not name the same answer twice.", param="ranking",
-                       code="duplicate_items")
-    record, created = await _in_store_thread(lambda: state.store.add_ranking(
-        items=items, user=body.user, idempotency_key=idempotency_key,
-    ))
+    try:
+        record, created = await _in_store_thread(lambda: state.store.add_ranking(
+            items=body.as_items(), user=body.user, idempotency_key=idempotency_key,
+        ))
+    except InvalidInputError as error:
+        if body.ranking is not None and error.param == "items":
+            error.param = "ranking"  # the field this request used
+        raise
+    if body.completion_id is not None:  # echo the request's form too, tie groups as lists
+        record = {**record, "completion_id": body.completion_id,
+                  "ranking": [_indices(entry) for entry in record["items"]]}
     if created:
         state.metrics.feedback.labels("ranking").inc()
     return _created(record, created)
+
+
+def _indices(entry: dict[str, Any] | list[dict[str, Any]]) -> int | list[int]:
+    if isinstance(entry, list):
+        return [answer["choice_index"] for answer in entry]
+    return int(entry["choice_index"])
 
 
 @router.get("/v1/feedback/export")

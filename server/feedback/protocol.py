@@ -25,13 +25,16 @@ class RankedItem(BaseModel):
 
 
 class RankingRequest(BaseModel):
-    """Best first: the choices of one completion, or answers to one prompt from several."""
+    """Best first: the choices of one completion, or answers to one prompt from several. An
+    entry may be a list of equally good answers (a tie group); the store checks the groups."""
 
     model_config = ConfigDict(extra="ignore")
 
     completion_id: str | None = Field(default=None, min_length=1, max_length=128)
-    ranking: list[int] | None = Field(default=None, min_length=2, max_length=MAX_RANKED)
-    items: list[RankedItem] | None = Field(default=None, min_length=2, max_length=MAX_RANKED)
+    ranking: list[int | list[int]] | None = Field(default=None, min_length=1,
+                                                  max_length=MAX_RANKED)
+    items: list[RankedItem | list[RankedItem]] | None = Field(default=None, min_length=1,
+                                                              max_length=MAX_RANKED)
     user: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
@@ -41,10 +44,22 @@ class RankingRequest(BaseModel):
             raise ValueError("give either completion_id with ranking, or items")
         if by_completion and (self.completion_id is None or self.ranking is None):
             raise ValueError("completion_id and ranking go together")
+        if sum(len(e) if isinstance(e, list) else 1 for e in self.ranking or self.items or ()
+               ) > MAX_RANKED:
+            raise ValueError(f"a ranking holds at most {MAX_RANKED} answers")
         return self
 
-    def as_items(self) -> list[tuple[str, int]]:
+    def as_items(self) -> list[tuple[str, int] | list[tuple[str, int]]]:
+        """The entries as Store.add_ranking takes them: an answer, or a tie group of answers."""
         if self.items is not None:
-            return [(i.completion_id, i.choice_index) for i in self.items]
+            return [
+                [(i.completion_id, i.choice_index) for i in e] if isinstance(e, list)
+                else (e.completion_id, e.choice_index)
+                for e in self.items
+            ]
         assert self.completion_id is not None and self.ranking is not None
-        return [(self.completion_id, index) for index in self.ranking]
+        cid = self.completion_id
+        return [
+            [(cid, index) for index in e] if isinstance(e, list) else (cid, e)
+            for e in self.ranking
+        ]

@@ -7,11 +7,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from feedback_store import Store
+from feedback_store.base import request_hash
 from feedback_store.errors import IdempotencyMismatchError, InvalidInputError, NotFoundError
+from feedback_store.models import Choice, RankingItem
 
 from .conftest import add_completion, count
+
+A = "chatcmpl-a"
 
 
 def test_record_completion_dedupes_prompts(store: Store) -> None:
@@ -159,10 +164,18 @@ def test_add_ranking_record_and_idempotency(store: Store) -> None:
         ([("chatcmpl-a", 0), ("chatcmpl-other", 0)], InvalidInputError, "items"),
         ([("chatcmpl-a", 0), ("chatcmpl-nope", 0)], NotFoundError, "completion_id"),
         ([("chatcmpl-a", 0), ("chatcmpl-a", 7)], NotFoundError, "choice_index"),
+        ([[(A, 0), (A, 0)], (A, 1)], InvalidInputError, "items"),  # an index twice in a group
+        ([[(A, 0), (A, 1)], (A, 0)], InvalidInputError, "items"),  # in a group and outside
+        ([[], (A, 0), (A, 1)], InvalidInputError, "items"),  # an empty group
+        ([[(A, 0)]], InvalidInputError, "items"),  # one answer in all
+        ([[(A, 0), (A, 1)]], InvalidInputError, "items"),  # all tied: no pair
+        ([[(A, 0), (A, 1)], []], InvalidInputError, "items"),
+        ([[(A, 0), (A, 7)], (A, 1)], NotFoundError, "choice_index"),
+        ([[(A, 0), ("chatcmpl-other", 0)], (A, 1)], InvalidInputError, "items"),
     ],
 )
 def test_invalid_rankings_write_nothing(
-    store: Store, items: list[tuple[str, int]], error: type[Exception], param: str
+    store: Store, items: list[Any], error: type[Exception], param: str
 ) -> None:
     add_completion(store, "chatcmpl-a")
     add_completion(store, "chatcmpl-other", prompt="A different question")
@@ -170,3 +183,50 @@ def test_invalid_rankings_write_nothing(
         store.add_ranking(items=items, idempotency_key="k")
     assert caught.value.param == param  # type: ignore[attr-defined]
     assert (count(store, "rankings"), count(store, "ranking_items")) == (0, 0)
+
+
+def _stored_tiers(store: Store) -> list[tuple[int, int, int]]:
+    """(position, tier, choice index) of every stored ranking item, in order."""
+    query = (
+        sa.select(RankingItem.position, RankingItem.tier, Choice.index)
+        .join(Choice, Choice.id == RankingItem.choice_id)
+        .order_by(RankingItem.ranking_id, RankingItem.position)
+    )
+    with store.engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(query)]
+
+
+def test_add_ranking_with_ties(store: Store) -> None:
+    add_completion(store, A, texts=("A", "B", "C", "D"))
+    record, created = store.add_ranking(
+        items=[[(A, 0), (A, 2)], (A, 1), [(A, 3)]], idempotency_key="tied"
+    )
+    assert created
+    assert record["items"] == [
+        [{"completion_id": A, "choice_index": 0}, {"completion_id": A, "choice_index": 2}],
+        {"completion_id": A, "choice_index": 1},
+        {"completion_id": A, "choice_index": 3},  # a group of one is a plain answer
+    ]
+    assert _stored_tiers(store) == [(0, 0, 0), (1, 0, 2), (2, 1, 1), (3, 2, 3)]
+    again, created_again = store.add_ranking(
+        items=[[(A, 0), (A, 2)], [(A, 1)], (A, 3)], idempotency_key="tied"
+    )
+    assert (again, created_again) == (record, False)
+    for regrouped in (
+        [(A, 0), (A, 2), (A, 1), (A, 3)],  # the same order, no tie
+        [(A, 0), [(A, 2), (A, 1)], (A, 3)],
+        [[(A, 0), (A, 2), (A, 1)], (A, 3)],
+    ):
+        with pytest.raises(IdempotencyMismatchError):
+            store.add_ranking(items=regrouped, idempotency_key="tied")
+    assert (count(store, "rankings"), count(store, "ranking_items")) == (1, 4)
+
+
+def test_untied_ranking_keeps_its_request_hash(store: Store) -> None:
+    """Retries of rankings stored before ties existed still replay: plain answers hash as before."""
+    add_completion(store, A)
+    store.add_ranking(items=[(A, 0), (A, 1)], user="u", idempotency_key="old")
+    with store.engine.connect() as conn:
+        stored = conn.scalar(sa.text("SELECT request_hash FROM rankings"))
+    assert stored == request_hash({"items": [[A, 0], [A, 1]], "user": "u"})
+    assert _stored_tiers(store) == [(0, 0, 0), (1, 1, 1)]

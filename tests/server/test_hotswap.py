@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import shutil
@@ -19,13 +18,12 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from flywheel.embedded_redis import EmbeddedRedis
-from flywheel.hotswap import PolicyMessage, RedisKeys, publish_policy
-from flywheel.policies import record_base_policy
+from flywheel.hotswap import PolicyMessage, Publisher, RedisKeys, ServingPlan
+from flywheel.serving_plan import record_base_policy
 from flywheel.settings import Settings
 from server import hotswap
 from server.app import create_app
 from server.engines.fake import FakeEngine
-from server.policy import initial_policy
 from tests.helpers import make_checkpoint
 
 T = TypeVar("T")
@@ -84,12 +82,25 @@ def settings(tmp_path: Path, sqlite_url: str, redis_url: str, redis_namespace: s
                     redis_url=redis_url, redis_namespace=redis_namespace)
 
 
+def initial_policy(settings: Settings, store: Store) -> tuple[str, str]:
+    publisher = Publisher.from_url(settings.redis_url, settings.redis_namespace)
+    try:
+        plan = hotswap.initial_plan(settings, store, publisher)
+    finally:
+        publisher.close()
+    return plan.active.path, plan.active.version
+
+
+def publish_policy(client: redis.Redis, keys: RedisKeys, message: PolicyMessage) -> None:
+    assert Publisher(client, keys).announce(ServingPlan(message))
+
+
 @pytest.fixture
 def publish(settings: Settings) -> Iterator[Callable[[PolicyMessage], None]]:
     client = redis.Redis.from_url(settings.redis_url)
     keys = RedisKeys(settings.redis_namespace)
     yield lambda message: publish_policy(client, keys, message)
-    client.delete(keys.active_policy)
+    client.delete(keys.active_policy, keys.canary_policy)
     client.close()
 
 
@@ -138,20 +149,12 @@ def _file_changed_after_sealing(message: PolicyMessage) -> PolicyMessage:
     return message
 
 
-def _digest_differs_from_message(message: PolicyMessage) -> PolicyMessage:
-    return PolicyMessage(message.version, message.path, "0" * 64)
+def _weights_missing(message: PolicyMessage) -> PolicyMessage:
+    (Path(message.path) / "model.safetensors").unlink()
+    return message
 
 
-def _half_written_without_manifest(message: PolicyMessage) -> PolicyMessage:
-    half = Path(message.path).parent / f".tmp-{message.version}-half"
-    shutil.copytree(message.path, half)
-    (half / "flywheel_manifest.json").unlink()
-    (half / "model.safetensors").write_bytes(b"truncated")
-    return PolicyMessage(message.version, str(half), message.sha256)
-
-
-@pytest.mark.parametrize("corrupt", [_file_changed_after_sealing, _digest_differs_from_message,
-                                     _half_written_without_manifest])
+@pytest.mark.parametrize("corrupt", [_file_changed_after_sealing, _weights_missing])
 def test_corrupt_checkpoint_is_refused(
     settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
     caplog: pytest.LogCaptureFixture, corrupt: Callable[[PolicyMessage], PolicyMessage],
@@ -159,16 +162,45 @@ def test_corrupt_checkpoint_is_refused(
     caplog.set_level(logging.ERROR, logger="server.hotswap")
     with serving(settings, store) as (client, engine):
         assert redis_followed(client)
-        bad = corrupt(checkpoint(settings, store, tmp_path, "policy-1"))
+        bad = corrupt(checkpoint(settings, store, tmp_path, "policy-1", status="active"))
         publish(bad)
         assert wait_for(lambda: swaps(client, "refused"), lambda n: n >= 1) == 1
         assert served(client) == "policy-0"
         assert engine.swaps == []
         assert any("refused policy policy-1" in r.getMessage() for r in caplog.records)
         # The watcher keeps following: a good checkpoint afterwards is served.
-        publish(checkpoint(settings, store, tmp_path, "policy-2"))
+        publish(checkpoint(settings, store, tmp_path, "policy-2", status="active"))
         assert wait_for(lambda: served(client), lambda v: v == "policy-2") == "policy-2"
         assert swaps(client, "refused") == 1
+
+
+def _digest_differs_from_sql(message: PolicyMessage) -> PolicyMessage:
+    return PolicyMessage(message.version, message.path, "0" * 64)
+
+
+def _unknown_to_sql(message: PolicyMessage) -> PolicyMessage:
+    return PolicyMessage("evil-1", message.path, message.sha256)
+
+
+def _elsewhere(message: PolicyMessage) -> PolicyMessage:
+    copy = Path(message.path).parent / "tampered"
+    shutil.copytree(message.path, copy)
+    return PolicyMessage(message.version, str(copy), "")
+
+
+@pytest.mark.parametrize("forge", [_digest_differs_from_sql, _unknown_to_sql, _elsewhere])
+def test_redis_cannot_overrule_sql(
+    settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
+    forge: Callable[[PolicyMessage], PolicyMessage],
+) -> None:
+    """While SQL can be read, a message is a nudge to read it: what it says is not served."""
+    with serving(settings, store) as (client, engine):
+        assert redis_followed(client)
+        message = checkpoint(settings, store, tmp_path, "policy-1", status="candidate")
+        publish(forge(message))
+        publish(checkpoint(settings, store, tmp_path, "policy-2", status="active"))
+        assert wait_for(lambda: served(client), lambda v: v == "policy-2") == "policy-2"
+        assert [version for _, version in engine.swaps] == ["policy-2"]
 
 
 def test_server_started_after_publish_starts_on_active(
@@ -177,20 +209,20 @@ def test_server_started_after_publish_starts_on_active(
     record_base_policy(settings, store)
     message = checkpoint(settings, store, tmp_path, "policy-1", status="active")
     publish(message)  # nobody listens yet
-    path, version = asyncio.run(initial_policy(settings, store))
+    path, version = initial_policy(settings, store)
     assert (path, version) == (message.path, "policy-1")
     with serving(settings, store) as (client, engine):  # an engine loaded on the old weights
         assert wait_for(lambda: served(client), lambda v: v == "policy-1") == "policy-1"
         assert engine.swaps == [(message.path, "policy-1")]
 
 
-def test_initial_policy_reads_the_key_when_sql_has_no_record(
+def test_initial_policy_ignores_a_key_sql_does_not_know(
     settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
 ) -> None:
     record_base_policy(settings, store)
     message = make_checkpoint(Path(settings.model), tmp_path / "elsewhere", "policy-7")
     publish(message)
-    assert asyncio.run(initial_policy(settings, store)) == (message.path, "policy-7")
+    assert initial_policy(settings, store) == (settings.model, "policy-0")
 
 
 @pytest.fixture
@@ -241,13 +273,10 @@ def test_redis_restart_key_read_on_reconnect(
 ) -> None:
     """The message is lost while Redis restarts; the key, read on reconnect, is not.
 
-    The SQL poll is switched off, so only the key can bring the server to the new version.
+    SQL reads are switched off, so only the key can bring the server to the new version.
     ``outage_s`` 0: Redis is back before a client retrying on its own would have given up.
     """
-    async def no_sql(self: hotswap.PolicyWatcher) -> None:
-        return None
-
-    monkeypatch.setattr(hotswap.PolicyWatcher, "check_sql", no_sql)
+    monkeypatch.setattr(hotswap, "read_sql", lambda store: None)  # as if SQL were unreachable
     settings = _settings_on(settings, own_redis)
     keys = RedisKeys(settings.redis_namespace)
     with serving(settings, store) as (client, _):
@@ -316,4 +345,4 @@ def test_rollback_while_redis_down_survives_the_stale_key(
         own_redis.start()
         assert redis_followed(a) and redis_followed(b)  # each has read the stale key by now
         assert served(a) == served(b) == "policy-1"
-    assert asyncio.run(initial_policy(settings, store))[1] == "policy-1"
+    assert initial_policy(settings, store)[1] == "policy-1"

@@ -101,7 +101,7 @@ def test_cycle_publishes_a_sealed_policy(tmp_path: Path, worker_env, tiny_model_
     store, client = worker_env
     worker = make_worker(tmp_path, store, tiny_model_dir, redis_url, redis_namespace,
                          min_improvement=-1e9, kl_budget=1e9)
-    from flywheel.policies import record_base_policy
+    from flywheel.serving_plan import record_base_policy
 
     record_base_policy(worker.settings, store)
     run = run_until_done(worker, store)
@@ -125,7 +125,7 @@ def test_gate_rejects_and_publishes_nothing(tmp_path: Path, worker_env, tiny_mod
     store, client = worker_env
     worker = make_worker(tmp_path, store, tiny_model_dir, redis_url, redis_namespace,
                          kl_budget=-1.0)
-    from flywheel.policies import record_base_policy
+    from flywheel.serving_plan import record_base_policy
 
     record_base_policy(worker.settings, store)
     run = run_until_done(worker, store)
@@ -142,7 +142,7 @@ def test_interrupted_cycle_leaves_nothing_and_next_runs(tmp_path: Path, worker_e
     store, client = worker_env
     worker = make_worker(tmp_path, store, tiny_model_dir, redis_url, redis_namespace,
                          min_improvement=-1e9, kl_budget=1e9)
-    from flywheel.policies import record_base_policy
+    from flywheel.serving_plan import record_base_policy
 
     record_base_policy(worker.settings, store)
     original = worker.should_stop
@@ -191,7 +191,7 @@ def test_database_down_mid_cycle_marks_run_failed(tmp_path: Path, postgres_url: 
     worker = Worker(tiny_settings(tmp_path, postgres_url, tiny_model_dir, redis_url,
                                   redis_namespace, min_improvement=-1e9, kl_budget=1e9),
                     store=store)
-    from flywheel.policies import record_base_policy
+    from flywheel.serving_plan import record_base_policy
 
     record_base_policy(worker.settings, store)
     name = postgres_url.rsplit("/", 1)[1]

@@ -200,17 +200,40 @@ class FixedKLController:
 class AdaptiveKLController:
     """Proportional controller driving the sequence KL to ``target`` (Ziegler et al. 2019).
 
-    ``error = clip(KL / target - 1, -0.2, 0.2)``; ``coef *= 1 + error * n_steps / horizon``
-    (OAI ``AdaptiveKLController``).
+    ``error = clip(KL / target - 1, min_error, max_error)``; ``coef *= 1 + error * n_steps /
+    horizon`` (OAI ``AdaptiveKLController``: errors clipped to +-0.2, no floor).
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, *,
+                 min_error: float = -0.2, max_error: float = 0.2,
+                 min_value: float = 0.0) -> None:
         self.value = init_kl_coef
         self.target = target
         self.horizon = horizon
+        self.min_error, self.max_error, self.min_value = min_error, max_error, min_value
 
     def update(self, current_kl: float, n_steps: int) -> None:
         if not math.isfinite(current_kl):
             return
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        error = min(max(current_kl / self.target - 1.0, self.min_error), self.max_error)
+        self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.min_value)
+
+
+MIN_KL_COEF = 1e-4  # the budget controller never lets the penalty vanish entirely
+
+
+def kl_budget_controller(kl_budget: float, init_kl_coef: float, batch_size: int, *,
+                         headroom: float = 0.8) -> AdaptiveKLController:
+    """Ziegler's controller aimed at ``headroom * kl_budget`` nats per answer to the frozen base.
+
+    Each cycle starts PPO from the active policy, whose KL to the base is already spent, so the
+    rollouts' KL to the base is what counts against the budget. The horizon is one rollout batch
+    and the error is clipped to [-0.5, 1]: the coefficient doubles in a step when the KL is twice
+    the target, so it acts within a cycle's few steps (with OAI's horizon of 10,000 episodes it
+    moves about 1% per cycle). Passing the last cycle's final coefficient as ``init_kl_coef``
+    keeps the controller's state across cycles, as OAI keeps it across one long run.
+    """
+    if kl_budget <= 0:
+        raise ValueError("kl_budget must be positive")
+    return AdaptiveKLController(max(init_kl_coef, MIN_KL_COEF), headroom * kl_budget,
+                                batch_size, min_error=-0.5, max_error=1.0, min_value=MIN_KL_COEF)

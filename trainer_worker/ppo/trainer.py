@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from flywheel.hf_progress import transformers_bars
 from flywheel.settings import PPOConfig
+from trainer_worker.ppo.budget import KLGuard, rollout_kl
 from trainer_worker.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -53,6 +54,7 @@ from trainer_worker.reward.model import RewardModel
 from trainer_worker.reward.stopping import check_stop
 
 StopFn = Callable[[], bool] | None
+KLController = AdaptiveKLController | FixedKLController
 
 
 @dataclass
@@ -79,9 +81,13 @@ def run_ppo(
     policy_dir: Path, ref_dir: Path, reward_dir: Path, prompts: list[list[int]],
     cfg: PPOConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True,
     should_stop: StopFn = None, eos_token_ids: list[int] | None = None,
+    kl_ctl: KLController | None = None, kl_limit: float | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` PPO steps from ``policy_dir`` and write the new policy to ``out_dir``.
 
+    ``kl_ctl`` sets the KL coefficient (default: ``make_kl_controller(cfg)``). With ``kl_limit``
+    (nats per answer to the reference) the policy written is the newest one whose rollouts stayed
+    within it (``KLGuard``); the training cycle passes both to honour its KL budget.
     Raises ``TrainingInterrupted`` (writing nothing) when ``should_stop()`` turns true.
     """
     if cfg.temperature <= 0:
@@ -91,11 +97,15 @@ def run_ppo(
         models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
     pad = filler_token_id(models.ref, eos)
     optimizer = make_optimizer(models.policy, models.critic, cfg)
-    kl_ctl = make_kl_controller(cfg)
+    kl_ctl = kl_ctl or make_kl_controller(cfg)
+    guard = KLGuard(models.policy, kl_limit) if kl_limit is not None else None
     batches = prompt_batches(fit_prompts(prompts, models.ref, cfg.max_new_tokens),
                              cfg.rollout_batch_size, cfg.seed)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "eos_token_ids": eos, "pad_token_id": pad, "device": device,
+                "generator": sample_gen}
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="ppo", disable=not progress, leave=False)
@@ -103,29 +113,34 @@ def run_ppo(
         check_stop(should_stop)
         # 1. Rollout: sample answers from the current policy.
         t0 = time.perf_counter()
-        rollout = make_rollout(
-            models.policy, next(batches), max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, eos_token_ids=eos, pad_token_id=pad, device=device,
-            generator=sample_gen,
-        )
+        rollout = make_rollout(models.policy, next(batches), **sampling)
         rollout_seconds = time.perf_counter() - t0
         # 2. Score: behaviour and reference logprobs, values, RM scores.
         score_rollout(models, rollout, cfg)
         # 3. Rewards (KL penalty per token, RM score at the end) and GAE advantages.
         stats = compute_advantages(rollout, cfg, kl_ctl.value)
-        # 4. Update: PPO epochs over minibatches.
+        # 4. Budget: past the KL limit, go back to the last weights within it and stop.
+        if guard is not None and not guard.admit(stats["ppo/kl_ref"]):
+            break
+        # 5. Update: PPO epochs over minibatches.
         stats |= ppo_update(models, optimizer, rollout, cfg, shuffle_gen, should_stop)
-        # 5. Adapt the KL coefficient (Ziegler; a no-op when fixed).
+        # 6. Adapt the KL coefficient (Ziegler; a no-op when fixed).
         kl_ctl.update(stats["ppo/kl_ref"], cfg.rollout_batch_size)
         stats["rollout_seconds"] = rollout_seconds
         stats["rollout_tokens"] = float(rollout.answer_mask.sum().item())
         history.append(stats)
         bar.set_postfix(score=f"{stats['ppo/score_mean']:.3f}", kl=f"{stats['ppo/kl_ref']:.2f}")
+    else:
+        if guard is not None:  # 7. The last update's weights have not been measured yet.
+            guard.admit(rollout_kl(models.policy, models.ref, next(batches), **sampling))
     elapsed = time.perf_counter() - started
     check_stop(should_stop)
     with transformers_bars(progress):
         save_policy(models.policy, Path(policy_dir), Path(out_dir), cfg.use_lora)
-    return summarise(history, cfg, elapsed, kl_ctl.value)
+    metrics = summarise(history, cfg, elapsed, kl_ctl.value)
+    if isinstance(kl_ctl, AdaptiveKLController):
+        metrics["ppo/kl_target"] = kl_ctl.target
+    return metrics | (guard.metrics() if guard is not None else {})
 
 
 def load_models(policy_dir: Path, ref_dir: Path, reward_dir: Path, cfg: PPOConfig,
@@ -150,7 +165,7 @@ def make_optimizer(policy: nn.Module, critic: nn.Module, cfg: PPOConfig) -> torc
     ], eps=1e-5)  # N+: eps 1e-5
 
 
-def make_kl_controller(cfg: PPOConfig) -> AdaptiveKLController | FixedKLController:
+def make_kl_controller(cfg: PPOConfig) -> KLController:
     return (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
             if cfg.adaptive_kl else FixedKLController(cfg.kl_coef))
 

@@ -1,18 +1,15 @@
-"""Reward training examples from the store's records: token sequences, splits, padding."""
+"""Reward training examples from the store's records: token sequences, pair counts, padding."""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from torch import Tensor
 
 from feedback_store.types import PreferenceGroup, ThumbExample
-
-T = TypeVar("T")
+from trainer_worker.reward.losses import count_pairs
 
 
 @dataclass(frozen=True)
@@ -21,6 +18,7 @@ class Example:
 
     sequences: list[list[int]]  # prompt + answer token ids; best first for a group
     label: float | None = None
+    tiers: list[int] | None = None  # a group's tiers: equal tiers are tied (no pair)
 
 
 def strip_eos(answer: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
@@ -44,7 +42,7 @@ def rm_sequence(prompt: Sequence[int], answer: Sequence[int], eos_token_ids: Seq
 
 def group_example(group: PreferenceGroup, eos: Sequence[int], max_length: int) -> Example:
     seqs = [rm_sequence(group.prompt_token_ids, a, eos, max_length) for a in group.answers]
-    return Example(sequences=seqs)
+    return Example(sequences=seqs, tiers=list(group.tiers) if group.tiers is not None else None)
 
 
 def thumb_example(thumb: ThumbExample, eos: Sequence[int], max_length: int) -> Example:
@@ -52,15 +50,9 @@ def thumb_example(thumb: ThumbExample, eos: Sequence[int], max_length: int) -> E
     return Example(sequences=[seq], label=1.0 if thumb.label else 0.0)
 
 
-def split_holdout(items: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:
-    """Shuffle and hold out ``fraction`` of the items (none when fewer than two items)."""
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    n_holdout = round(len(items) * fraction) if len(items) >= 2 else 0
-    n_holdout = min(n_holdout, len(items) - 1) if items else 0
-    holdout = [items[i] for i in order[:n_holdout]]
-    train = [items[i] for i in order[n_holdout:]]
-    return train, holdout
+def preference_pairs(groups: Sequence[PreferenceGroup]) -> int:
+    """Pairs the groups hold: K-choose-2 per ranking less tied pairs, one per thumbs pair."""
+    return count_pairs([len(g.answers) for g in groups], [g.tiers for g in groups])
 
 
 def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int = 0,

@@ -15,24 +15,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def group_pairs(group_sizes: Sequence[int], device: torch.device | str = "cpu") -> tuple[
-    Tensor, Tensor, Tensor
-]:
+Tiers = Sequence[Sequence[int] | None] | None  # per group: each answer's tier, None = strict
+
+
+def group_pairs(group_sizes: Sequence[int], device: torch.device | str = "cpu",
+                tiers: Tiers = None) -> tuple[Tensor, Tensor, Tensor]:
     """All (winner, loser) index pairs within each group, and the group of each pair.
 
-    Answer ``i`` beats answer ``j`` when ``i`` comes first in its group. Returns three (P,) long
-    tensors: ``winners``, ``losers``, ``pair_group``.
+    Answer ``i`` beats answer ``j`` when ``i`` comes first in its group, unless ``tiers`` puts
+    them in the same tier: tied answers form no pair. Returns three (P,) long tensors:
+    ``winners``, ``losers``, ``pair_group``.
     """
     winners: list[int] = []
     losers: list[int] = []
     pair_group: list[int] = []
     start = 0
     for g, size in enumerate(group_sizes):
-        for i in range(start, start + size):
-            for j in range(i + 1, start + size):
-                winners.append(i)
-                losers.append(j)
-                pair_group.append(g)
+        tier = _tiers_of(tiers, g, size)
+        for i in range(size):
+            for j in range(i + 1, size):
+                if tier[i] != tier[j]:
+                    winners.append(start + i)
+                    losers.append(start + j)
+                    pair_group.append(g)
         start += size
 
     def as_tensor(xs: list[int]) -> Tensor:
@@ -41,13 +46,30 @@ def group_pairs(group_sizes: Sequence[int], device: torch.device | str = "cpu") 
     return as_tensor(winners), as_tensor(losers), as_tensor(pair_group)
 
 
-def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int]) -> Tensor:
+def count_pairs(group_sizes: Sequence[int], tiers: Tiers = None) -> int:
+    """How many (winner, loser) pairs ``group_pairs`` finds, without building them."""
+    total = 0
+    for g, size in enumerate(group_sizes):
+        tier = _tiers_of(tiers, g, size)
+        total += sum(tier[i] != tier[j] for i in range(size) for j in range(i + 1, size))
+    return total
+
+
+def _tiers_of(tiers: Tiers, g: int, size: int) -> Sequence[int]:
+    if tiers is None or tiers[g] is None:
+        return range(size)
+    if len(tiers[g]) != size:
+        raise ValueError(f"group {g} has {size} answers but {len(tiers[g])} tiers")
+    return tiers[g]
+
+
+def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int], tiers: Tiers = None) -> Tensor:
     """Mean over groups of the mean over each group's pairs of ``-logsigmoid(r_w - r_l)``.
 
-    scores: (N,) best first within each group. Groups with fewer than two answers are ignored;
-    with no pairs at all the loss is 0 (still differentiable).
+    scores: (N,) best first within each group. Groups without pairs (one answer, or all tied)
+    are ignored; with no pairs at all the loss is 0 (still differentiable).
     """
-    winners, losers, pair_group = group_pairs(group_sizes, scores.device)
+    winners, losers, pair_group = group_pairs(group_sizes, scores.device, tiers)
     if winners.numel() == 0:
         return scores.sum() * 0.0
     pair_loss = -F.logsigmoid(scores[winners] - scores[losers])  # (P,)
@@ -59,9 +81,11 @@ def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int]) -> Tensor:
     return (group_sum[has_pairs] / group_count[has_pairs]).mean()
 
 
-def pairwise_accuracy(scores: Tensor, group_sizes: Sequence[int]) -> tuple[float, int]:
-    """Share of pairs ranked the right way (ties count as wrong), and the number of pairs."""
-    winners, losers, _ = group_pairs(group_sizes, scores.device)
+def pairwise_accuracy(scores: Tensor, group_sizes: Sequence[int],
+                      tiers: Tiers = None) -> tuple[float, int]:
+    """Share of pairs ranked the right way (equal scores count as wrong), and the number of
+    pairs; answers tied by the raters form no pair."""
+    winners, losers, _ = group_pairs(group_sizes, scores.device, tiers)
     if winners.numel() == 0:
         return 0.0, 0
     correct = (scores[winners] > scores[losers]).float()  # (P,)

@@ -1,0 +1,103 @@
+"""Ratings a canary decision needs, and its error rates, under continuous monitoring.
+
+    python bench/canary_decision.py [--runs 1000] [--seed 0]
+
+Simulates Bernoulli thumbs reaching the arms 1:4 (canary fraction 0.2), checks
+`flywheel.approval.decide_canary` after every rating with the default settings (min_ratings 100,
+margin 0.02, alpha 0.05) and caps each run at 5000 canary ratings. Prints, at base approvals 0.5
+and 0.7, the ratings per arm needed to reject a 20-point-worse canary and to promote a
+10-point-better one (median and p90), the false-promotion rate of a 10-point-worse canary, the
+false-rejection rate of an equal one and the promotion rate of a canary exactly `margin` worse
+(the worst case of the non-inferiority test, at most alpha / 2 in theory); then the canary
+ratings the always-valid interval needs to narrow to a given half-width for several mixing
+scales tau (the choice of TAU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flywheel.approval import TAU, mixture_half_width
+from tests.flywheel.test_approval import (
+    ALPHA,
+    CAP,
+    FRACTION,
+    MARGIN,
+    MIN_RATINGS,
+    PROMOTE,
+    REJECT,
+    simulate_canary,
+)
+
+
+def _ratings_row(label: str, p_active: float, p_canary: float, code: int, runs: int, seed: int):
+    """One line: share reaching the right verdict, and median / p90 ratings per arm when it did."""
+    result = simulate_canary(p_active, p_canary, runs, seed)
+    ok = result.verdict == code
+    c50, c90 = np.percentile(result.canary_n[ok], [50, 90]) if ok.any() else (np.nan, np.nan)
+    a50, a90 = np.percentile(result.active_n[ok], [50, 90]) if ok.any() else (np.nan, np.nan)
+    print(
+        f"{label:<22} {p_active:>4.2f} {p_canary:>4.2f} {ok.mean():>7.1%} "
+        f"{c50:>7.0f} {c90:>7.0f} {a50:>7.0f} {a90:>7.0f}"
+    )
+
+
+def _error_row(label: str, p_active: float, p_canary: float, code: int, runs: int, seed: int):
+    """One line: share of runs that reached the wrong verdict `code` before the cap."""
+    result = simulate_canary(p_active, p_canary, runs, seed)
+    rate = result.rate(code)
+    se = (rate * (1 - rate) / runs) ** 0.5
+    print(f"{label:<22} {p_active:>4.2f} {p_canary:>4.2f} {rate:>7.2%} ± {se:.2%} (1 s.e.)")
+
+
+def _needed(target: float, tau: float, p: float = 0.5) -> int:
+    """Canary ratings at 4:1 traffic for the interval's half-width to fall to `target`."""
+    nc = 1
+    while (
+        mixture_half_width(
+            p * (1 - p) * (1 / nc + FRACTION / ((1 - FRACTION) * nc)), alpha=ALPHA, tau=tau
+        )
+        > target
+    ):
+        nc += 1
+    return nc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=1000, help="simulated canaries per scenario")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    started = time.monotonic()
+    print(
+        f"decide_canary checked after every rating: fraction {FRACTION}, min_ratings {MIN_RATINGS},"
+        f" margin {MARGIN}, alpha {ALPHA}, tau {TAU}, cap {CAP} canary ratings, {args.runs} runs\n"
+    )
+    columns = ("reached", "canary", "p90", "active", "p90")
+    print(f"{'scenario':<22} {'p_a':>4} {'p_c':>4} " + " ".join(f"{c:>7}" for c in columns))
+    for base in (0.5, 0.7):
+        _ratings_row("reject 20 pts worse", base, base - 0.2, REJECT, args.runs, args.seed)
+        _ratings_row("promote 10 pts better", base, base + 0.1, PROMOTE, args.runs, args.seed + 1)
+        _ratings_row("promote equal", base, base, PROMOTE, args.runs, args.seed + 2)
+    print(f"\n{'error':<22} {'p_a':>4} {'p_c':>4} {'rate':>7}")
+    for base in (0.5, 0.7):
+        _error_row("false promotion (-10)", base, base - 0.1, PROMOTE, args.runs, args.seed + 3)
+        _error_row("false rejection (=)", base, base, REJECT, args.runs, args.seed + 4)
+        _error_row("promotion at -margin", base, base - MARGIN, PROMOTE, args.runs, args.seed + 5)
+    targets = (0.2, 0.12, 0.1, 0.05, 0.02)
+    print("\ncanary ratings (p = 0.5, 4:1) for the interval's half-width to fall to:")
+    print(f"{'tau':>5} " + " ".join(f"{t:>6.2f}" for t in targets))
+    for tau in (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3):
+        print(f"{tau:>5.2f} " + " ".join(f"{_needed(t, tau):>6d}" for t in targets))
+    print(f"\n{time.monotonic() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

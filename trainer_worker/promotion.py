@@ -1,0 +1,102 @@
+"""What ships: candidates go on canary, live thumbs promote or reject them, and a version users
+rated significantly better than the active one is rolled back to.
+
+The leading worker calls `Promotion.tick` on every poll. Every decision is written to SQL with its
+evidence (the version's `metrics`, keys `canary/*` and `rollback/*`) before it is announced.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from feedback_store import Store
+from flywheel.approval import Arm, decide_canary
+from flywheel.hotswap import Publisher
+from flywheel.live_approval import forgotten
+from flywheel.serving_plan import announce
+from flywheel.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Promotion:
+    """The worker's side of the rollout; the store and the publisher are the worker's own."""
+
+    def __init__(self, settings: Settings, store: Store, publisher: Publisher) -> None:
+        self.settings, self.store, self.publisher = settings, store, publisher
+        self.cfg = settings.canary
+
+    def release(self, policy_id: str) -> str:
+        """A candidate that passed the offline gate: on canary (`canary.auto`), else active.
+        Returns what happened: "canary", "active", or "waiting" (another canary runs)."""
+        if self.cfg.auto:
+            _, running = self.store.serving_state()
+            if running is not None:
+                log.info("%s waits as a candidate: %s is on canary", policy_id, running["id"])
+                return "waiting"
+            self.store.start_canary(policy_id, self.cfg.fraction)
+            outcome = "canary"
+        else:
+            self.store.activate_policy(policy_id)
+            outcome = "active"
+        announce(self.store, self.publisher)
+        log.info("%s released: %s", policy_id, outcome)
+        return outcome
+
+    def tick(self) -> str | None:
+        """Decide the running canary, or roll back a forgotten better version; returns what was
+        done ("promoted", "rejected", "timeout", "rolled_back") or None."""
+        active, canary = self.store.serving_state()
+        if canary is not None and active is not None:
+            return self._judge(active, canary)
+        if self.cfg.auto_rollback:
+            return self._roll_back_if_forgotten()
+        return None
+
+    def _judge(self, active: dict[str, Any], canary: dict[str, Any]) -> str | None:
+        evidence = self.store.canary_evidence() or {}
+        decision = decide_canary(
+            Arm(*evidence.get(active["id"], (0, 0))), Arm(*evidence.get(canary["id"], (0, 0))),
+            min_ratings=self.cfg.min_ratings, margin=self.cfg.margin, alpha=self.cfg.alpha)
+        metrics = {f"canary/{k}": v for k, v in decision.evidence().items()}
+        metrics["canary/against"] = active["id"]
+        if decision.verdict == "promote":
+            metrics["canary/decision"] = "promoted"
+            self.store.activate_policy(canary["id"], metrics=metrics)
+            outcome = "promoted"
+        elif decision.verdict == "reject":
+            metrics["canary/decision"] = "rejected"
+            self.store.end_canary("rejected", metrics, id=canary["id"])
+            outcome = "rejected"
+        elif self._hours_on(canary) >= self.cfg.max_hours:
+            metrics["canary/decision"] = "timeout"
+            metrics["canary/reason"] = f"no decision within {self.cfg.max_hours} h"
+            self.store.end_canary("candidate", metrics, id=canary["id"])
+            outcome = "timeout"
+        else:
+            return None
+        announce(self.store, self.publisher)
+        log.info("canary %s %s against %s: %s", canary["id"], outcome, active["id"],
+                 decision.evidence())
+        return outcome
+
+    @staticmethod
+    def _hours_on(canary: dict[str, Any]) -> float:
+        started = (canary.get("canary") or {}).get("started_at") or time.time()
+        return (time.time() - float(started)) / 3600.0
+
+    def _roll_back_if_forgotten(self) -> str | None:
+        rows = self.store.list_policies()
+        found = forgotten(rows, self.store.live_ratings(), self.cfg)
+        if found is None:
+            return None
+        better = found["better"]
+        metrics = {f"rollback/{k}": v for k, v in found.items()
+                   if isinstance(v, int | float | str)}
+        self.store.activate_policy(better, metrics=metrics)
+        announce(self.store, self.publisher)
+        log.warning("rolled back from %s to %s: users rate it better (%s)", found["active"],
+                    better, found)
+        return "rolled_back"
