@@ -162,8 +162,8 @@ def test_feedback_idempotency(client: TestClient, store: Store) -> None:
 
 
 def test_rankings(client: TestClient, store: Store) -> None:
-    first = chat(client, n=3)
-    second = chat(client)
+    first = chat(client, n=3, seed=3)
+    second = chat(client, seed=4)
     response = client.post("/v1/rankings", json={"completion_id": first["id"],
                                                    "ranking": [2, 0, 1]})
     assert response.status_code == 201, response.text

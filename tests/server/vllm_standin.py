@@ -160,11 +160,22 @@ class StandInTokenizer:
                        for i in ids)
 
 
-def bindings(llm: StandInAsyncLLM, built: list[dict] | None = None) -> VLLMBindings:
+def bindings(llm: StandInAsyncLLM, built: list[dict] | None = None,
+             spares: list[StandInAsyncLLM] | None = None) -> VLLMBindings:
+    """The first engine built is ``llm``; later ones (full-weight canaries) are ``spares`` in
+    order, else fresh stand-ins. Building from a path in ``llm.failing_paths`` fails."""
+    builds = 0
+
     def build(kwargs: dict[str, Any]) -> StandInAsyncLLM:
+        nonlocal builds
         if built is not None:
             built.append(kwargs)
-        return llm
+        if kwargs["model"] in llm.failing_paths:
+            raise RuntimeError(f"cannot load {kwargs['model']}")
+        builds += 1
+        if builds == 1:
+            return llm
+        return spares.pop(0) if spares else StandInAsyncLLM()
 
     return VLLMBindings(build_engine=build, sampling_params=StandInSamplingParams,
                         delta_kind=Kind.DELTA, lora_request=StandInLoRARequest,

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 Tiers = Sequence[Sequence[int] | None] | None  # per group: each answer's tier, None = strict
 
 

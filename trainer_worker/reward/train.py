@@ -12,13 +12,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from feedback_store.types import PreferenceGroup, ThumbExample
+from flywheel.approval import wilson_interval
 from flywheel.hf_progress import transformers_bars
 from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import (
     Example,
     group_example,
     pad_right,
-    split_holdout,
+    preference_pairs,
     thumb_example,
 )
 from trainer_worker.reward.losses import (
@@ -41,13 +42,18 @@ def train_reward_model(
     cfg: RewardConfig,
     out_dir: Path,
     *,
+    holdout: RewardDataLike | None = None,
     device: str = "cpu",
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
-    """Fit the RM (fresh head on a base model, or continue a previous RM) and save it.
+    """Fit the RM on ``data`` (fresh head on a base model, or continue a previous RM) and save it.
 
-    Raises ``TrainingInterrupted`` (writing nothing) when ``should_stop()`` turns true.
+    ``reward/accuracy`` is the pairwise accuracy on every pair of ``holdout`` (feedback on prompts
+    the RM never trains on), with its Wilson 95% interval ``reward/accuracy_low`` / ``_high``.
+    Without ``holdout`` it is the training accuracy and ``reward/holdout_pairs`` is 0: a number to
+    watch a fit, not evidence. Raises ``TrainingInterrupted`` (writing nothing) when
+    ``should_stop()`` turns true.
     """
     if not data.groups and not data.thumbs:
         raise ValueError("no reward data: need at least one preference group or thumb")
@@ -58,34 +64,34 @@ def train_reward_model(
         else:
             model = RewardModel.from_base(init_dir, device=device, seed=cfg.seed)
     eos, max_len = model.eos_token_ids, cfg.max_length
-    # 2. Hold out whole groups (and some thumbs), so pairs of one ranking never straddle the split.
-    train_groups, holdout_groups = split_holdout(data.groups, cfg.holdout_fraction, cfg.seed)
-    train_thumbs, holdout_thumbs = split_holdout(data.thumbs, cfg.holdout_fraction, cfg.seed)
-    train = [group_example(g, eos, max_len) for g in train_groups]
-    train += [thumb_example(t, eos, max_len) for t in train_thumbs]
-    holdout = [group_example(g, eos, max_len) for g in holdout_groups]
-    holdout += [thumb_example(t, eos, max_len) for t in holdout_thumbs]
-    # 3. Epochs of shuffled minibatches of groups and thumbs.
+    train = [group_example(g, eos, max_len) for g in data.groups]
+    train += [thumb_example(t, eos, max_len) for t in data.thumbs]
+    # 2. Epochs of shuffled minibatches of groups and thumbs.
     train_loss = _fit(model, train, cfg, device, progress, should_stop)
-    # 4. Normalisation statistics of the scores on the training answers.
+    # 3. Normalisation statistics of the scores on the training answers; training accuracy.
+    train_metrics = _evaluate(model, train, device)
     model.score_mean, model.score_std = _score_stats(model, train, device)
-    # 5. Held-out accuracy (training data when nothing could be held out).
-    metrics = _evaluate(model, holdout or train, cfg, device)
+    # 4. Held-out accuracy: every pair of the held-out feedback, with its interval.
+    if holdout is not None:
+        examples = [group_example(g, eos, max_len) for g in holdout.groups]
+        examples += [thumb_example(t, eos, max_len) for t in holdout.thumbs]
+        metrics = _evaluate(model, examples, device)
+        metrics["reward/holdout_groups"] = float(len(holdout.groups))
+    else:
+        metrics = {**train_metrics, "reward/holdout_pairs": 0.0}
+        metrics.pop("reward/accuracy_low"), metrics.pop("reward/accuracy_high")
     check_stop(should_stop)
     with transformers_bars(progress):
         model.save_pretrained(Path(out_dir))
-    n_train_pairs = sum(_n_pairs(len(ex.sequences)) for ex in train if ex.label is None)
     metrics.update({
         "reward/train_loss": train_loss,
-        "reward/pairs": float(n_train_pairs),
-        "reward/groups": float(len(train_groups)),
-        "reward/thumbs": float(len(train_thumbs)),
-        "reward/holdout_groups": float(len(holdout_groups)),
+        "reward/train_accuracy": train_metrics["reward/accuracy"],
+        "reward/pairs": float(preference_pairs(data.groups)),
+        "reward/groups": float(len(data.groups)),
+        "reward/thumbs": float(len(data.thumbs)),
         "reward/score_mean": model.score_mean,
         "reward/score_std": model.score_std,
     })
-    if not holdout:
-        metrics["reward/holdout_pairs"] = 0.0
     return metrics
 
 
@@ -126,7 +132,8 @@ def _batch_loss(model: RewardModel, batch: Sequence[Example], pointwise_weight: 
     scores = model(ids, mask)  # (N,)
     n_group_answers = len(sequences) - len(thumbs)
     labels = torch.tensor([ex.label for ex in thumbs], device=scores.device)  # (N_thumbs,)
-    loss = bradley_terry_loss(scores[:n_group_answers], [len(ex.sequences) for ex in groups])
+    loss = bradley_terry_loss(scores[:n_group_answers], [len(ex.sequences) for ex in groups],
+                              [ex.tiers for ex in groups])
     if thumbs:
         loss = loss + pointwise_weight * pointwise_logistic_loss(scores[n_group_answers:], labels)
     return loss
@@ -151,17 +158,19 @@ def _score_stats(model: RewardModel, examples: list[Example], device: str) -> tu
     return scores.mean().item(), std if std > 1e-6 else 1.0
 
 
-def _evaluate(model: RewardModel, examples: list[Example], cfg: RewardConfig,
-              device: str) -> dict[str, float]:
-    """Pairwise accuracy and BT loss over groups; thumbs accuracy (sign of the score)."""
+def _evaluate(model: RewardModel, examples: list[Example], device: str) -> dict[str, float]:
+    """Pairwise accuracy (Wilson 95% interval) and BT loss over groups; thumbs accuracy (sign)."""
     groups = [ex for ex in examples if ex.label is None]
     thumbs = [ex for ex in examples if ex.label is not None]
-    sizes = [len(ex.sequences) for ex in groups]
+    sizes, tiers = [len(ex.sequences) for ex in groups], [ex.tiers for ex in groups]
     scores = score_sequences(model, [s for ex in groups for s in ex.sequences], device)
-    accuracy, n_pairs = pairwise_accuracy(scores, sizes)
+    accuracy, n_pairs = pairwise_accuracy(scores, sizes, tiers)
+    low, high = wilson_interval(round(accuracy * n_pairs), n_pairs) or (0.0, 1.0)
     metrics = {
         "reward/accuracy": accuracy,
-        "reward/loss": bradley_terry_loss(scores, sizes).item(),
+        "reward/accuracy_low": low,
+        "reward/accuracy_high": high,
+        "reward/loss": bradley_terry_loss(scores, sizes, tiers).item(),
         "reward/holdout_pairs": float(n_pairs),
     }
     if thumbs:
@@ -170,7 +179,3 @@ def _evaluate(model: RewardModel, examples: list[Example], cfg: RewardConfig,
         correct = (thumb_scores > 0).float() == labels
         metrics["reward/thumbs_accuracy"] = correct.float().mean().item()
     return metrics
-
-
-def _n_pairs(k: int) -> int:
-    return k * (k - 1) // 2

@@ -1,0 +1,120 @@
+"""Canary bookkeeping and live approval counters, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+
+from feedback_store import NewChoice, NewCompletion, Store
+from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
+
+
+def _versions(store: Store, *statuses: str) -> None:
+    store.ensure_base_policy("/models/base", None)
+    for n, status in enumerate(statuses, start=1):
+        store.add_policy(id=f"policy-{n}", parent="policy-0", path=f"/ckpt/policy-{n}",
+                         sha256="ab" * 32, status=status)
+
+
+def _served(store: Store, cid: str, version: str, n: int = 1) -> None:
+    store.record_completion(NewCompletion(
+        id=cid, kind="text", prompt_text=f"prompt {cid}", prompt_token_ids=[1, 2],
+        messages=None, model="flywheel", policy_version=version, params={},
+        choices=[NewChoice(i, f"answer {i}", [3 + i], [-0.1], "stop") for i in range(n)]))
+
+
+def _thumbs(store: Store, cid: str, *ratings: str) -> None:
+    store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r}
+                         for i, r in enumerate(ratings)])
+
+
+def _statuses(store: Store) -> dict[str, str]:
+    return {p["id"]: p["status"] for p in store.list_policies()}
+
+
+def test_start_and_end_a_canary(store: Store) -> None:
+    _versions(store, "candidate", "candidate")
+    row = store.start_canary("policy-1", 0.25)
+    assert row["status"] == "canary" and row["canary"]["fraction"] == 0.25
+    active, canary = store.serving_state()
+    assert active is not None and active["id"] == "policy-0"
+    assert canary is not None and canary["id"] == "policy-1"
+    ended = store.end_canary("rejected", {"canary/decision": "rejected"}, id="policy-1")
+    assert ended["status"] == "rejected" and ended["metrics"]["canary/decision"] == "rejected"
+    assert ended["canary"] is None
+    assert store.serving_state()[1] is None
+
+
+def test_bad_canary_requests_change_nothing(store: Store) -> None:
+    _versions(store, "candidate", "rejected", "candidate")
+    before = _statuses(store)
+    with pytest.raises(NotFoundError):
+        store.start_canary("policy-9", 0.2)
+    with pytest.raises(ConflictError, match="already active"):
+        store.start_canary("policy-0", 0.2)
+    with pytest.raises(InvalidInputError, match="rejected"):
+        store.start_canary("policy-2", 0.2)
+    for fraction in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(InvalidInputError, match="fraction"):
+            store.start_canary("policy-1", fraction)
+    with pytest.raises(NotFoundError):
+        store.end_canary("candidate")
+    assert _statuses(store) == before
+    store.start_canary("policy-1", 0.2)
+    with pytest.raises(ConflictError, match="on canary already"):
+        store.start_canary("policy-3", 0.2)
+    with pytest.raises(NotFoundError):
+        store.end_canary("candidate", id="policy-3")
+    assert _statuses(store)["policy-1"] == "canary"
+    store.end_canary("candidate")
+    assert store.start_canary("policy-2", 0.2, force=True)["status"] == "canary"
+
+
+def test_promotion_and_activation_end_the_canary(store: Store) -> None:
+    _versions(store, "candidate", "candidate")
+    store.start_canary("policy-1", 0.2)
+    store.activate_policy("policy-1", metrics={"canary/decision": "promoted"})
+    assert _statuses(store) == {"policy-0": "retired", "policy-1": "active",
+                                "policy-2": "candidate"}
+    assert store.get_policy("policy-1")["metrics"]["canary/decision"] == "promoted"
+    store.start_canary("policy-2", 0.2)
+    store.activate_policy("policy-0")  # a rollback meanwhile aborts the canary
+    assert _statuses(store)["policy-2"] == "candidate"
+    assert store.get_policy("policy-2")["metrics"]["canary/decision"] == "aborted"
+    assert store.serving_state()[1] is None
+
+
+def test_live_ratings_count_every_stored_thumb(store: Store) -> None:
+    _versions(store, "candidate")
+    _served(store, "a", "policy-0", n=3)
+    _served(store, "b", "policy-1", n=2)
+    _thumbs(store, "a", "up", "down", "up")
+    _thumbs(store, "b", "down", "down")
+    store.add_feedback(completion_id="b", choice_index=0, rating="up", idempotency_key="k1")
+    store.add_feedback(completion_id="b", choice_index=0, rating="up", idempotency_key="k1")
+    with pytest.raises(NotFoundError):
+        store.add_feedback(completion_id="nope", choice_index=0, rating="up")
+    assert store.live_ratings() == {"policy-0": (2, 1), "policy-1": (1, 2)}
+
+
+def test_canary_evidence_counts_only_the_canary_period(store: Store) -> None:
+    _versions(store, "candidate")
+    _served(store, "before", "policy-0", n=2)
+    _thumbs(store, "before", "up", "up")  # before the canary: not evidence
+    store.start_canary("policy-1", 0.5)
+    _thumbs(store, "before", "down")  # an answer from before the canary: not evidence either
+    _served(store, "a", "policy-0", n=3)
+    _served(store, "c", "policy-1", n=2)
+    _thumbs(store, "a", "up", "down", "down")
+    _thumbs(store, "c", "up", "up")
+    assert store.canary_evidence() == {"policy-0": (1, 2), "policy-1": (2, 0)}
+    store.end_canary("candidate")
+    assert store.canary_evidence() is None
+
+
+def test_pruning_spares_serving_and_protected_versions(store: Store) -> None:
+    _versions(store, "retired", "candidate", "retired", "candidate")
+    store.start_canary("policy-2", 0.2)
+    prunable = {p["id"] for p in store.prunable_policies(keep=0, protect={"policy-3"})}
+    assert prunable == {"policy-1", "policy-4"}
+    with pytest.raises(InvalidInputError):
+        store.mark_policy_pruned("policy-2")
