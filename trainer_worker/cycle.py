@@ -1,10 +1,18 @@
-"""One training cycle: reward model, PPO, evaluation gate, publication.
+"""One training cycle: reward model, PPO, evaluation gate; the worker releases what passes.
 
-1. Retrain the reward model on all feedback, continuing from the previous one.
-2. Run PPO from the active policy, against the frozen base model as reference.
-3. Score the candidate and the active policy on held-out prompts with the new reward model.
-4. Publish (checkpoint sealed, SQL row, SET + PUBLISH) only if the score improves and the KL to
-   the base stays under budget; else store the candidate as rejected with its metrics.
+0. Evidence first: at least one held-out prompt and ``train.min_holdout_pairs`` held-out
+   preference pairs, else the cycle is skipped before any training.
+1. Reward model on the train split (feedback on held-out prompts never trains it), continuing
+   from the RM in service. It is kept only when the lower 95% bound of its accuracy on every
+   held-out pair beats ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in
+   service stays.
+2. PPO from the active policy against the frozen base, its KL coefficient steered so that the
+   candidate's KL to the base stays within ``train.kl_budget`` across cycles (``ppo.budget``).
+3. Gate: candidate and active policy answer the same held-out prompts at least
+   ``train.gate_samples`` times each, paired by prompt and sampling noise. The candidate passes
+   when the lower 95% bound of the paired RM score gain beats ``train.min_improvement``, its KL
+   to the base is within budget and its length and EOS rate did not drift too far. It is stored
+   as "candidate" (the worker then releases it) or as "rejected", with its metrics either way.
 
 Every directory is written under a temporary name and renamed when complete, so nothing
 half-done is ever visible; an interrupted cycle leaves no checkpoint and no policy row.
@@ -13,6 +21,7 @@ half-done is ever visible; an interrupted cycle leaves no checkpoint and no poli
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -21,15 +30,27 @@ from pathlib import Path
 from typing import Any
 
 from feedback_store import Store
+from feedback_store.types import RewardData
 from flywheel.checkpoints import atomic_directory, seal
-from flywheel.hotswap import PolicyMessage
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
 
+KL_LIMIT_SHARE = 0.9  # PPO keeps the newest weights within 0.9 x budget: room for the estimate
+SPLIT_MARK = "reward/trained_on_train_split"  # RMs that never saw a held-out prompt carry it
+
 
 class CycleError(RuntimeError):
-    """A cycle that cannot run (e.g. no feedback yet); the run is marked failed with this text."""
+    """A cycle that cannot run (e.g. no active policy); the run is marked failed with this text."""
+
+
+class Skip(Exception):
+    """A cycle that waits for more evidence; the run ends "skipped" with ``reason``."""
+
+    def __init__(self, reason: str, metrics: dict[str, Any] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.metrics = dict(metrics or {})
 
 
 @dataclass
@@ -38,16 +59,15 @@ class CycleContext:
     store: Store
     device: str
     should_stop: Callable[[], bool]
-    publish: Callable[[PolicyMessage], None]
     progress: bool = True
 
 
 @dataclass
 class CycleResult:
-    status: str  # "succeeded" or "rejected"
-    metrics: dict[str, Any]
-    policy_id: str
-    reward_model_id: str
+    status: str  # "succeeded" (a candidate stored for release), "rejected" or "skipped"
+    metrics: dict[str, Any]  # "skipped" ones carry "cycle/skip_reason"
+    policy_id: str | None  # the new candidate or rejected policy; None when skipped
+    reward_model_id: str | None  # the RM this cycle trained, else the one in service (or None)
 
 
 def _dirs(settings: Settings) -> tuple[Path, Path]:
@@ -55,23 +75,50 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     return root / "policies", root / "reward"
 
 
-def train_reward(ctx: CycleContext) -> tuple[str, Path, dict[str, float]]:
-    """Step 1: a new reward-model version from all feedback so far."""
+def check_evidence(ctx: CycleContext) -> RewardData:
+    """Step 0: the held-out feedback, when there is enough of it to judge an RM and a policy."""
+    from trainer_worker.reward.data import preference_pairs
+
+    if ctx.store.holdout_prompt_count() == 0:
+        raise Skip("no held-out prompts yet")
+    holdout = ctx.store.reward_data(split="holdout")
+    n, need = preference_pairs(holdout.groups), ctx.settings.train.min_holdout_pairs
+    if n < need:
+        raise Skip(f"too little evidence: {n} held-out pairs, need {need}",
+                   {"reward/holdout_pairs": float(n)})
+    return holdout
+
+
+def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dict[str, Any]]:
+    """Step 1: a new reward-model version from the train split, judged on every held-out pair.
+
+    Warm-starting from the RM in service is honest because no RM trained here sees a held-out
+    prompt (the split hashes the prompt text, so it never moves); an RM from before the split
+    (no ``SPLIT_MARK``) may have, so the base model is the start then.
+    """
     from trainer_worker.reward.train import train_reward_model
 
-    data = ctx.store.reward_data()
+    data = ctx.store.reward_data(split="train")
     if not data.groups and not data.thumbs:
-        raise CycleError("no feedback to learn from yet")
+        raise Skip("no feedback outside the held-out prompts to train on yet")
+    floor = ctx.settings.train.reward_accuracy_floor
     previous = ctx.store.latest_reward_model()
-    init_dir = Path(previous["path"]) if previous else Path(ctx.settings.model)
+    warm = previous is not None and bool(previous["metrics"].get(SPLIT_MARK))
+    init_dir = Path(previous["path"]) if warm else Path(ctx.settings.model)
     rm_id = ctx.store.next_reward_model_id()
-    _, reward_root = _dirs(ctx.settings)
-    out = reward_root / rm_id
+    out = _dirs(ctx.settings)[1] / rm_id
     log.info("reward model %s: %d groups, %d lone thumbs, from %s", rm_id, len(data.groups),
              len(data.thumbs), init_dir)
     with atomic_directory(out) as tmp:
-        metrics = train_reward_model(init_dir, data, ctx.settings.reward, tmp, device=ctx.device,
-                                     progress=ctx.progress, should_stop=ctx.should_stop)
+        metrics: dict[str, Any] = train_reward_model(
+            init_dir, data, ctx.settings.reward, tmp, holdout=holdout, device=ctx.device,
+            progress=ctx.progress, should_stop=ctx.should_stop)
+        metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm)}
+        if not metrics["reward/accuracy_low"] > floor:
+            raise Skip(f"reward model not better than chance: held-out accuracy "
+                       f"{metrics['reward/accuracy']:.3f} on {metrics['reward/holdout_pairs']:.0f}"
+                       f" pairs, 95% lower bound {metrics['reward/accuracy_low']:.3f} <= floor "
+                       f"{floor:g}", metrics)  # atomic_directory deletes what was written
         manifest = seal(tmp, rm_id, parent=previous["id"] if previous else None)
     ctx.store.add_reward_model(id=rm_id, parent=previous["id"] if previous else None,
                                path=str(out), sha256=manifest.sha256, metrics=metrics)
@@ -79,78 +126,112 @@ def train_reward(ctx: CycleContext) -> tuple[str, Path, dict[str, float]]:
 
 
 def _prompts(ctx: CycleContext, n: int, seed: int, holdout: bool) -> list[list[int]]:
-    records = ctx.store.sample_prompts(n, seed=seed, holdout=holdout)
-    if not records:
-        raise CycleError("no stored user prompts to train on")
-    return [r.prompt_token_ids for r in records]
+    return [r.prompt_token_ids for r in ctx.store.sample_prompts(n, seed=seed, holdout=holdout)]
+
+
+def _carried_kl_coef(ctx: CycleContext) -> float:
+    """The budget controller's last coefficient (newest policy PPO made with it), else the
+    configured one: the controller's state carries from cycle to cycle."""
+    for policy in ctx.store.list_policies():
+        if "ppo/kl_target" in policy["metrics"] and "ppo/kl_coef" in policy["metrics"]:
+            return float(policy["metrics"]["ppo/kl_coef"])
+    return ctx.settings.ppo.kl_coef
 
 
 def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
                  ) -> tuple[str, Path, str, dict[str, float]]:
     """Step 2: PPO from the active policy; returns (id, dir, sha256, metrics)."""
+    from trainer_worker.ppo.core import kl_budget_controller
     from trainer_worker.ppo.trainer import run_ppo
 
-    cfg = ctx.settings.ppo
+    cfg, budget = ctx.settings.ppo, ctx.settings.train.kl_budget
     prompts = _prompts(ctx, cfg.rollout_batch_size * cfg.steps, seed=run_id, holdout=False)
+    if not prompts:
+        raise Skip("no stored user prompts outside the held-out split to train on")
+    budgeted = {}
+    if budget > 0:  # a budget of 0 or less rejects every candidate: nothing to steer to
+        budgeted = {"kl_ctl": kl_budget_controller(budget, _carried_kl_coef(ctx),
+                                                   cfg.rollout_batch_size),
+                    "kl_limit": KL_LIMIT_SHARE * budget}
     policy_id = ctx.store.next_policy_id()
-    policies_root, _ = _dirs(ctx.settings)
-    out = policies_root / policy_id
+    out = _dirs(ctx.settings)[0] / policy_id
     log.info("PPO %s from %s on %d prompts", policy_id, active["id"], len(prompts))
     with atomic_directory(out) as tmp:
         metrics = run_ppo(Path(active["path"]), Path(ctx.settings.model), rm_dir, prompts, cfg,
                           tmp, device=ctx.device, progress=ctx.progress,
-                          should_stop=ctx.should_stop)
+                          should_stop=ctx.should_stop, **budgeted)
         manifest = seal(tmp, policy_id, parent=active["id"], base_model=ctx.settings.model)
     return policy_id, out, manifest.sha256, metrics
 
 
 def gate(ctx: CycleContext, candidate: Path, active: dict, rm_dir: Path, run_id: int
-         ) -> tuple[bool, dict[str, float]]:
-    """Step 3: the candidate must beat the active policy and stay within the KL budget."""
-    from trainer_worker.evaluate import evaluate_policy
+         ) -> dict[str, Any]:
+    """Step 3: paired comparison on held-out prompts; ``gate/reasons`` lists what failed."""
+    from trainer_worker.evaluate import compare_policies, gate_reasons, sample_policy
 
     train = ctx.settings.train
     prompts = _prompts(ctx, train.eval_prompts, seed=10_000 + run_id, holdout=True)
+    if not prompts:
+        raise Skip("no held-out prompts yet")
+    per_prompt = math.ceil(train.gate_samples / len(prompts))
     kwargs = {"max_new_tokens": ctx.settings.ppo.max_new_tokens, "device": ctx.device,
-              "seed": run_id}
+              "seed": run_id, "samples_per_prompt": per_prompt,
+              "temperature": ctx.settings.ppo.temperature}  # KL as served
     base = Path(ctx.settings.model)
-    new = evaluate_policy(candidate, base, rm_dir, prompts, **kwargs)
-    old = evaluate_policy(Path(active["path"]), base, rm_dir, prompts, **kwargs)
-    gain = new["eval/score_mean"] - old["eval/score_mean"]
-    metrics = {**{f"gate/candidate_{k.split('/')[-1]}": v for k, v in new.items()},
-               **{f"gate/active_{k.split('/')[-1]}": v for k, v in old.items()},
-               "gate/score_gain": gain, "gate/kl_budget": train.kl_budget}
-    passed = gain > train.min_improvement and new["eval/kl_ref"] <= train.kl_budget
-    return passed, metrics
+    new = sample_policy(candidate, base, rm_dir, prompts, **kwargs)
+    old = sample_policy(Path(active["path"]), base, rm_dir, prompts, **kwargs)
+    n, need = new.scores.numel(), max(2, train.gate_samples)
+    if n < need:
+        raise Skip(f"too few held-out samples to judge: {n}, need {need}")
+    metrics: dict[str, Any] = compare_policies(new, old)
+    metrics |= {"gate/prompts": float(len(prompts)), "gate/samples_per_prompt": float(per_prompt),
+                "gate/kl_budget": train.kl_budget}
+    metrics["gate/reasons"] = gate_reasons(metrics, train)
+    return metrics
 
 
 def run_cycle(ctx: CycleContext, run_id: int) -> CycleResult:
-    """Steps 1-4; raises on failure or interruption, leaving no new policy behind."""
+    """Steps 0-3; raises on failure or interruption, leaving no new policy behind."""
     started = time.monotonic()
     active = ctx.store.active_policy()
     if active is None or not active.get("path"):
         raise CycleError("no active policy recorded")
-    rm_id, rm_dir, rm_metrics = train_reward(ctx)
-    policy_id, policy_dir, sha, ppo_metrics = train_policy(ctx, active, rm_dir, run_id)
+    rm_id: str | None = None
     try:
-        passed, gate_metrics = gate(ctx, policy_dir, active, rm_dir, run_id)
-        if ctx.should_stop():
-            raise InterruptedError("stopped before publication")
-        metrics = {**rm_metrics, **ppo_metrics, **gate_metrics,
-                   "cycle/seconds": time.monotonic() - started}
-        status = "candidate" if passed else "rejected"
-        ctx.store.add_policy(id=policy_id, parent=active["id"], path=str(policy_dir),
-                             sha256=sha, status=status, metrics=metrics)
-    except BaseException:
-        shutil.rmtree(policy_dir, ignore_errors=True)  # nothing half-done stays behind
-        raise
+        holdout = check_evidence(ctx)
+        rm_id, rm_dir, rm_metrics = train_reward(ctx, holdout)
+        policy_id, policy_dir, sha, ppo_metrics = train_policy(ctx, active, rm_dir, run_id)
+        try:
+            gate_metrics = gate(ctx, policy_dir, active, rm_dir, run_id)
+            if ctx.should_stop():
+                raise InterruptedError("stopped before the candidate was recorded")
+            metrics = {**rm_metrics, **ppo_metrics, **gate_metrics,
+                       "cycle/seconds": time.monotonic() - started}
+            passed = not gate_metrics["gate/reasons"]
+            ctx.store.add_policy(id=policy_id, parent=active["id"], path=str(policy_dir),
+                                 sha256=sha, status="candidate" if passed else "rejected",
+                                 metrics=metrics)
+        except BaseException:
+            shutil.rmtree(policy_dir, ignore_errors=True)  # nothing half-done stays behind
+            raise
+    except Skip as skip:
+        return _skipped(ctx, skip, rm_id, started)
     if not passed:
-        log.info("%s rejected by the gate: %s", policy_id, gate_metrics)
+        log.info("%s rejected by the gate: %s", policy_id, "; ".join(gate_metrics["gate/reasons"]))
         return CycleResult("rejected", metrics, policy_id, rm_id)
-    ctx.store.activate_policy(policy_id)
-    ctx.publish(PolicyMessage(policy_id, str(policy_dir), sha))
-    log.info("published %s (score gain %.3f)", policy_id, gate_metrics["gate/score_gain"])
+    log.info("%s passed the gate (score gain %.3f, 95%% bound %.3f): a candidate for release",
+             policy_id, gate_metrics["gate/score_gain"], gate_metrics["gate/score_gain_low"])
     return CycleResult("succeeded", metrics, policy_id, rm_id)
+
+
+def _skipped(ctx: CycleContext, skip: Skip, rm_id: str | None, started: float) -> CycleResult:
+    if rm_id is None:
+        in_service = ctx.store.latest_reward_model()
+        rm_id = in_service["id"] if in_service else None
+    log.info("cycle skipped: %s", skip.reason)
+    metrics = {**skip.metrics, "cycle/skip_reason": skip.reason,
+               "cycle/seconds": time.monotonic() - started}
+    return CycleResult("skipped", metrics, None, rm_id)
 
 
 def prune(settings: Settings, store: Store) -> None:

@@ -14,9 +14,11 @@ import torch
 from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
 from flywheel.settings import RewardConfig
 from trainer_worker.reward import RewardModel, TrainingInterrupted, train_reward_model
-from trainer_worker.reward.data import pad_right, strip_eos
+from trainer_worker.reward.data import pad_right, preference_pairs, strip_eos
 from trainer_worker.reward.losses import (
     bradley_terry_loss,
+    count_pairs,
+    group_pairs,
     pairwise_accuracy,
     pointwise_logistic_loss,
 )
@@ -60,6 +62,36 @@ def test_bradley_terry_loss_matches_naive_loop() -> None:
         start += k
         correct += sum(group[i] > group[j] for i, j in itertools.combinations(range(k), 2))
     assert accuracy == pytest.approx(correct / n_pairs)
+
+
+def test_tied_answers_form_no_pairs() -> None:
+    """Answers of one tier are tied: no loss pair, no accuracy pair (ranking tiers)."""
+    gen = torch.Generator().manual_seed(2)
+    sizes = [4, 3, 2]
+    tiers = [[0, 0, 1, 2], None, [0, 0]]  # a tie on top; a strict order; a fully tied pair
+    scores = torch.randn(sum(sizes), generator=gen)
+    winners, losers, pair_group = group_pairs(sizes, tiers=tiers)
+    expected = [(0, 2), (0, 3), (1, 2), (1, 3), (2, 3), (4, 5), (4, 6), (5, 6)]
+    assert list(zip(winners.tolist(), losers.tolist(), strict=True)) == expected
+    assert pair_group.tolist() == [0] * 5 + [1] * 3
+    assert count_pairs(sizes, tiers) == len(expected)
+    s = scores.tolist()
+    group_losses = [sum(-log_sigmoid(s[i] - s[j]) for i, j in expected[:5]) / 5,
+                    sum(-log_sigmoid(s[i] - s[j]) for i, j in expected[5:]) / 3]
+    loss = bradley_terry_loss(scores, sizes, tiers)
+    assert loss.item() == pytest.approx(sum(group_losses) / 2, rel=1e-5)  # the tied group: none
+    accuracy, n_pairs = pairwise_accuracy(scores, sizes, tiers)
+    assert n_pairs == 8
+    assert accuracy == pytest.approx(sum(s[i] > s[j] for i, j in expected) / 8)
+    all_tied = torch.zeros(3, requires_grad=True)
+    tied_loss = bradley_terry_loss(all_tied, [3], [[1, 1, 1]])
+    tied_loss.backward()
+    assert tied_loss.item() == 0.0
+    groups = [PreferenceGroup([3], [[5], [6], [7]], "ranking", tiers=[0, 1, 1]),
+              PreferenceGroup([3], [[5], [6]], "thumbs")]
+    assert preference_pairs(groups) == 2 + 1
+    with pytest.raises(ValueError):
+        group_pairs([3], tiers=[[0, 1]])
 
 
 def test_bradley_terry_loss_without_pairs_is_zero_and_differentiable() -> None:
@@ -142,18 +174,23 @@ def synthetic_data(n_groups: int, seed: int) -> RewardData:
 
 @pytest.mark.slow
 def test_reward_model_learns_a_shared_feature(tiny_model_dir: Path, tmp_path: Path) -> None:
-    cfg = RewardConfig(lr=1e-3, epochs=3, batch_size=8, holdout_fraction=0.25)
-    metrics = train_reward_model(tiny_model_dir, synthetic_data(80, seed=0), cfg,
-                                 tmp_path / "rm", progress=False)
+    cfg = RewardConfig(lr=1e-3, epochs=3, batch_size=8)
+    data = synthetic_data(80, seed=0)
+    train = RewardData(groups=data.groups[:60], thumbs=data.thumbs[:60])
+    holdout = RewardData(groups=data.groups[60:], thumbs=data.thumbs[60:])
+    metrics = train_reward_model(tiny_model_dir, train, cfg, tmp_path / "rm", holdout=holdout,
+                                 progress=False)
     assert metrics["reward/accuracy"] > 0.8
+    assert metrics["reward/accuracy_low"] < metrics["reward/accuracy"]
+    assert metrics["reward/accuracy_low"] > 0.6  # 60 held-out pairs show it beats chance
     assert metrics["reward/groups"] == 60 and metrics["reward/pairs"] == 180
-    assert metrics["reward/holdout_pairs"] == 60
+    assert metrics["reward/holdout_pairs"] == 60 and metrics["reward/holdout_groups"] == 20
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["reward/score_std"] > 0
     # Continue training from the saved reward model (the next cycle's path).
     again = train_reward_model(tmp_path / "rm", synthetic_data(20, seed=1),
                                cfg.model_copy(update={"epochs": 1}), tmp_path / "rm2",
-                               progress=False)
+                               holdout=holdout, progress=False)
     assert again["reward/accuracy"] > 0.8
 
 

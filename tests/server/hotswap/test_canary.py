@@ -1,0 +1,174 @@
+"""Canary rollout through the admin routes, on fake engines with a real Redis and SQLite:
+the split, stickiness, two replicas, live approval, a Redis restart, and bad requests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import redis
+from fastapi.testclient import TestClient
+
+from feedback_store import Store
+from flywheel.embedded_redis import EmbeddedRedis
+from flywheel.hotswap import CanaryMessage, RedisKeys
+from flywheel.settings import Settings
+from tests.server.hotswap.conftest import (
+    CHAT,
+    _settings_on,
+    checkpoint,
+    redis_followed,
+    serving,
+    wait_for,
+)
+
+USERS = [f"user-{i}" for i in range(60)]
+
+
+def answer(client: TestClient, user: str | None = None) -> dict:
+    body = {**CHAT, **({"user": user} if user else {})}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.headers["X-Flywheel-Policy"] == response.json()["system_fingerprint"]
+    return response.json()
+
+
+def arm_of(client: TestClient, user: str) -> str:
+    return answer(client, user)["system_fingerprint"]
+
+
+def canary_of(client: TestClient) -> str | None:
+    return client.get("/readyz").json().get("canary")
+
+
+def test_canary_splits_sticky_per_user_on_two_replicas(settings: Settings, store: Store,
+                                                       tmp_path: Path) -> None:
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    checkpoint(settings, store, tmp_path, "policy-1")
+    with serving(settings, store) as (a, engine_a), serving(settings, store) as (b, engine_b):
+        assert redis_followed(a) and redis_followed(b)
+        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.3})
+        assert started.status_code == 201, started.text
+        assert started.json()["status"] == "canary" and started.json()["published"] is True
+        assert started.json()["canary"]["fraction"] == 0.3
+        assert wait_for(lambda: canary_of(b), lambda v: v == "policy-1") == "policy-1"
+        arms = {user: arm_of(a, user) for user in USERS}
+        on_canary = [u for u, arm in arms.items() if arm == "policy-1"]
+        assert set(arms.values()) == {"policy-0", "policy-1"}
+        assert 0.1 < len(on_canary) / len(USERS) < 0.5  # 0.3 of 60 users, binomial spread
+        # Sticky: the same users get the same arm again, on the other replica too.
+        assert {u: arm_of(b, u) for u in USERS} == arms
+        assert {u: arm_of(a, u) for u in USERS[:10]} == {u: arms[u] for u in USERS[:10]}
+        # Anonymous requests are split at random, in about the same share.
+        anonymous = [answer(a)["system_fingerprint"] for _ in range(60)]
+        assert 0 < anonymous.count("policy-1") < 40
+        metrics = a.get("/metrics").text
+        assert 'flywheel_canary_fraction{version="policy-1"} 0.3' in metrics
+        listed = {p["id"]: p for p in a.get("/v1/policies").json()["data"]}
+        assert listed["policy-1"]["status"] == "canary"
+        assert a.get("/v1/policies").json()["canary"] == "policy-1"
+        # Abort: every replica goes back to the active version alone.
+        ended = a.delete("/v1/policies/policy-1/canary")
+        assert ended.status_code == 200, ended.text
+        assert ended.json()["status"] == "candidate"
+        assert ended.json()["metrics"]["canary/decision"] == "aborted"
+        assert wait_for(lambda: canary_of(b), lambda v: v is None) is None
+        assert {arm_of(b, u) for u in on_canary} == {"policy-0"}
+        assert engine_a.canary_version is None and engine_b.canary_version is None
+
+
+def test_promoting_the_canary_serves_it_to_everyone(settings: Settings, store: Store,
+                                                    tmp_path: Path) -> None:
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    checkpoint(settings, store, tmp_path, "policy-1")
+    with serving(settings, store) as (a, engine):
+        assert a.post("/v1/policies/policy-1/canary", json={"fraction": 0.5}).status_code == 201
+        promoted = a.post("/v1/policies/policy-1/activate")
+        assert promoted.status_code == 200 and promoted.json()["status"] == "active"
+        assert {arm_of(a, u) for u in USERS[:20]} == {"policy-1"}
+        assert engine.canary_version is None
+        assert canary_of(a) is None
+
+
+def test_live_approval_per_version(settings: Settings, store: Store, tmp_path: Path) -> None:
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    with serving(settings, store) as (a, _):
+        for rating in ["up"] * 6 + ["down"] * 2:
+            completion = answer(a)
+            response = a.post("/v1/feedback", json={"completion_id": completion["id"],
+                                                    "rating": rating})
+            assert response.status_code == 201, response.text
+        live = {p["id"]: p["live"] for p in a.get("/v1/policies").json()["data"]}["policy-0"]
+        assert live["ratings"] == 8 and live["approval"] == 0.75
+        low, high = live["interval"]
+        assert 0.4 < low < 0.75 < high < 0.96
+        one = a.get("/v1/policies/policy-0").json()
+        assert one["live"] == live
+
+
+def test_bad_canary_requests_are_4xx_and_change_nothing(settings: Settings, store: Store,
+                                                        tmp_path: Path) -> None:
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    checkpoint(settings, store, tmp_path, "policy-1")
+    checkpoint(settings, store, tmp_path, "policy-2", status="rejected")
+    checkpoint(settings, store, tmp_path, "policy-3")
+    with serving(settings, store) as (a, _):
+        def state() -> dict[str, str]:
+            return {p["id"]: p["status"] for p in a.get("/v1/policies").json()["data"]}
+
+        before = state()
+        cases = [
+            ("post", "/v1/policies/policy-9/canary", {}, 404),
+            ("post", "/v1/policies/policy-0/canary", {}, 409),
+            ("post", "/v1/policies/policy-2/canary", {}, 400),
+            ("post", "/v1/policies/policy-1/canary", {"fraction": 0}, 400),
+            ("post", "/v1/policies/policy-1/canary", {"fraction": 1.0}, 400),
+            ("post", "/v1/policies/policy-1/canary", {"fraction": "lots"}, 400),
+            ("delete", "/v1/policies/policy-1/canary", None, 404),
+        ]
+        for method, url, body, status in cases:
+            response = a.request(method.upper(), url, json=body)
+            assert response.status_code in (status, 422 if status == 400 else status), (
+                url, body, response.text)
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+        assert state() == before
+        assert a.post("/v1/policies/policy-1/canary").status_code == 201
+        second = a.post("/v1/policies/policy-3/canary")
+        assert second.status_code == 409 and second.json()["error"]["code"] == "canary_running"
+        wrong = a.delete("/v1/policies/policy-3/canary")
+        assert wrong.status_code == 404
+        assert state() == {**before, "policy-1": "canary"}
+        forced = a.post("/v1/policies/policy-2/canary", json={"force": True})
+        assert forced.status_code == 409  # still one canary at a time
+
+
+def test_canary_survives_a_redis_restart(settings: Settings, store: Store, tmp_path: Path,
+                                         own_redis: EmbeddedRedis) -> None:
+    """A canary ended while Redis is down stays ended when Redis comes back with a stale key;
+    one started while it is down reaches the replicas through SQL."""
+    settings = _settings_on(settings, own_redis)
+    keys = RedisKeys(settings.redis_namespace)
+    active = checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    stale = checkpoint(settings, store, tmp_path, "policy-1")
+    checkpoint(settings, store, tmp_path, "policy-2")
+    with serving(settings, store) as (a, _), serving(settings, store) as (b, _):
+        assert redis_followed(a) and redis_followed(b)
+        assert a.post("/v1/policies/policy-1/canary").json()["published"] is True
+        assert wait_for(lambda: canary_of(b), lambda v: v == "policy-1") == "policy-1"
+        own_redis.stop()
+        assert redis_followed(b, connected=False)
+        assert a.delete("/v1/policies/policy-1/canary").json()["published"] is False
+        assert wait_for(lambda: canary_of(b), lambda v: v is None) is None
+        started = a.post("/v1/policies/policy-2/canary", json={"fraction": 0.4})
+        assert started.status_code == 201 and started.json()["published"] is False
+        assert wait_for(lambda: canary_of(b), lambda v: v == "policy-2") == "policy-2"
+        # Redis comes back remembering policy-1 on canary: SQL wins on every replica.
+        with EmbeddedRedis(own_redis.directory) as scratch:  # leaves a dump.rdb with the keys
+            client = redis.Redis.from_url(scratch.url)
+            client.set(keys.active_policy, active.to_json())
+            client.set(keys.canary_policy,
+                       CanaryMessage(stale.version, stale.path, stale.sha256, 0.9).to_json())
+            client.save()
+            client.close()
+        own_redis.start()
+        assert redis_followed(a) and redis_followed(b)
+        assert canary_of(a) == canary_of(b) == "policy-2"
