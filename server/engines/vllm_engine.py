@@ -57,10 +57,8 @@ from server.engines.vllm_params import (
     build_sampling_params,
     engine_args,
     eos_token_ids,
-    has_full_weights,
+    full_checkpoint_problem,
     lora_adapter_dir,
-    read_model_config,
-    shape_mismatches,
     spans_other_versions,
     to_choice_delta,
 )
@@ -334,16 +332,10 @@ class VLLMEngine:
         log.info("canary %s promoted to active without a reload", canary.version)
 
     def _check_full_checkpoint(self, path: str, version: str) -> None:
-        """Refuse before pausing what an in-place reload cannot load."""
-        if not has_full_weights(Path(path)):
-            reason = ("a LoRA policy but LoRA is off (FLYWHEEL_PPO__USE_LORA)"
-                      if lora_adapter_dir(Path(path)) else "no config.json and *.safetensors")
-            raise SwapError(f"{version} at {path}: {reason}")
-        mismatches = shape_mismatches(read_model_config(Path(self._weights_path)),
-                                      read_model_config(Path(path)))
-        if mismatches:
-            raise SwapError(f"{version} at {path} differs from the served model in "
-                            f"{', '.join(mismatches)}; in-place reload needs equal shapes")
+        """Refuse, before pausing or building anything, what the served model cannot become."""
+        problem = full_checkpoint_problem(Path(self._weights_path), Path(path))
+        if problem:
+            raise SwapError(f"{version} at {path}: {problem}")
 
     async def _swap_full(self, path: str, version: str, adapter: Path | None = None) -> None:
         """Reload ``path`` in place (then add ``adapter``, still paused) behind the gate."""

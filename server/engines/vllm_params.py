@@ -196,6 +196,19 @@ def shape_mismatches(served: Mapping[str, Any], candidate: Mapping[str, Any]) ->
     return [key for key in SHAPE_KEYS if served.get(key) != candidate.get(key)]
 
 
+def full_checkpoint_problem(served: Path, candidate: Path) -> str | None:
+    """Why the served model's engine cannot load ``candidate``'s full weights (None: it can)."""
+    if not has_full_weights(candidate):
+        if lora_adapter_dir(candidate):
+            return "a LoRA policy but LoRA is off (FLYWHEEL_PPO__USE_LORA)"
+        return "no config.json and *.safetensors"
+    mismatches = shape_mismatches(read_model_config(served), read_model_config(candidate))
+    if mismatches:
+        return (f"differs from the served model in {', '.join(mismatches)}; "
+                "in-place reload needs equal shapes")
+    return None
+
+
 def eos_token_ids(model_dir: Path, tokenizer_eos: int | None) -> tuple[int, ...]:
     """The tokenizer's EOS plus ``generation_config.json``'s ``eos_token_id`` (int or list)."""
     ids: list[int] = [tokenizer_eos] if tokenizer_eos is not None else []

@@ -1,0 +1,140 @@
+"""The worker's rollout decisions on a real database and Redis: release, canary promotion and
+rejection from live thumbs, timeout, and auto-rollback to a better stored version."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from feedback_store import NewChoice, NewCompletion, Store
+from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys
+from flywheel.settings import CanarySettings, Settings
+from trainer_worker.promotion import Promotion
+
+
+@pytest.fixture
+def store(sqlite_url: str) -> Iterator[Store]:
+    s = Store(sqlite_url)
+    s.upgrade()
+    s.ensure_base_policy("/models/base", None)
+    for n in (1, 2):
+        s.add_policy(id=f"policy-{n}", parent="policy-0", path=f"/ckpt/policy-{n}",
+                     sha256="ab" * 32)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def publisher(redis_url: str, redis_namespace: str) -> Iterator[Publisher]:
+    p = Publisher(redis.Redis.from_url(redis_url), RedisKeys(redis_namespace))
+    yield p
+    assert p.client is not None
+    p.client.delete(p.keys.active_policy, p.keys.canary_policy)
+    p.close()
+
+
+def promotion(store: Store, publisher: Publisher, **canary: object) -> Promotion:
+    cfg = CanarySettings(**{"min_ratings": 50, "min_rollback_ratings": 50, **canary})
+    return Promotion(Settings(canary=cfg), store, publisher)  # type: ignore[arg-type]
+
+
+def rate(store: Store, version: str, up: int, down: int) -> None:
+    """Thumbs from users on answers `version` produced now (one completion, one choice each)."""
+    cid = f"cmpl-{uuid.uuid4().hex}"
+    ratings = ["up"] * up + ["down"] * down
+    store.record_completion(NewCompletion(
+        id=cid, kind="text", prompt_text=f"q {cid}", prompt_token_ids=[1], messages=None,
+        model="flywheel", policy_version=version, params={},
+        choices=[NewChoice(i, f"a{i}", [2 + i], [-0.1], "stop") for i in range(len(ratings))]))
+    result = store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r}
+                                  for i, r in enumerate(ratings)])
+    assert all(isinstance(r, tuple) for r in result)
+
+
+def announced(publisher: Publisher) -> tuple[str, str | None]:
+    assert publisher.client is not None
+    active, canary = publisher.client.mget(publisher.keys.active_policy,
+                                           publisher.keys.canary_policy)
+    return (PolicyMessage.from_json(active).version,
+            None if canary is None else CanaryMessage.from_json(canary).version)
+
+
+def status(store: Store, id: str) -> str:
+    return store.get_policy(id)["status"]
+
+
+def test_release_starts_a_canary_or_activates(store: Store, publisher: Publisher) -> None:
+    assert promotion(store, publisher, auto=True).release("policy-1") == "canary"
+    assert status(store, "policy-1") == "canary"
+    assert announced(publisher) == ("policy-0", "policy-1")
+    assert promotion(store, publisher, auto=True).release("policy-2") == "waiting"
+    assert status(store, "policy-2") == "candidate"
+    store.end_canary("candidate")
+    assert promotion(store, publisher, auto=False).release("policy-2") == "active"
+    assert announced(publisher) == ("policy-2", None)
+
+
+def test_a_better_canary_is_promoted_with_its_evidence(store: Store,
+                                                       publisher: Publisher) -> None:
+    rate(store, "policy-0", 400, 0)  # before the canary: no evidence for either arm
+    store.start_canary("policy-1", 0.2)
+    judge = promotion(store, publisher)
+    rate(store, "policy-0", 120, 130)
+    rate(store, "policy-1", 30, 20)  # 50 ratings: the minimum, not yet evidence enough
+    assert judge.tick() is None and status(store, "policy-1") == "canary"
+    rate(store, "policy-1", 100, 30)
+    assert judge.tick() == "promoted"
+    assert status(store, "policy-1") == "active" and status(store, "policy-0") == "retired"
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["canary/decision"] == "promoted"
+    assert metrics["canary/against"] == "policy-0"
+    assert metrics["canary/canary_ratings"] == 180 and metrics["canary/active_ratings"] == 250
+    assert metrics["canary/low"] > -0.02
+    assert announced(publisher) == ("policy-1", None)
+
+
+def test_a_worse_canary_is_rejected_and_ended(store: Store, publisher: Publisher) -> None:
+    store.start_canary("policy-1", 0.2)
+    rate(store, "policy-0", 175, 75)
+    rate(store, "policy-1", 20, 40)
+    assert promotion(store, publisher).tick() == "rejected"
+    assert status(store, "policy-1") == "rejected" and status(store, "policy-0") == "active"
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["canary/decision"] == "rejected" and metrics["canary/high"] < 0
+    assert announced(publisher) == ("policy-0", None)
+
+
+def test_an_undecided_canary_ends_at_its_deadline(store: Store, publisher: Publisher) -> None:
+    store.start_canary("policy-1", 0.2)
+    rate(store, "policy-0", 5, 5)
+    assert promotion(store, publisher, max_hours=1.0).tick() is None
+    assert promotion(store, publisher, max_hours=0.0).tick() == "timeout"
+    assert status(store, "policy-1") == "candidate"
+    assert store.get_policy("policy-1")["metrics"]["canary/decision"] == "timeout"
+
+
+def test_auto_rollback_to_a_version_users_prefer(store: Store, publisher: Publisher) -> None:
+    store.activate_policy("policy-1")
+    rate(store, "policy-1", 170, 30)  # 85% while it served
+    store.activate_policy("policy-2")  # a manual activation of a worse version
+    rate(store, "policy-2", 90, 110)  # 45%
+    assert promotion(store, publisher, auto_rollback=False).tick() is None
+    assert status(store, "policy-2") == "active"
+    assert promotion(store, publisher, auto_rollback=True).tick() == "rolled_back"
+    assert status(store, "policy-1") == "active"
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["rollback/better"] == "policy-1" and metrics["rollback/active"] == "policy-2"
+    assert announced(publisher) == ("policy-1", None)
+    # The active version now holds its own: nothing more happens.
+    assert promotion(store, publisher, auto_rollback=True).tick() is None
+
+
+def test_no_rollback_on_a_handful_of_thumbs(store: Store, publisher: Publisher) -> None:
+    store.activate_policy("policy-1")
+    rate(store, "policy-1", 10, 0)
+    store.activate_policy("policy-2")
+    rate(store, "policy-2", 100, 100)
+    assert promotion(store, publisher, auto_rollback=True).tick() is None
