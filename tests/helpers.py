@@ -29,7 +29,7 @@ def perturb_weights(path: Path, seed: int, scale: float = 0.01) -> None:
 
 def make_checkpoint(base_dir: Path, out_dir: Path, version: str, parent: str | None = None,
                     perturb_seed: int | None = None, store: Store | None = None,
-                    status: str = "candidate") -> PolicyMessage:
+                    status: str = "candidate", perturb_scale: float = 0.01) -> PolicyMessage:
     """Copy ``base_dir`` to ``out_dir`` atomically, perturb its weights, seal it, record it.
 
     Weights are perturbed only when ``perturb_seed`` is given and the copy has a
@@ -39,7 +39,7 @@ def make_checkpoint(base_dir: Path, out_dir: Path, version: str, parent: str | N
     with atomic_directory(out_dir) as tmp:
         shutil.copytree(base_dir, tmp, dirs_exist_ok=True)
         if perturb_seed is not None and (tmp / WEIGHTS).exists():
-            perturb_weights(tmp / WEIGHTS, perturb_seed)
+            perturb_weights(tmp / WEIGHTS, perturb_seed, perturb_scale)
         manifest = seal(tmp, version, parent=parent, base_model=str(base_dir))
     if store is not None:
         store.add_policy(id=version, parent=parent, path=str(out_dir), sha256=manifest.sha256,

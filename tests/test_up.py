@@ -17,6 +17,7 @@ from tests.server.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 
+# "user: What is 2 plus 3?" (the stored prompt text) falls in the held-out split, the rest not.
 QUESTIONS = ["What is 2 plus 3?", "What is the capital of France?", "Hello!", "Name a color."]
 
 
@@ -26,6 +27,8 @@ def test_up_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Pa
                FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="8", FLYWHEEL_TRAIN__POLL_SECONDS="0.5",
                FLYWHEEL_TRAIN__EVAL_PROMPTS="4", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
                FLYWHEEL_TRAIN__KL_BUDGET="1e9", FLYWHEEL_TRAIN__DEVICE="cpu",
+               FLYWHEEL_TRAIN__MIN_HOLDOUT_PAIRS="1", FLYWHEEL_TRAIN__REWARD_ACCURACY_FLOOR="0",
+               FLYWHEEL_TRAIN__GATE_SAMPLES="8",
                FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="4",
                FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
                FLYWHEEL_PPO__MAX_NEW_TOKENS="8", FLYWHEEL_REWARD__EPOCHS="1",

@@ -4,7 +4,7 @@
    preference pairs, else the cycle is skipped before any training.
 1. Reward model on the train split (feedback on held-out prompts never trains it), continuing
    from the RM in service. It is kept only when the lower 95% bound of its accuracy on every
-   held-out pair beats ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in
+   held-out pair reaches ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in
    service stays.
 2. PPO from the active policy against the frozen base, its KL coefficient steered so that the
    candidate's KL to the base stays within ``train.kl_budget`` across cycles (``ppo.budget``).
@@ -32,6 +32,7 @@ from typing import Any
 from feedback_store import Store
 from feedback_store.types import RewardData
 from flywheel.checkpoints import atomic_directory, seal
+from flywheel.live_approval import best_version
 from flywheel.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dic
     previous = ctx.store.latest_reward_model()
     warm = previous is not None and bool(previous["metrics"].get(SPLIT_MARK))
     init_dir = Path(previous["path"]) if warm else Path(ctx.settings.model)
+    parent = previous["id"] if warm and previous else None
     rm_id = ctx.store.next_reward_model_id()
     out = _dirs(ctx.settings)[1] / rm_id
     log.info("reward model %s: %d groups, %d lone thumbs, from %s", rm_id, len(data.groups),
@@ -114,13 +116,13 @@ def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dic
             init_dir, data, ctx.settings.reward, tmp, holdout=holdout, device=ctx.device,
             progress=ctx.progress, should_stop=ctx.should_stop)
         metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm)}
-        if not metrics["reward/accuracy_low"] > floor:
-            raise Skip(f"reward model not better than chance: held-out accuracy "
+        if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) below the floor
+            raise Skip(f"reward model under the accuracy floor: held-out accuracy "
                        f"{metrics['reward/accuracy']:.3f} on {metrics['reward/holdout_pairs']:.0f}"
-                       f" pairs, 95% lower bound {metrics['reward/accuracy_low']:.3f} <= floor "
+                       f" pairs, 95% lower bound {metrics['reward/accuracy_low']:.3f} < floor "
                        f"{floor:g}", metrics)  # atomic_directory deletes what was written
-        manifest = seal(tmp, rm_id, parent=previous["id"] if previous else None)
-    ctx.store.add_reward_model(id=rm_id, parent=previous["id"] if previous else None,
+        manifest = seal(tmp, rm_id, parent=parent)
+    ctx.store.add_reward_model(id=rm_id, parent=parent,
                                path=str(out), sha256=manifest.sha256, metrics=metrics)
     return rm_id, out, metrics
 
@@ -171,6 +173,7 @@ def gate(ctx: CycleContext, candidate: Path, active: dict, rm_dir: Path, run_id:
 
     train = ctx.settings.train
     prompts = _prompts(ctx, train.eval_prompts, seed=10_000 + run_id, holdout=True)
+    prompts = [p for p in prompts if p]  # an empty prompt has nothing to answer
     if not prompts:
         raise Skip("no held-out prompts yet")
     per_prompt = math.ceil(train.gate_samples / len(prompts))
@@ -235,8 +238,12 @@ def _skipped(ctx: CycleContext, skip: Skip, rm_id: str | None, started: float) -
 
 
 def prune(settings: Settings, store: Store) -> None:
-    """Delete old checkpoint directories (never the active one, nor the newest few)."""
-    for row in store.prunable_policies(keep=settings.train.keep_checkpoints):
+    """Delete old checkpoint directories: never the active one, the canary, the best version by
+    live approval (a rollback may need it), nor the newest few."""
+    best = best_version(store.list_policies(), store.live_ratings(),
+                        settings.canary.min_rollback_ratings)
+    protect = {best} if best is not None else set()
+    for row in store.prunable_policies(keep=settings.train.keep_checkpoints, protect=protect):
         path = Path(row["path"])
         if path.parent != _dirs(settings)[0]:
             continue  # only directories this worker wrote

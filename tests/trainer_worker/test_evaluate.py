@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer_worker.evaluate import evaluate_policy
+from flywheel.settings import TrainSettings
+from trainer_worker.evaluate import (
+    PolicySamples,
+    compare_policies,
+    evaluate_policy,
+    gate_reasons,
+    paired_interval,
+    sample_policy,
+)
 from trainer_worker.ppo.policy import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.rollout import (
     answer_logprobs,
@@ -150,3 +158,58 @@ def test_trimmed_minibatch_gives_the_same_logprobs_and_values(tiny_model_dir: Pa
     mask = small.answer_mask.bool()
     assert torch.allclose(full_lp[:, :width][mask], small_lp[mask], atol=1e-4)
     assert torch.allclose(full_v[:, :width][mask], small_v[mask], atol=1e-4)
+
+
+def test_paired_interval_matches_naive_formula() -> None:
+    diffs = torch.tensor([0.5, -0.25, 1.0, 0.0, 0.75, 0.25])
+    xs = diffs.tolist()
+    mean = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
+    got = paired_interval(diffs)
+    assert got[0] == pytest.approx(mean)
+    assert got[1] == pytest.approx(mean - 1.959964 * sd / math.sqrt(len(xs)), rel=1e-5)
+    assert got[2] == pytest.approx(mean + 1.959964 * sd / math.sqrt(len(xs)), rel=1e-5)
+    with pytest.raises(ValueError):
+        paired_interval(torch.tensor([1.0]))
+
+
+def samples(scores: list[float], kl: float, length: float, eos: float) -> PolicySamples:
+    n = len(scores)
+    return PolicySamples(torch.tensor(scores), torch.full((n,), kl), torch.full((n,), length),
+                         torch.full((n,), eos))
+
+
+def test_gate_judges_the_paired_gain_kl_and_drift() -> None:
+    """Pairing removes what both answers to one prompt share: a small, steady gain shows."""
+    prompt_effect = [float(i % 7) * 3 for i in range(128)]  # large spread across prompts
+    old = samples(prompt_effect, kl=2.0, length=10.0, eos=0.9)
+    new = samples([x + 0.1 for x in prompt_effect], kl=4.0, length=12.0, eos=0.8)
+    m = compare_policies(new, old)
+    assert m["gate/samples"] == 128
+    assert m["gate/score_gain"] == pytest.approx(0.1, abs=1e-5)
+    assert m["gate/score_gain_low"] == pytest.approx(0.1, abs=1e-4)  # every pair gained 0.1
+    assert m["gate/length_drift"] == pytest.approx(0.2)
+    assert m["gate/eos_drift"] == pytest.approx(-0.1)
+    train = TrainSettings(kl_budget=10.0, min_improvement=0.0, max_length_drift=0.5,
+                          max_eos_drift=0.2)
+    assert gate_reasons(m, train) == []
+    strict = train.model_copy(update={"kl_budget": 3.0, "max_length_drift": 0.1,
+                                      "max_eos_drift": 0.05, "min_improvement": 0.5})
+    reasons = gate_reasons(m, strict)
+    assert [r.split()[0] for r in reasons] == ["score", "KL", "answer", "EOS"]
+    noisy = samples([x + (1.0 if i % 2 else -0.9) for i, x in enumerate(prompt_effect)],
+                    kl=2.0, length=10.0, eos=0.9)
+    m = compare_policies(noisy, old)  # mean gain 0.05, but pairs disagree: not shown
+    assert m["gate/score_gain"] > 0 > m["gate/score_gain_low"]
+    assert gate_reasons(m, train)[0].startswith("score gain not shown")
+
+
+def test_sample_policy_pairs_answers_by_prompt(tiny_model_dir: Path, reward_dir: Path) -> None:
+    """Answer i of two policies answers the same prompt with the same noise; the same policy
+    twice gives identical pairs, so a zero gain with a zero-width interval."""
+    kwargs = {"max_new_tokens": 6, "seed": 5, "samples_per_prompt": 3}
+    a = sample_policy(tiny_model_dir, tiny_model_dir, reward_dir, PROMPTS[:2], **kwargs)
+    b = sample_policy(tiny_model_dir, tiny_model_dir, reward_dir, PROMPTS[:2], **kwargs)
+    assert a.scores.shape == (6,)
+    m = compare_policies(a, b)
+    assert m["gate/score_gain"] == m["gate/score_gain_low"] == m["gate/score_gain_high"] == 0.0

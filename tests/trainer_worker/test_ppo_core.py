@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from trainer_worker.ppo.core import (
+    MIN_KL_COEF,
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
     compute_rewards,
     entropy_from_logits,
+    kl_budget_controller,
     kl_penalty,
     logprobs_from_logits,
     masked_mean,
@@ -207,3 +209,21 @@ def test_kl_controllers() -> None:
     assert adaptive.value == pytest.approx(0.1 * (1 - 0.1 * 100 / 10_000))
     adaptive.update(float("nan"), 100)
     assert math.isfinite(adaptive.value)
+
+
+def test_kl_budget_controller() -> None:
+    """Aimed at 0.8 x budget, reacting within a few steps, never below its floor."""
+    ctl = kl_budget_controller(10.0, 0.05, batch_size=32)
+    assert ctl.target == pytest.approx(8.0)
+    ctl.update(16.0, 32)  # twice the target: the coefficient doubles in one step
+    assert ctl.value == pytest.approx(0.1)
+    ctl.update(40.0, 32)  # error clipped to +1
+    assert ctl.value == pytest.approx(0.2)
+    ctl.update(0.0, 32)  # far under the target: halves, no faster
+    assert ctl.value == pytest.approx(0.1)
+    for _ in range(50):
+        ctl.update(0.0, 32)
+    assert ctl.value == pytest.approx(MIN_KL_COEF)
+    assert kl_budget_controller(10.0, 0.0, 32).value == MIN_KL_COEF  # a carried 0 restarts
+    with pytest.raises(ValueError):
+        kl_budget_controller(0.0, 0.05, 32)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
 from feedback_store import NewChoice, NewCompletion, Store
 from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys
-from flywheel.settings import CanarySettings, Settings
+from flywheel.settings import CanarySettings, Settings, TrainSettings
+from trainer_worker.cycle import prune
 from trainer_worker.promotion import Promotion
 
 
@@ -138,3 +140,26 @@ def test_no_rollback_on_a_handful_of_thumbs(store: Store, publisher: Publisher) 
     store.activate_policy("policy-2")
     rate(store, "policy-2", 100, 100)
     assert promotion(store, publisher, auto_rollback=True).tick() is None
+
+
+def test_pruning_keeps_the_best_version_by_live_approval(tmp_path: Path, sqlite_url: str
+                                                         ) -> None:
+    settings = Settings(data_dir=tmp_path, database_url=sqlite_url,
+                        train=TrainSettings(keep_checkpoints=0),
+                        canary=CanarySettings(min_rollback_ratings=50))
+    s = Store(sqlite_url)
+    s.upgrade()
+    s.ensure_base_policy("/models/base", None)
+    root = Path(settings.checkpoint_dir or "") / "policies"
+    for n in (1, 2, 3, 4):
+        (root / f"policy-{n}").mkdir(parents=True)
+        s.add_policy(id=f"policy-{n}", parent="policy-0", path=str(root / f"policy-{n}"),
+                     sha256="ab" * 32, status="retired" if n < 3 else "candidate")
+    s.activate_policy("policy-3")
+    s.start_canary("policy-4", 0.2)
+    rate(s, "policy-1", 90, 10)  # the best users have seen
+    rate(s, "policy-2", 40, 60)
+    prune(settings, s)
+    assert sorted(p.name for p in root.iterdir()) == ["policy-1", "policy-3", "policy-4"]
+    assert s.get_policy("policy-2")["path"] is None
+    s.close()

@@ -23,9 +23,13 @@ from trainer_worker.worker import Worker
 
 pytestmark = pytest.mark.slow
 
-GOOD = ["Sure! 2 plus 3 is 5.", "Sure! The capital of France is Paris."]
-BAD = ["Ugh. Look it up yourself.", "Well, well, well, well, numbers are numbers."]
-PROMPTS = ["What is 2 plus 3?", "What is the capital of France?"]
+GOOD = ["Sure! 2 plus 3 is 5.", "Sure! The capital of France is Paris.",
+        "Sure! 3 plus 3 is 6.", "Sure! The capital of Italy is Rome."]
+BAD = ["Ugh. Look it up yourself.", "Well, well, well, well, numbers are numbers.",
+       "Whatever. Count it yourself.", "Cities, cities, cities, cities are cities."]
+# The first two fall in the training split, the last two in the held-out split (by text hash).
+PROMPTS = ["What is 2 plus 3?", "What is the capital of France?", "What is 3 plus 3?",
+           "What is the capital of Italy?"]
 
 
 def tiny_settings(tmp_path: Path, db_url: str, model: Path, redis_url: str, namespace: str,
@@ -33,8 +37,12 @@ def tiny_settings(tmp_path: Path, db_url: str, model: Path, redis_url: str, name
     return Settings(
         data_dir=tmp_path, database_url=db_url, model=str(model), redis_url=redis_url,
         redis_namespace=namespace,
+        # One epoch on this data cannot clear the reward model's accuracy floor; a few gate samples
+        # keep the test fast (the floor and the gate have tests of their own in test_cycle.py).
         train=TrainSettings(**{"min_new_feedback": 4, "poll_seconds": 0.1, "eval_prompts": 4,
-                               "device": "cpu", **train}),  # type: ignore[arg-type]
+                               "device": "cpu", "min_holdout_pairs": 4,
+                               "reward_accuracy_floor": 0.0, "gate_samples": 8,
+                               **train}),  # type: ignore[arg-type]
         ppo=PPOConfig(steps=1, rollout_batch_size=4, num_minibatches=1, ppo_epochs=1,
                       max_new_tokens=8),
         reward=RewardConfig(epochs=1, batch_size=4),
