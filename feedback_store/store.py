@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from feedback_store.feedback import FeedbackMixin
-from feedback_store.policies import PoliciesMixin
+from feedback_store.policy_versions import PoliciesMixin
 from feedback_store.runs import RunsMixin
 from feedback_store.training_data import TrainingDataMixin
 

@@ -57,6 +57,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         await to_thread.run_sync(wait_for_database, db)
         await to_thread.run_sync(db.upgrade)
         metrics = ServerMetrics()
+        metrics.watch_live_approval(db.live_ratings)
         publisher = Publisher.from_url(settings.redis_url, settings.redis_namespace)
         eng = engine
         if eng is None:

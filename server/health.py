@@ -70,4 +70,5 @@ def _regression(state: AppState) -> dict | None:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     state = get_state(request)
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    body = await to_thread.run_sync(state.metrics.render)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

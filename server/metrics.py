@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -9,6 +11,42 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from flywheel.approval import wilson_interval
+
+Ratings = dict[str, tuple[int, int]]  # version -> (up, down)
+
+
+class LiveApprovalCollector(Collector):
+    """Live approval per version, read from the store's counters at scrape time (one small
+    query of a table keyed by version, never a scan of the feedback)."""
+
+    def __init__(self, ratings: Callable[[], Ratings]) -> None:
+        self.ratings = ratings
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            ratings = self.ratings()
+        except Exception:  # a scrape during a database outage shows the other metrics
+            return
+        approval = GaugeMetricFamily("flywheel_policy_approval",
+                                     "Thumbs up / thumbs on the answers of a version",
+                                     labels=["version"])
+        low = GaugeMetricFamily("flywheel_policy_approval_low",
+                                "Lower bound of the 95% Wilson interval of the approval",
+                                labels=["version"])
+        count = GaugeMetricFamily("flywheel_policy_ratings",
+                                  "Thumbs on the answers of a version", labels=["version"])
+        for version, (up, down) in sorted(ratings.items()):
+            n = up + down
+            count.add_metric([version], n)
+            interval = wilson_interval(up, n)
+            if interval is not None:
+                approval.add_metric([version], up / n)
+                low.add_metric([version], interval[0])
+        yield from (approval, low, count)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -62,5 +100,9 @@ class ServerMetrics:
             self.canary.labels(version=version).set(fraction)
         self._canary = version
 
+    def watch_live_approval(self, ratings: Callable[[], Ratings]) -> None:
+        self.registry.register(LiveApprovalCollector(ratings))
+
     def render(self) -> bytes:
+        """The text exposition (blocking: it reads the store; call it off the event loop)."""
         return generate_latest(self.registry)

@@ -15,13 +15,13 @@ from torch import Tensor
 from flywheel.approval import Z95
 from flywheel.hf_progress import transformers_bars
 from flywheel.settings import TrainSettings
-from trainer_worker.ppo.core import kl_penalty
-from trainer_worker.ppo.policy import (
+from trainer_worker.ppo.causal_lm import (
     filler_token_id,
     fit_prompts,
     load_causal_lm,
     resolve_eos_token_ids,
 )
+from trainer_worker.ppo.core import kl_penalty
 from trainer_worker.ppo.rollout import answer_logprobs, answer_scores, make_rollout
 from trainer_worker.reward.model import RewardModel
 

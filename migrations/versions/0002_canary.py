@@ -8,7 +8,6 @@ Create Date: 2026-11-30
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa

@@ -15,8 +15,8 @@ from flywheel.settings import PPOConfig, RewardConfig
 from trainer_worker.cycle import KL_LIMIT_SHARE
 from trainer_worker.evaluate import evaluate_policy
 from trainer_worker.ppo import run_ppo
+from trainer_worker.ppo.causal_lm import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.core import kl_budget_controller
-from trainer_worker.ppo.policy import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.rollout import make_rollout
 from trainer_worker.reward import train_reward_model
 

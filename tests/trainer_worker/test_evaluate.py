@@ -18,7 +18,7 @@ from trainer_worker.evaluate import (
     paired_interval,
     sample_policy,
 )
-from trainer_worker.ppo.policy import load_causal_lm, resolve_eos_token_ids
+from trainer_worker.ppo.causal_lm import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.rollout import (
     answer_logprobs,
     answer_scores,

@@ -16,7 +16,7 @@ from feedback_store.types import PreferenceGroup, RewardData
 from flywheel.settings import PPOConfig, RewardConfig
 from trainer_worker.evaluate import evaluate_policy
 from trainer_worker.ppo import TrainingInterrupted, run_ppo
-from trainer_worker.ppo.policy import load_causal_lm, resolve_eos_token_ids
+from trainer_worker.ppo.causal_lm import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.rollout import make_rollout
 from trainer_worker.reward import train_reward_model
 

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from flywheel.settings import PPOConfig, load_settings
-from trainer_worker.ppo.policy import (
+from trainer_worker.ppo.causal_lm import (
     filler_token_id,
     fit_prompts,
     resolve_eos_token_ids,

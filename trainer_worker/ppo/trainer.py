@@ -20,6 +20,14 @@ from tqdm.auto import tqdm
 from flywheel.hf_progress import transformers_bars
 from flywheel.settings import PPOConfig
 from trainer_worker.ppo.budget import KLGuard, rollout_kl
+from trainer_worker.ppo.causal_lm import (
+    add_lora,
+    filler_token_id,
+    fit_prompts,
+    load_causal_lm,
+    resolve_eos_token_ids,
+    save_policy,
+)
 from trainer_worker.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
@@ -33,14 +41,6 @@ from trainer_worker.ppo.core import (
     masked_whiten,
     ppo_policy_loss,
     value_loss,
-)
-from trainer_worker.ppo.policy import (
-    add_lora,
-    filler_token_id,
-    fit_prompts,
-    load_causal_lm,
-    resolve_eos_token_ids,
-    save_policy,
 )
 from trainer_worker.ppo.rollout import (
     Rollout,

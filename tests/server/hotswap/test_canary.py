@@ -103,6 +103,10 @@ def test_live_approval_per_version(settings: Settings, store: Store, tmp_path: P
         assert 0.4 < low < 0.75 < high < 0.96
         one = a.get("/v1/policies/policy-0").json()
         assert one["live"] == live
+        metrics = a.get("/metrics").text
+        assert 'flywheel_policy_approval{version="policy-0"} 0.75' in metrics
+        assert 'flywheel_policy_ratings{version="policy-0"} 8.0' in metrics
+        assert f'flywheel_policy_approval_low{{version="policy-0"}} {low}' in metrics
 
 
 def test_bad_canary_requests_are_4xx_and_change_nothing(settings: Settings, store: Store,
