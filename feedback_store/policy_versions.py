@@ -9,16 +9,8 @@ from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, unix, utcnow
-from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
-from feedback_store.models import (
-    POLICY_STATUSES,
-    Choice,
-    Completion,
-    Feedback,
-    PolicyRatings,
-    PolicyVersion,
-    RewardModel,
-)
+from feedback_store.errors import InvalidInputError, NotFoundError
+from feedback_store.models import POLICY_STATUSES, PolicyVersion, RewardModel
 
 BASE_POLICY_ID = "policy-0"
 
@@ -121,96 +113,6 @@ class PoliciesMixin(StoreBase):
             if metrics:
                 row.metrics = {**row.metrics, **metrics}
             return _policy_record(row)
-
-    def serving_state(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-        """(active, canary) rows, read in one transaction."""
-        with self._tx(write=False) as s:
-            rows = s.scalars(
-                sa.select(PolicyVersion).where(PolicyVersion.status.in_(("active", "canary")))
-            ).all()
-            by_status = {r.status: _policy_record(r) for r in rows}
-        return by_status.get("active"), by_status.get("canary")
-
-    def start_canary(self, id: str, fraction: float, *, force: bool = False) -> dict[str, Any]:
-        """Serve stored version `id` to `fraction` of new requests beside the active one.
-
-        Its live evidence counts feedback stored from now on, on answers produced from now on.
-        """
-        if not 0.0 < fraction < 1.0:
-            raise InvalidInputError("fraction must lie strictly between 0 and 1",
-                                    param="fraction", code="invalid_fraction")
-        with self._tx() as s:
-            rows = {p.id: p for p in s.scalars(sa.select(PolicyVersion).with_for_update())}
-            target = rows.get(id)
-            if target is None:
-                raise NotFoundError(f"No policy version '{id}'", code="policy_not_found")
-            running = next((r for r in rows.values() if r.status == "canary"), None)
-            if running is not None:
-                raise ConflictError(f"Policy '{running.id}' is on canary already; end it first",
-                                    param="id", code="canary_running")
-            if target.status == "active":
-                raise ConflictError(f"Policy '{id}' is already active", param="id",
-                                    code="policy_active")
-            _check_servable(target, force=force)
-            target.status = "canary"
-            target.canary_fraction = float(fraction)
-            target.canary_started_at = utcnow()
-            target.canary_feedback_after = s.scalar(sa.select(sa.func.max(Feedback.id))) or 0
-            s.flush()
-            return _policy_record(target)
-
-    def end_canary(self, status: str, metrics: dict[str, Any] | None = None,
-                   *, id: str | None = None) -> dict[str, Any]:
-        """End the running canary (of version `id`, when given) with a new status
-        ("rejected", or "candidate" when aborted or out of time) and its evidence merged into
-        `metrics`. NotFoundError when no canary runs (or another one does)."""
-        if status not in ("rejected", "candidate", "retired"):
-            raise InvalidInputError("a canary ends as rejected, candidate or retired",
-                                    param="status")
-        with self._tx() as s:
-            row = s.scalar(sa.select(PolicyVersion).where(PolicyVersion.status == "canary")
-                           .with_for_update())
-            if row is None or (id is not None and row.id != id):
-                raise NotFoundError("No canary is running" if row is None else
-                                    f"Policy '{id}' is not on canary ('{row.id}' is)",
-                                    code="no_canary")
-            row.status = status
-            if metrics:
-                row.metrics = {**row.metrics, **metrics}
-            s.flush()
-            return _policy_record(row)
-
-    def live_ratings(self) -> dict[str, tuple[int, int]]:
-        """Thumbs (up, down) on the answers of each version, from the maintained counters."""
-        with self._tx(write=False) as s:
-            return {v: (up, down) for v, up, down in s.execute(
-                sa.select(PolicyRatings.policy_version, PolicyRatings.up, PolicyRatings.down))}
-
-    def canary_evidence(self) -> dict[str, tuple[int, int]] | None:
-        """Thumbs (up, down) per arm during the running canary: feedback stored since it began,
-        on answers produced since it began, by the active version or the canary. A bounded
-        range scan of the feedback primary key; None when no canary runs."""
-        active, canary = self.serving_state()
-        if canary is None or active is None:
-            return None
-        arms = (active["id"], canary["id"])
-        with self._tx(write=False) as s:
-            row = s.get(PolicyVersion, canary["id"])
-            assert row is not None
-            up = sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0))
-            down = sa.func.sum(sa.case((Feedback.rating == "down", 1), else_=0))
-            counts = s.execute(
-                sa.select(Completion.policy_version, up, down)
-                .select_from(Feedback)
-                .join(Choice, Choice.id == Feedback.choice_id)
-                .join(Completion, Completion.id == Choice.completion_id)
-                .where(Feedback.id > (row.canary_feedback_after or 0),
-                       Completion.created_at >= row.canary_started_at,
-                       Completion.policy_version.in_(arms))
-                .group_by(Completion.policy_version)
-            ).all()
-        found = {v: (int(u or 0), int(d or 0)) for v, u, d in counts}
-        return {v: found.get(v, (0, 0)) for v in arms}
 
     def set_policy_status(
         self, id: str, status: str, metrics: dict[str, Any] | None = None

@@ -24,7 +24,6 @@ class RewardConfig(BaseModel):
     epochs: int = 2  # few passes: InstructGPT saw RMs overfit after one epoch over correlated pairs
     batch_size: int = 16  # groups (one ranking = one group) per optimiser step
     pointwise_weight: float = 0.5  # weight of the logistic term for thumbs without a partner
-    holdout_fraction: float = 0.2  # share of groups kept out for `reward/accuracy`
     max_grad_norm: float = 1.0  # gradient clipping, as every reference does
     weight_decay: float = 0.0  # the trunk is small; decay only slows a few-step run
     max_length: int = 1024  # TRL RewardConfig default; longer sequences lose prompt tokens first

@@ -64,7 +64,7 @@ def test_ppo_step_under_accelerate_launch(tiny_model_dir: Path, tmp_path: Path) 
                               [[rng.randrange(100, 160) for _ in range(5)] for _ in range(2)],
                               "ranking") for _ in range(4)]
     train_reward_model(tiny_model_dir, RewardData(groups=groups),
-                       RewardConfig(epochs=1, holdout_fraction=0.0), tmp_path / "rm",
+                       RewardConfig(epochs=1), tmp_path / "rm",
                        progress=False)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps([rng.randrange(100, 160) for _ in range(5)]) + "\n"
