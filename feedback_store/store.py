@@ -6,12 +6,14 @@ import sqlalchemy as sa
 
 from feedback_store.feedback import FeedbackMixin
 from feedback_store.policy_versions import PoliciesMixin
+from feedback_store.rankings import RankingsMixin
 from feedback_store.rollout import RolloutMixin
 from feedback_store.runs import RunsMixin
 from feedback_store.training_data import TrainingDataMixin
 
 
-class Store(FeedbackMixin, PoliciesMixin, RolloutMixin, RunsMixin, TrainingDataMixin):
+class Store(FeedbackMixin, RankingsMixin, PoliciesMixin, RolloutMixin, RunsMixin,
+            TrainingDataMixin):
     """Synchronous and thread-safe; records come back as plain dicts, timestamps as unix seconds.
 
     Connection failures raise StoreUnavailableError; a failed call writes nothing.
