@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
@@ -24,7 +24,6 @@ from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking
 from feedback_store.training_data import is_holdout_hash
 from feedback_store.types import NewCompletion
 
-T = TypeVar("T")
 RATINGS = ("up", "down")
 MAX_KEY_LENGTH = 255  # the width of the idempotency_key columns
 MAX_INDEX = 2**31 - 1  # INTEGER columns; larger indices cannot exist

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from feedback_store import NewChoice, NewCompletion, Store
@@ -20,15 +19,6 @@ from trainer_worker.cycle import CycleContext, Skip, gate, run_cycle
 from trainer_worker.reward import RewardModel
 
 GOOD, BAD = "Sure! Here is a kind and clear answer.", "Ugh. Look it up yourself."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is many times faster than two on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def prompts_on_side(holdout: bool, n: int) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ BUDGET = 2.0  # nats per answer: tight for this learning rate
 # Large steps, so that a fixed coefficient walks far from the base within one short cycle.
 PPO = PPOConfig(steps=8, rollout_batch_size=16, max_new_tokens=MAX_NEW, ppo_epochs=4,
                 num_minibatches=1, lr=1e-3, critic_lr=1e-3, kl_coef=0.02)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,6 @@ from trainer_worker.reward import RewardModel
 from trainer_worker.reward.data import pad_right, strip_eos
 
 PROMPTS = [[3, 100, 101, 102, 1, 4], [3, 120, 1, 4], [3, 130, 131, 132, 133, 134, 1, 4]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is many times faster than two on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,13 +30,6 @@ USER_MESSAGES = [
 MAX_NEW = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny matrices: one intra-op thread is many times faster than two on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 FAST_PPO = PPOConfig(steps=8, rollout_batch_size=16, max_new_tokens=MAX_NEW, ppo_epochs=4,
                      num_minibatches=1, lr=1e-3, critic_lr=1e-3, kl_coef=0.02)
 
