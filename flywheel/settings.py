@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     stream_interval_ms: float = 0.0  # coalesce stream deltas produced within this window
     gpu_memory_utilization: float = 0.85  # vLLM only
+    max_request_bytes: int = 2 * 1024 * 1024  # request bodies above this get 413, unread
+    max_waiting_requests: int = 256  # admitted but not yet decoding; beyond it 429 + Retry-After
+    stream_write_timeout_s: float = 30.0  # a stream reader this slow to take a chunk is dropped
+    expose_docs: bool | None = None  # /docs, /openapi.json; None: open only when no keys are set
+    expose_metrics: bool | None = None  # /metrics; None: open only when no keys are set
     log_level: str = "info"
 
     train: TrainSettings = Field(default_factory=TrainSettings)
