@@ -183,7 +183,8 @@ async def run(args: argparse.Namespace, model: Path, workdir: Path, redis_url: s
     store.ensure_base_policy(str(model), digest_of(model))
     count = args.latency_swaps + args.swaps
     started = time.perf_counter()
-    checkpoints = [make_checkpoint(model, workdir / "policies" / f"policy-{i}", f"policy-{i}",
+    checkpoints = [make_checkpoint(model, workdir / "checkpoints" / "policies" / f"policy-{i}",
+                                   f"policy-{i}",
                                    parent="policy-0", perturb_seed=i, store=store)
                    for i in range(1, count + 1)]
     print(f"{count} checkpoints sealed and recorded in {time.perf_counter() - started:.1f}s",

@@ -26,6 +26,9 @@ from feedback_store.types import NewCompletion
 
 RATINGS = ("up", "down")
 MAX_KEY_LENGTH = 255  # the width of the idempotency_key columns
+SCOPE_LENGTH = 16  # a caller's scope: hex of its API key's SHA-256 (server/auth.py)
+# The longest key a client may send: the column holds "<scope>:<key>".
+MAX_CLIENT_KEY_LENGTH = MAX_KEY_LENGTH - SCOPE_LENGTH - 1
 MAX_INDEX = 2**31 - 1  # INTEGER columns; larger indices cannot exist
 
 
@@ -108,8 +111,10 @@ class FeedbackMixin(StoreBase):
         comment: str | None = None,
         user: str | None = None,
         idempotency_key: str | None = None,
+        idempotency_scope: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store a thumbs rating; returns (record, created), created=False for a replayed retry.
+        A key is unique within its scope (the caller's API key, see `scoped_key`).
 
         One INSERT ... SELECT finds the choice and skips a used key; only when it inserts nothing
         do we look at why (an unknown choice, or a retried key).
@@ -122,6 +127,7 @@ class FeedbackMixin(StoreBase):
                 "comment": comment,
                 "user": user,
                 "idempotency_key": idempotency_key,
+                "idempotency_scope": idempotency_scope,
             }
         )
         for _ in range(3):
@@ -350,11 +356,11 @@ def _feedback_row(request: dict[str, Any]) -> dict[str, Any]:
     """The feedback row of one request (add_feedback's arguments), checked and fingerprinted."""
     if request["rating"] not in RATINGS:
         raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
-    _check_key(request.get("idempotency_key"))
+    key = scoped_key(request.get("idempotency_key"), request.get("idempotency_scope"))
     body = {name: request.get(name) for name in _HASHED}
     return {
         **body,
-        "idempotency_key": request.get("idempotency_key"),
+        "idempotency_key": key,
         "request_hash": request_hash(body),
         "public_id": public_id("fb"),
         "created_at": utcnow(),
@@ -370,11 +376,23 @@ def _new_feedback_record(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _check_key(idempotency_key: str | None) -> None:
-    if idempotency_key is not None and len(idempotency_key) > MAX_KEY_LENGTH:
+def scoped_key(idempotency_key: str | None, scope: str | None) -> str | None:
+    """The stored form of a client's key: `<scope>:<key>`, so that one key sent with two API
+    keys is two requests; the bare key without a scope (a server without API keys)."""
+    if idempotency_key is None:
+        return None
+    if not idempotency_key.strip():
+        raise InvalidInputError("idempotency_key must not be empty", param="idempotency_key")
+    if len(idempotency_key) > MAX_CLIENT_KEY_LENGTH:
         raise InvalidInputError(
-            f"idempotency_key is longer than {MAX_KEY_LENGTH} characters", param="idempotency_key"
+            f"idempotency_key is longer than {MAX_CLIENT_KEY_LENGTH} characters",
+            param="idempotency_key",
         )
+    if scope is None:
+        return idempotency_key
+    if not 0 < len(scope) <= SCOPE_LENGTH:
+        raise ValueError(f"an idempotency scope has 1 to {SCOPE_LENGTH} characters")
+    return f"{scope}:{idempotency_key}"
 
 
 def _find_choice(s: Session, completion_id: str, choice_index: int) -> tuple[Completion, Choice]:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
 from feedback_store.errors import InvalidInputError
-from feedback_store.feedback import _check_key, _find_choice, _replayed
+from feedback_store.feedback import _find_choice, _replayed, scoped_key
 from feedback_store.models import Choice, Ranking, RankingItem
 
 T = TypeVar("T")
@@ -29,19 +29,21 @@ class RankingsMixin(StoreBase):
         items: Sequence[RankedEntry],
         user: str | None = None,
         idempotency_key: str | None = None,
+        idempotency_scope: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store answers to one prompt ordered best first; returns (record, created).
 
         Each entry of `items` is an answer `(completion_id, choice_index)` or a list of equally
-        good answers (a tie group): tied answers form no pair.
+        good answers (a tie group): tied answers form no pair. A key is unique within its scope
+        (the caller's API key, see `scoped_key`).
         """
-        _check_key(idempotency_key)
+        key = scoped_key(idempotency_key, idempotency_scope)
         tiers = _tie_groups(items)
         digest = request_hash({"items": _hashed_tiers(tiers), "user": user})
 
         def attempt(s: Session) -> tuple[dict[str, Any], bool]:
-            if idempotency_key is not None:
-                previous = _replayed(s, Ranking, idempotency_key, digest)
+            if key is not None:
+                previous = _replayed(s, Ranking, key, digest)
                 if previous is not None:
                     return _ranking_record(s, previous), False
             found = [[_find_choice(s, cid, index) for cid, index in group] for group in tiers]
@@ -55,7 +57,7 @@ class RankingsMixin(StoreBase):
                 public_id=public_id("rk"),
                 prompt_id=found[0][0][0].prompt_id,
                 user=user,
-                idempotency_key=idempotency_key,
+                idempotency_key=key,
                 request_hash=digest,
                 created_at=utcnow(),
             )
@@ -69,7 +71,7 @@ class RankingsMixin(StoreBase):
             s.flush()
             return _ranking_record(s, row), True
 
-        return self._idempotent(attempt, keyed=idempotency_key is not None)
+        return self._idempotent(attempt, keyed=key is not None)
 
     def _idempotent(self, attempt: Callable[[Session], T], *, keyed: bool) -> T:
         """Run `attempt` in a transaction; losing a race on the idempotency key replays."""

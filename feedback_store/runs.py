@@ -12,6 +12,8 @@ from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
 from feedback_store.models import RUN_FINISHED, RUN_STATUSES, RUN_TRIGGERS, TrainingRun
 
+MAX_RUN_ID = 2**31 - 1  # an INTEGER key: a larger id names no run (PostgreSQL refuses to compare)
+
 
 class RunsMixin(StoreBase):
     """Create, claim, update and list training runs."""
@@ -134,7 +136,7 @@ def _set_status(row: TrainingRun, status: str) -> None:
 
 
 def _get_run(s: Session, id: int) -> TrainingRun:
-    row = s.get(TrainingRun, id)
+    row = s.get(TrainingRun, id) if 0 < id <= MAX_RUN_ID else None
     if row is None:
         raise NotFoundError(f"No training run {id}", param="id", code="run_not_found")
     return row

@@ -103,9 +103,10 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def verify(directory: str | Path, expected_sha256: str | None = None,
-           expected_version: str | None = None) -> Manifest:
+           expected_version: str | None = None, max_bytes: int | None = None) -> Manifest:
     """Check that ``directory`` is complete and matches its manifest (and the announced digest).
 
+    ``max_bytes`` bounds the hashing: a directory holding more is refused before any file is read.
     Raises ``CheckpointError`` naming the first mismatch.
     """
     directory = Path(directory)
@@ -117,6 +118,11 @@ def verify(directory: str | Path, expected_sha256: str | None = None,
             raise CheckpointError(f"{directory}: contents do not match the recorded digest")
         return Manifest(version=expected_version or "", sha256=expected_sha256, files={})
     manifest = read_manifest(directory)
+    if max_bytes is not None:
+        size = sum(p.stat().st_size for p in _payload_files(directory))
+        if size > max_bytes:
+            raise CheckpointError(f"{directory}: {size} bytes, more than a policy of this base "
+                                  f"model can hold ({max_bytes})")
     if expected_version is not None and manifest.version != expected_version:
         raise CheckpointError(
             f"{directory}: manifest is for {manifest.version}, expected {expected_version}"
@@ -135,6 +141,56 @@ def verify(directory: str | Path, expected_sha256: str | None = None,
     if directory_digest(manifest.files) != manifest.sha256:
         raise CheckpointError(f"{directory}: manifest digest is inconsistent")
     return manifest
+
+
+# Config fields a policy must share with the base model for the server's engine to serve it.
+_SAME_CONFIG = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads")
+
+
+def verify_servable(directory: str | Path, *, version: str, sha256: str | None,
+                    root: str | Path, base_model: str | Path) -> Manifest:
+    """Everything a server checks before it loads a policy (raises ``CheckpointError``).
+
+    The base model itself passes on its recorded digest. Any other directory must resolve
+    (symlinks included) inside the checkpoint ``root``, carry a recorded digest, match its
+    manifest, hold no more than the base model's size allows (so hashing stays bounded), and have
+    the base model's architecture, vocabulary and at least its context.
+    """
+    path, base = Path(directory).resolve(), Path(base_model).resolve()
+    if path == base:
+        return verify(path, sha256 or None, version)
+    if not path.is_relative_to(Path(root).resolve()):
+        raise CheckpointError(f"{directory}: outside the checkpoint directory {root}")
+    if not sha256:
+        raise CheckpointError(f"{directory}: no recorded digest to check it against")
+    base_bytes = sum(p.stat().st_size for p in _payload_files(base))
+    manifest = verify(path, sha256, version, max_bytes=2 * base_bytes + (64 << 20))
+    check_compatible(path, base)
+    return manifest
+
+
+def _config(directory: Path) -> dict[str, object]:
+    try:
+        data = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: no readable config.json ({exc})") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def check_compatible(directory: Path, base_model: Path) -> None:
+    """The policy has the base model's architecture and vocabulary, and at least its context."""
+    mine, base = _config(Path(directory)), _config(Path(base_model))
+    for key in _SAME_CONFIG:
+        if mine.get(key) != base.get(key):
+            raise CheckpointError(f"{directory}: config {key} {mine.get(key)!r} differs from the "
+                                  f"base model's {base.get(key)!r}")
+    context, base_context = mine.get("max_position_embeddings"), base.get(
+        "max_position_embeddings")
+    if isinstance(base_context, int) and not (isinstance(context, int)
+                                              and context >= base_context):
+        raise CheckpointError(f"{directory}: context {context!r} shorter than the base model's "
+                              f"{base_context}")
 
 
 @contextmanager

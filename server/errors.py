@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from feedback_store.errors import (
     ConflictError,
@@ -32,17 +36,32 @@ _TYPES = {
 }
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The one error envelope (OpenAI's), documented in the OpenAPI schema."""
+
+    error: ErrorDetail
+
+
 class APIError(Exception):
     """An error with an HTTP status, rendered as ``{"error": {message, type, param, code}}``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, retry_after: int | None = None) -> None:
+                 code: str | None = None, retry_after: int | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
         self.retry_after = retry_after
+        self.headers = headers
 
     def body(self) -> dict[str, Any]:
         return error_body(self.status, self.message, param=self.param, code=self.code)
@@ -54,16 +73,35 @@ def error_body(status: int, message: str, *, param: str | None = None,
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class _ErrorJSON(JSONResponse):
+    """Escapes non-ASCII: a message that quotes input holding a lone surrogate still encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: APIError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    if exc.status in (429, 503) and headers is None:
-        headers = {"Retry-After": "1"}
-    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+    headers = dict(exc.headers or {})
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(exc.retry_after)
+    elif exc.status in (429, 503):
+        headers["Retry-After"] = "1"
+    return _ErrorJSON(exc.body(), status_code=exc.status, headers=headers or None)
 
 
 def _param_of(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route of this path accepts: Starlette's own 405 names only the methods
+    of the first route that matched the path (GET and POST of one path are two routes here)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if route.path_format and compile_path(route.path_format)[0].match(request.url.path):
+            methods.update(route.methods or ())
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -85,9 +123,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail) if exc.detail else "error"
-        return error_response(APIError(exc.status_code, message))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(APIError(exc.status_code, message, headers=headers))
 
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:

@@ -12,7 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from feedback_store.errors import StoreError
 from flywheel.live_approval import forgotten
-from server.errors import error_body
+from server.auth import exposed
+from server.errors import APIError, error_body
 from server.state import AppState, get_state, require_user
 
 router = APIRouter()
@@ -67,8 +68,16 @@ def _regression(state: AppState) -> dict | None:
         return None
 
 
-@router.get("/metrics")
+class MetricsResponse(Response):
+    media_type = "text/plain"  # the schema's; the header carries Prometheus' version too
+
+
+@router.get("/metrics", response_class=MetricsResponse)
 async def metrics(request: Request) -> Response:
+    """Prometheus text format. Closed (404, as if absent) on a server with keys unless
+    FLYWHEEL_EXPOSE_METRICS is true; open without keys unless it is false."""
     state = get_state(request)
+    if not exposed(state.settings.expose_metrics, state.settings):
+        raise APIError(404, "Not Found")
     body = await to_thread.run_sync(state.metrics.render)
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return MetricsResponse(body, media_type=CONTENT_TYPE_LATEST)

@@ -23,9 +23,15 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from feedback_store import Store
-from flywheel.checkpoints import CheckpointError, verify
+from flywheel.checkpoints import CheckpointError
 from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys, ServingPlan
-from flywheel.serving_plan import BASE_POLICY, decide, read_sql, record_base_policy
+from flywheel.serving_plan import (
+    BASE_POLICY,
+    check_servable,
+    decide,
+    read_sql,
+    record_base_policy,
+)
 from flywheel.settings import Settings
 from server.canary_split import CanarySplit
 from server.engines.base import Engine, SwapError
@@ -131,8 +137,7 @@ class PolicyWatcher:
         if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_SECONDS:
             return False
         try:
-            await to_thread.run_sync(lambda: verify(message.path, message.sha256 or None,
-                                                    message.version))
+            await to_thread.run_sync(check_servable, message, self.settings)
             await load(message.path, message.version)
         except (CheckpointError, SwapError, OSError) as exc:
             self._refused[key] = time.monotonic()
@@ -214,7 +219,7 @@ def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> Serv
     if plan is not None and not (plan.active.version == BASE_POLICY
                                  and plan.active.path == settings.model):
         try:
-            verify(plan.active.path, plan.active.sha256 or None, plan.active.version)
+            check_servable(plan.active, settings)
             return plan
         except CheckpointError as exc:
             log.error("cannot start on %s: %s; starting on the base model", plan.active.version,

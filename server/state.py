@@ -36,14 +36,16 @@ def get_state(request: Request) -> AppState:
     return state
 
 
-def require_user(request: Request) -> AppState:
-    """Dependency of /v1 routes: checks the bearer key, returns the app state."""
+async def require_user(request: Request) -> AppState:
+    """Dependency of /v1 routes: checks the bearer key, returns the app state. Async: FastAPI runs
+    a plain `def` dependency on a worker thread, a hop that cost the feedback route about a tenth
+    of its CPU."""
     state = get_state(request)
     state.auth.check_user(request)
     return state
 
 
-def require_admin(request: Request) -> AppState:
+async def require_admin(request: Request) -> AppState:
     state = get_state(request)
     state.auth.check_admin(request)
     return state

@@ -86,7 +86,8 @@ def test_replicas_follow_a_publish_and_a_late_one_starts_on_it(
     with ExitStack() as stack:
         replicas = [stack.enter_context(replica(env, tmp_path, f"replica-{i}")) for i in range(3)]
         # The checkpoint is prepared while the replicas load (CPU time they would otherwise share).
-        message = make_checkpoint(tiny_model_dir, tmp_path / "policies" / "policy-1", "policy-1",
+        policies = tmp_path / "checkpoints" / "policies"  # the replicas' checkpoint directory
+        message = make_checkpoint(tiny_model_dir, policies / "policy-1", "policy-1",
                                   parent=BASE_POLICY, perturb_seed=1)
         for r in replicas:
             body = ready(r)

@@ -83,7 +83,7 @@ def test_up_rejects_a_worse_canary_and_promotes_a_better_one(tmp_path: Path,
         wait_ready(url, proc, timeout=180)
         store = Store(f"sqlite:///{data / 'flywheel.db'}")
         for n, (version, scale) in enumerate(versions.items(), start=1):
-            make_checkpoint(tiny_model_dir, tmp_path / "ckpt" / version, version,
+            make_checkpoint(tiny_model_dir, data / "checkpoints" / "policies" / version, version,
                             parent="policy-0", perturb_seed=None if scale is None else n,
                             perturb_scale=scale or 0.0, store=store)
         store.close()

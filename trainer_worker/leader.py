@@ -3,6 +3,10 @@
 Acquire is ``SET key id NX PX ttl``; renew and release only touch the key while it still holds our
 id (Lua, atomically). If a renewal finds the lock gone or taken, ``lost`` is set and the running
 cycle abandons its work, so two workers never train at once.
+
+Every write of ours sets a TTL, so a holder that dies without releasing is replaced one TTL later.
+A key with no TTL (someone ran a plain ``SET``) would otherwise pin the leadership forever: a failed
+acquire that finds one gives it our TTL, so it is treated as a stale owner and taken over after it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ import redis
 
 log = logging.getLogger(__name__)
 
+_ACQUIRE = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+if redis.call('pttl', KEYS[1]) == -1 then
+  redis.call('pexpire', KEYS[1], ARGV[2])
+  return -1
+end
+return 0
+"""
 _RENEW = """
 if redis.call('get', KEYS[1]) == ARGV[1] then
   return redis.call('pexpire', KEYS[1], ARGV[2])
@@ -36,6 +50,7 @@ class LeaderLock:
         self._held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
 
@@ -48,10 +63,14 @@ class LeaderLock:
         if self.held:
             return True
         try:
-            if not self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
-                return False
+            taken = self._acquire(keys=[self.key], args=[self.owner, self.ttl_ms])
         except redis.RedisError as exc:
             log.warning("leader lock not reachable: %s", exc)
+            return False
+        if taken == -1:
+            log.warning("leader lock %s had no TTL (pinned by hand?); it now expires in %.1f s",
+                        self.key, self.ttl_ms / 1000)
+        if taken != 1:
             return False
         self._held = True
         self.lost.clear()

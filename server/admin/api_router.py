@@ -10,8 +10,11 @@ from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
+from flywheel.checkpoints import CheckpointError
+from flywheel.hotswap import PolicyMessage
 from flywheel.live_approval import best_version, forgotten, live_record
-from flywheel.serving_plan import announce
+from flywheel.serving_plan import announce, check_servable
+from server.errors import APIError
 from server.state import AppState, require_admin, require_user
 
 router = APIRouter()
@@ -59,6 +62,18 @@ async def _announce(state: AppState) -> bool:
     return published
 
 
+async def _check_files(state: AppState, policy_id: str) -> None:
+    """Refuse (409, nothing recorded) a version whose files every server would refuse."""
+    row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
+    if row.get("path") is None:
+        return  # the store refuses it with its own error
+    try:
+        await to_thread.run_sync(check_servable, PolicyMessage.from_row(row), state.settings)
+    except CheckpointError as exc:
+        raise APIError(409, f"Policy '{policy_id}' cannot be served: {exc}", param="id",
+                       code="checkpoint_invalid") from exc
+
+
 async def _one(state: AppState, policy_id: str, published: bool) -> dict:
     row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
     ratings = await to_thread.run_sync(state.store.live_ratings)
@@ -90,6 +105,7 @@ async def activate_policy(
     """Make a stored version the served one on every replica: rollback, roll-forward, and
     promotion of the canary."""
     force = force or bool(body and body.force)
+    await _check_files(state, policy_id)
     await to_thread.run_sync(lambda: state.store.activate_policy(policy_id, force=force))
     return await _one(state, policy_id, await _announce(state))
 
@@ -105,6 +121,7 @@ async def start_canary(
     request = body or CanaryRequest()
     fraction = request.fraction if request.fraction is not None else \
         state.settings.canary.fraction
+    await _check_files(state, policy_id)
     await to_thread.run_sync(
         lambda: state.store.start_canary(policy_id, fraction, force=request.force))
     return await _one(state, policy_id, await _announce(state))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 
+from server import limits
 from server.completions import serving
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import AppState, require_user
@@ -19,8 +20,9 @@ POLICY_HEADER = "X-Flywheel-Policy"
 async def _respond(state: AppState, job: serving.CompletionJob, stream: bool, route: str):
     if stream:
         policy, events = await serving.start_stream(state, job, route)
-        return StreamingResponse(
-            events, media_type="text/event-stream",
+        return limits.TimedStreamingResponse(
+            events, write_timeout_s=state.settings.stream_write_timeout_s,
+            media_type="text/event-stream",
             headers={POLICY_HEADER: policy, "Cache-Control": "no-cache",
                      "X-Accel-Buffering": "no"},
         )
@@ -28,15 +30,26 @@ async def _respond(state: AppState, job: serving.CompletionJob, stream: bool, ro
     return JSONResponse(body, headers={POLICY_HEADER: policy})
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(request: ChatCompletionRequest,
-                           state: Annotated[AppState, Depends(require_user)]):
-    job = serving.prepare_chat(state, request)
+async def _chat(state: AppState, request: ChatCompletionRequest):
+    job = await serving.prepare_chat(state, request)
     return await _respond(state, job, request.stream, "chat")
 
 
-@router.post("/v1/completions")
-async def completions(request: CompletionRequest,
-                      state: Annotated[AppState, Depends(require_user)]):
-    job = serving.prepare_text(state, request)
+async def _text(state: AppState, request: CompletionRequest):
+    job = await serving.prepare_text(state, request)
     return await _respond(state, job, request.stream, "text")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: ChatCompletionRequest, http: Request,
+                           state: Annotated[AppState, Depends(require_user)]):
+    # A client gone before the answer (or a stream's first token) cancels the engine request.
+    answer = await limits.unless_disconnected(http, _chat(state, request))
+    return answer if answer is not None else Response(status_code=limits.CLIENT_CLOSED)
+
+
+@router.post("/v1/completions")
+async def completions(request: CompletionRequest, http: Request,
+                      state: Annotated[AppState, Depends(require_user)]):
+    answer = await limits.unless_disconnected(http, _text(state, request))
+    return answer if answer is not None else Response(status_code=limits.CLIENT_CLOSED)

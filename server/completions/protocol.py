@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
 _INT64 = 2**63 - 1
+
+
+def well_formed(value: str) -> str:
+    """Refuse text that is not Unicode: JSON can spell a lone surrogate (`"\\ud800"`), which no
+    tokenizer, database or UTF-8 response can hold."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("invalid Unicode: a lone surrogate is not text") from None
+    return value
+
+
+# Every string of a request that the server tokenizes, stores or quotes back.
+Text = Annotated[str, AfterValidator(well_formed)]
 
 
 class OpenAIModel(BaseModel):
@@ -19,8 +33,17 @@ class OpenAIModel(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    content: Text | list[dict[str, Any]] | None = None
+    name: Text | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, value: str | list[dict[str, Any]] | None
+                    ) -> str | list[dict[str, Any]] | None:
+        for part in value if isinstance(value, list) else ():
+            if isinstance(part.get("text"), str):
+                well_formed(part["text"])
+        return value
 
     def text(self) -> str:
         if self.content is None:
@@ -42,16 +65,16 @@ class StreamOptions(BaseModel):
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions."""
 
-    model: str | None = None
+    model: Text | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=-_INT64 - 1, le=_INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
 
     @field_validator("stop")
     @classmethod
@@ -94,10 +117,10 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -17,6 +17,7 @@ from feedback_store.errors import StoreError
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.engines.base import ChoiceDelta, PromptTooLongError, SamplingParams
 from server.errors import APIError
+from server.limits import admit
 from server.state import AppState
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,19 @@ def _request_params(req: ChatCompletionRequest | CompletionRequest) -> dict[str,
     return {k: v for k in keep if (v := getattr(req, k, None)) is not None}
 
 
-def prepare_chat(state: AppState, req: ChatCompletionRequest) -> CompletionJob:
+async def _encode(param: str, encode: Any, prompt: Any) -> list[int]:
+    """Tokenise on a worker thread: megabytes took the tokenizer seconds, every route stalled."""
+    try:
+        return list(await to_thread.run_sync(encode, prompt))
+    except PromptTooLongError as exc:  # refused before tokenising (``refuse_unfittable``)
+        raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
+
+
+async def prepare_chat(state: AppState, req: ChatCompletionRequest) -> CompletionJob:
     _check_model(state, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    prompt_ids = state.engine.encode_chat(messages)
+    admit(state)
+    prompt_ids = await _encode("messages", state.engine.encode_chat, messages)
     max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens())
     top = (req.top_logprobs or 0) if req.logprobs else 0
     return CompletionJob(
@@ -121,10 +131,11 @@ def prepare_chat(state: AppState, req: ChatCompletionRequest) -> CompletionJob:
     )
 
 
-def prepare_text(state: AppState, req: CompletionRequest) -> CompletionJob:
+async def prepare_text(state: AppState, req: CompletionRequest) -> CompletionJob:
     _check_model(state, req.model)
     text = req.prompt_text()
-    prompt_ids = state.engine.encode_text(text)
+    admit(state)
+    prompt_ids = await _encode("prompt", state.engine.encode_text, text)
     if not prompt_ids:
         raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
     max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens())
@@ -246,6 +257,7 @@ class Run:
     """One engine request, with metrics; iterate it for deltas."""
 
     def __init__(self, state: AppState, job: CompletionJob, route: str) -> None:
+        admit(state)  # the queue bound, checked where the engine takes the request (no await)
         self.state, self.job, self.route = state, job, route
         self.started = time.perf_counter()
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}

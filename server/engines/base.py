@@ -51,13 +51,28 @@ class EngineError(RuntimeError):
 
 
 class PromptTooLongError(EngineError):
-    def __init__(self, prompt_tokens: int, max_model_len: int) -> None:
+    def __init__(self, prompt_tokens: int, max_model_len: int, *, at_least: bool = False) -> None:
+        """``at_least``: ``prompt_tokens`` is a lower bound (the prompt was refused untokenised)."""
         super().__init__(
             f"This model's maximum context length is {max_model_len} tokens, "
-            f"but the prompt has {prompt_tokens} tokens."
+            f"but the prompt has {'at least ' if at_least else ''}{prompt_tokens} tokens."
         )
         self.prompt_tokens = prompt_tokens
         self.max_model_len = max_model_len
+
+
+def refuse_unfittable(text: str, max_model_len: int, max_token_bytes: int | None) -> None:
+    """Raise ``PromptTooLongError`` for a text too long for the context whatever its tokens.
+
+    A tokenizer whose tokens each stand for at most ``max_token_bytes`` bytes of text needs at
+    least bytes / max_token_bytes tokens, so this costs one pass over the text instead of a
+    tokenisation (a few MB took the tokenizer seconds). ``None``: no sure bound, no check.
+    """
+    if not max_token_bytes or len(text) * 4 <= max_model_len * max_token_bytes:
+        return  # UTF-8 spends at most 4 bytes on a character: surely short enough
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > max_model_len * max_token_bytes:
+        raise PromptTooLongError(-(-size // max_token_bytes), max_model_len, at_least=True)
 
 
 class SwapError(RuntimeError):
@@ -93,7 +108,12 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids of a chat prompt (chat template with the generation prompt appended)."""
+        """Token ids of a chat prompt (chat template with the generation prompt appended).
+
+        Both encoders block (the server calls them on a worker thread) and raise
+        ``PromptTooLongError`` before tokenising a text that cannot fit the context
+        (``refuse_unfittable``).
+        """
         ...
 
     def encode_text(self, prompt: str) -> list[int]: ...

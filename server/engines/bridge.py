@@ -4,7 +4,8 @@ Waking an event loop from another thread (``call_soon_threadsafe``) writes to a 
 the loop a turn; under load the decode thread would pay it every step for every loop. A
 ``Mailbox`` collects items for one loop and schedules a single drain, however many steps' worth
 arrive before the loop gets to it. Each request reads its items from an ``Inbox``: a deque and at
-most one waiting future, lighter than ``asyncio.Queue``.
+most one waiting future, lighter than ``asyncio.Queue``, bounded by merging what its reader has not
+taken yet (the decode thread serves every request and never waits for a slow one).
 """
 
 from __future__ import annotations
@@ -12,21 +13,33 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Inbox(Generic[T]):
-    """Items for one consumer; ``put`` runs on the consumer's event loop."""
+    """Items for one consumer; ``put`` runs on the consumer's event loop.
 
-    def __init__(self) -> None:
+    With ``merge``, more than ``limit`` untaken items are merged into fewer (``merge`` must
+    return at most ``limit // 2`` of them, so merging costs O(1) per item).
+    """
+
+    def __init__(self, merge: Callable[[list[T]], list[T]] | None = None,
+                 limit: int = 0) -> None:
         self._items: deque[T] = deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._merge = merge
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def put(self, item: T) -> None:
         self._items.append(item)
+        if self._merge is not None and len(self._items) > self._limit:
+            self._items = deque(self._merge(list(self._items)))
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 

@@ -15,6 +15,9 @@ import torch
 # Reported in place of -inf for alternatives outside the top-p nucleus (vLLM does the same):
 # JSON has no infinity.
 MASKED_LOGPROB = -9999.0
+# Temperatures below this are greedy, as vLLM's `_SAMPLING_EPS`: dividing logits by 1e-40 gives
+# inf, and log_softmax of inf is NaN.
+SAMPLING_EPS = 1e-5
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads the seeds of the n choices
 _SEED_MASK = (1 << 63) - 1
 
@@ -53,7 +56,7 @@ class RowSampler:
     """Sampling settings of a batch as device tensors; rebuilt when the batch's rows change."""
 
     def __init__(self, rows: Sequence[RowParams], device: torch.device) -> None:
-        greedy = [r.temperature <= 0.0 for r in rows]
+        greedy = [r.temperature < SAMPLING_EPS for r in rows]
         self.size = len(rows)
         self.all_greedy = all(greedy)
         self.any_greedy = any(greedy)
@@ -87,17 +90,23 @@ class RowSampler:
             tokens = inverse_cdf_sample(logprobs, self.uniforms(shared))
             if self.any_greedy:  # greedy rows have temperature 1 here: this is the raw argmax
                 tokens = torch.where(self.greedy, logprobs.argmax(dim=-1), tokens)
-        chosen = logprobs.gather(-1, tokens[:, None])[:, 0]  # (B,)
+        chosen = finite(logprobs.gather(-1, tokens[:, None])[:, 0])  # (B,)
         # One host transfer for ids and logprobs: ids up to 2**24 are exact in float32.
         host = torch.stack([tokens.float(), chosen]).tolist()
         result = Sampled([int(t) for t in host[0]], host[1], tokens)
         if self.max_top_logprobs > 0:
             k = min(self.max_top_logprobs, logprobs.shape[-1])
             values, ids = logprobs.topk(k, dim=-1)  # (B, k)
-            values = values.clamp(min=MASKED_LOGPROB)
+            values = finite(values)
             result.top_ids = ids.tolist()
             result.top_logprobs = values.tolist()
         return result
+
+
+def finite(logprobs: torch.Tensor) -> torch.Tensor:
+    """Logprobs fit for JSON: -inf (and NaN, from logits that overflowed) become MASKED_LOGPROB,
+    and so does anything below it."""
+    return torch.nan_to_num(logprobs, nan=MASKED_LOGPROB, posinf=0.0).clamp(min=MASKED_LOGPROB)
 
 
 def top_p_filter(logprobs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

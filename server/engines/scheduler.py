@@ -62,6 +62,7 @@ class Scheduler:
         self._waiting: deque[Request] = deque()
         self._changes: list[Change] = []
         self._stopping = False
+        self._cancelled = False  # some request was cancelled since the last iteration
         self._thread: threading.Thread | None = None
         self._shared_gen = torch.Generator()
         self._shared_gen.manual_seed(random.SystemRandom().getrandbits(63))
@@ -112,8 +113,11 @@ class Scheduler:
             self._waiting.append(request)
             self._cond.notify()
 
-    def wake(self) -> None:
+    def cancel(self, request: Request) -> None:
+        """The consumer is gone: its rows go at the next step, a waiting request at once."""
+        request.cancelled = True
         with self._cond:
+            self._cancelled = True
             self._cond.notify()
 
     def install(self, model: Any, version: str) -> Future[None]:
@@ -167,6 +171,9 @@ class Scheduler:
             changes, self._changes = self._changes, []
             for change in changes:
                 self._apply(change)
+            if self._cancelled:  # abandoned requests leave the queue (and ``stats()``) now
+                self._cancelled = False
+                self._waiting = deque(r for r in self._waiting if not r.cancelled)
             self._admit()
         return True
 

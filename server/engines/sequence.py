@@ -34,7 +34,9 @@ class Request:
         self.params = params
         self.max_new_tokens = max_new_tokens
         self.loop = loop
-        self.inbox: Inbox[DeltaOrError] = Inbox()
+        # A reader that falls behind (a slow stream client) gets merged deltas, one per choice,
+        # so what waits for it is at most its own answer, however many steps it misses.
+        self.inbox: Inbox[DeltaOrError] = Inbox(coalesce, limit=2 * (params.n + 1))
         self.cancelled = False
         self.canary = canary  # asks for the canary arm (the active one while none is loaded)
         self.policy_version = ""  # set by the decode thread when it admits the request

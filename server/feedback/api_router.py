@@ -16,6 +16,8 @@ from fastapi.responses import JSONResponse, Response
 
 from feedback_store import Store
 from feedback_store.errors import InvalidInputError, StoreError
+from feedback_store.feedback import MAX_CLIENT_KEY_LENGTH
+from server.errors import ErrorResponse
 from server.feedback.protocol import FeedbackRequest, RankingRequest
 from server.state import AppState, require_admin, require_user
 
@@ -29,14 +31,21 @@ STORE_THREADS = 16
 FEEDBACK_WRITES = 2  # batches of ratings written at once; ratings arriving meanwhile wait
 FEEDBACK_BATCH = 256  # most ratings in one batch (one INSERT of arrays, see Store.add_feedbacks)
 
-IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=255)]
+# An empty key is refused (400), not stored as a key; keys are scoped per API key (the store's
+# `scoped_key`), so the longest a client may send is the column's width less the scope.
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", min_length=1,
+                                              max_length=MAX_CLIENT_KEY_LENGTH)]
 Outcome = tuple[dict[str, Any], bool] | StoreError
+# What the write routes answer besides 201 and the statuses every route documents.
+WRITE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorResponse, "description": "No such completion or choice"},
+    422: {"model": ErrorResponse,
+          "description": "The Idempotency-Key was used before with a different body"},
+}
 
 
-async def user_state(request: Request) -> AppState:
-    """`require_user` as an async dependency: FastAPI runs a plain `def` dependency on a worker
-    thread, a hop that cost the feedback route about a tenth of its CPU."""
-    return require_user(request)
+class JSONLinesResponse(Response):
+    media_type = "application/jsonl"
 
 
 @functools.cache
@@ -118,13 +127,15 @@ def _created(record: dict, created: bool) -> JSONResponse:
     return JSONResponse(record, status_code=201, headers=headers)
 
 
-@router.post("/v1/feedback", status_code=201)
-async def post_feedback(body: FeedbackRequest, state: Annotated[AppState, Depends(user_state)],
+@router.post("/v1/feedback", status_code=201, responses=WRITE_RESPONSES)
+async def post_feedback(body: FeedbackRequest, request: Request,
+                        state: Annotated[AppState, Depends(require_user)],
                         idempotency_key: IdempotencyKey = None) -> JSONResponse:
     outcome = await _feedback_writes(state.store).add({
         "completion_id": body.completion_id, "choice_index": body.choice_index,
         "rating": body.rating, "comment": body.comment, "user": body.user,
         "idempotency_key": idempotency_key,
+        "idempotency_scope": state.auth.idempotency_scope(request),
     })
     if isinstance(outcome, StoreError):
         raise outcome
@@ -134,12 +145,15 @@ async def post_feedback(body: FeedbackRequest, state: Annotated[AppState, Depend
     return _created(record, created)
 
 
-@router.post("/v1/rankings", status_code=201)
-async def post_ranking(body: RankingRequest, state: Annotated[AppState, Depends(user_state)],
+@router.post("/v1/rankings", status_code=201, responses=WRITE_RESPONSES)
+async def post_ranking(body: RankingRequest, request: Request,
+                       state: Annotated[AppState, Depends(require_user)],
                        idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    scope = state.auth.idempotency_scope(request)
     try:
         record, created = await _in_store_thread(lambda: state.store.add_ranking(
             items=body.as_items(), user=body.user, idempotency_key=idempotency_key,
+            idempotency_scope=scope,
         ))
     except InvalidInputError as error:
         if body.ranking is not None and error.param == "items":
@@ -159,8 +173,9 @@ def _indices(entry: dict[str, Any] | list[dict[str, Any]]) -> int | list[int]:
     return int(entry["choice_index"])
 
 
-@router.get("/v1/feedback/export")
+@router.get("/v1/feedback/export", response_class=JSONLinesResponse)
 async def export_feedback(state: Annotated[AppState, Depends(require_admin)]) -> Response:
+    """Preference data as JSON lines in TRL's formats."""
     rows = await to_thread.run_sync(lambda: list(state.store.export_preferences()))
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    return Response(text, media_type="application/jsonl")
+    return JSONLinesResponse(text)

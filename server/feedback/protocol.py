@@ -6,21 +6,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from server.completions.protocol import Text
+
 MAX_RANKED = 16
 
 
 class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    completion_id: str = Field(min_length=1, max_length=128)
+    completion_id: Text = Field(min_length=1, max_length=128)
     choice_index: int = Field(default=0, ge=0)
     rating: Literal["up", "down"]
-    comment: str | None = Field(default=None, max_length=10_000)
-    user: str | None = Field(default=None, max_length=256)
+    comment: Text | None = Field(default=None, max_length=10_000)
+    user: Text | None = Field(default=None, max_length=256)
 
 
 class RankedItem(BaseModel):
-    completion_id: str = Field(min_length=1, max_length=128)
+    completion_id: Text = Field(min_length=1, max_length=128)
     choice_index: int = Field(default=0, ge=0)
 
 
@@ -30,12 +32,12 @@ class RankingRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    completion_id: str | None = Field(default=None, min_length=1, max_length=128)
+    completion_id: Text | None = Field(default=None, min_length=1, max_length=128)
     ranking: list[int | list[int]] | None = Field(default=None, min_length=1,
                                                   max_length=MAX_RANKED)
     items: list[RankedItem | list[RankedItem]] | None = Field(default=None, min_length=1,
                                                               max_length=MAX_RANKED)
-    user: str | None = Field(default=None, max_length=256)
+    user: Text | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _one_form(self) -> RankingRequest:

@@ -116,7 +116,8 @@ def redis_followed(client: TestClient, connected: bool = True) -> bool:
 
 def checkpoint(settings: Settings, store: Store, tmp_path: Path, version: str,
                status: str = "candidate") -> PolicyMessage:
-    return make_checkpoint(Path(settings.model), tmp_path / "policies" / version, version,
+    root = Path(settings.checkpoint_dir or tmp_path / "checkpoints")
+    return make_checkpoint(Path(settings.model), root / "policies" / version, version,
                            parent="policy-0", store=store, status=status)
 
 

@@ -235,3 +235,69 @@ def test_rollback_while_redis_down_survives_the_stale_key(
         assert redis_followed(a) and redis_followed(b)  # each has read the stale key by now
         assert served(a) == served(b) == "policy-1"
     assert initial_policy(settings, store)[1] == "policy-1"
+
+
+def _outside_the_root(message: PolicyMessage) -> PolicyMessage:
+    outside = Path(message.path).parents[2] / "elsewhere" / message.version
+    shutil.copytree(message.path, outside)
+    return PolicyMessage(message.version, str(outside), message.sha256)
+
+
+def _climbing_out(message: PolicyMessage) -> PolicyMessage:
+    outside = _outside_the_root(message)
+    return PolicyMessage(message.version, f"{message.path}/../../../elsewhere/{message.version}",
+                         outside.sha256)
+
+
+def _without_digest(message: PolicyMessage) -> PolicyMessage:
+    return PolicyMessage(message.version, message.path, "")
+
+
+@pytest.mark.parametrize("forge", [_outside_the_root, _climbing_out, _without_digest])
+def test_while_sql_is_away_redis_is_still_checked(
+    settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    forge: Callable[[PolicyMessage], PolicyMessage],
+) -> None:
+    """Without SQL, an announcement decides, but only a sealed checkpoint inside the
+    checkpoint directory, with its digest, is loaded."""
+    caplog.set_level(logging.ERROR, logger="server.hotswap")
+    monkeypatch.setattr(hotswap, "read_sql", lambda store: None)
+    with serving(settings, store) as (client, engine):
+        assert redis_followed(client)
+        publish(forge(checkpoint(settings, store, tmp_path, "policy-1", status="active")))
+        assert wait_for(lambda: swaps(client, "refused"), lambda n: n >= 1) == 1
+        assert served(client) == "policy-0" and engine.swaps == []
+        assert any("refused policy policy-1" in r.getMessage() for r in caplog.records)
+
+
+def test_another_architecture_is_refused(
+    settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
+) -> None:
+    """Recorded in SQL and sealed, but with a shorter context than the served base model."""
+    (Path(settings.model) / "config.json").write_text(
+        '{"model_type": "fake", "max_position_embeddings": 512}')
+    other = tmp_path / "other-base"
+    shutil.copytree(settings.model, other)
+    (other / "config.json").write_text('{"model_type": "fake", "max_position_embeddings": 16}')
+    with serving(settings, store) as (client, engine):
+        assert redis_followed(client)
+        publish(make_checkpoint(other, Path(settings.checkpoint_dir or "") / "policies" /
+                                "policy-1", "policy-1", store=store, status="active"))
+        assert wait_for(lambda: swaps(client, "refused"), lambda n: n >= 1) == 1
+        assert served(client) == "policy-0" and engine.swaps == []
+
+
+def test_activating_a_damaged_checkpoint_is_refused(settings: Settings, store: Store,
+                                                    tmp_path: Path) -> None:
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    damaged = checkpoint(settings, store, tmp_path, "policy-1")
+    (Path(damaged.path) / "model.safetensors").write_bytes(b"damaged after sealing")
+    with serving(settings, store) as (client, _):
+        for route in ("/v1/policies/policy-1/activate", "/v1/policies/policy-1/canary"):
+            response = client.post(route)
+            assert response.status_code == 409, response.text
+            assert response.json()["error"]["code"] == "checkpoint_invalid"
+        assert store.active_policy()["id"] == "policy-0"
+        assert store.get_policy("policy-1")["status"] == "candidate"
+        assert served(client) == "policy-0"

@@ -1,0 +1,97 @@
+"""The OpenAPI schema as the server really answers: FastAPI's, with its 422 validation errors
+replaced by our 400 and the error envelope, the statuses of the key checks, and streams."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.dependencies.models import Dependant
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute, iter_route_contexts
+
+from flywheel.settings import Settings
+from server.auth import keys_configured
+from server.errors import ErrorResponse
+from server.state import require_admin, require_user
+
+_ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
+_VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+
+
+def install_openapi(app: FastAPI, settings: Settings) -> None:
+    """Replace ``app.openapi`` (served at /openapi.json when docs are exposed)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            document(schema, app.routes, user_keys=bool(settings.api_key_list),
+                     admin_keys=keys_configured(settings))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ERROR_REF}}}
+
+
+def _calls(dependant: Dependant) -> Iterator[Callable[..., Any] | None]:
+    for dependency in dependant.dependencies:
+        yield dependency.call
+        yield from _calls(dependency)
+
+
+def document(schema: dict[str, Any], routes: list[Any], *, user_keys: bool,
+             admin_keys: bool) -> None:
+    """Edit FastAPI's schema in place to match what the handlers of ``routes`` send; the key
+    checks only where keys are set (server/auth.py: without keys a route is open)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    envelope = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(envelope.pop("$defs", {}))
+    components["ErrorResponse"] = envelope
+    if admin_keys:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for route in iter_route_contexts(routes):
+        if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
+            continue
+        calls = set(_calls(route.dependant))
+        admin = require_admin in calls
+        keyed = admin_keys if admin else user_keys and require_user in calls
+        for method in (route.methods or set()) - {"HEAD"}:
+            operation = schema["paths"][route.path_format][method.lower()]
+            _document_operation(operation, route, admin=admin, keyed=keyed)
+    if "HTTPValidationError" in components and _VALIDATION_REF not in str(schema["paths"]):
+        del components["HTTPValidationError"], components["ValidationError"]
+
+
+def _document_operation(operation: dict[str, Any], route: Any, *, admin: bool,
+                        keyed: bool) -> None:
+    responses = operation["responses"]
+    validation = responses.get("422", {}).get("content", {}).get("application/json", {})
+    if validation.get("schema", {}).get("$ref") == _VALIDATION_REF:
+        del responses["422"]  # FastAPI's: validation errors are 400 here (server/errors.py)
+    if operation.get("parameters") or operation.get("requestBody"):
+        responses["400"] = _error("Invalid request: a field fails validation")
+    if route.dependant.path_params:
+        responses.setdefault("404", _error("No such resource"))
+    if keyed:
+        operation["security"] = [{"bearer": []}]
+        responses["401"] = _error("Missing or unknown key (WWW-Authenticate: Bearer)")
+        if admin:
+            responses["403"] = _error("A valid key without the admin right")
+    if "stream" in _body_fields(route):
+        ok = responses["200"].setdefault("content", {})
+        ok["text/event-stream"] = {"schema": {"type": "string",
+                                              "description": "Server-sent events ending "
+                                                             "`data: [DONE]` (stream: true)"}}
+    # Every other failure (409, 429, 503, 500) is the same envelope: OpenAPI's `default`.
+    responses["default"] = _error("Error")
+
+
+def _body_fields(route: Any) -> set[str]:
+    body = route.body_field
+    model = getattr(body.field_info, "annotation", None) if body is not None else None
+    return set(getattr(model, "model_fields", {}))
