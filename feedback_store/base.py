@@ -76,6 +76,14 @@ def _configure_sqlite(engine: Engine) -> None:
         write = conn.get_execution_options().get("flywheel_write", True)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
+    @event.listens_for(engine, "handle_error")
+    def _read_only_is_a_lost_connection(context: sa.engine.ExceptionContext) -> None:
+        # SQLite opens a connection read-only when the file is not writable at that moment, and it
+        # stays read-only after the file is writable again. Treating the error as a disconnect
+        # makes SQLAlchemy drop the whole pool, so the next connections open read-write.
+        if "readonly database" in str(context.original_exception):
+            context.is_disconnect = True
+
 
 def _reason(error: Exception) -> str:
     """The driver's first line about a failure, without the SQL and parameters."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
+from feedback_store.base import _store_errors
+from feedback_store.errors import StoreUnavailableError
 from feedback_store.feedback import FeedbackMixin
 from feedback_store.policy_versions import PoliciesMixin
 from feedback_store.rankings import RankingsMixin
@@ -23,10 +25,23 @@ class Store(FeedbackMixin, RankingsMixin, PoliciesMixin, RolloutMixin, RunsMixin
         """Close every pooled connection."""
         self.engine.dispose()
 
-    def ping(self) -> None:
-        """Raise StoreUnavailableError unless the database answers a query."""
-        with self._tx(write=False) as s:
-            s.execute(sa.text("SELECT 1"))
+    def ping(self, *, write: bool = False) -> None:
+        """Raise StoreUnavailableError unless the database answers a query (``write``: and
+        would take a write, checked by a write that is rolled back)."""
+        if not write:
+            with self._tx(write=False) as s:
+                s.execute(sa.text("SELECT 1"))
+            return
+        with _store_errors(), self.engine.connect() as conn:
+            if self.dialect == "sqlite":
+                version = conn.exec_driver_sql("PRAGMA user_version").scalar()
+                conn.exec_driver_sql(f"PRAGMA user_version = {int(version or 0)}")
+            elif self.dialect == "postgresql" and conn.exec_driver_sql(
+                    "SHOW transaction_read_only").scalar() == "on":
+                raise StoreUnavailableError("The database is read-only")
+            else:
+                conn.exec_driver_sql("SELECT 1")
+            conn.rollback()
 
     def upgrade(self) -> None:
         """Migrate this database to the newest schema (`alembic upgrade head`)."""

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 
 log = logging.getLogger(__name__)
+
+REPLICA_REPORT_SECONDS = 10.0  # each server says what it serves this often (and on every change)
+REPLICA_STALE_SECONDS = 3 * REPLICA_REPORT_SECONDS  # older reports are servers that went away
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class RedisKeys:
     def policy_channel(self) -> str:
         """PUBLISHed ServingPlan on every change of the active version or the canary."""
         return f"{self.namespace}:policy:updates"
+
+    @property
+    def servers(self) -> str:
+        """Hash: replica id -> JSON of what it serves (``ReplicaReport``), refreshed by each."""
+        return f"{self.namespace}:servers"
 
     @property
     def trainer_lock(self) -> str:
@@ -182,6 +191,25 @@ class Publisher:
             return None
         return ServingPlan(PolicyMessage.from_json(active),
                            None if canary is None else CanaryMessage.from_json(canary))
+
+    def replicas(self, max_age_s: float = REPLICA_STALE_SECONDS) -> list[dict[str, Any]]:
+        """What each replica reported serving within ``max_age_s``; [] when Redis is away."""
+        if self.client is None:
+            return []
+        try:
+            raw = self.client.hgetall(self.keys.servers)
+        except (redis.RedisError, OSError):
+            return []
+        now, found = time.time(), []
+        for replica, report in raw.items():
+            try:
+                data = json.loads(report)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and now - float(data.get("at", 0)) <= max_age_s:
+                found.append({"id": replica.decode() if isinstance(replica, bytes) else replica,
+                              **data})
+        return sorted(found, key=lambda r: r["id"])
 
     def close(self) -> None:
         if self.client is not None:

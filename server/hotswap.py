@@ -10,9 +10,13 @@ is loaded; a corrupt one is refused and logged, and the old weights keep serving
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import random
+import socket
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 
@@ -24,7 +28,14 @@ from redis.exceptions import RedisError
 
 from feedback_store import Store
 from flywheel.checkpoints import CheckpointError
-from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys, ServingPlan
+from flywheel.hotswap import (
+    REPLICA_REPORT_SECONDS,
+    CanaryMessage,
+    PolicyMessage,
+    Publisher,
+    RedisKeys,
+    ServingPlan,
+)
 from flywheel.serving_plan import (
     BASE_POLICY,
     check_servable,
@@ -76,6 +87,9 @@ class PolicyWatcher:
             if settings.redis_url else None
         )
         self.redis_connected = False
+        self.replica_id = (f"{socket.gethostname()}:{settings.port}:{os.getpid()}:"
+                           f"{uuid.uuid4().hex[:6]}")
+        self._reported = 0.0
         self._lock = asyncio.Lock()
         self._refused: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
@@ -89,6 +103,8 @@ class PolicyWatcher:
             with suppress(asyncio.CancelledError):
                 await self._task
         if self.redis is not None:
+            with suppress(RedisError, OSError):
+                await self.redis.hdel(self.keys.servers, self.replica_id)
             await self.redis.aclose()
 
     async def refresh(self, announced: ServingPlan | None = None) -> None:
@@ -102,6 +118,19 @@ class PolicyWatcher:
         async with self._lock:
             await self._apply_active(plan.active)
             await self._apply_canary(plan.canary)
+        await self.report()
+
+    async def report(self) -> None:
+        """Tell Redis what this replica serves (shown per replica in ``GET /v1/policies``)."""
+        if self.redis is None:
+            return
+        body = json.dumps({"active": self.engine.policy_version,
+                           "canary": self.engine.canary_version, "at": time.time()})
+        try:
+            await self.redis.hset(self.keys.servers, self.replica_id, body)
+            self._reported = time.monotonic()
+        except (RedisError, OSError) as exc:
+            log.debug("could not report what this replica serves: %s", exc)
 
     async def _apply_active(self, message: PolicyMessage) -> None:
         if message.version == self.engine.policy_version:
@@ -203,6 +232,8 @@ class PolicyWatcher:
                 if time.monotonic() - last_sql > SQL_RECHECK_SECONDS:
                     await self.refresh()
                     last_sql = time.monotonic()
+                if time.monotonic() - self._reported > REPLICA_REPORT_SECONDS:
+                    await self.report()
 
 
 def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> ServingPlan:

@@ -51,6 +51,7 @@ def _policies_view(state: AppState) -> dict[str, Any]:
         "canary": state.split.version,
         "best": best_version(rows, ratings, cfg.min_rollback_ratings),
         "regression": forgotten(rows, ratings, cfg),
+        "replicas": state.publisher.replicas(),
     }
 
 
@@ -62,11 +63,11 @@ async def _announce(state: AppState) -> bool:
     return published
 
 
-async def _check_files(state: AppState, policy_id: str) -> None:
+async def _check_files(state: AppState, policy_id: str, *, force: bool) -> None:
     """Refuse (409, nothing recorded) a version whose files every server would refuse."""
     row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
-    if row.get("path") is None:
-        return  # the store refuses it with its own error
+    if row.get("path") is None or (row["status"] == "rejected" and not force):
+        return  # the store refuses it with its own error, before any hashing
     try:
         await to_thread.run_sync(check_servable, PolicyMessage.from_row(row), state.settings)
     except CheckpointError as exc:
@@ -84,7 +85,8 @@ async def _one(state: AppState, policy_id: str, published: bool) -> dict:
 async def list_policies(state: Annotated[AppState, Depends(require_user)]) -> dict:
     """Every version newest first, with its live approval; `best` is the stored version with
     the highest lower bound of approval, `regression` names a stored version users rate
-    significantly better than the active one (null while the active holds its own)."""
+    significantly better than the active one (null while the active holds its own), and
+    `replicas` what each server reported serving in the last half minute."""
     return await to_thread.run_sync(_policies_view, state)
 
 
@@ -105,7 +107,7 @@ async def activate_policy(
     """Make a stored version the served one on every replica: rollback, roll-forward, and
     promotion of the canary."""
     force = force or bool(body and body.force)
-    await _check_files(state, policy_id)
+    await _check_files(state, policy_id, force=force)
     await to_thread.run_sync(lambda: state.store.activate_policy(policy_id, force=force))
     return await _one(state, policy_id, await _announce(state))
 
@@ -121,7 +123,7 @@ async def start_canary(
     request = body or CanaryRequest()
     fraction = request.fraction if request.fraction is not None else \
         state.settings.canary.fraction
-    await _check_files(state, policy_id)
+    await _check_files(state, policy_id, force=request.force)
     await to_thread.run_sync(
         lambda: state.store.start_canary(policy_id, fraction, force=request.force))
     return await _one(state, policy_id, await _announce(state))

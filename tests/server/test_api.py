@@ -208,8 +208,8 @@ def test_policies_and_admin_errors(client: TestClient, store: Store) -> None:
     error = assert_error(client.post("/v1/policies/policy-1/activate"), 400)
     assert error["code"] == "policy_rejected"
     forced = client.post("/v1/policies/policy-1/activate", json={"force": True})
-    assert forced.status_code == 200, forced.text
-    assert store.active_policy()["id"] == "policy-1"
+    assert assert_error(forced, 409)["code"] == "checkpoint_invalid"  # no such files
+    assert store.active_policy()["id"] == "policy-0"
 
 
 def test_training_runs_route(client: TestClient) -> None:

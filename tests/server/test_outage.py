@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,8 +16,6 @@ from server.app import create_app
 from server.engines.fake import FakeEngine
 from tests.conftest import POSTGRES_URL
 from tests.server.conftest import make_settings
-
-pytestmark = pytest.mark.postgres
 
 
 @contextmanager
@@ -36,6 +35,7 @@ def database_down(url: str) -> Iterator[None]:
         admin.dispose()
 
 
+@pytest.mark.postgres
 def test_feedback_503_while_completions_continue(tmp_path: Path, postgres_url: str) -> None:
     store = Store(postgres_url)
     settings = make_settings(tmp_path, postgres_url)
@@ -57,4 +57,40 @@ def test_feedback_503_while_completions_continue(tmp_path: Path, postgres_url: s
         retry = c.post("/v1/feedback", json={"completion_id": served["id"], "rating": "up"})
         assert retry.status_code == 201
     assert store.feedback_counts()["up"] == 1
+    store.close()
+
+
+@contextmanager
+def read_only_file(path: Path) -> Iterator[None]:
+    """Make the SQLite file unwritable even for root (the immutable attribute)."""
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_sqlite_writable_again_after_a_read_only_spell(tmp_path: Path, sqlite_url: str) -> None:
+    """Connections SQLite opened while the file was read-only stay read-only; the store drops
+    them on the first such error, and readiness checks that a write would succeed."""
+    store = Store(sqlite_url)
+    settings = make_settings(tmp_path, sqlite_url)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 4}
+    with TestClient(create_app(settings, engine=FakeEngine(), store=store, watch=False)) as c:
+        served = c.post("/v1/chat/completions", json=chat).json()
+        assert c.get("/readyz").status_code == 200
+        with read_only_file(Path(store.engine.url.database or "")):
+            store.engine.dispose()  # the pool opens its next connections during the outage
+            assert c.get("/readyz").status_code == 503
+            for i in range(4):
+                response = c.post("/v1/feedback", json={"completion_id": served["id"],
+                                                         "choice_index": i, "rating": "up"})
+                assert response.status_code == 503, response.text
+        assert c.get("/readyz").status_code == 200
+        for i in range(4):
+            response = c.post("/v1/feedback", json={"completion_id": served["id"],
+                                                     "choice_index": i, "rating": "down"})
+            assert response.status_code == 201, response.text
+    assert store.feedback_counts() == {"up": 0, "down": 4, "rankings": 0}
     store.close()

@@ -51,6 +51,8 @@ def test_canary_splits_sticky_per_user_on_two_replicas(settings: Settings, store
         assert started.json()["status"] == "canary" and started.json()["published"] is True
         assert started.json()["canary"]["fraction"] == 0.3
         assert wait_for(lambda: canary_of(b), lambda v: v == "policy-1") == "policy-1"
+        replicas = a.get("/v1/policies").json()["replicas"]
+        assert [(r["active"], r["canary"]) for r in replicas] == [("policy-0", "policy-1")] * 2
         arms = {user: arm_of(a, user) for user in USERS}
         on_canary = [u for u, arm in arms.items() if arm == "policy-1"]
         assert set(arms.values()) == {"policy-0", "policy-1"}
