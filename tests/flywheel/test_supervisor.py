@@ -42,7 +42,7 @@ def _up(port: int, data_dir: Path, env: dict[str, str], **kwargs: object) -> sub
 def _run_up(port: int, data_dir: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "flywheel.cli", "up", "--port", str(port),
                            "--data-dir", str(data_dir)], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=60)
 
 
 def _hold(code: str) -> subprocess.Popen:
