@@ -12,7 +12,13 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from server.engines.base import ChoiceDelta, EngineStats, SamplingParams, SwapError
+from server.engines.base import (
+    ChoiceDelta,
+    EngineStats,
+    SamplingParams,
+    SwapError,
+    refuse_unfittable,
+)
 
 EOS = 0
 
@@ -23,8 +29,11 @@ class FakeEngine:
     model_name = "fake"
     eos_token_ids = (EOS,)
 
-    def __init__(self, max_model_len: int = 512, policy_version: str = "policy-0") -> None:
+    def __init__(self, max_model_len: int = 512, policy_version: str = "policy-0",
+                 answer_words: int = 4) -> None:
+        """``answer_words``: the length of every answer (long ones for slow-reader tests)."""
         self.max_model_len = max_model_len
+        self.answer_words = answer_words
         self._version = policy_version
         self._canary: str | None = None
         self.swaps: list[tuple[str, str]] = []  # every swap_weights call, promotions included
@@ -50,6 +59,7 @@ class FakeEngine:
         return self.encode_text(text)
 
     def encode_text(self, prompt: str) -> list[int]:
+        refuse_unfittable(prompt, self.max_model_len, 4)  # a token is a character: <= 4 bytes
         return [ord(c) for c in prompt]
 
     def decode(self, token_ids: list[int]) -> str:
@@ -63,7 +73,8 @@ class FakeEngine:
             for index in range(params.n):
                 rng = random.Random(f"{params.seed}-{index}" if params.seed is not None
                                     else request_id + str(index))
-                words = [rng.choice(["yes", "no", "maybe", "sure", "ok"]) for _ in range(4)]
+                words = [rng.choice(["yes", "no", "maybe", "sure", "ok"])
+                         for _ in range(self.answer_words)]
                 text = " ".join(words) + "."
                 async for delta in self._stream(index, text, params, version):
                     yield delta

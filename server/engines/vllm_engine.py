@@ -45,6 +45,7 @@ from server.engines.base import (
     EngineStats,
     SamplingParams,
     SwapError,
+    refuse_unfittable,
 )
 from server.engines.vllm_canary import (
     Canary,
@@ -126,6 +127,7 @@ class VLLMEngine:
         self._version = policy_version
         self._bindings = bindings
         self._tokenizer = tokenizer
+        self._token_bytes: int | None = None  # set by start(), see ``refuse_unfittable``
         self._engine_args = engine_args(settings, extra_engine_args)
         self.lora_enabled = bool(self._engine_args.get("enable_lora"))
         self._llm: Any | None = None
@@ -171,6 +173,9 @@ class VLLMEngine:
         args.setdefault("tokenizer", self._base_path)  # checkpoints need no tokenizer files
         self._llm = api.build_engine(args)
         self.max_model_len = int(self._llm.model_config.max_model_len)
+        from server.engines.transformers_engine import max_token_bytes  # torch: imported late
+
+        self._token_bytes = max_token_bytes(self._tokenizer)
         if use_adapter:
             assert adapter is not None
             self._lora = await self._add_adapter(adapter, self._version)
@@ -192,12 +197,15 @@ class VLLMEngine:
         if getattr(tokenizer, "chat_template", None):
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                                  tokenize=False)
+            refuse_unfittable(text, self.max_model_len, self._token_bytes)
             return list(tokenizer.encode(text, add_special_tokens=False))
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         return self.encode_text(text)
 
     def encode_text(self, prompt: str) -> list[int]:
-        return list(self._require_tokenizer().encode(prompt, add_special_tokens=True))
+        tokenizer = self._require_tokenizer()
+        refuse_unfittable(prompt, self.max_model_len, self._token_bytes)
+        return list(tokenizer.encode(prompt, add_special_tokens=True))
 
     def decode(self, token_ids: list[int]) -> str:
         return str(self._require_tokenizer().decode(token_ids, skip_special_tokens=True))
