@@ -89,9 +89,21 @@ def error_response(exc: APIError) -> JSONResponse:
     return _ErrorJSON(exc.body(), status_code=exc.status, headers=headers or None)
 
 
+_LOCATIONS = ("body", "query", "path", "header")
+_SCALARS = ("str", "int", "float", "bool", "none")
+
+
 def _param_of(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    """The field of a validation error, without pydantic's union member tags (`str`,
+    `list[int]`, `constrained-str`, `TextPart`) that its location carries."""
+    parts = [str(p) for p in loc if p not in _LOCATIONS and not _union_tag(p)]
     return ".".join(parts) or None
+
+
+def _union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (
+        "[" in part or part in _SCALARS or (part.islower() and "-" in part)
+        or (part[:1].isupper() and part.isalnum()))
 
 
 def _allowed_methods(request: Request) -> str:

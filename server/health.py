@@ -45,7 +45,7 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse(error_body(503, "engine degraded after a failed weight swap"),
                             status_code=503, headers={"Retry-After": "5"})
     try:
-        await to_thread.run_sync(state.store.ping)
+        await to_thread.run_sync(lambda: state.store.ping(write=True))
     except StoreError as exc:
         return JSONResponse(error_body(503, f"database unavailable: {exc.message}"),
                             status_code=503, headers={"Retry-After": "2"})

@@ -18,6 +18,13 @@ from server.state import require_admin, require_user
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _VALIDATION_REF = "#/components/schemas/HTTPValidationError"
+# One event of a stream (`stream: true`); OpenAPI before 3.2 has `schema` describe each event.
+_SSE_EVENT = {
+    "type": "object",
+    "properties": {"data": {"type": "string", "description": "A JSON chunk, an error "
+                            "envelope, or `[DONE]`, the last event"}},
+    "required": ["data"],
+}
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -84,9 +91,7 @@ def _document_operation(operation: dict[str, Any], route: Any, *, admin: bool,
             responses["403"] = _error("A valid key without the admin right")
     if "stream" in _body_fields(route):
         ok = responses["200"].setdefault("content", {})
-        ok["text/event-stream"] = {"schema": {"type": "string",
-                                              "description": "Server-sent events ending "
-                                                             "`data: [DONE]` (stream: true)"}}
+        ok["text/event-stream"] = {"schema": _SSE_EVENT}
     # Every other failure (409, 429, 503, 500) is the same envelope: OpenAPI's `default`.
     responses["default"] = _error("Error")
 

@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
-from server.completions.protocol import Text
+from server.completions.protocol import Integral, RequestModel
 
 MAX_RANKED = 16
+Index = Annotated[int, Field(ge=0), Integral]  # a choice's index
 
 
-class FeedbackRequest(BaseModel):
+class FeedbackRequest(RequestModel):
     model_config = ConfigDict(extra="ignore")
 
-    completion_id: Text = Field(min_length=1, max_length=128)
-    choice_index: int = Field(default=0, ge=0)
+    completion_id: str = Field(min_length=1, max_length=128)
+    choice_index: Index = 0
     rating: Literal["up", "down"]
-    comment: Text | None = Field(default=None, max_length=10_000)
-    user: Text | None = Field(default=None, max_length=256)
+    comment: str | None = Field(default=None, max_length=10_000)
+    user: str | None = Field(default=None, max_length=256)
 
 
-class RankedItem(BaseModel):
-    completion_id: Text = Field(min_length=1, max_length=128)
-    choice_index: int = Field(default=0, ge=0)
+class RankedItem(RequestModel):
+    completion_id: str = Field(min_length=1, max_length=128)
+    choice_index: Index = 0
 
 
-class RankingRequest(BaseModel):
+class RankingRequest(RequestModel):
     """Best first: the choices of one completion, or answers to one prompt from several. An
     entry may be a list of equally good answers (a tie group); the store checks the groups."""
 
     model_config = ConfigDict(extra="ignore")
 
-    completion_id: Text | None = Field(default=None, min_length=1, max_length=128)
-    ranking: list[int | list[int]] | None = Field(default=None, min_length=1,
-                                                  max_length=MAX_RANKED)
+    completion_id: str | None = Field(default=None, min_length=1, max_length=128)
+    ranking: list[Index | list[Index]] | None = Field(default=None, min_length=1,
+                                                      max_length=MAX_RANKED)
     items: list[RankedItem | list[RankedItem]] | None = Field(default=None, min_length=1,
                                                               max_length=MAX_RANKED)
-    user: Text | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _one_form(self) -> RankingRequest:
