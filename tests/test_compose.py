@@ -31,16 +31,33 @@ def compose_command() -> list[str] | None:
     return None
 
 
-def compose_config(*args: str) -> dict[str, Any]:
+KEYS = {"FLYWHEEL_API_KEYS": "user-key", "FLYWHEEL_ADMIN_KEY": "admin-key"}
+
+
+def run_config(*args: str, keys: dict[str, str] = KEYS) -> subprocess.CompletedProcess[str]:
     command = compose_command()
     if command is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed "
                     "(apt-get install docker-compose)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "COMPOSE_"))}
-    result = subprocess.run([*command, "-f", str(COMPOSE_FILE), *args, "config"],
-                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    return subprocess.run([*command, "-f", str(COMPOSE_FILE), *args, "config"],
+                          capture_output=True, text=True, cwd=ROOT, env={**env, **keys},
+                          timeout=60)
+
+
+def compose_config(*args: str) -> dict[str, Any]:
+    result = run_config(*args)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+def test_compose_requires_keys_and_binds_loopback() -> None:
+    for missing in KEYS:
+        result = run_config(keys={k: v for k, v in KEYS.items() if k != missing})
+        assert result.returncode != 0 and missing in result.stderr, result.stderr
+    ports = compose_config()["services"]["nginx"]["ports"]
+    published = ports[0] if isinstance(ports[0], str) else ports[0].get("host_ip")
+    assert "127.0.0.1" in str(published), ports
 
 
 @pytest.mark.parametrize("profile", [None, "cpu"])
