@@ -52,6 +52,8 @@ class VersionStats:
     approved: int = 0
     answers: int = 0
     first_seen: float = 0.0  # seconds into the run
+    # By the answer's first word (the demo corpus's style marker): answers, approved.
+    openings: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))
 
     @property
     def rate(self) -> float:
@@ -92,6 +94,9 @@ class SimulatedUsers:
         record.answers += len(answers)
         record.approved += sum(verdicts)
         self.timeline.append((now, version, sum(verdicts), len(answers)))
+        for answer, up in zip(answers, verdicts, strict=True):
+            cell = record.openings[(answer.split() or [""])[0]]
+            cell[0], cell[1] = cell[0] + 1, cell[1] + up
         for index, up in enumerate(verdicts):
             await self._post("feedback", "/v1/feedback", {
                 "completion_id": body["id"], "choice_index": index,
@@ -268,7 +273,8 @@ def summarize(sim: SimulatedUsers, policies: dict[str, Any], runs: list[dict[str
             "kl": 0.0 if v == "policy-0" else m.get("gate/candidate_kl_ref"),
             "canary": {k: val for k, val in m.items() if k.startswith("canary/")},
             "rollback": {k: val for k, val in m.items() if k.startswith("rollback/")},
-            "first_served_s": s.first_seen if s.answers else None})
+            "first_served_s": s.first_seen if s.answers else None,
+            "openings": dict(sorted(s.openings.items(), key=lambda kv: -kv[1][0]))})
     measured = [r for r in table if r["answers"] >= MIN_ANSWERS]
     best = max(measured, key=lambda r: r["approval"], default=None)
     final = next((r for r in table if r["status"] == "active"), None)
@@ -306,6 +312,12 @@ def print_summary(summary: dict[str, Any], taste: Taste, settings: dict[str, str
         kl = "-" if r["kl"] is None else f"{r['kl']:.2f}"
         print(f"{r['version']:<10} {r['status']:<10} {r['answers']:>7} {_pct(r['approval']):>8} "
               f"{live:>14} {kl:>5}  {decision}")
+    print("\nfirst word of the answers (share of the version's answers, approved among them):")
+    for r in summary["versions"]:
+        if r["answers"]:
+            print(f"  {r['version']:<10} " + ", ".join(
+                f"{w!r} {n / r['answers']:.0%} ({up / n:.0%} up)"
+                for w, (n, up) in list(r["openings"].items())[:6]))
     best, final = summary["best"], summary["final"]
     print(f"\nbest-seen: {best and best['version']} at {_pct(best and best['approval'])}; "
           f"final (active at the end): {final and final['version']} at "
