@@ -2,6 +2,7 @@
 
     python bench/serving.py [--model DIR] [--clients 16] [--max-tokens 64] [--seconds 5]
                             [--engine-only] [--stream-interval-ms 0]
+                            [--engine transformers|vllm|both] [--against-vllm]
 
 Prints tokens/s of (1) raw ``model.generate`` at batch ``--clients`` (sampled, temperature 1),
 (2) the ``TransformersEngine`` in-process with that many requests submitted together, (2c/2d) the
@@ -11,6 +12,14 @@ that many / one streaming HTTP clients; with the ratios and time to first token.
 actually produced (up to and including EOS); the ``fixed length`` lines ignore EOS on both sides,
 so every row decodes exactly ``--max-tokens`` tokens, which isolates the per-step overhead. On CPU
 ``generate`` runs with the intra-op threads the engine's decode thread gets.
+
+``--engine vllm`` (or ``both``) measures ``flywheel serve`` with ``FLYWHEEL_ENGINE=vllm`` over
+HTTP (rows 1-2d are the transformers engine's and are skipped for vLLM alone), and
+``--against-vllm`` also runs vLLM's own OpenAI server (``python -m
+vllm.entrypoints.openai.api_server``) on the same model and load, and prints each Flywheel
+engine's ratio to it. Both need vLLM importable: run with the interpreter of
+``scripts/vllm-venv.sh`` on CPU.
+vLLM runs in float32 with a 1 GiB KV cache on CPU (eager with ``--vllm-eager``) on both servers.
 """
 
 from __future__ import annotations
@@ -169,22 +178,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, workdir: Path, stream_interval_ms: float
-                 ) -> tuple[subprocess.Popen[bytes], str]:
+VLLM_KV_CACHE_BYTES = 1 << 30  # what Flywheel gives vLLM on CPU (server/engines/vllm_params.py)
+
+
+def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: str,
+                 vllm_eager: bool) -> tuple[subprocess.Popen[bytes], str]:
+    """``flywheel serve`` with ``engine``, or vLLM's own OpenAI server for ``engine`` "vllm-own"."""
     port = free_port()
+    if engine == "vllm-own":
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+                "--served-model-name", "flywheel", "--port", str(port), "--dtype", "float32",
+                "--kv-cache-memory-bytes", str(VLLM_KV_CACHE_BYTES), "--enable-prefix-caching",
+                "--max-logprobs", "20", "--logprobs-mode", "processed_logprobs",
+                "--disable-uvicorn-access-log", *(["--enforce-eager"] if vllm_eager else [])]
+    else:
+        argv = [sys.executable, "-m", "flywheel.cli", "serve"]
     env = dict(os.environ, FLYWHEEL_MODEL=str(model), FLYWHEEL_PORT=str(port),
                FLYWHEEL_STREAM_INTERVAL_MS=str(stream_interval_ms),
                FLYWHEEL_DATABASE_URL=f"sqlite:///{workdir / 'b.db'}",
-               FLYWHEEL_DATA_DIR=str(workdir), FLYWHEEL_LOG_LEVEL="warning")
+               FLYWHEEL_DATA_DIR=str(workdir), FLYWHEEL_LOG_LEVEL="warning",
+               FLYWHEEL_ENGINE=engine if engine != "vllm-own" else "vllm",
+               FLYWHEEL_VLLM_ENFORCE_EAGER=str(vllm_eager).lower(),
+               FLYWHEEL_VLLM_KV_CACHE_BYTES=str(VLLM_KV_CACHE_BYTES),
+               VLLM_CACHE_ROOT=str(workdir.parent / "flywheel-bench-vllm-cache"))
     env.pop("FLYWHEEL_REDIS_URL", None)
-    log = (workdir / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT,
+    log = (workdir / f"{engine}.log").open("wb")
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=Path(__file__).resolve().parents[1])
     return proc, f"http://127.0.0.1:{port}"
 
 
-async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 180.0) -> None:
+async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600.0) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -193,7 +217,10 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 1
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}")
             try:
-                if (await client.get(f"{url}/readyz")).status_code == 200:
+                ready = await client.get(f"{url}/readyz")
+                if ready.status_code == 404:  # vLLM's own server
+                    ready = await client.get(f"{url}/health")
+                if ready.status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -245,9 +272,10 @@ async def http_run(url: str, clients: int, seconds: float, max_new: int) -> Run:
 
 
 async def http_runs(model: Path, clients: int, max_new: int, seconds: float,
-                    stream_interval_ms: float) -> tuple[Run, Run]:
+                    stream_interval_ms: float, engine: str = "transformers",
+                    vllm_eager: bool = False) -> tuple[Run, Run]:
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        proc, url = start_server(model, Path(tmp), stream_interval_ms)
+        proc, url = start_server(model, Path(tmp), stream_interval_ms, engine, vllm_eager)
         try:
             await wait_ready(url, proc)
             await http_run(url, clients, 1.0, max_new)  # warm-up
@@ -268,21 +296,9 @@ def report(name: str, run: Run) -> None:
     print(f"{name:<52} {run.rate:9.1f} tok/s  ({run.tokens} tokens in {run.seconds:.2f}s)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=Path(".flywheel/models/base"))
-    parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
-    parser.add_argument("--engine-only", action="store_true")
-    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
-                        help="the server's FLYWHEEL_STREAM_INTERVAL_MS")
-    args = parser.parse_args()
-    model, b = ensure_model(args.model.resolve()), args.clients
-    threads = decode_threads(torch.device("cpu"), None) if not torch.cuda.is_available() else None
-    if threads is not None:
-        torch.set_num_threads(threads)  # generate gets the threads the engine's decode thread gets
-    print(f"model {model}, max_tokens {args.max_tokens}, {torch.get_num_threads()} torch threads")
+def in_process(args: argparse.Namespace, model: Path) -> Run:
+    """Rows (1) to (2d): ``model.generate`` and the transformers engine, in this process."""
+    b = args.clients
     for fixed in (True, False):
         label = "fixed length" if fixed else "until EOS"
         gen, eng = asyncio.run(engine_vs_generate(model, b, args.max_tokens, args.seconds, fixed))
@@ -296,16 +312,64 @@ def main() -> None:
     print(f"    (2c)/(1) = {many.rate / gen.rate:.2f}x, (2c)/(2d) = {many.rate / one.rate:.2f}x, "
           f"TTFT p50 {1000 * statistics.median(many.ttft):.1f} ms, "
           f"p99 {1000 * percentile(many.ttft, 0.99):.1f} ms")
-    if args.engine_only:
-        return
-    many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.seconds,
-                                      args.stream_interval_ms))
-    report(f"(3) HTTP server, {b} streaming clients", many)
-    report("(4) HTTP server, 1 streaming client", one)
-    print(f"    (3)/(1) = {many.rate / gen.rate:.2f}x  (target >= 0.9x)")
-    print(f"    (3)/(4) = {many.rate / one.rate:.2f}x  (target >= 5x)")
-    print(f"    TTFT at {b} clients: p50 {1000 * statistics.median(many.ttft):.1f} ms, "
-          f"p99 {1000 * percentile(many.ttft, 0.99):.1f} ms")
+    return gen
+
+
+def ttft(run: Run) -> str:
+    return (f"TTFT p50 {1000 * statistics.median(run.ttft):.1f} ms, "
+            f"p99 {1000 * percentile(run.ttft, 0.99):.1f} ms")
+
+
+def over_http(args: argparse.Namespace, model: Path, gen: Run | None) -> None:
+    """Rows (3) and (4) per server, each started in turn on the same model and load."""
+    b = args.clients
+    names = {"transformers": "flywheel serve, transformers", "vllm": "flywheel serve, vLLM",
+             "vllm-own": "vLLM's own OpenAI server"}
+    servers = ["transformers", "vllm"] if args.engine == "both" else [args.engine]
+    servers += ["vllm-own"] if args.against_vllm else []
+    rates: dict[str, tuple[Run, Run]] = {}
+    for server in servers:
+        many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.seconds,
+                                          args.stream_interval_ms, server, args.vllm_eager))
+        rates[server] = many, one
+        report(f"(3) {names[server]}, {b} streaming clients", many)
+        report(f"(4) {names[server]}, 1 streaming client", one)
+        if gen is not None and server == "transformers":
+            print(f"    (3)/(1) = {many.rate / gen.rate:.2f}x  (target >= 0.9x)")
+        print(f"    (3)/(4) = {many.rate / one.rate:.2f}x  (target >= 5x); at {b} clients "
+              f"{ttft(many)}")
+    if "vllm-own" in rates:
+        own = rates["vllm-own"][0].rate
+        for server, target in (("vllm", 0.95), ("transformers", 0.9)):
+            if server in rates:
+                print(f"    {names[server]} / vLLM's own server at {b} clients = "
+                      f"{rates[server][0].rate / own:.2f}x  (target >= {target}x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=Path(".flywheel/models/base"))
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
+    parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument("--stream-interval-ms", type=float, default=0.0,
+                        help="the server's FLYWHEEL_STREAM_INTERVAL_MS")
+    parser.add_argument("--engine", choices=["transformers", "vllm", "both"],
+                        default="transformers", help="the engine(s) of `flywheel serve`")
+    parser.add_argument("--against-vllm", action="store_true",
+                        help="also run vLLM's own OpenAI server on the same model and load")
+    parser.add_argument("--vllm-eager", action="store_true",
+                        help="vLLM without torch.compile (starts faster, decodes slower)")
+    args = parser.parse_args()
+    model = ensure_model(args.model.resolve())
+    threads = decode_threads(torch.device("cpu"), None) if not torch.cuda.is_available() else None
+    if threads is not None:
+        torch.set_num_threads(threads)  # generate gets the threads the engine's decode thread gets
+    print(f"model {model}, max_tokens {args.max_tokens}, {torch.get_num_threads()} torch threads")
+    gen = in_process(args, model) if args.engine != "vllm" else None
+    if not args.engine_only:
+        over_http(args, model, gen)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ NAMING_CONVENTION = {
 }
 
 POLICY_STATUSES = ("active", "canary", "candidate", "rejected", "retired")
-RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected", "skipped")
-RUN_FINISHED = ("succeeded", "failed", "rejected", "skipped")
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "rejected", "skipped", "cancelled")
+RUN_FINISHED = ("succeeded", "failed", "rejected", "skipped", "cancelled")
 RUN_TRIGGERS = ("feedback", "manual")
 
 
@@ -125,7 +125,9 @@ class Feedback(Base):
     user: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str] = mapped_column(sa.String(64))
-    created_at: Mapped[datetime]
+    created_at: Mapped[datetime] = mapped_column(index=True)  # hourly charts (history.py)
+    # Who rated when `user` does not say: "key:<API key digest>" (feedback_store/identities.py)
+    identity: Mapped[str | None] = mapped_column(sa.Text)
 
 
 class Ranking(Base):
@@ -140,6 +142,7 @@ class Ranking(Base):
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime]
+    identity: Mapped[str | None] = mapped_column(sa.Text)  # as Feedback.identity
 
 
 class RankingItem(Base):
@@ -237,3 +240,17 @@ class TrainingRun(Base):
     error: Mapped[str | None] = mapped_column(sa.Text)
     feedback_watermark: Mapped[int | None]
     rankings_watermark: Mapped[int | None]
+
+
+class Identity(Base):
+    """One rater's standing: how often its new feedback agreed with the RM in service (scored by
+    the trainer when it reads the feedback), and the loss weight that follows from it."""
+
+    __tablename__ = "identities"
+
+    identity: Mapped[str] = mapped_column(sa.Text, primary_key=True)
+    events: Mapped[int] = mapped_column(default=0)  # new feedback events cycles have read
+    scored: Mapped[int] = mapped_column(default=0)  # pairs and thumbs judged against the RM
+    agreed: Mapped[int] = mapped_column(default=0)  # of them, where the RM agreed
+    weight: Mapped[float] = mapped_column(sa.Float, default=1.0)
+    updated_at: Mapped[datetime]

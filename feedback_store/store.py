@@ -7,6 +7,8 @@ import sqlalchemy as sa
 from feedback_store.base import _store_errors
 from feedback_store.errors import StoreUnavailableError
 from feedback_store.feedback import FeedbackMixin
+from feedback_store.history import HistoryMixin
+from feedback_store.identities import IdentitiesMixin
 from feedback_store.policy_versions import PoliciesMixin
 from feedback_store.rankings import RankingsMixin
 from feedback_store.rollout import RolloutMixin
@@ -14,8 +16,8 @@ from feedback_store.runs import RunsMixin
 from feedback_store.training_data import TrainingDataMixin
 
 
-class Store(FeedbackMixin, RankingsMixin, PoliciesMixin, RolloutMixin, RunsMixin,
-            TrainingDataMixin):
+class Store(IdentitiesMixin, FeedbackMixin, RankingsMixin, PoliciesMixin, RolloutMixin, RunsMixin,
+            TrainingDataMixin, HistoryMixin):
     """Synchronous and thread-safe; records come back as plain dicts, timestamps as unix seconds.
 
     Connection failures raise StoreUnavailableError; a failed call writes nothing.

@@ -1,25 +1,39 @@
-"""Feedback turned into training data: reward-model groups, TRL exports, PPO prompts."""
+"""Feedback turned into training data: reward-model groups, TRL exports, PPO prompts.
+
+A cycle reads a bounded window (`cycle_reward_data`, `holdout_reward_data`): the newest events
+since the RM in service and uniform samples of older and held-out ones, drawn by id in SQL and
+streamed, so that its time and memory do not grow with history. `reward_data` reads a whole
+split, for exports, tests and small stores.
+"""
 
 from __future__ import annotations
 
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase
+from feedback_store.feedback_reads import (
+    IN_CHUNK,
+    Answer,
+    RankedRow,
+    Thumb,
+    rankings_of_choices,
+    read_rankings,
+    read_thumbs,
+    sample_by_id,
+)
 from feedback_store.models import (
     RUN_FINISHED,
-    Choice,
     Completion,
     Feedback,
     Prompt,
     Ranking,
-    RankingItem,
     TrainingRun,
 )
 from feedback_store.types import PreferenceGroup, PromptRecord, RewardData, ThumbExample
@@ -27,31 +41,18 @@ from feedback_store.types import PreferenceGroup, PromptRecord, RewardData, Thum
 HOLDOUT_PERCENT = 20  # share of prompts kept out of training, to evaluate candidates on
 Split = Literal["train", "holdout", "all"]
 _SPLITS: dict[str, bool | None] = {"train": False, "holdout": True, "all": None}
-_IN_CHUNK = 500  # ids per IN (...) clause, well under every backend's parameter limit
-
-
-@dataclass(frozen=True)
-class _Answer:
-    choice_id: int
-    text: str
-    token_ids: list[int]
-
-
-@dataclass(frozen=True)
-class _Thumb:
-    feedback_id: int
-    prompt_id: int
-    answer: _Answer
-    up: bool
+Marks = dict[str, int]  # {"feedback": id, "rankings": id}, as feedback_watermark() returns
 
 
 @dataclass(frozen=True)
 class _Ranking:
+    ranking_id: int
     prompt_id: int
-    answers: list[_Answer]  # best first, no two with the same text
+    identity: str
+    answers: list[Answer]  # best first, no two with the same text
     tiers: list[int]  # of each answer: non-decreasing from 0, at least two distinct
 
-    def pairs(self) -> Iterator[tuple[_Answer, _Answer]]:
+    def pairs(self) -> Iterator[tuple[Answer, Answer]]:
         """(better, worse) for every two answers in different tiers, best first."""
         for i, better in enumerate(self.answers):
             for j in range(i + 1, len(self.answers)):
@@ -61,17 +62,18 @@ class _Ranking:
 
 @dataclass(frozen=True)
 class _Feedback:
-    """Everything rated, read in one transaction."""
+    """Rated answers read in one transaction, with the rankings that rank the paired thumbs."""
 
-    prompts: dict[int, Prompt]
+    prompts: dict[int, Any]  # id -> Prompt row, or its token ids only
     rankings: list[_Ranking]
-    thumbs: list[_Thumb]
+    thumbs: list[Thumb]
+    ranked_choices: dict[int, set[tuple[int, str]]]  # choice -> {(ranking id, identity)}
 
 
 class TrainingDataMixin(StoreBase):
     """Reads for the trainer worker and the export route."""
 
-    def feedback_watermark(self) -> dict[str, int]:
+    def feedback_watermark(self) -> Marks:
         """The highest feedback and ranking ids now stored; a run records what it consumed."""
         with self._tx(write=False) as s:
             return {
@@ -97,51 +99,64 @@ class TrainingDataMixin(StoreBase):
         return (thumbs or 0) + (rankings or 0)
 
     def reward_data(self, split: Split = "train") -> RewardData:
-        """Rankings and up/down pairs as preference groups; unpaired thumbs as pointwise labels.
+        """Every ranking and up/down pair of a split as preference groups, unpaired thumbs as
+        pointwise labels (all new, weight 1).
 
         `split` picks feedback by its prompt's stored `holdout` flag: "train" (the default) never
         includes held-out feedback, so the reward model cannot learn what later judges it.
         """
-        data = self._read_feedback(split)
-        groups = [
-            PreferenceGroup(
-                prompt_token_ids=list(data.prompts[r.prompt_id].prompt_token_ids),
-                answers=[list(a.token_ids) for a in r.answers],
-                source="ranking",
-                # None for a strict order, as PreferenceGroup defines it.
-                tiers=None if len(set(r.tiers)) == len(r.tiers) else list(r.tiers),
-            )
-            for r in data.rankings
-        ]
-        pairs, singles = pair_thumbs(data.thumbs)
-        groups += [
-            PreferenceGroup(
-                prompt_token_ids=list(data.prompts[up.prompt_id].prompt_token_ids),
-                answers=[list(up.answer.token_ids), list(down.answer.token_ids)],
-                source="thumbs",
-            )
-            for up, down in pairs
-        ]
-        thumbs = [
-            ThumbExample(
-                prompt_token_ids=list(data.prompts[t.prompt_id].prompt_token_ids),
-                answer_token_ids=list(t.answer.token_ids),
-                label=t.up,
-            )
-            for t in singles
-        ]
-        return RewardData(groups=groups, thumbs=thumbs)
+        held = _held(split)
+        with self._tx(write=False) as s:
+            data = _gather(s, read_thumbs(s, held, sa.true()), read_rankings(s, held, sa.true()),
+                           tokens_only=True)
+        return _reward_data(data, {"feedback": 0, "rankings": 0})
+
+    def cycle_reward_data(self, *, since: Marks, until: Marks, new: int, replay: int,
+                          seed: int) -> RewardData:
+        """A cycle's training data, from the train split: the newest `new` events (thumbs and
+        rankings, shared in proportion to how many of each arrived) with ids in (`since`,
+        `until`], and a uniform sample of `replay` events with ids up to `since` (`new=False`).
+        The work and memory are O(new + replay), whatever the size of history."""
+        rng = random.Random(seed)
+        old = {k: min(since.get(k, 0), until[k]) for k in until}
+        fresh = _shares(new, {k: until[k] - old[k] for k in until})
+        again = _shares(replay, old)
+        with self._tx(write=False) as s:
+            thumbs = read_thumbs(s, False, sa.and_(Feedback.id > old["feedback"],
+                                                   Feedback.id <= until["feedback"]),
+                                 newest=fresh["feedback"])
+            rankings = read_rankings(s, False, sa.and_(Ranking.id > old["rankings"],
+                                                       Ranking.id <= until["rankings"]),
+                                     newest=fresh["rankings"])
+            thumbs += _sample_thumbs(s, False, old["feedback"], again["feedback"], rng)
+            rankings += _sample_rankings(s, False, old["rankings"], again["rankings"], rng)
+            data = _gather(s, thumbs, rankings, tokens_only=True)
+        return _reward_data(data, old)
+
+    def holdout_reward_data(self, *, until: Marks, size: int, seed: int) -> RewardData:
+        """A uniform sample of `size` held-out events with ids up to `until` (all of them when
+        there are fewer): what the RM and the evidence check are judged on."""
+        rng = random.Random(seed)
+        share = _shares(size, until)
+        with self._tx(write=False) as s:
+            thumbs = _sample_thumbs(s, True, until["feedback"], share["feedback"], rng)
+            rankings = _sample_rankings(s, True, until["rankings"], share["rankings"], rng)
+            data = _gather(s, thumbs, rankings, tokens_only=True)
+        return _reward_data(data, {"feedback": 0, "rankings": 0})
 
     def export_preferences(self) -> Iterator[dict[str, Any]]:
         """TRL rows of all feedback: ranked and up/down pairs as prompt/chosen/rejected (none for
-        tied answers or answers of equal text), every thumb as prompt/completion/label. Read
+        tied answers or answers of equal text, nor for an up/down pair a ranking of the same
+        answers by the same identity states), every thumb as prompt/completion/label. Read
         eagerly, so a database error raises here, not mid-stream."""
-        data = self._read_feedback("all")
+        with self._tx(write=False) as s:
+            data = _gather(s, read_thumbs(s, None, sa.true()), read_rankings(s, None, sa.true()),
+                           tokens_only=False)
         rows: list[dict[str, Any]] = []
         for ranking in data.rankings:
             prompt = data.prompts[ranking.prompt_id]
             rows += [_pair_row(prompt, better, worse) for better, worse in ranking.pairs()]
-        pairs, _ = pair_thumbs(data.thumbs)
+        pairs, _ = pair_thumbs(data.thumbs, data.ranked_choices)
         rows += [
             _pair_row(data.prompts[up.prompt_id], up.answer, down.answer) for up, down in pairs
         ]
@@ -157,84 +172,134 @@ class TrainingDataMixin(StoreBase):
         return iter(rows)
 
     def sample_prompts(self, n: int, *, seed: int, holdout: bool = False) -> list[PromptRecord]:
-        """Up to n distinct stored prompts, the same for the same seed and data, from the
-        held-out split (`holdout=True`) or the training one; [] when that side is empty (never
-        the other side: a gate must not judge on training prompts)."""
+        """Up to n distinct stored prompts drawn uniformly in SQL (by id, O(n) work), the same
+        for the same seed and data, from the held-out split (`holdout=True`) or the training
+        one; [] when that side is empty (never the other side: a gate must not judge on
+        training prompts)."""
         with self._tx(write=False) as s:
-            ids = list(
-                s.scalars(sa.select(Prompt.id).where(Prompt.holdout == holdout).order_by(Prompt.id))
-            )
-            chosen = random.Random(seed).sample(ids, min(max(n, 0), len(ids)))
-            rows = _prompts_by_id(s, chosen)
-        return [
-            PromptRecord(
-                id=i,
-                prompt_token_ids=list(rows[i].prompt_token_ids),
-                prompt_text=rows[i].prompt_text,
-                messages=rows[i].messages,
-            )
-            for i in chosen
-        ]
+            high = s.scalar(sa.select(sa.func.max(Prompt.id))) or 0
+
+            def read(where: sa.ColumnElement[bool]) -> list[Prompt]:
+                return list(s.scalars(sa.select(Prompt).where(where, Prompt.holdout == holdout)
+                                      .order_by(Prompt.id)))
+
+            rows = sample_by_id(read, Prompt.id, lambda p: p.id, high, max(n, 0),
+                                random.Random(seed))
+            return [
+                PromptRecord(id=p.id, prompt_token_ids=list(p.prompt_token_ids),
+                             prompt_text=p.prompt_text, messages=p.messages)
+                for p in rows
+            ]
 
     def holdout_prompt_count(self) -> int:
         """Stored prompts in the held-out split."""
         with self._tx(write=False) as s:
             return s.scalar(sa.select(sa.func.count()).where(Prompt.holdout == sa.true())) or 0
 
-    def _read_feedback(self, split: Split) -> _Feedback:
-        if split not in _SPLITS:
-            raise ValueError(f"split must be one of {sorted(_SPLITS)}, not {split!r}")
-        held = _SPLITS[split]
-        ranked_query = (
-            sa.select(
-                Ranking.id, Ranking.prompt_id, RankingItem.tier, Choice.id, Choice.text,
-                Choice.token_ids,
-            )
-            .join(RankingItem, RankingItem.ranking_id == Ranking.id)
-            .join(Choice, Choice.id == RankingItem.choice_id)
-            .order_by(Ranking.id, RankingItem.position)
-        )
-        rated_query = (
-            sa.select(
-                Feedback.id,
-                Feedback.rating,
-                Completion.prompt_id,
-                Choice.id,
-                Choice.text,
-                Choice.token_ids,
-            )
-            .join(Choice, Choice.id == Feedback.choice_id)
-            .join(Completion, Completion.id == Choice.completion_id)
-            .order_by(Feedback.id)
-        )
-        if held is not None:
-            ranked_query = ranked_query.join(Prompt, Prompt.id == Ranking.prompt_id).where(
-                Prompt.holdout == held
-            )
-            rated_query = rated_query.join(Prompt, Prompt.id == Completion.prompt_id).where(
-                Prompt.holdout == held
-            )
-        with self._tx(write=False) as s:
-            ranked = s.execute(ranked_query).all()
-            rated = s.execute(rated_query).all()
-            prompts = _prompts_by_id(s, {r[1] for r in ranked} | {r[2] for r in rated})
-        stored: dict[int, tuple[int, list[tuple[int, _Answer]]]] = {}
-        for rid, pid, tier, cid, text, token_ids in ranked:
-            stored.setdefault(rid, (pid, []))[1].append((tier, _Answer(cid, text, token_ids)))
-        rankings = [
-            ranking
-            for pid, items in stored.values()
-            if (ranking := _distinct_ranking(pid, items)) is not None
-        ]
-        thumbs = [
-            _Thumb(fid, pid, _Answer(cid, text, token_ids), rating == "up")
-            for fid, rating, pid, cid, text, token_ids in rated
-        ]
-        return _Feedback(prompts=prompts, rankings=rankings, thumbs=thumbs)
+
+def _held(split: str) -> bool | None:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {sorted(_SPLITS)}, not {split!r}")
+    return _SPLITS[split]
 
 
-def _distinct_ranking(prompt_id: int, items: list[tuple[int, _Answer]]) -> _Ranking | None:
-    """A stored ranking (tier, answer) best first, with each text once; None without a pair.
+def _shares(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """`total` split between the tables in proportion to `sizes` (their id ranges)."""
+    weight = sum(max(0, v) for v in sizes.values())
+    if weight == 0:
+        return dict.fromkeys(sizes, 0)
+    first, second = sorted(sizes)
+    a = round(total * max(0, sizes[first]) / weight)
+    return {first: a, second: total - a}
+
+
+def _sample_thumbs(s: Session, held: bool, high: int, k: int, rng: random.Random) -> list[Thumb]:
+    """About `k` thumbs with ids up to `high`: drawn one by one, then each with the other thumbs
+    on its request (up to `high`), whole requests in the order drawn. Drawn alone, the up and
+    the down a user gave one request's answers would rarely both be drawn, and their pair lost."""
+    drawn = sample_by_id(lambda where: read_thumbs(s, held, where), Feedback.id,
+                         lambda t: t.feedback_id, high, k, rng)
+    requests = list(dict.fromkeys(t.completion_id for t in drawn))
+    together: dict[str, list[Thumb]] = {}
+    for start in range(0, len(requests), IN_CHUNK):
+        where = sa.and_(Completion.id.in_(requests[start:start + IN_CHUNK]), Feedback.id <= high)
+        for t in read_thumbs(s, held, where):
+            together.setdefault(t.completion_id, []).append(t)
+    thumbs: list[Thumb] = []
+    for request in requests:
+        if thumbs and len(thumbs) + len(together.get(request, [])) > k:
+            break
+        thumbs += together.get(request, [])
+    return sorted(thumbs, key=lambda t: t.feedback_id)
+
+
+def _sample_rankings(s: Session, held: bool, high: int, k: int, rng: random.Random
+                     ) -> list[list[RankedRow]]:
+    return sample_by_id(lambda where: read_rankings(s, held, where), Ranking.id,
+                        lambda rows: rows[0].ranking_id, high, k, rng)
+
+
+def _gather(s: Session, thumbs: list[Thumb], rankings: list[list[RankedRow]], *,
+            tokens_only: bool) -> _Feedback:
+    """The rankings (equal texts dropped), their prompts, and which rankings rank each thumb."""
+    kept = [r for rows in rankings if (r := _distinct_ranking(rows)) is not None]
+    ids = {r.prompt_id for r in kept} | {t.prompt_id for t in thumbs}
+    prompts = _prompt_tokens(s, ids) if tokens_only else _prompts_by_id(s, ids)
+    ranked = rankings_of_choices(s, [t.answer.choice_id for t in thumbs])
+    return _Feedback(prompts=prompts, rankings=kept, thumbs=thumbs, ranked_choices=ranked)
+
+
+def _reward_data(data: _Feedback, old: Marks) -> RewardData:
+    """Groups and lone thumbs; `new` marks events with ids above `old`."""
+    groups = [
+        PreferenceGroup(
+            prompt_token_ids=list(data.prompts[r.prompt_id]),
+            answers=[list(a.token_ids) for a in r.answers],
+            source="ranking",
+            # None for a strict order, as PreferenceGroup defines it.
+            tiers=None if len(set(r.tiers)) == len(r.tiers) else list(r.tiers),
+            identity=r.identity,
+            new=r.ranking_id > old["rankings"],
+        )
+        for r in data.rankings
+    ]
+    pairs, singles = pair_thumbs(data.thumbs, data.ranked_choices)
+    groups += [
+        PreferenceGroup(
+            prompt_token_ids=list(data.prompts[up.prompt_id]),
+            answers=[list(up.answer.token_ids), list(down.answer.token_ids)],
+            source="thumbs",
+            identity=up.identity,
+            new=max(up.feedback_id, down.feedback_id) > old["feedback"],
+        )
+        for up, down in pairs
+    ]
+    thumbs = [
+        ThumbExample(
+            prompt_token_ids=list(data.prompts[t.prompt_id]),
+            answer_token_ids=list(t.answer.token_ids),
+            label=t.up,
+            identity=t.identity,
+            new=t.feedback_id > old["feedback"],
+        )
+        for t in singles
+    ]
+    return RewardData(groups=groups, thumbs=thumbs)
+
+
+def balance_thumbs(thumbs: list[ThumbExample]) -> list[ThumbExample]:
+    """Lone thumbs weighted so that ups and downs weigh the same in total (each class
+    n / (2 n_class)): a stream of mostly-up thumbs must not teach "everything is good"."""
+    ups = sum(t.label for t in thumbs)
+    downs = len(thumbs) - ups
+    if not ups or not downs:
+        return thumbs
+    scale = {True: len(thumbs) / (2 * ups), False: len(thumbs) / (2 * downs)}
+    return [replace(t, weight=t.weight * scale[t.label]) for t in thumbs]
+
+
+def _distinct_ranking(rows: list[RankedRow]) -> _Ranking | None:
+    """A stored ranking's rows (best first) with each text once; None without a pair.
 
     Of answers with the same text only the first (best placed) stays. Moving the later one into
     the first one's tier instead would invent preferences the user did not state (with A > B > A',
@@ -242,37 +307,53 @@ def _distinct_ranking(prompt_id: int, items: list[tuple[int, _Answer]]) -> _Rank
     it (B > A' against A > B). Tiers are renumbered 0, 1, ... over what is left.
     """
     seen: set[str] = set()
-    kept: list[tuple[int, _Answer]] = []
-    for tier, answer in items:
-        if answer.text not in seen:
-            seen.add(answer.text)
-            kept.append((tier, answer))
-    dense = {tier: rank for rank, tier in enumerate(sorted({tier for tier, _ in kept}))}
+    kept: list[RankedRow] = []
+    for row in rows:
+        if row.answer.text not in seen:
+            seen.add(row.answer.text)
+            kept.append(row)
+    dense = {tier: rank for rank, tier in enumerate(sorted({row.tier for row in kept}))}
     if len(dense) < 2:
         return None
+    first = rows[0]
     return _Ranking(
-        prompt_id=prompt_id,
-        answers=[answer for _, answer in kept],
-        tiers=[dense[tier] for tier, _ in kept],
+        ranking_id=first.ranking_id,
+        prompt_id=first.prompt_id,
+        identity=first.identity,
+        answers=[row.answer for row in kept],
+        tiers=[dense[row.tier] for row in kept],
     )
 
 
-def pair_thumbs(thumbs: list[_Thumb]) -> tuple[list[tuple[_Thumb, _Thumb]], list[_Thumb]]:
-    """Pair each down with an unused up on the same prompt and an answer of different text, in
-    order (equal texts teach nothing and are no export row); returns the (up, down) pairs and
-    the thumbs left over, in feedback order."""
-    by_prompt: dict[int, tuple[list[_Thumb], list[_Thumb]]] = defaultdict(lambda: ([], []))
+def pair_thumbs(thumbs: list[Thumb], ranked: dict[int, set[tuple[int, str]]] | None = None
+                ) -> tuple[list[tuple[Thumb, Thumb]], list[Thumb]]:
+    """Pair each down with an unused up by the same identity on the same prompt and an answer of
+    different text (equal texts teach nothing), one of the same request first; returns the
+    (up, down) pairs and the thumbs left over, in feedback order.
+
+    A pair whose two answers one ranking by the same identity also ranks (`ranked`: choice ->
+    {(ranking id, identity)}) is that ranking's echo: it counts once, as the ranking, and its
+    thumbs are neither a pair nor lone labels.
+    """
+    ranked = ranked or {}
+    by_rater: dict[tuple[int, str], tuple[list[Thumb], list[Thumb]]] = defaultdict(
+        lambda: ([], []))
     for t in thumbs:
-        by_prompt[t.prompt_id][0 if t.up else 1].append(t)
-    pairs: list[tuple[_Thumb, _Thumb]] = []
-    singles: list[_Thumb] = []
-    for ups, downs in by_prompt.values():
+        by_rater[(t.prompt_id, t.identity)][0 if t.up else 1].append(t)
+    pairs: list[tuple[Thumb, Thumb]] = []
+    singles: list[Thumb] = []
+    for ups, downs in by_rater.values():
         for down in downs:
-            up = next((u for u in ups if u.answer.text != down.answer.text), None)
+            options = [u for u in ups if u.answer.text != down.answer.text]
+            up = next((u for u in options if u.completion_id == down.completion_id),
+                      options[0] if options else None)
             if up is None:
                 singles.append(down)
-            else:
-                ups.remove(up)
+                continue
+            ups.remove(up)
+            common = ranked.get(up.answer.choice_id, set()) & ranked.get(down.answer.choice_id,
+                                                                           set())
+            if not any(identity == up.identity for _, identity in common):
                 pairs.append((up, down))
         singles.extend(ups)
     return pairs, sorted(singles, key=lambda t: t.feedback_id)
@@ -287,9 +368,20 @@ def is_holdout_hash(sha256: str) -> bool:
 def _prompts_by_id(s: Session, ids: Iterable[int]) -> dict[int, Prompt]:
     wanted = sorted(set(ids))
     found: dict[int, Prompt] = {}
-    for start in range(0, len(wanted), _IN_CHUNK):
-        chunk = wanted[start : start + _IN_CHUNK]
+    for start in range(0, len(wanted), IN_CHUNK):
+        chunk = wanted[start : start + IN_CHUNK]
         found.update((p.id, p) for p in s.scalars(sa.select(Prompt).where(Prompt.id.in_(chunk))))
+    return found
+
+
+def _prompt_tokens(s: Session, ids: Iterable[int]) -> dict[int, list[int]]:
+    """Token ids of these prompts (their texts are not needed to train on)."""
+    wanted = sorted(set(ids))
+    found: dict[int, list[int]] = {}
+    for start in range(0, len(wanted), IN_CHUNK):
+        chunk = wanted[start : start + IN_CHUNK]
+        found.update(s.execute(sa.select(Prompt.id, Prompt.prompt_token_ids)
+                               .where(Prompt.id.in_(chunk))).tuples().all())
     return found
 
 
@@ -298,13 +390,13 @@ def _trl_prompt(prompt: Prompt) -> Any:
     return prompt.messages if prompt.messages is not None else prompt.prompt_text
 
 
-def _trl_answer(prompt: Prompt, answer: _Answer) -> Any:
+def _trl_answer(prompt: Prompt, answer: Answer) -> Any:
     if prompt.messages is not None:
         return [{"role": "assistant", "content": answer.text}]
     return answer.text
 
 
-def _pair_row(prompt: Prompt, chosen: _Answer, rejected: _Answer) -> dict[str, Any]:
+def _pair_row(prompt: Prompt, chosen: Answer, rejected: Answer) -> dict[str, Any]:
     return {
         "prompt": _trl_prompt(prompt),
         "chosen": _trl_answer(prompt, chosen),

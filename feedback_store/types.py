@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+ANONYMOUS = "anonymous"  # the identity of feedback with neither a `user` nor an API key
+
 
 @dataclass(frozen=True)
 class NewChoice:
@@ -45,6 +47,9 @@ class PreferenceGroup:
     # Tier of each answer (non-decreasing, 0 = best); answers of one tier are tied and form no
     # pair. None: every answer its own tier (a strict order).
     tiers: list[int] | None = None
+    identity: str = ANONYMOUS  # who gave it (feedback_store/identities.py)
+    new: bool = True  # given after the RM in service was trained (so never seen by it)
+    weight: float = 1.0  # loss weight: the identity's weight, and class balance for thumbs
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,9 @@ class ThumbExample:
     prompt_token_ids: list[int]
     answer_token_ids: list[int]
     label: bool  # True for "up"
+    identity: str = ANONYMOUS
+    new: bool = True
+    weight: float = 1.0
 
 
 @dataclass(frozen=True)

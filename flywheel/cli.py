@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,16 +14,27 @@ from typing import TYPE_CHECKING
 from flywheel.settings import Settings, load_settings
 
 if TYPE_CHECKING:
-    from flywheel.supervisor import DataDirLock
+    from flywheel.supervisor import DataDirLock, Supervisor
 
 log = logging.getLogger("flywheel")
 
 UP_MIN_NEW_FEEDBACK = "16"  # `flywheel up` trains after a handful of feedback events
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _configure_logging(settings: Settings, process: str) -> None:
+    """Every process logs in one format (flywheel/logs.py), named and with its policy version."""
+    from flywheel import logs
+
+    logs.configure(settings.log_level, settings.log_format, process)
+
+
+def _serving(app: object) -> str | None:
+    """The version a server serves (and its canary), for its log lines."""
+    engine = getattr(getattr(getattr(app, "state", None), "flywheel", None), "engine", None)
+    if engine is None:
+        return None
+    canary = getattr(engine, "canary_version", None)
+    return f"{engine.policy_version}+{canary}" if canary else engine.policy_version
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
@@ -42,12 +54,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings, f"server:{settings.port}")
+    from server.engines import unavailable
+
+    if missing := unavailable(settings):
+        print(f"flywheel serve: {missing}", file=sys.stderr)
+        return 2
     app = create_app(settings)
+    from flywheel import logs
+
+    logs.set_policy(lambda: _serving(app))
     # No access log line per request unless debugging (/metrics counts requests by route and
     # status); uvicorn already picks httptools and uvloop when installed (uvicorn[standard]).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=30)
+                access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=30,
+                log_config=None)  # uvicorn's lines in our format (flywheel/logs.py)
     return 0
 
 
@@ -56,7 +77,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from trainer_worker.worker import run_worker
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings, "worker")
     return run_worker(settings)
 
 
@@ -64,15 +85,17 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from feedback_store.migrate import upgrade
 
     settings = _settings(args)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings, "db")
     upgrade(settings.database_url)
     log.info("database at head: %s", _redact(settings.database_url))
     return 0
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
+    from flywheel import logs
     from flywheel.demo_model import build_demo_model
 
+    logs.configure("info", os.environ.get("FLYWHEEL_LOG_FORMAT", "text"), "demo-model")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         print(f"{out} already exists and is not empty", file=sys.stderr)
@@ -101,7 +124,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     os.environ.setdefault("FLYWHEEL_CANARY__AUTO", "true")
     os.environ.setdefault("FLYWHEEL_CANARY__AUTO_ROLLBACK", "true")
     settings = _settings(args, data_dir=data_dir)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings, "up")
+    from server.engines import unavailable
+
+    if missing := unavailable(settings):
+        print(f"flywheel up: {missing}", file=sys.stderr)
+        return 2
 
     lock = DataDirLock(data_dir)
     try:
@@ -149,13 +177,41 @@ def _up(settings: Settings, data_dir: Path, lock: DataDirLock) -> int:
             return 0
         supervisor.spawn("server", [sys.executable, "-m", "flywheel.cli", "serve"])
         supervisor.spawn("worker", [sys.executable, "-m", "flywheel.cli", "worker"])
-        print(f"Flywheel is starting on http://{settings.host}:{settings.port}/v1 "
-              "(Ctrl-C stops everything)", flush=True)
+        _announce_when_ready(settings, supervisor)
         return supervisor.wait()
     finally:
         supervisor.stop()
         if redis_server is not None:
-            redis_server.stop()
+            redis_server.stop()  # last: the children may use it until they exit
+            log.info("stopped the embedded Redis")
+
+
+def _announce_when_ready(settings: Settings, supervisor: Supervisor) -> None:
+    """Print one line once the server answers /readyz: the API's and the console's URLs."""
+    import threading
+    import urllib.request
+
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{host}:{settings.port}"
+
+    def watch() -> None:
+        while not supervisor.stopping:
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        else:
+            return
+        line = f"Flywheel is ready: API {base}/v1, console {base}/console (Ctrl-C stops everything)"
+        if settings.log_format == "json":
+            log.info("%s", line)  # a log shipper reads JSON lines only
+        else:
+            print(line, flush=True)
+
+    threading.Thread(target=watch, name="ready-line", daemon=True).start()
 
 
 def build_parser() -> argparse.ArgumentParser:

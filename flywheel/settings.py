@@ -51,8 +51,11 @@ class PPOConfig(BaseModel):
     num_minibatches: int = 2  # minibatches per epoch
     rollout_batch_size: int = 32  # prompts x samples per PPO step
     steps: int = 8  # PPO steps (rollout + update) per training cycle
-    lr: float = 1e-4  # for the ~2M-param demo (1e-5 barely moved it); 1e-6 to 3e-6 for 1B+
-    critic_lr: float = 3e-4  # the critic learns faster than the policy (references: ~10x)
+    # None: chosen by the policy's size (trainer_worker/ppo/defaults.py): 1e-4 / 3e-4 for the
+    # ~2M-param demo (1e-5 barely moved it), 3e-6 / 1e-5 from 100M, 1e-6 / 1e-5 from 1B (N+, TRL).
+    lr: float | None = None
+    critic_lr: float | None = None  # the critic learns faster than the policy (references: ~10x)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA
     max_grad_norm: float = 1.0  # gradient clipping
     target_kl: float | None = 0.1  # stop the epochs of a step early past this approx KL
     max_new_tokens: int = 48  # rollout length bound
@@ -80,6 +83,35 @@ class TrainSettings(BaseModel):
     keep_checkpoints: int = 3  # newest checkpoints kept on disk besides the active one
     lock_ttl_seconds: float = 30.0  # leader lock lifetime, renewed at a third of it
     device: str = "auto"  # "cpu", "cuda" or "auto"
+
+
+class FeedbackLimits(BaseModel):
+    """How much feedback a cycle reads, how much one identity may weigh, how fast it may post."""
+
+    model_config = ConfigDict(frozen=True)
+
+    new_examples: int = Field(default=20_000, ge=1)  # newest events since the RM in service
+    # read per cycle: tens of MB of token ids at most, minutes of RM training on one GPU
+    replay_examples: int = Field(default=4_000, ge=0)  # older events sampled back each cycle
+    # against forgetting: a fifth of the new budget (replay ratios of 10-50% in continual RLHF)
+    holdout_examples: int = Field(default=2_000, ge=1)  # held-out events the RM is judged on:
+    # the 95% interval of an accuracy near 0.7 is then +/- 2 points
+    user_share: float = Field(default=0.1, gt=0.0, le=1.0)  # most of a cycle's RM data one
+    # identity may give (with fewer than 1/share identities: equal shares)
+    disagreeing_weight: float = Field(default=0.1, ge=0.0, le=1.0)  # loss weight of identities
+    # whose agreement with the RM in service is significantly below chance (inverted raters)
+    rate_per_minute: float = Field(default=0.0, ge=0.0)  # feedback posts per identity and
+    # replica; 0: no limit (the default, and `flywheel up`)
+    rate_burst: int = Field(default=30, ge=1)  # posts an identity may send at once
+
+    @model_validator(mode="after")
+    def _replay_within_budget(self) -> FeedbackLimits:
+        if self.replay_examples > self.new_examples:
+            raise ValueError(
+                f"feedback.replay_examples ({self.replay_examples}) is larger than the cycle's "
+                f"new data (feedback.new_examples = {self.new_examples}): older feedback would "
+                "outweigh what users said since the last cycle")
+        return self
 
 
 class CanarySettings(BaseModel):
@@ -122,17 +154,24 @@ class Settings(BaseSettings):
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     stream_interval_ms: float = 0.0  # coalesce stream deltas produced within this window
     gpu_memory_utilization: float = 0.85  # vLLM only
+    # vLLM only: the KV cache in bytes. None: 1 GiB on CPU (its backend would otherwise reserve
+    # gpu_memory_utilization x RAM, which fails beside other processes), that share on GPU.
+    vllm_kv_cache_bytes: int | None = Field(default=None, gt=0)
+    vllm_cache_dir: Path | None = None  # vLLM's compile cache (VLLM_CACHE_ROOT); <data_dir>/vllm
+    vllm_enforce_eager: bool = False  # no torch.compile: starts in seconds, not a minute (CPU)
     max_request_bytes: int = 2 * 1024 * 1024  # request bodies above this get 413, unread
     max_waiting_requests: int = 256  # admitted but not yet decoding; beyond it 429 + Retry-After
     stream_write_timeout_s: float = 30.0  # a stream reader this slow to take a chunk is dropped
     expose_docs: bool | None = None  # /docs, /openapi.json; None: open only when no keys are set
     expose_metrics: bool | None = None  # /metrics; None: open only when no keys are set
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line, for log shippers
 
     train: TrainSettings = Field(default_factory=TrainSettings)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     canary: CanarySettings = Field(default_factory=CanarySettings)
+    feedback: FeedbackLimits = Field(default_factory=FeedbackLimits)
 
     @model_validator(mode="after")
     def _derive_defaults(self) -> Settings:
@@ -144,6 +183,8 @@ class Settings(BaseSettings):
             derived["model"] = str((data_dir / "models" / "base").resolve())
         if self.checkpoint_dir is None:
             derived["checkpoint_dir"] = (data_dir / "checkpoints").resolve()
+        if self.vllm_cache_dir is None:
+            derived["vllm_cache_dir"] = (data_dir / "vllm").resolve()
         for key, value in derived.items():
             object.__setattr__(self, key, value)
         return self

@@ -114,7 +114,7 @@ class Supervisor:
                 log.warning("%s did not stop in time; killing it", name)
                 child.kill()
                 child.wait()
-        log.info("all stopped")
+        log.info("stopped %s", ", ".join(self.children) or "nothing")
 
 
 class InUseError(RuntimeError):

@@ -17,9 +17,12 @@ from feedback_store.errors import StoreUnavailableError
 from flywheel.hotswap import Publisher
 from flywheel.settings import Settings
 from server.admin.api_router import router as admin_router
+from server.admin.history import router as history_router
+from server.admin.identities import router as identities_router
 from server.auth import Authenticator, exposed
 from server.canary_split import CanarySplit
 from server.completions.api_router import router as completions_router
+from server.console.api_router import router as console_router
 from server.engines.base import Engine
 from server.errors import install_error_handlers
 from server.feedback.api_router import router as feedback_router
@@ -101,7 +104,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
                   docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
                   openapi_url="/openapi.json" if docs else None)
     install_error_handlers(app)
-    for router in (completions_router, feedback_router, admin_router, health_router):
+    for router in (completions_router, feedback_router, admin_router, history_router,
+                   health_router, console_router, identities_router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     install_openapi(app, settings)

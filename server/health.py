@@ -42,7 +42,7 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse(error_body(503, "model not loaded"), status_code=503,
                             headers={"Retry-After": "2"})
     if state.engine.stats().extra.get("degraded"):
-        return JSONResponse(error_body(503, "engine degraded after a failed weight swap"),
+        return JSONResponse(error_body(503, "engine degraded (a failed weight swap or a dead engine core)"),
                             status_code=503, headers={"Retry-After": "5"})
     try:
         await to_thread.run_sync(lambda: state.store.ping(write=True))

@@ -3,9 +3,13 @@
 0. Evidence first: at least one held-out prompt and ``train.min_holdout_pairs`` held-out
    preference pairs, else the cycle is skipped before any training.
 1. Reward model on the train split (feedback on held-out prompts never trains it), continuing
-   from the RM in service. It is kept only when the lower 95% bound of its accuracy on every
-   held-out pair reaches ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in
-   service stays.
+   from the RM in service, on a bounded window: the feedback given since that RM was trained
+   (at most ``feedback.new_examples`` events) and a uniform sample of ``feedback.replay_examples``
+   older ones. Each identity keeps at most ``feedback.user_share`` of it, and identities that
+   persistently disagree with the RM in service weigh less (feedback_store/identities.py). It is
+   kept only when the lower 95% bound of its accuracy on a sample of held-out pairs
+   (``feedback.holdout_examples``) reaches ``train.reward_accuracy_floor``; else the cycle is
+   skipped and the RM in service stays.
 2. PPO from the active policy against the frozen base, its KL coefficient steered so that the
    candidate's KL to the base stays within ``train.kl_budget`` across cycles (``ppo.budget``).
 3. Gate: candidate and active policy answer the same held-out prompts at least
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from feedback_store import Store
+from feedback_store.identities import Tally, agreement_weight, limit_identities
+from feedback_store.training_data import Marks, balance_thumbs
 from feedback_store.types import RewardData
 from flywheel.checkpoints import atomic_directory, seal
 from flywheel.live_approval import best_version
@@ -39,6 +45,8 @@ log = logging.getLogger(__name__)
 
 KL_LIMIT_SHARE = 0.9  # PPO keeps the newest weights within 0.9 x budget: room for the estimate
 SPLIT_MARK = "reward/trained_on_train_split"  # RMs that never saw a held-out prompt carry it
+# The last feedback and ranking ids an RM's window reached: the next one's "new" starts above.
+WATERMARKS = {"feedback": "reward/feedback_watermark", "rankings": "reward/rankings_watermark"}
 
 
 class CycleError(RuntimeError):
@@ -76,13 +84,20 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     return root / "policies", root / "reward"
 
 
-def check_evidence(ctx: CycleContext) -> RewardData:
-    """Step 0: the held-out feedback, when there is enough of it to judge an RM and a policy."""
+def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
+    """Step 0: the held-out feedback, when there is enough of it to judge an RM and a policy:
+    a bounded sample, without identities whose ratings lost weight, each capped at its share."""
     from trainer_worker.reward.data import preference_pairs
 
     if ctx.store.holdout_prompt_count() == 0:
         raise Skip("no held-out prompts yet")
-    holdout = ctx.store.reward_data(split="holdout")
+    limits = ctx.settings.feedback
+    sample = ctx.store.holdout_reward_data(until=until, size=limits.holdout_examples, seed=0)
+    weights = ctx.store.identity_weights(
+        item.identity for item in [*sample.groups, *sample.thumbs])
+    trusted = RewardData([g for g in sample.groups if weights[g.identity] >= 1.0],
+                         [t for t in sample.thumbs if weights[t.identity] >= 1.0])
+    holdout, _ = limit_identities(trusted, limits.user_share, {}, seed=0)
     n, need = preference_pairs(holdout.groups), ctx.settings.train.min_holdout_pairs
     if n < need:
         raise Skip(f"too little evidence: {n} held-out pairs, need {need}",
@@ -90,8 +105,42 @@ def check_evidence(ctx: CycleContext) -> RewardData:
     return holdout
 
 
-def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dict[str, Any]]:
-    """Step 1: a new reward-model version from the train split, judged on every held-out pair.
+def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: int
+                  ) -> tuple[RewardData, dict[str, Tally], dict[str, Any]]:
+    """Step 1a: the RM's bounded data, capped per identity and weighted; the new events'
+    agreement tallies (stored only if the new RM is kept) and metrics."""
+    from trainer_worker.reward.consensus import agreement_tallies, new_event_counts
+
+    limits = ctx.settings.feedback
+    metrics_of = previous["metrics"] if previous is not None else {}
+    since = {table: int(metrics_of.get(key, 0)) for table, key in WATERMARKS.items()}
+    data = ctx.store.cycle_reward_data(since=since, until=until, new=limits.new_examples,
+                                       replay=limits.replay_examples, seed=seed)
+    if not data.groups and not data.thumbs:
+        raise Skip("no feedback outside the held-out prompts to train on yet")
+    tallies = (agreement_tallies(Path(previous["path"]), data, ctx.settings.reward.max_length,
+                                 ctx.device)
+               if previous is not None else new_event_counts(data))
+    names = {item.identity for item in [*data.groups, *data.thumbs]}
+    standing = ctx.store.identity_standing(names)
+    weights = {}
+    for name in names:
+        total = standing[name] + tallies.get(name, Tally())
+        weights[name] = agreement_weight(total.scored, total.agreed, limits.disagreeing_weight)
+    items = [*data.groups, *data.thumbs]
+    metrics: dict[str, Any] = {
+        "reward/new_examples": float(sum(item.new for item in items)),
+        "reward/replay_examples": float(sum(not item.new for item in items)),
+        **{key: float(until[table]) for table, key in WATERMARKS.items()},
+    }
+    data, capped = limit_identities(data, limits.user_share, weights, seed=seed)
+    return RewardData(data.groups, balance_thumbs(data.thumbs)), tallies, metrics | capped
+
+
+def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int = 0
+                 ) -> tuple[str, Path, dict[str, Any]]:
+    """Step 1: a new reward-model version from the train split's bounded window, judged on the
+    held-out sample.
 
     Warm-starting from the RM in service is honest because no RM trained here sees a held-out
     prompt (the split hashes the prompt text, so it never moves); an RM from before the split
@@ -99,11 +148,9 @@ def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dic
     """
     from trainer_worker.reward.train import train_reward_model
 
-    data = ctx.store.reward_data(split="train")
-    if not data.groups and not data.thumbs:
-        raise Skip("no feedback outside the held-out prompts to train on yet")
     floor = ctx.settings.train.reward_accuracy_floor
     previous = ctx.store.latest_reward_model()
+    data, tallies, window = reward_window(ctx, previous, until, seed)
     warm = previous is not None and bool(previous["metrics"].get(SPLIT_MARK))
     init_dir = Path(previous["path"]) if warm else Path(ctx.settings.model)
     parent = previous["id"] if warm and previous else None
@@ -115,7 +162,7 @@ def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dic
         metrics: dict[str, Any] = train_reward_model(
             init_dir, data, ctx.settings.reward, tmp, holdout=holdout, device=ctx.device,
             progress=ctx.progress, should_stop=ctx.should_stop)
-        metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm)}
+        metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm), **window}
         if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) below the floor
             raise Skip(f"reward model under the accuracy floor: held-out accuracy "
                        f"{metrics['reward/accuracy']:.3f} on {metrics['reward/holdout_pairs']:.0f}"
@@ -124,6 +171,8 @@ def train_reward(ctx: CycleContext, holdout: RewardData) -> tuple[str, Path, dic
         manifest = seal(tmp, rm_id, parent=parent)
     ctx.store.add_reward_model(id=rm_id, parent=parent,
                                path=str(out), sha256=manifest.sha256, metrics=metrics)
+    # Counted once: the next window starts above this RM's watermarks.
+    ctx.store.record_tallies(tallies, ctx.settings.feedback.disagreeing_weight)
     return rm_id, out, metrics
 
 
@@ -143,7 +192,10 @@ def _carried_kl_coef(ctx: CycleContext) -> float:
 def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
                  ) -> tuple[str, Path, str, dict[str, float]]:
     """Step 2: PPO from the active policy; returns (id, dir, sha256, metrics)."""
+    import torch
+
     from trainer_worker.ppo.core import kl_budget_controller
+    from trainer_worker.ppo.defaults import autocast_dtype
     from trainer_worker.ppo.trainer import run_ppo
 
     cfg, budget = ctx.settings.ppo, ctx.settings.train.kl_budget
@@ -158,7 +210,9 @@ def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
     policy_id = ctx.store.next_policy_id()
     out = _dirs(ctx.settings)[0] / policy_id
     log.info("PPO %s from %s on %d prompts", policy_id, active["id"], len(prompts))
-    with atomic_directory(out) as tmp:
+    dtype = autocast_dtype(cfg, ctx.device)  # bf16 forward passes on CUDA, fp32 weights
+    with atomic_directory(out) as tmp, torch.autocast("cuda", dtype=dtype or torch.bfloat16,
+                                                      enabled=dtype is not None):
         metrics = run_ppo(Path(active["path"]), Path(ctx.settings.model), rm_dir, prompts, cfg,
                           tmp, device=ctx.device, progress=ctx.progress,
                           should_stop=ctx.should_stop, **budgeted)
@@ -201,8 +255,9 @@ def run_cycle(ctx: CycleContext, run_id: int) -> CycleResult:
         raise CycleError("no active policy recorded")
     rm_id: str | None = None
     try:
-        holdout = check_evidence(ctx)
-        rm_id, rm_dir, rm_metrics = train_reward(ctx, holdout)
+        until = ctx.store.feedback_watermark()  # what this cycle may read, fixed at its start
+        holdout = check_evidence(ctx, until)
+        rm_id, rm_dir, rm_metrics = train_reward(ctx, holdout, until, seed=run_id)
         policy_id, policy_dir, sha, ppo_metrics = train_policy(ctx, active, rm_dir, run_id)
         try:
             gate_metrics = gate(ctx, policy_dir, active, rm_dir, run_id)

@@ -20,6 +20,7 @@ import redis
 
 from feedback_store import Store
 from feedback_store.errors import StoreError, StoreUnavailableError
+from flywheel import logs
 from flywheel.hotswap import Publisher, RedisKeys
 from flywheel.serving_plan import record_base_policy
 from flywheel.settings import Settings
@@ -139,6 +140,14 @@ class Worker:
         return self.store.serving_state()[1] is None
 
     def execute(self, run: dict, device: str) -> None:
+        # Its log lines name the version it trains (flywheel/logs.py).
+        logs.set_policy(f"{self.store.next_policy_id()} (run {run['id']})")
+        try:
+            self._execute(run, device)
+        finally:
+            logs.set_policy(None)
+
+    def _execute(self, run: dict, device: str) -> None:
         run_id = int(run["id"])
         watermark = self.store.feedback_watermark()
         ctx = CycleContext(settings=self.settings, store=self.store, device=device,
@@ -148,10 +157,14 @@ class Worker:
             result = run_cycle(ctx, run_id)
         except BaseException as exc:
             reason = _describe(exc)
-            interrupted = reason.startswith("interrupted")
-            log.error("training run %d failed: %s", run_id, reason,
-                      exc_info=None if interrupted else exc)
-            self._mark_failed(run_id, reason, watermark)
+            if reason.startswith("interrupted") or isinstance(exc, KeyboardInterrupt):
+                # A stop asked for (Ctrl-C, SIGTERM, a lost lock) is no failure: `cancelled`,
+                # and its feedback stays new for the next run.
+                log.info("training run %d cancelled: %s", run_id, reason)
+                self._mark_failed(run_id, reason, None, status="cancelled")
+            else:
+                log.error("training run %d failed: %s", run_id, reason, exc_info=exc)
+                self._mark_failed(run_id, reason, watermark)
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
             return
@@ -173,11 +186,13 @@ class Worker:
         except (OSError, StoreError) as exc:
             log.warning("pruning failed: %s", exc)
 
-    def _mark_failed(self, run_id: int, reason: str, watermark: dict) -> None:
-        """Record the failure, retrying while the database is away (unless we are stopping)."""
+    def _mark_failed(self, run_id: int, reason: str, watermark: dict | None,
+                     status: str = "failed") -> None:
+        """Record the failure or cancellation, retrying while the database is away (unless we
+        are stopping)."""
         while True:
             try:
-                self.store.update_training_run(run_id, status="failed", error=reason,
+                self.store.update_training_run(run_id, status=status, error=reason,
                                                watermark=watermark)
                 return
             except StoreUnavailableError:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from flywheel.hf_progress import tqdm
 
 STEPS_ENV = "FLYWHEEL_DEMO_STEPS"
 

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from server import limits
 from server.completions import serving
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
+from server.completions.responses import CompletionJob
 from server.state import AppState, require_user
 
 router = APIRouter()
@@ -17,27 +18,27 @@ router = APIRouter()
 POLICY_HEADER = "X-Flywheel-Policy"
 
 
-async def _respond(state: AppState, job: serving.CompletionJob, stream: bool, route: str):
+async def _respond(state: AppState, jobs: list[CompletionJob], stream: bool, route: str):
     if stream:
-        policy, events = await serving.start_stream(state, job, route)
+        policy, events = await serving.start_stream(state, jobs, route)
         return limits.TimedStreamingResponse(
             events, write_timeout_s=state.settings.stream_write_timeout_s,
             media_type="text/event-stream",
             headers={POLICY_HEADER: policy, "Cache-Control": "no-cache",
                      "X-Accel-Buffering": "no"},
         )
-    body, policy = await serving.complete(state, job, route)
+    body, policy = await serving.complete(state, jobs, route)
     return JSONResponse(body, headers={POLICY_HEADER: policy})
 
 
 async def _chat(state: AppState, request: ChatCompletionRequest):
     job = await serving.prepare_chat(state, request)
-    return await _respond(state, job, request.stream, "chat")
+    return await _respond(state, [job], request.stream, "chat")
 
 
 async def _text(state: AppState, request: CompletionRequest):
-    job = await serving.prepare_text(state, request)
-    return await _respond(state, job, request.stream, "text")
+    jobs = await serving.prepare_text(state, request)
+    return await _respond(state, jobs, request.stream, "text")
 
 
 @router.post("/v1/chat/completions")

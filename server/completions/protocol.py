@@ -9,16 +9,24 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+MAX_PROMPTS = 16  # prompts in one /v1/completions request, each answered n times
 # A seed fits int64 (vLLM checks the same); the bound is the largest double below 2**63, so
 # that JSON tools reading numbers as doubles (schema validators) agree with it.
 MAX_SEED = 2**63 - 1024
+
+
+def invalid(message: str) -> PydanticCustomError:
+    """A validation error whose message is ``message`` alone (a plain ``ValueError`` reads
+    "Value error, ..."); the error handler puts the field's name before it."""
+    return PydanticCustomError("value_error", message)
 
 
 def well_formed(value: Any) -> Any:
@@ -28,7 +36,7 @@ def well_formed(value: Any) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError("invalid Unicode: a lone surrogate is not text") from None
+            raise invalid("invalid Unicode: a lone surrogate is not text") from None
     elif isinstance(value, list | tuple):
         for item in value:
             well_formed(item)
@@ -89,7 +97,7 @@ class ChatMessage(RequestModel):
     def _text_parts(cls, value: Any) -> Any:
         for part in value if isinstance(value, list) else ():
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise ValueError("only text content parts are supported")
+                raise invalid("only text content parts are supported")
         return value
 
     def text(self) -> str:
@@ -116,11 +124,15 @@ class SamplingFields(OpenAIModel):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
 
-    @model_validator(mode="after")
-    def _check_stream_options(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
+    # Rules across fields are field validators of the later field (``info.data`` holds the
+    # earlier ones), so that the error names it as its param, as vLLM's does.
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(cls, value: StreamOptions | None,
+                              info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise invalid("only allowed when stream is true")
+        return value
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -137,35 +149,48 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral] | None = None
 
-    @model_validator(mode="after")
-    def _check_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
-        return self
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise invalid("requires logprobs to be true")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+MAX_TOKEN_ID = 2**31 - 1  # int32, as the engines hold token ids; the vocabulary is checked later
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), Integral]],
+                     Field(min_length=1)]
 
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         _requires("stream_options", None, "stream")]})
 
-    # One prompt per request; `echo` and `suffix` are not supported (accepted only as no-ops).
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1, max_length=1)]
+    # OpenAI's four forms: a text, texts, token ids, lists of token ids. Each prompt gets `n`
+    # choices, indexed prompt by prompt (choice j of prompt i is index i * n + j).
+    prompt: (NonEmpty | TokenIds
+             | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)])
     logprobs: Annotated[int, Field(ge=0, le=5), Integral] | None = None
-    echo: bool = Field(default=False, json_schema_extra={"const": False})
+    echo: bool = False  # the answer's text starts with the prompt's
     suffix: Annotated[str, Field(max_length=0)] | None = None
 
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
+    def _check_echo(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("logprobs") is not None:
+            raise invalid("cannot be combined with logprobs: prompt logprobs are not computed")
         return value
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt, as text or as token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from anyio import to_thread
 
 from feedback_store import NewChoice, NewCompletion
 from feedback_store.errors import StoreError
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
+from server.completions.responses import (
+    ChoiceState,
+    CompletionJob,
+    chunk,
+    envelope,
+    full_choice,
+    usage,
+)
 from server.engines.base import ChoiceDelta, PromptTooLongError, SamplingParams
 from server.errors import APIError
 from server.limits import admit
@@ -22,50 +30,12 @@ from server.state import AppState
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["chat", "text"]
 
-
-@dataclass
-class CompletionJob:
-    """A validated request, ready for the engine."""
-
-    kind: Kind
-    id: str
-    created: int
-    prompt_ids: list[int]
-    prompt_text: str
-    messages: list[dict[str, Any]] | None
-    params: SamplingParams
-    logprobs: bool
-    include_usage: bool
-    user: str | None
-    request_params: dict[str, Any]
-
-
-@dataclass
-class ChoiceState:
-    """Everything one choice produced so far."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    def add(self, delta: ChoiceDelta) -> None:
-        self.text += delta.text
-        self.token_ids.extend(delta.token_ids)
-        self.logprobs.extend(delta.logprobs)
-        if delta.top_logprobs:
-            self.top_logprobs.extend(delta.top_logprobs)
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-
-
-def _max_tokens(state: AppState, prompt_len: int, requested: int | None) -> int:
+def _max_tokens(state: AppState, prompt_len: int, requested: int | None,
+                param: str = "messages") -> int:
     limit = state.engine.max_model_len
     if prompt_len >= limit:
-        raise APIError(400, str(PromptTooLongError(prompt_len, limit)), param="messages",
+        raise APIError(400, str(PromptTooLongError(prompt_len, limit)), param=param,
                        code="context_length_exceeded")
     room = limit - prompt_len
     if requested is None:
@@ -131,106 +101,54 @@ async def prepare_chat(state: AppState, req: ChatCompletionRequest) -> Completio
     )
 
 
-async def prepare_text(state: AppState, req: CompletionRequest) -> CompletionJob:
+async def prepare_text(state: AppState, req: CompletionRequest) -> list[CompletionJob]:
+    """One job per prompt (see ``CompletionJob``), all checked before any runs."""
     _check_model(state, req.model)
-    text = req.prompt_text()
-    admit(state)
-    prompt_ids = await _encode("prompt", state.engine.encode_text, text)
-    if not prompt_ids:
-        raise APIError(400, "The prompt is empty.", param="prompt", code="invalid_value")
-    max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens())
-    if req.max_tokens is None:
-        max_tokens = min(max_tokens, 16)  # OpenAI's default for text completions
-    return CompletionJob(
-        kind="text", id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()),
-        prompt_ids=prompt_ids, prompt_text=text, messages=None,
-        params=_sampling(req, max_tokens, req.logprobs or 0), logprobs=req.logprobs is not None,
-        include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        user=req.user, request_params=_request_params(req),
-    )
+    prompts = req.prompts()
+    job_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    jobs = []
+    for i, prompt in enumerate(prompts):
+        admit(state)
+        param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        if isinstance(prompt, str):
+            text, prompt_ids = prompt, await _encode(param, state.engine.encode_text, prompt)
+        else:
+            prompt_ids = _known_tokens(state, prompt, param)
+            text = await _decode(state, prompt_ids, param)
+        if not prompt_ids:
+            raise APIError(400, "The prompt is empty.", param=param, code="invalid_value")
+        max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens(), param)
+        if req.max_tokens is None:
+            max_tokens = min(max_tokens, 16)  # OpenAI's default for text completions
+        jobs.append(CompletionJob(
+            kind="text", id=job_id, created=created, prompt_ids=prompt_ids, prompt_text=text,
+            messages=None, params=_sampling(req, max_tokens, req.logprobs or 0),
+            logprobs=req.logprobs is not None,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            user=req.user, request_params=_request_params(req), index_base=i * req.n,
+            store_id=job_id if len(prompts) == 1 else f"{job_id}-{i}",
+            echo=text if req.echo else None,
+        ))
+    return jobs
 
 
-# --- response shapes -------------------------------------------------------------------------
-
-def _token_text(state: AppState, token_id: int) -> str:
-    return state.engine.decode([token_id])
-
-
-def _chat_logprobs(state: AppState, token_ids: list[int], logprobs: list[float],
-                   tops: list[dict[str, float]]) -> dict[str, Any]:
-    content = []
-    for i, (tid, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
-        token = _token_text(state, tid)
-        alternatives = tops[i] if i < len(tops) else {}
-        content.append({
-            "token": token, "logprob": lp, "bytes": list(token.encode()),
-            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
-                             for t, v in alternatives.items()],
-        })
-    return {"content": content}
+async def _decode(state: AppState, prompt_ids: list[int], param: str) -> str:
+    try:
+        return await to_thread.run_sync(state.engine.decode, prompt_ids)
+    except (ValueError, OverflowError, IndexError) as exc:  # an id the tokenizer cannot spell
+        raise APIError(400, f"The prompt holds a token id out of vocabulary ({exc}).",
+                       param=param, code="invalid_value") from exc
 
 
-def _text_logprobs(state: AppState, token_ids: list[int], logprobs: list[float],
-                   tops: list[dict[str, float]], offset: int) -> dict[str, Any]:
-    tokens = [_token_text(state, t) for t in token_ids]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {"tokens": tokens, "token_logprobs": logprobs,
-            "top_logprobs": tops or None, "text_offset": offsets}
-
-
-def _usage(job: CompletionJob, choices: dict[int, ChoiceState]) -> dict[str, int]:
-    completion = sum(len(c.token_ids) for c in choices.values())
-    prompt = len(job.prompt_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
-def _full_choice(state: AppState, job: CompletionJob, index: int,
-                 choice: ChoiceState) -> dict[str, Any]:
-    logprobs = None
-    if job.kind == "chat":
-        if job.logprobs:
-            logprobs = _chat_logprobs(state, choice.token_ids, choice.logprobs,
-                                      choice.top_logprobs)
-        return {"index": index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": logprobs, "finish_reason": choice.finish_reason}
-    if job.logprobs:
-        logprobs = _text_logprobs(state, choice.token_ids, choice.logprobs, choice.top_logprobs,
-                                  len(job.prompt_text))
-    return {"index": index, "text": choice.text, "logprobs": logprobs,
-            "finish_reason": choice.finish_reason}
-
-
-def _envelope(state: AppState, job: CompletionJob, policy: str, chunk: bool) -> dict[str, Any]:
-    if job.kind == "chat":
-        obj = "chat.completion.chunk" if chunk else "chat.completion"
-    else:
-        obj = "text_completion"
-    return {"id": job.id, "object": obj, "created": job.created,
-            "model": state.settings.served_model_name, "system_fingerprint": policy}
-
-
-def _chunk(state: AppState, job: CompletionJob, delta: ChoiceDelta, first: bool) -> dict:
-    body = _envelope(state, job, delta.policy_version, chunk=True)
-    tops = delta.top_logprobs or []
-    if job.kind == "chat":
-        message: dict[str, Any] = {"content": delta.text} if delta.text or first else {}
-        if first:
-            message["role"] = "assistant"
-        logprobs = (_chat_logprobs(state, delta.token_ids, delta.logprobs, tops)
-                    if job.logprobs else None)
-        choice = {"index": delta.index, "delta": message, "logprobs": logprobs,
-                  "finish_reason": delta.finish_reason}
-    else:
-        logprobs = (_text_logprobs(state, delta.token_ids, delta.logprobs, tops, 0)
-                    if job.logprobs else None)
-        choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs,
-                  "finish_reason": delta.finish_reason}
-    body["choices"] = [choice]
-    return body
+def _known_tokens(state: AppState, prompt_ids: list[int], param: str) -> list[int]:
+    """Token ids the tokenizer knows (vLLM's check: no id above the largest); an engine without
+    a tokenizer (the fake one) takes any."""
+    tokenizer = getattr(state.engine, "tokenizer", None)
+    vocab = len(tokenizer) if tokenizer is not None else None
+    if vocab is not None and max(prompt_ids) >= vocab:
+        raise APIError(400, f"Token id {max(prompt_ids)} is out of vocabulary (ids lie in "
+                       f"[0, {vocab})).", param=param, code="invalid_value")
+    return list(prompt_ids)
 
 
 # --- running ---------------------------------------------------------------------------------
@@ -238,8 +156,9 @@ def _chunk(state: AppState, job: CompletionJob, delta: ChoiceDelta, first: bool)
 async def _store(state: AppState, job: CompletionJob, policy: str,
                  choices: dict[int, ChoiceState]) -> None:
     record = NewCompletion(
-        id=job.id, kind=job.kind, prompt_text=job.prompt_text, prompt_token_ids=job.prompt_ids,
-        messages=job.messages, model=state.settings.served_model_name, policy_version=policy,
+        id=job.store_id, kind=job.kind, prompt_text=job.prompt_text,
+        prompt_token_ids=job.prompt_ids, messages=job.messages,
+        model=state.settings.served_model_name, policy_version=policy,
         params=job.request_params, user=job.user, created_at=float(job.created),
         choices=[NewChoice(index=i, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
                            finish_reason=c.finish_reason or "length")
@@ -250,7 +169,7 @@ async def _store(state: AppState, job: CompletionJob, policy: str,
     except StoreError as exc:
         # Serving goes on without the database; this completion cannot receive feedback.
         state.metrics.unstored.inc()
-        log.warning("completion %s served but not stored: %s", job.id, exc)
+        log.warning("completion %s served but not stored: %s", job.store_id, exc)
 
 
 class Run:
@@ -262,7 +181,7 @@ class Run:
         self.started = time.perf_counter()
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}
         self.policy = state.engine.policy_version
-        self._it = state.engine.generate(job.prompt_ids, job.params, job.id,
+        self._it = state.engine.generate(job.prompt_ids, job.params, job.store_id,
                                          canary=state.split.to_canary(job.user))
         self._first = True
         state.metrics.in_flight.inc()
@@ -290,19 +209,93 @@ class Run:
             await aclose()
 
 
-async def complete(state: AppState, job: CompletionJob, route: str) -> tuple[dict, str]:
+class Runs:
+    """The engine requests of one API request (one per prompt), their deltas merged in the
+    order they come; ``next`` returns (run, delta), or None once all ended."""
+
+    def __init__(self, runs: list[Run]) -> None:
+        self.runs = runs
+        self._queue: asyncio.Queue[tuple[Run, ChoiceDelta | BaseException | None]] | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+        self._live = len(self.runs)
+
+    @classmethod
+    async def start(cls, state: AppState, jobs: list[CompletionJob], route: str) -> Runs:
+        runs: list[Run] = []
+        try:
+            for job in jobs:
+                runs.append(Run(state, job, route))
+        except BaseException:
+            for run in runs:  # the engine took these (a later one got 429): free them
+                await run.close()
+            raise
+        return cls(runs)
+
+    @property
+    def policy(self) -> str:
+        return self.runs[0].policy
+
+    async def next(self) -> tuple[Run, ChoiceDelta] | None:
+        if len(self.runs) == 1:  # no task, no queue on the usual path
+            delta = await self.runs[0].next()
+            return None if delta is None else (self.runs[0], delta)
+        if self._queue is None:
+            self._queue = asyncio.Queue(maxsize=len(self.runs))
+            self._pumps = [asyncio.ensure_future(self._pump(run)) for run in self.runs]
+        while self._live:
+            run, item = await self._queue.get()
+            if item is None:
+                self._live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                return run, item
+        return None
+
+    async def _pump(self, run: Run) -> None:
+        assert self._queue is not None
+        try:
+            while (delta := await run.next()) is not None:
+                await self._queue.put((run, delta))
+        except Exception as exc:
+            await self._queue.put((run, exc))
+            return
+        await self._queue.put((run, None))
+
+    async def close(self) -> None:
+        for pump in self._pumps:
+            pump.cancel()
+        await asyncio.gather(*self._pumps, return_exceptions=True)
+        for run in self.runs:
+            await run.close()
+
+    async def store(self) -> None:
+        for run in self.runs:
+            await _store(run.state, run.job, run.policy, run.choices)
+
+
+def _choices(state: AppState, runs: Runs) -> list[dict[str, Any]]:
+    return [full_choice(state, run.job, i, c) for run in runs.runs
+            for i, c in sorted(run.choices.items())]
+
+
+def _usage(runs: Runs) -> dict[str, int]:
+    return usage([run.job for run in runs.runs], [run.choices for run in runs.runs])
+
+
+async def complete(state: AppState, jobs: list[CompletionJob], route: str) -> tuple[dict, str]:
     """Run to the end; returns the response body and the policy version that produced it."""
-    run = Run(state, job, route)
+    runs = await Runs.start(state, jobs, route)
     try:
-        while await run.next() is not None:
+        while await runs.next() is not None:
             pass
     finally:
-        await run.close()
-    await _store(state, job, run.policy, run.choices)
-    body = _envelope(state, job, run.policy, chunk=False)
-    body["choices"] = [_full_choice(state, job, i, c) for i, c in sorted(run.choices.items())]
-    body["usage"] = _usage(job, run.choices)
-    return body, run.policy
+        await runs.close()
+    await runs.store()
+    body = envelope(state, jobs[0], runs.policy, chunk=False)
+    body["choices"] = _choices(state, runs)
+    body["usage"] = _usage(runs)
+    return body, runs.policy
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -310,40 +303,42 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def start_stream(state: AppState, job: CompletionJob,
+async def start_stream(state: AppState, jobs: list[CompletionJob],
                        route: str) -> tuple[str, AsyncIterator[bytes]]:
     """Wait for the first delta (it fixes the policy version for the headers), then stream."""
-    run = Run(state, job, route)
+    runs = await Runs.start(state, jobs, route)
     try:
-        first = await run.next()
+        first = await runs.next()
     except BaseException:
-        await run.close()
+        await runs.close()
         raise
-    return run.policy, _stream_events(state, job, run, first)
+    return runs.policy, _stream_events(state, jobs[0], runs, first)
 
 
-async def _stream_events(state: AppState, job: CompletionJob, run: Run,
-                         first: ChoiceDelta | None) -> AsyncIterator[bytes]:
-    started: set[int] = set()
+async def _stream_events(state: AppState, job: CompletionJob, runs: Runs,
+                         first: tuple[Run, ChoiceDelta] | None) -> AsyncIterator[bytes]:
+    started: set[tuple[int, int]] = set()
     completed = False
     try:
-        delta = first
-        while delta is not None:
-            yield _sse(_chunk(state, job, delta, first=delta.index not in started))
-            started.add(delta.index)
-            delta = await run.next()
+        item = first
+        while item is not None:
+            run, delta = item
+            key = (run.job.index_base, delta.index)
+            yield _sse(chunk(state, run.job, delta, first=key not in started))
+            started.add(key)
+            item = await runs.next()
         completed = True
     except Exception as exc:  # after the 200 status, an error can only travel in the stream
         log.exception("stream %s failed", job.id)
         yield _sse({"error": {"message": str(exc) or "generation failed",
                               "type": "server_error", "param": None, "code": "internal_error"}})
     finally:
-        await run.close()
+        await runs.close()
     if not completed:
         return
-    await _store(state, job, run.policy, run.choices)
+    await runs.store()
     if job.include_usage:
-        usage = _envelope(state, job, run.policy, chunk=True)
-        usage.update(choices=[], usage=_usage(job, run.choices))
-        yield _sse(usage)
+        body = envelope(state, job, runs.policy, chunk=True)
+        body.update(choices=[], usage=_usage(runs))
+        yield _sse(body)
     yield _sse("[DONE]")

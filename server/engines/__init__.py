@@ -10,6 +10,15 @@ if TYPE_CHECKING:
     from flywheel.settings import Settings
 
 
+def unavailable(settings: Settings) -> str | None:
+    """Why the engine ``settings.engine`` names cannot run here (one line), or None."""
+    if settings.engine == "vllm":
+        from server.engines.vllm_bindings import MISSING_VLLM, vllm_installed
+
+        return None if vllm_installed() else MISSING_VLLM
+    return None
+
+
 def create_engine(
     settings: Settings, *, model_path: str | None = None, policy_version: str = "policy-0"
 ) -> Engine:
@@ -29,7 +38,7 @@ def create_engine(
             stream_interval_ms=settings.stream_interval_ms,
         )
     if settings.engine == "vllm":
-        from server.engines.vllm_engine import VLLMEngine  # optional dependency: GPU servers only
+        from server.engines.vllm_engine import VLLMEngine  # imports vLLM (an extra) on start
 
         return VLLMEngine(settings, model_path=path, policy_version=policy_version)
     raise ValueError(f"unknown engine {settings.engine!r}")

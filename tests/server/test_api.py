@@ -111,7 +111,8 @@ def test_stop_sequence(client: TestClient) -> None:
         ({**CHAT, "stream_options": {"include_usage": True}}, None),
         ({**CHAT, "top_logprobs": 3}, None),
         ({**CHAT, "messages": [{"role": "user", "content": "x" * 600}]}, "messages"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", 1]}, "prompt"),
     ],
 )
 def test_bad_completion_requests(client: TestClient, payload: dict, param: str | None) -> None:

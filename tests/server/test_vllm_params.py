@@ -105,3 +105,20 @@ def test_eos_ids_and_shape_checks(tmp_path: Path) -> None:
     assert shape_mismatches(CONFIG, {**CONFIG, "hidden_size": 32}) == ["hidden_size"]
     assert shape_mismatches(CONFIG, dict(CONFIG)) == []
 
+
+
+def test_cpu_engine_args_fit_a_shared_machine(tmp_path: Path) -> None:
+    from server.engines.vllm_params import CPU_KV_CACHE_BYTES, engine_args
+
+    settings = settings_for(tmp_path)
+    cpu = engine_args(settings, on_cpu=True)
+    assert cpu["dtype"] == "float32"  # the trainer's: stored logprobs are what PPO recomputes
+    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES and "enforce_eager" not in cpu
+    gpu = engine_args(settings)
+    assert gpu["dtype"] == "bfloat16" and "kv_cache_memory_bytes" not in gpu
+    sized = settings.model_copy(update={"vllm_kv_cache_bytes": 1 << 26, "dtype": "bfloat16",
+                                        "vllm_enforce_eager": True})
+    args = engine_args(sized, on_cpu=True)
+    assert (args["kv_cache_memory_bytes"], args["dtype"], args["enforce_eager"]) == (
+        1 << 26, "bfloat16", True)
+    assert settings.vllm_cache_dir == (tmp_path / "vllm").resolve()

@@ -160,7 +160,7 @@ def test_interrupted_cycle_leaves_nothing_and_next_runs(tmp_path: Path, worker_e
 
     worker.should_stop = stop_during_ppo  # type: ignore[method-assign]
     run = run_until_done(worker, store)
-    assert run["status"] == "failed" and "interrupted" in run["error"]
+    assert run["status"] == "cancelled" and "interrupted" in run["error"]
     assert [p["id"] for p in store.list_policies()] == ["policy-0"]
     policies_dir = Path(worker.settings.checkpoint_dir) / "policies"
     assert not policies_dir.exists() or list(policies_dir.iterdir()) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,6 +58,49 @@ def add_lora(model: nn.Module, cfg: PPOConfig, task_type: str | None) -> nn.Modu
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                       target_modules="all-linear", task_type=task_type)
     return get_peft_model(model, lora)
+
+
+class AdaptersOff(nn.Module):
+    """The frozen base under a LoRA policy: the policy run with its adapters disabled, so the
+    KL reference costs no second copy of the weights (TRL's PPO with peft does the same)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]  # in a list: not a submodule, its parameters stay the policy's
+
+    @property
+    def config(self) -> Any:
+        return self._policy[0].config
+
+    def get_base_model(self) -> nn.Module:
+        return self._policy[0].get_base_model()
+
+    def forward(self, **inputs: Any) -> Any:
+        policy = self._policy[0]
+        with policy.disable_adapter():
+            return policy(**inputs)
+
+
+def load_lora_policy(policy_dir: Path, base_dir: Path, cfg: PPOConfig, device: str
+                     ) -> nn.Module | None:
+    """The base model with adapters to train: the active policy's own (saved relative to the
+    base, as vLLM serves them) or fresh ones when the active policy is the base. None when the
+    active policy is a full-weight checkpoint: there is no adapter on the base to continue."""
+    adapter = Path(policy_dir) / ADAPTER_DIR
+    is_base = Path(policy_dir).resolve() == Path(base_dir).resolve()
+    if not is_base:
+        config = adapter / "adapter_config.json"
+        if not config.is_file():
+            return None
+        on = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+        if not on or Path(on).resolve() != Path(base_dir).resolve():
+            return None  # an adapter on some other model
+    base = load_causal_lm(Path(base_dir), device)
+    if is_base:
+        return add_lora(base, cfg, task_type="CAUSAL_LM")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True).to(device)
 
 
 def save_policy(policy: nn.Module, policy_dir: Path, out_dir: Path, use_lora: bool) -> None:

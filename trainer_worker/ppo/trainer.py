@@ -15,16 +15,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from flywheel.hf_progress import transformers_bars
+from flywheel.hf_progress import tqdm, transformers_bars
 from flywheel.settings import PPOConfig
 from trainer_worker.ppo.budget import KLGuard, rollout_kl
 from trainer_worker.ppo.causal_lm import (
+    AdaptersOff,
     add_lora,
     filler_token_id,
     fit_prompts,
     load_causal_lm,
+    load_lora_policy,
     resolve_eos_token_ids,
     save_policy,
 )
@@ -42,6 +43,7 @@ from trainer_worker.ppo.core import (
     ppo_policy_loss,
     value_loss,
 )
+from trainer_worker.ppo.defaults import learning_rates
 from trainer_worker.ppo.rollout import (
     Rollout,
     answer_logits,
@@ -145,23 +147,30 @@ def run_ppo(
 
 def load_models(policy_dir: Path, ref_dir: Path, reward_dir: Path, cfg: PPOConfig,
                 device: str) -> Models:
-    """Policy (trainable), frozen reference and RM, and a critic cloned from the RM."""
-    policy = load_causal_lm(policy_dir, device, trainable=not cfg.use_lora)
-    ref = load_causal_lm(ref_dir, device)
+    """Policy (trainable), frozen reference and RM, and a critic cloned from the RM. With LoRA
+    the policy is the base plus adapters and the reference is that base, adapters off."""
+    lora = load_lora_policy(policy_dir, ref_dir, cfg, device) if cfg.use_lora else None
+    if lora is not None:
+        policy, ref = lora, AdaptersOff(lora)
+    else:
+        policy = load_causal_lm(policy_dir, device, trainable=not cfg.use_lora)
+        ref = load_causal_lm(ref_dir, device)
     reward = RewardModel.from_pretrained(reward_dir, device=device).requires_grad_(False)
     critic = RewardModel.from_pretrained(reward_dir, device=device)
     critic.fold_normalization()  # values start in the units of the normalised scores
     if cfg.use_lora:
-        policy = add_lora(policy, cfg, task_type="CAUSAL_LM")
+        policy = policy if lora is not None else add_lora(policy, cfg, task_type="CAUSAL_LM")
         critic.trunk = add_lora(critic.trunk.requires_grad_(False), cfg, task_type=None)
     return Models(policy=policy, ref=ref, reward=reward, critic=critic)
 
 
 def make_optimizer(policy: nn.Module, critic: nn.Module, cfg: PPOConfig) -> torch.optim.Adam:
-    """Adam over the trainable parameters, one learning rate for the policy, one for the critic."""
+    """Adam over the trainable parameters, one learning rate for the policy, one for the critic
+    (by the policy's size unless set: trainer_worker/ppo/defaults.py)."""
+    rates = learning_rates(cfg, policy)
     return torch.optim.Adam([
-        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": cfg.lr},
-        {"params": [p for p in critic.parameters() if p.requires_grad], "lr": cfg.critic_lr},
+        {"params": [p for p in policy.parameters() if p.requires_grad], "lr": rates.policy},
+        {"params": [p for p in critic.parameters() if p.requires_grad], "lr": rates.critic},
     ], eps=1e-5)  # N+: eps 1e-5
 
 

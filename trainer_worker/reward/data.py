@@ -19,6 +19,7 @@ class Example:
     sequences: list[list[int]]  # prompt + answer token ids; best first for a group
     label: float | None = None
     tiers: list[int] | None = None  # a group's tiers: equal tiers are tied (no pair)
+    weight: float = 1.0  # loss weight (the rater's weight; class balance for lone thumbs)
 
 
 def strip_eos(answer: Sequence[int], eos_token_ids: Sequence[int]) -> list[int]:
@@ -42,12 +43,13 @@ def rm_sequence(prompt: Sequence[int], answer: Sequence[int], eos_token_ids: Seq
 
 def group_example(group: PreferenceGroup, eos: Sequence[int], max_length: int) -> Example:
     seqs = [rm_sequence(group.prompt_token_ids, a, eos, max_length) for a in group.answers]
-    return Example(sequences=seqs, tiers=list(group.tiers) if group.tiers is not None else None)
+    return Example(sequences=seqs, tiers=list(group.tiers) if group.tiers is not None else None,
+                   weight=group.weight)
 
 
 def thumb_example(thumb: ThumbExample, eos: Sequence[int], max_length: int) -> Example:
     seq = rm_sequence(thumb.prompt_token_ids, thumb.answer_token_ids, eos, max_length)
-    return Example(sequences=[seq], label=1.0 if thumb.label else 0.0)
+    return Example(sequences=[seq], label=1.0 if thumb.label else 0.0, weight=thumb.weight)
 
 
 def preference_pairs(groups: Sequence[PreferenceGroup]) -> int:

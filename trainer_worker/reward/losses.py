@@ -62,11 +62,14 @@ def _tiers_of(tiers: Tiers, g: int, size: int) -> Sequence[int]:
     return tiers[g]
 
 
-def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int], tiers: Tiers = None) -> Tensor:
+def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int], tiers: Tiers = None,
+                       weights: Tensor | None = None) -> Tensor:
     """Mean over groups of the mean over each group's pairs of ``-logsigmoid(r_w - r_l)``.
 
     scores: (N,) best first within each group. Groups without pairs (one answer, or all tied)
-    are ignored; with no pairs at all the loss is 0 (still differentiable).
+    are ignored; with no pairs at all the loss is 0 (still differentiable). ``weights`` (G,)
+    scale each group's term; the mean still divides by the number of groups, so down-weighted
+    groups pull less, not the others more.
     """
     winners, losers, pair_group = group_pairs(group_sizes, scores.device, tiers)
     if winners.numel() == 0:
@@ -77,7 +80,10 @@ def bradley_terry_loss(scores: Tensor, group_sizes: Sequence[int], tiers: Tiers 
     group_sum = group_sum.index_add(0, pair_group, pair_loss)  # (G,)
     group_count = torch.bincount(pair_group, minlength=n_groups).to(scores.dtype)  # (G,)
     has_pairs = group_count > 0
-    return (group_sum[has_pairs] / group_count[has_pairs]).mean()
+    group_loss = group_sum[has_pairs] / group_count[has_pairs]  # (G',)
+    if weights is not None:
+        group_loss = group_loss * weights.to(group_loss)[has_pairs]
+    return group_loss.mean()
 
 
 def pairwise_accuracy(scores: Tensor, group_sizes: Sequence[int],
@@ -91,12 +97,16 @@ def pairwise_accuracy(scores: Tensor, group_sizes: Sequence[int],
     return correct.mean().item(), int(winners.numel())
 
 
-def pointwise_logistic_loss(scores: Tensor, labels: Tensor) -> Tensor:
-    """Binary cross-entropy of ``sigmoid(score)`` against thumbs up (1) / down (0), averaged.
+def pointwise_logistic_loss(scores: Tensor, labels: Tensor,
+                            weights: Tensor | None = None) -> Tensor:
+    """Binary cross-entropy of ``sigmoid(score)`` against thumbs up (1) / down (0), averaged
+    (each term times its weight, when given).
 
-    scores: (N,), labels: (N,). With no examples the loss is 0. (Meta RLUF's ``P[Love]``-style
-    pointwise RM; it anchors a score of 0 at even odds of a thumbs up.)
+    scores: (N,), labels: (N,), weights: (N,). With no examples the loss is 0. (Meta RLUF's
+    ``P[Love]``-style pointwise RM; it anchors a score of 0 at even odds of a thumbs up.)
     """
     if scores.numel() == 0:
         return scores.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype))
+    return F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype),
+                                              weight=None if weights is None
+                                              else weights.to(scores))

@@ -9,11 +9,10 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from feedback_store.types import PreferenceGroup, ThumbExample
 from flywheel.approval import wilson_interval
-from flywheel.hf_progress import transformers_bars
+from flywheel.hf_progress import tqdm, transformers_bars
 from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import (
     Example,
@@ -132,10 +131,13 @@ def _batch_loss(model: RewardModel, batch: Sequence[Example], pointwise_weight: 
     scores = model(ids, mask)  # (N,)
     n_group_answers = len(sequences) - len(thumbs)
     labels = torch.tensor([ex.label for ex in thumbs], device=scores.device)  # (N_thumbs,)
+    group_weights = torch.tensor([ex.weight for ex in groups], device=scores.device)  # (G,)
+    thumb_weights = torch.tensor([ex.weight for ex in thumbs], device=scores.device)  # (N_thumbs,)
     loss = bradley_terry_loss(scores[:n_group_answers], [len(ex.sequences) for ex in groups],
-                              [ex.tiers for ex in groups])
+                              [ex.tiers for ex in groups], group_weights)
     if thumbs:
-        loss = loss + pointwise_weight * pointwise_logistic_loss(scores[n_group_answers:], labels)
+        loss = loss + pointwise_weight * pointwise_logistic_loss(
+            scores[n_group_answers:], labels, thumb_weights)
     return loss
 
 

@@ -1,0 +1,242 @@
+"""Who gave each piece of feedback, and how much a rater's feedback weighs in training.
+
+An identity is the request's `user` field ("user:<user>"), else the caller's API key
+("key:<digest prefix>", the scope server/auth.py computes), else "anonymous" (a server without
+keys). Stored rows keep `user`; `identity` is written only when `user` is empty and a key is
+known, so `identity_column` derives the identity of every row in SQL.
+
+A rater's weight follows its agreement with the reward model in service on the feedback it gave
+since (`agreement_weight`): the trainer scores each new event once, before training on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import sqlalchemy as sa
+
+from feedback_store.base import StoreBase, unix, utcnow
+from feedback_store.errors import StoreUnavailableError
+from feedback_store.models import Feedback, Identity, Ranking
+from feedback_store.types import ANONYMOUS, PreferenceGroup, RewardData, ThumbExample
+from flywheel.approval import wilson_interval
+
+log = logging.getLogger(__name__)
+
+CHANCE = 0.5  # agreement of a rater who ignores the answers
+
+
+def identity_of(user: str | None, key_scope: str | None) -> str:
+    """The identity of a request: its `user` field, else its API key's scope, else anonymous."""
+    if user is not None:
+        return f"user:{user}"
+    if key_scope is not None:
+        return f"key:{key_scope}"
+    return ANONYMOUS
+
+
+def identity_column(model: type[Feedback] | type[Ranking]) -> sa.ColumnElement[str]:
+    """`identity_of` in SQL over a stored row ('user:' || NULL is NULL on both backends)."""
+    return sa.func.coalesce(sa.literal("user:") + model.user, model.identity,
+                            sa.literal(ANONYMOUS))
+
+
+def agreement_weight(scored: int, agreed: int, disagreeing_weight: float) -> float:
+    """1, unless the rater agrees with the RM in service significantly less often than chance
+    (the upper end of the Wilson 95% interval of its agreement rate is below 0.5): then
+    `disagreeing_weight`.
+
+    With an RM of held-out accuracy a > 0.5, a rater who inverts a share q of its ratings agrees
+    at a - q(2a - 1); keeping full weight needs that rate to stay near 0.5 or above, i.e. q <= 1/2:
+    at least as many honest ratings as inverted ones, whose effects on the RM then cancel.
+    """
+    interval = wilson_interval(agreed, scored)
+    if interval is None or interval[1] >= CHANCE:
+        return 1.0
+    return disagreeing_weight
+
+
+@dataclass(frozen=True)
+class Tally:
+    """What one cycle learned about one identity's new feedback (or an identity's totals)."""
+
+    events: int = 0  # new events read
+    scored: int = 0  # pairs and thumbs the RM in service judged
+    agreed: int = 0  # of those, where the RM agreed with the rater
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.events + other.events, self.scored + other.scored,
+                     self.agreed + other.agreed)
+
+
+def identity_cap(counts: Iterable[int], share: float) -> int:
+    """The most examples one identity keeps: the largest c with c <= s * sum(min(n_i, c)), where
+    s = max(share, 1 / identities) (with fewer than 1/share identities no cap can hold, and equal
+    shares come closest).
+
+    The cap counts only what identities keep, so flooding raises no one's cap: against ten honest
+    raters giving n in all, two flooding ones keep c = 0.1 (n + 2c), 0.125 n each, a tenth of the
+    data each. g(c) = s * sum(min(n_i, c)) - c is concave with g(0) = 0, so the c with g >= 0
+    form an interval, found by bisection.
+    """
+    sizes = [n for n in counts if n > 0]
+    if not sizes:
+        return 0
+    s = max(share, 1.0 / len(sizes))
+    low, high = 0, max(sizes)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if mid <= s * sum(min(n, mid) for n in sizes) + 1e-9:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def limit_identities(data: RewardData, share: float, weights: Mapping[str, float],
+                     seed: int) -> tuple[RewardData, dict[str, float]]:
+    """Each identity's examples (groups and lone thumbs, one each) cut to `identity_cap` (new
+    ones kept first, then at random) and weighted by its weight; returns them and metrics."""
+    items: list[PreferenceGroup | ThumbExample] = [*data.groups, *data.thumbs]
+    counts = Counter(item.identity for item in items)
+    cap = identity_cap(counts.values(), share)
+    rng = random.Random(seed)
+    order = sorted(range(len(items)), key=lambda i: (not items[i].new, rng.random()))
+    kept, taken = set(), Counter[str]()
+    for i in order:
+        if taken[items[i].identity] < cap:
+            taken[items[i].identity] += 1
+            kept.add(i)
+
+    def weighted(item: Any) -> Any:
+        return replace(item, weight=item.weight * weights.get(item.identity, 1.0))
+
+    groups = [weighted(g) for i, g in enumerate(data.groups) if i in kept]
+    offset = len(data.groups)
+    thumbs = [weighted(t) for i, t in enumerate(data.thumbs) if i + offset in kept]
+    metrics = {
+        "reward/identities": float(len(counts)),
+        "reward/identity_cap": float(cap),
+        "reward/capped_examples": float(len(items) - len(kept)),
+        "reward/down_weighted_identities": float(
+            sum(weights.get(name, 1.0) < 1.0 for name in counts)),
+    }
+    return RewardData(groups=groups, thumbs=thumbs), metrics
+
+
+class IdentitiesMixin(StoreBase):
+    """Identity on the write path; agreement tallies and weights for the trainer and the admin."""
+
+    def add_feedback(self, **kwargs: Any) -> tuple[dict[str, Any], bool]:
+        record, created = super().add_feedback(**kwargs)  # type: ignore[misc]
+        if created:
+            self._tag_keys(Feedback, [(record["id"], kwargs)])
+        return record, created
+
+    def add_feedbacks(self, requests: list[dict[str, Any]]) -> list[Any]:
+        outcomes = super().add_feedbacks(requests)  # type: ignore[misc]
+        self._tag_keys(Feedback, [
+            (outcome[0]["id"], request) for request, outcome in zip(requests, outcomes, strict=True)
+            if isinstance(outcome, tuple) and outcome[1]
+        ])
+        return outcomes
+
+    def add_ranking(self, **kwargs: Any) -> tuple[dict[str, Any], bool]:
+        record, created = super().add_ranking(**kwargs)  # type: ignore[misc]
+        if created:
+            self._tag_keys(Ranking, [(record["id"], kwargs)])
+        return record, created
+
+    def _tag_keys(self, model: type[Feedback] | type[Ranking],
+                  stored: list[tuple[str, Mapping[str, Any]]]) -> None:
+        """Write the key's identity on new rows whose `user` is empty (one UPDATE per key).
+
+        A failure here loses only the attribution (the row counts as anonymous), never the
+        feedback the caller was told is stored.
+        """
+        by_identity: dict[str, list[str]] = {}
+        for public_id, request in stored:
+            scope = request.get("idempotency_scope")
+            if request.get("user") is None and scope is not None:
+                by_identity.setdefault(identity_of(None, scope), []).append(public_id)
+        try:
+            with self._statement() as conn:
+                for identity, ids in by_identity.items():
+                    conn.execute(sa.update(model).where(model.public_id.in_(ids))
+                                 .values(identity=identity))
+        except StoreUnavailableError as error:
+            log.warning("identity of %d new rows not stored: %s", len(stored), error.message)
+
+    def identity_standing(self, identities: Iterable[str]) -> dict[str, Tally]:
+        """Stored totals of these identities; zero for those never read."""
+        wanted = sorted(set(identities))
+        found = dict.fromkeys(wanted, Tally())
+        with self._tx(write=False) as s:
+            for start in range(0, len(wanted), 500):
+                for row in s.scalars(sa.select(Identity).where(
+                        Identity.identity.in_(wanted[start:start + 500]))):
+                    found[row.identity] = Tally(row.events, row.scored, row.agreed)
+        return found
+
+    def identity_weights(self, identities: Iterable[str]) -> dict[str, float]:
+        """Stored weights of these identities; 1 for those never scored."""
+        wanted = sorted(set(identities))
+        weights = dict.fromkeys(wanted, 1.0)
+        with self._tx(write=False) as s:
+            for start in range(0, len(wanted), 500):
+                rows = s.execute(sa.select(Identity.identity, Identity.weight)
+                                 .where(Identity.identity.in_(wanted[start:start + 500])))
+                weights.update(rows.tuples().all())
+        return weights
+
+    def record_tallies(self, tallies: Mapping[str, Tally], disagreeing_weight: float
+                       ) -> dict[str, float]:
+        """Add one cycle's tallies to each identity's totals and recompute its weight (one
+        transaction); returns the new weights."""
+        now, weights = utcnow(), {}
+        names = sorted(tallies)
+        with self._tx() as s:
+            stored = {row.identity: row for start in range(0, len(names), 500)
+                      for row in s.scalars(sa.select(Identity).where(
+                          Identity.identity.in_(names[start:start + 500])).with_for_update())}
+            for name in names:
+                tally = tallies[name]
+                row = stored.get(name)
+                if row is None:
+                    row = Identity(identity=name, events=0, scored=0, agreed=0, weight=1.0)
+                    s.add(row)
+                row.events += tally.events
+                row.scored += tally.scored
+                row.agreed += tally.agreed
+                row.weight = agreement_weight(row.scored, row.agreed, disagreeing_weight)
+                row.updated_at = now
+                weights[name] = row.weight
+        return weights
+
+    def list_identities(self, *, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Identities the trainer has read, the least trusted first, then the most active."""
+        with self._tx(write=False) as s:
+            rows = s.scalars(sa.select(Identity).order_by(
+                Identity.weight, Identity.events.desc(), Identity.identity,
+            ).limit(max(0, limit)).offset(max(0, offset)))
+            return [_identity_record(row) for row in rows]
+
+
+def _identity_record(row: Identity) -> dict[str, Any]:
+    interval = wilson_interval(row.agreed, row.scored)
+    return {
+        "object": "identity",
+        "identity": row.identity,
+        "weight": row.weight,
+        "events": row.events,
+        "scored": row.scored,
+        "agreed": row.agreed,
+        "agreement": row.agreed / row.scored if row.scored else None,
+        "agreement_interval": list(interval) if interval is not None else None,
+        "updated_at": unix(row.updated_at),
+    }

@@ -1,0 +1,151 @@
+"""OpenAI response bodies and stream chunks of the completion routes, from engine deltas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from server.engines.base import ChoiceDelta
+
+if TYPE_CHECKING:
+    from server.state import AppState
+
+Kind = Literal["chat", "text"]
+
+
+@dataclass
+class CompletionJob:
+    """A validated request for one prompt, ready for the engine.
+
+    A text completion with several prompts is one job per prompt, sharing ``id``: its choices
+    are numbered from ``index_base`` (prompt i: i * n) and it is stored as ``store_id``.
+    """
+
+    kind: Kind
+    id: str
+    created: int
+    prompt_ids: list[int]
+    prompt_text: str
+    messages: list[dict[str, Any]] | None
+    params: Any  # server.engines.base.SamplingParams
+    logprobs: bool
+    include_usage: bool
+    user: str | None
+    request_params: dict[str, Any]
+    index_base: int = 0
+    store_id: str = ""
+    echo: str | None = None  # text the answers start with (`echo`: the prompt's)
+
+    def __post_init__(self) -> None:
+        self.store_id = self.store_id or self.id
+
+
+@dataclass
+class ChoiceState:
+    """Everything one choice produced so far."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        self.logprobs.extend(delta.logprobs)
+        if delta.top_logprobs:
+            self.top_logprobs.extend(delta.top_logprobs)
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+
+def token_text(state: AppState, token_id: int) -> str:
+    """A sampled token as the engines spell the alternatives in ``top_logprobs``: special
+    tokens by name (``<|end|>``, not ``""``), as vLLM's server does. An engine without a
+    tokenizer (the fake one) spells it as it decodes it."""
+    tokenizer = getattr(state.engine, "tokenizer", None)
+    if tokenizer is None:
+        return state.engine.decode([token_id])
+    return str(tokenizer.decode([token_id]))
+
+
+def chat_logprobs(state: AppState, token_ids: list[int], logprobs: list[float],
+                  tops: list[dict[str, float]]) -> dict[str, Any]:
+    content = []
+    for i, (tid, lp) in enumerate(zip(token_ids, logprobs, strict=False)):
+        token = token_text(state, tid)
+        alternatives = tops[i] if i < len(tops) else {}
+        content.append({
+            "token": token, "logprob": lp, "bytes": list(token.encode()),
+            "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
+                             for t, v in alternatives.items()],
+        })
+    return {"content": content}
+
+
+def text_logprobs(state: AppState, token_ids: list[int], logprobs: list[float],
+                  tops: list[dict[str, float]], offset: int) -> dict[str, Any]:
+    tokens = [token_text(state, t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {"tokens": tokens, "token_logprobs": logprobs,
+            "top_logprobs": tops or None, "text_offset": offsets}
+
+
+def usage(jobs: list[CompletionJob], choices: list[dict[int, ChoiceState]]) -> dict[str, int]:
+    completion = sum(len(c.token_ids) for per_job in choices for c in per_job.values())
+    prompt = sum(len(job.prompt_ids) for job in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def full_choice(state: AppState, job: CompletionJob, index: int,
+                choice: ChoiceState) -> dict[str, Any]:
+    logprobs = None
+    if job.kind == "chat":
+        if job.logprobs:
+            logprobs = chat_logprobs(state, choice.token_ids, choice.logprobs,
+                                     choice.top_logprobs)
+        return {"index": job.index_base + index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": logprobs, "finish_reason": choice.finish_reason}
+    if job.logprobs:
+        logprobs = text_logprobs(state, choice.token_ids, choice.logprobs, choice.top_logprobs,
+                                 len(job.prompt_text))
+    return {"index": job.index_base + index, "text": (job.echo or "") + choice.text,
+            "logprobs": logprobs, "finish_reason": choice.finish_reason}
+
+
+def envelope(state: AppState, job: CompletionJob, policy: str, chunk: bool) -> dict[str, Any]:
+    if job.kind == "chat":
+        obj = "chat.completion.chunk" if chunk else "chat.completion"
+    else:
+        obj = "text_completion"
+    return {"id": job.id, "object": obj, "created": job.created,
+            "model": state.settings.served_model_name, "system_fingerprint": policy}
+
+
+def chunk(state: AppState, job: CompletionJob, delta: ChoiceDelta, first: bool) -> dict:
+    """The stream event of ``delta``; ``first``: the first of its choice."""
+    body = envelope(state, job, delta.policy_version, chunk=True)
+    tops = delta.top_logprobs or []
+    index = job.index_base + delta.index
+    if job.kind == "chat":
+        message: dict[str, Any] = {"content": delta.text} if delta.text or first else {}
+        if first:
+            message["role"] = "assistant"
+        logprobs = (chat_logprobs(state, delta.token_ids, delta.logprobs, tops)
+                    if job.logprobs else None)
+        choice = {"index": index, "delta": message, "logprobs": logprobs,
+                  "finish_reason": delta.finish_reason}
+    else:
+        logprobs = (text_logprobs(state, delta.token_ids, delta.logprobs, tops, 0)
+                    if job.logprobs else None)
+        text = (job.echo or "") + delta.text if first else delta.text
+        choice = {"index": index, "text": text, "logprobs": logprobs,
+                  "finish_reason": delta.finish_reason}
+    body["choices"] = [choice]
+    return body

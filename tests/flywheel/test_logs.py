@@ -1,0 +1,90 @@
+"""Logs people can read: no carriage-return frames off a terminal, one format with the process
+and policy version, JSON for shippers, no Alembic chatter. Each case runs in a child process, as
+the real ones do, with stderr going to a file (not a TTY)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+def _run(code: str, log: Path, **env: str) -> str:
+    with log.open("wb") as out:
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=out, stderr=out,
+                       env={**os.environ, **env}, timeout=240, check=True)
+    return log.read_text()
+
+
+def test_progress_bar_in_a_log_is_lines_without_carriage_returns(tmp_path: Path) -> None:
+    code = """
+import time
+from flywheel import hf_progress, logs
+logs.configure("info", "text", "worker")
+logs.set_policy("policy-3")
+hf_progress.LOG_INTERVAL_S = 0.25
+for _ in hf_progress.tqdm(range(40), desc="ppo", leave=False):
+    time.sleep(0.025)
+bar = hf_progress.tqdm(total=7, desc="reward")
+bar.update(7)
+bar.close()
+"""
+    text = _run(code, tmp_path / "progress.log")
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if "flywheel.progress" in line]
+    assert 2 <= len(lines) <= 12, text  # one a quarter second at most, not one a step
+    assert all(" INFO worker[policy-3] flywheel.progress: " in line for line in lines)
+    assert "ppo: 40/40 (100%)" in lines[-2] and "it/s" in lines[-2]
+    assert "<" in lines[0]  # elapsed<remaining, the ETA
+    assert lines[-1].split("flywheel.progress: ")[1].startswith("reward: 7/7 (100%)")
+
+
+@pytest.mark.slow
+def test_demo_model_build_log_has_no_carriage_returns(tmp_path: Path) -> None:
+    """The real thing: the demo model's training bar and transformers' save bars, to a file."""
+    code = ("import sys; from flywheel.cli import main; "
+            f"sys.exit(main(['demo-model', '--out', {str(tmp_path / 'model')!r}, "
+            "'--preset', 'tiny']))")
+    text = _run(code, tmp_path / "build.log")
+    assert "\r" not in text
+    assert "demo-model[-] flywheel.progress: demo model:" in text
+    assert "Writing model shards" not in text  # transformers' own bar: terminals only
+
+
+def test_json_lines_carry_process_and_policy(tmp_path: Path) -> None:
+    code = """
+import logging
+from flywheel import logs
+logs.configure("info", "json", "server:8001")
+logs.set_policy(lambda: "policy-2+policy-3")
+logging.getLogger("server.hotswap").warning("swapped %s", "policy-2")
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("x").exception("boom")
+"""
+    lines = [json.loads(line) for line in _run(code, tmp_path / "json.log").splitlines()]
+    assert lines[0]["process"] == "server:8001" and lines[0]["policy"] == "policy-2+policy-3"
+    assert lines[0]["level"] == "WARNING" and lines[0]["logger"] == "server.hotswap"
+    assert lines[0]["message"] == "swapped policy-2" and lines[0]["ts"].endswith("Z")
+    assert "ZeroDivisionError" in lines[1]["exc"]
+
+
+def test_migrations_log_without_alembic_chatter(tmp_path: Path) -> None:
+    code = f"""
+from flywheel import logs
+from feedback_store.migrate import upgrade
+logs.configure("info", "text", "db")
+upgrade("sqlite:///{tmp_path / 'f.db'}")
+upgrade("sqlite:///{tmp_path / 'f.db'}")
+"""
+    text = _run(code, tmp_path / "db.log")
+    assert "Running upgrade" in text
+    for chatter in ("setup plugin", "Context impl", "Will assume"):
+        assert chatter not in text, text

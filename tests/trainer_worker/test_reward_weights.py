@@ -1,0 +1,65 @@
+"""Weighted reward losses against naive loops; agreement tallies with the RM in service."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from feedback_store.identities import Tally
+from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
+from trainer_worker.reward import RewardModel
+from trainer_worker.reward.consensus import agreement_tallies, new_event_counts
+from trainer_worker.reward.losses import bradley_terry_loss, pointwise_logistic_loss
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def test_weighted_bradley_terry_matches_naive_loop() -> None:
+    scores = torch.randn(7, generator=torch.Generator().manual_seed(0))
+    sizes, weights = [3, 2, 2], [1.0, 0.1, 0.0]
+    s, start, terms = scores.tolist(), 0, []
+    for size, weight in zip(sizes, weights, strict=True):
+        pairs = [(i, j) for i in range(size) for j in range(i + 1, size)]
+        terms.append(weight * sum(-log_sigmoid(s[start + i] - s[start + j])
+                                  for i, j in pairs) / len(pairs))
+        start += size
+    expected = sum(terms) / len(sizes)  # divided by the groups, not by the weights
+    loss = bradley_terry_loss(scores, sizes, weights=torch.tensor(weights))
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert bradley_terry_loss(scores, sizes, weights=torch.ones(3)).item() == pytest.approx(
+        bradley_terry_loss(scores, sizes).item())
+    leaf = scores.clone().requires_grad_(True)
+    bradley_terry_loss(leaf, sizes, weights=torch.tensor(weights)).backward()
+    assert torch.all(leaf.grad[5:] == 0)  # a group of weight 0 pulls nothing
+
+
+def test_weighted_pointwise_loss() -> None:
+    scores, labels = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.0, 0.0, 0.0])
+    weights = torch.tensor([1.0, 2.0, 0.0])
+    naive = [-(y * log_sigmoid(x) + (1 - y) * log_sigmoid(-x)) * w
+             for x, y, w in zip(scores.tolist(), labels.tolist(), weights.tolist(), strict=True)]
+    loss = pointwise_logistic_loss(scores, labels, weights)
+    assert loss.item() == pytest.approx(sum(naive) / 3, rel=1e-5)
+
+
+def test_agreement_tallies(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Two raters who say opposite things about the same answers: the RM agrees with exactly
+    one of them on each; replayed (old) examples are not judged again."""
+    RewardModel.from_base(tiny_model_dir, seed=3).save_pretrained(tmp_path / "rm")
+    a, b = [5, 6, 7], [8, 9]
+    groups = [PreferenceGroup([1, 2], [a, b], "thumbs", identity="user:x"),
+              PreferenceGroup([1, 2], [b, a], "thumbs", identity="user:y"),
+              PreferenceGroup([1, 2], [a, b, [10]], "ranking", identity="user:x", new=False)]
+    thumbs = [ThumbExample([3], a, True, identity="user:x"),
+              ThumbExample([3], a, False, identity="user:y")]
+    data = RewardData(groups=groups, thumbs=thumbs)
+    tallies = agreement_tallies(tmp_path / "rm", data, max_length=64)
+    assert tallies["user:x"].events == tallies["user:y"].events == 2
+    assert tallies["user:x"].scored == tallies["user:y"].scored == 2
+    assert tallies["user:x"].agreed + tallies["user:y"].agreed == 2
+    assert new_event_counts(data) == {"user:x": Tally(events=2), "user:y": Tally(events=2)}

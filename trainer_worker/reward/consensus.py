@@ -1,0 +1,76 @@
+"""How often each rater's new feedback agrees with the reward model in service.
+
+The RM in service stands for the consensus of the other raters: it was trained before this
+feedback arrived, on data in which no identity had more than its capped share, and it is in
+service only because it ranked held-out feedback better than chance. Each new event is judged
+once (later cycles see it as replay, and never score it again); the tallies go to the store,
+which turns them into weights (`feedback_store.identities.agreement_weight`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from feedback_store.identities import Tally
+from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
+from trainer_worker.reward.data import rm_sequence
+from trainer_worker.reward.losses import group_pairs
+from trainer_worker.reward.model import RewardModel
+from trainer_worker.reward.train import score_sequences
+
+
+def new_event_counts(data: RewardData) -> dict[str, Tally]:
+    """Events per identity among the new examples, before any RM has judged them."""
+    counts: dict[str, int] = defaultdict(int)
+    for item in [*data.groups, *data.thumbs]:
+        if item.new:
+            counts[item.identity] += 1
+    return {name: Tally(events=n) for name, n in counts.items()}
+
+
+@torch.no_grad()
+def agreement_tallies(rm_dir: Path, data: RewardData, max_length: int,
+                      device: str = "cpu") -> dict[str, Tally]:
+    """Per identity: new events, and of their pairs and lone thumbs how many the RM in service
+    orders the rater's way (a pair: the preferred answer scores higher; a thumb: its normalised
+    score is on the side of its label)."""
+    model = RewardModel.from_pretrained(rm_dir, device=device)
+    eos = model.eos_token_ids
+    groups = [g for g in data.groups if g.new]
+    thumbs = [t for t in data.thumbs if t.new]
+    tallies = new_event_counts(data)
+    scored: dict[str, int] = defaultdict(int)
+    agreed: dict[str, int] = defaultdict(int)
+    for group, correct, total in _group_agreement(model, groups, eos, max_length, device):
+        scored[group.identity] += total
+        agreed[group.identity] += correct
+    for thumb, right in _thumb_agreement(model, thumbs, eos, max_length, device):
+        scored[thumb.identity] += 1
+        agreed[thumb.identity] += int(right)
+    return {name: tally + Tally(0, scored[name], agreed[name])
+            for name, tally in tallies.items()}
+
+
+def _group_agreement(model: RewardModel, groups: Sequence[PreferenceGroup], eos: list[int],
+                     max_length: int, device: str) -> list[tuple[PreferenceGroup, int, int]]:
+    sequences = [rm_sequence(g.prompt_token_ids, a, eos, max_length)
+                 for g in groups for a in g.answers]
+    scores = score_sequences(model, sequences, device)  # (N,)
+    sizes, tiers = [len(g.answers) for g in groups], [g.tiers for g in groups]
+    winners, losers, pair_group = group_pairs(sizes, tiers=tiers)  # (P,) each
+    right = (scores[winners] > scores[losers]).long()  # (P,)
+    correct = torch.zeros(len(groups), dtype=torch.long).index_add(0, pair_group, right)
+    total = torch.bincount(pair_group, minlength=len(groups))
+    return list(zip(groups, correct.tolist(), total.tolist(), strict=True))
+
+
+def _thumb_agreement(model: RewardModel, thumbs: Sequence[ThumbExample], eos: list[int],
+                     max_length: int, device: str) -> list[tuple[ThumbExample, bool]]:
+    sequences = [rm_sequence(t.prompt_token_ids, t.answer_token_ids, eos, max_length)
+                 for t in thumbs]
+    scores = model.normalize(score_sequences(model, sequences, device))  # (N,)
+    return [(t, bool(s > 0) == t.label) for t, s in zip(thumbs, scores.tolist(), strict=True)]
