@@ -42,8 +42,9 @@ async def readyz(request: Request) -> JSONResponse:
         return JSONResponse(error_body(503, "model not loaded"), status_code=503,
                             headers={"Retry-After": "2"})
     if state.engine.stats().extra.get("degraded"):
-        return JSONResponse(error_body(503, "engine degraded (a failed weight swap or a dead engine core)"),
-                            status_code=503, headers={"Retry-After": "5"})
+        reason = "engine degraded (a failed weight swap or a dead engine core)"
+        return JSONResponse(error_body(503, reason), status_code=503,
+                            headers={"Retry-After": "5"})
     try:
         await to_thread.run_sync(lambda: state.store.ping(write=True))
     except StoreError as exc:
