@@ -203,7 +203,8 @@ class IdentitiesMixin(StoreBase):
         with self._tx() as s:
             stored = {row.identity: row for start in range(0, len(names), 500)
                       for row in s.scalars(sa.select(Identity).where(
-                          Identity.identity.in_(names[start:start + 500])).with_for_update())}
+                          Identity.identity.in_(names[start:start + 500]))
+                          .order_by(Identity.identity).with_for_update())}
             for name in names:
                 tally = tallies[name]
                 row = stored.get(name)

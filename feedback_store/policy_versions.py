@@ -203,7 +203,10 @@ class PoliciesMixin(StoreBase):
 def _activate(s: Session, id: str, *, force: bool) -> PolicyVersion:
     # Lock every version row, so two concurrent activations run one after the other (the
     # table is small). SQLite ignores FOR UPDATE; its BEGIN IMMEDIATE serializes already.
-    rows = {p.id: p for p in s.scalars(sa.select(PolicyVersion).with_for_update())}
+    # Locked in id order, so two concurrent writers take their locks in the same order and queue
+    # instead of deadlocking.
+    rows = {p.id: p for p in s.scalars(
+        sa.select(PolicyVersion).order_by(PolicyVersion.id).with_for_update())}
     target = rows.get(id)
     if target is None:
         raise NotFoundError(f"No policy version '{id}'", code="policy_not_found")

@@ -34,7 +34,9 @@ class RolloutMixin(StoreBase):
             raise InvalidInputError("fraction must lie strictly between 0 and 1",
                                     param="fraction", code="invalid_fraction")
         with self._tx() as s:
-            rows = {p.id: p for p in s.scalars(sa.select(PolicyVersion).with_for_update())}
+            # Locked in id order, as every activation does: two writers never deadlock.
+            rows = {p.id: p for p in s.scalars(
+                sa.select(PolicyVersion).order_by(PolicyVersion.id).with_for_update())}
             target = rows.get(id)
             if target is None:
                 raise NotFoundError(f"No policy version '{id}'", code="policy_not_found")
