@@ -48,7 +48,9 @@ def _sqlite_file_lock(url: str) -> Iterator[None]:
         yield
         return
     lock_path = Path(parsed.database).with_name(Path(parsed.database).name + ".migrate-lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    if not lock_path.parent.is_dir():
+        yield  # SQLite itself will say that the database cannot be opened
+        return
     with lock_path.open("a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
