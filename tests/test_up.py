@@ -22,8 +22,15 @@ QUESTIONS = ["What is 2 plus 3?", "What is the capital of France?", "Hello!", "N
 
 
 def test_up_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Path) -> None:
+    close_the_loop(tmp_path, tiny_model_dir)
+
+
+def close_the_loop(tmp_path: Path, model: Path, *, ready_s: float = 180, train_s: float = 300,
+                   stop_s: float = 60, **env_overrides: str) -> str:
+    """Run `flywheel up` on ``model``: feedback, a cycle, policy-1 served, a clean Ctrl-C with no
+    child left; returns its log."""
     port = free_port()
-    env = dict(os.environ, FLYWHEEL_MODEL=str(tiny_model_dir),
+    env = dict(os.environ, FLYWHEEL_MODEL=str(model),
                FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="8", FLYWHEEL_TRAIN__POLL_SECONDS="0.5",
                FLYWHEEL_TRAIN__EVAL_PROMPTS="4", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
                FLYWHEEL_TRAIN__KL_BUDGET="1e9", FLYWHEEL_TRAIN__DEVICE="cpu",
@@ -32,7 +39,7 @@ def test_up_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Pa
                FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="4",
                FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
                FLYWHEEL_PPO__MAX_NEW_TOKENS="8", FLYWHEEL_REWARD__EPOCHS="1",
-               FLYWHEEL_LOG_LEVEL="info")
+               FLYWHEEL_LOG_LEVEL="info", **env_overrides)
     for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR"):
         env.pop(name, None)
     log = (tmp_path / "up.log").open("wb")
@@ -42,7 +49,7 @@ def test_up_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Pa
         env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, timeout=180)
+        wait_ready(url, proc, timeout=ready_s)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) >= 3  # redis-server, the server and the worker
         with httpx.Client(base_url=url, timeout=120) as client:
@@ -55,13 +62,15 @@ def test_up_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Pa
                     assert client.post("/v1/feedback", json={
                         "completion_id": body["id"], "choice_index": index,
                         "rating": rating}).status_code == 201
-            served = _wait_for_new_policy(client, timeout=300)
+            served = _wait_for_new_policy(client, timeout=train_s)
         assert served == "policy-1"
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+        code = proc.wait(timeout=stop_s)
+    text = (tmp_path / "up.log").read_text()
+    assert code == 0, text[-3000:]
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    return text
 
 
 def _wait_for_new_policy(client: httpx.Client, timeout: float) -> str:

@@ -4,83 +4,21 @@ published and served by vLLM, a clean stop. Runs where vLLM is importable
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
 
 from server.engines.vllm_bindings import vllm_installed
-from tests.server.conftest import free_port, wait_ready
+from tests.test_up import close_the_loop
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not vllm_installed(),
     reason="vLLM is not installed (scripts/test.sh runs this in a venv with it)")]
 
-# "user: What is 2 plus 3?" (the stored prompt text) falls in the held-out split, the rest not.
-QUESTIONS = ["What is 2 plus 3?", "What is the capital of France?", "Hello!", "Name a color."]
-
 
 def test_up_on_vllm_closes_the_loop_and_stops_cleanly(tmp_path: Path, tiny_model_dir: Path) -> None:
-    port = free_port()
-    env = dict(os.environ, FLYWHEEL_MODEL=str(tiny_model_dir),
-               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="8", FLYWHEEL_TRAIN__POLL_SECONDS="0.5",
-               FLYWHEEL_TRAIN__EVAL_PROMPTS="4", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
-               FLYWHEEL_TRAIN__KL_BUDGET="1e9", FLYWHEEL_TRAIN__DEVICE="cpu",
-               FLYWHEEL_TRAIN__MIN_HOLDOUT_PAIRS="1", FLYWHEEL_TRAIN__REWARD_ACCURACY_FLOOR="0",
-               FLYWHEEL_TRAIN__GATE_SAMPLES="8",
-               FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="4",
-               FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
-               FLYWHEEL_PPO__MAX_NEW_TOKENS="8", FLYWHEEL_REWARD__EPOCHS="1",
-               FLYWHEEL_LOG_LEVEL="info", FLYWHEEL_ENGINE="vllm",
-               # Tests start vLLM small: eager (no compile), a 64 MiB KV cache.
-               FLYWHEEL_VLLM_ENFORCE_EAGER="true", FLYWHEEL_VLLM_KV_CACHE_BYTES=str(64 << 20))
-    for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR"):
-        env.pop(name, None)
-    log = (tmp_path / "up.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flywheel.cli", "up", "--port", str(port),
-         "--data-dir", str(tmp_path / "data")],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, timeout=400)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        assert len(children) >= 3  # redis-server, the server and the worker
-        with httpx.Client(base_url=url, timeout=120) as client:
-            for i in range(6):
-                body = client.post("/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": QUESTIONS[i % 4]}],
-                    "n": 2, "max_tokens": 12}).json()
-                assert body["system_fingerprint"] == "policy-0"
-                for index, rating in enumerate(("up", "down")):
-                    assert client.post("/v1/feedback", json={
-                        "completion_id": body["id"], "choice_index": index,
-                        "rating": rating}).status_code == 201
-            served = _wait_for_new_policy(client, timeout=500)
-        assert served == "policy-1"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=120)
-    assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
-    assert "vLLM engine serving policy-0" in (tmp_path / "up.log").read_text()
-    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-
-
-def _wait_for_new_policy(client: httpx.Client, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = client.get("/v1/training/runs").json()["data"]
-        if runs and runs[0]["status"] == "failed":
-            raise AssertionError(f"training failed: {runs[0]['error']}")
-        answer = client.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2}).json()
-        if answer["system_fingerprint"] != "policy-0":
-            return str(answer["system_fingerprint"])
-        time.sleep(1.0)
-    raise AssertionError("no new policy served in time")
+    log = close_the_loop(
+        tmp_path, tiny_model_dir, ready_s=400, train_s=500, stop_s=120, FLYWHEEL_ENGINE="vllm",
+        # Tests start vLLM small: eager (no compile), a 64 MiB KV cache.
+        FLYWHEEL_VLLM_ENFORCE_EAGER="true", FLYWHEEL_VLLM_KV_CACHE_BYTES=str(64 << 20))
+    assert "vLLM engine serving policy-0" in log
