@@ -25,6 +25,7 @@ from feedback_store.errors import StoreUnavailableError
 from feedback_store.models import Feedback, Identity, Ranking
 from feedback_store.types import ANONYMOUS, PreferenceGroup, RewardData, ThumbExample
 from flywheel.approval import wilson_interval
+from flywheel.rater_pooling import identity_cap
 
 log = logging.getLogger(__name__)
 
@@ -74,42 +75,21 @@ class Tally:
                      self.agreed + other.agreed)
 
 
-def identity_cap(counts: Iterable[int], share: float) -> int:
-    """The most examples one identity keeps: the largest c with c <= s * sum(min(n_i, c)), where
-    s = max(share, 1 / identities) (with fewer than 1/share identities no cap can hold, and equal
-    shares come closest).
-
-    The cap counts only what identities keep, so flooding raises no one's cap: against ten honest
-    raters giving n in all, two flooding ones keep c = 0.1 (n + 2c), 0.125 n each, a tenth of the
-    data each. g(c) = s * sum(min(n_i, c)) - c is concave with g(0) = 0, so the c with g >= 0
-    form an interval, found by bisection.
-    """
-    sizes = [n for n in counts if n > 0]
-    if not sizes:
-        return 0
-    s = max(share, 1.0 / len(sizes))
-    low, high = 0, max(sizes)
-    while low < high:
-        mid = (low + high + 1) // 2
-        if mid <= s * sum(min(n, mid) for n in sizes) + 1e-9:
-            low = mid
-        else:
-            high = mid - 1
-    return low
-
-
 def limit_identities(data: RewardData, share: float, weights: Mapping[str, float],
                      seed: int) -> tuple[RewardData, dict[str, float]]:
     """Each identity's examples (groups and lone thumbs, one each) cut to `identity_cap` (new
-    ones kept first, then at random) and weighted by its weight; returns them and metrics."""
+    ones kept first, then at random) and weighted by its weight; returns them and metrics.
+    Anonymous examples are each their own rater, never capped as one."""
     items: list[PreferenceGroup | ThumbExample] = [*data.groups, *data.thumbs]
     counts = Counter(item.identity for item in items)
-    cap = identity_cap(counts.values(), share)
+    # Anonymous examples come from raters nothing tells apart: each counts as its own rater.
+    singles = counts.pop(ANONYMOUS, 0)
+    cap = identity_cap(counts.values(), share, singles=singles)
     rng = random.Random(seed)
     order = sorted(range(len(items)), key=lambda i: (not items[i].new, rng.random()))
     kept, taken = set(), Counter[str]()
     for i in order:
-        if taken[items[i].identity] < cap:
+        if items[i].identity == ANONYMOUS or taken[items[i].identity] < cap:
             taken[items[i].identity] += 1
             kept.add(i)
 
@@ -120,7 +100,7 @@ def limit_identities(data: RewardData, share: float, weights: Mapping[str, float
     offset = len(data.groups)
     thumbs = [weighted(t) for i, t in enumerate(data.thumbs) if i + offset in kept]
     metrics = {
-        "reward/identities": float(len(counts)),
+        "reward/identities": float(len(counts) + (singles > 0)),
         "reward/identity_cap": float(cap),
         "reward/capped_examples": float(len(items) - len(kept)),
         "reward/down_weighted_identities": float(

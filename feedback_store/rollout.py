@@ -3,14 +3,18 @@ evidence, and the live thumbs counters per version."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, utcnow
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
+from feedback_store.identities import identity_column
 from feedback_store.models import Choice, Completion, Feedback, PolicyRatings, PolicyVersion
 from feedback_store.policy_versions import _check_servable, _policy_record
+from feedback_store.types import RaterThumbs
 
 
 class RolloutMixin(StoreBase):
@@ -82,10 +86,11 @@ class RolloutMixin(StoreBase):
             return {v: (up, down) for v, up, down in s.execute(
                 sa.select(PolicyRatings.policy_version, PolicyRatings.up, PolicyRatings.down))}
 
-    def canary_evidence(self) -> dict[str, tuple[int, int]] | None:
-        """Thumbs (up, down) per arm during the running canary: feedback stored since it began,
-        on answers produced since it began, by the active version or the canary. A bounded
-        range scan of the feedback primary key; None when no canary runs."""
+    def canary_evidence(self) -> dict[str, RaterThumbs] | None:
+        """Thumbs per arm and rater during the running canary: feedback stored since it began,
+        on answers produced since it began, by the active version or the canary, as
+        {version: {identity: (up, down)}}. A bounded range scan of the feedback primary key;
+        None when no canary runs."""
         active, canary = self.serving_state()
         if canary is None or active is None:
             return None
@@ -93,17 +98,34 @@ class RolloutMixin(StoreBase):
         with self._tx(write=False) as s:
             row = s.get(PolicyVersion, canary["id"])
             assert row is not None
-            up = sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0))
-            down = sa.func.sum(sa.case((Feedback.rating == "down", 1), else_=0))
-            counts = s.execute(
-                sa.select(Completion.policy_version, up, down)
-                .select_from(Feedback)
-                .join(Choice, Choice.id == Feedback.choice_id)
-                .join(Completion, Completion.id == Choice.completion_id)
-                .where(Feedback.id > (row.canary_feedback_after or 0),
-                       Completion.created_at >= row.canary_started_at,
-                       Completion.policy_version.in_(arms))
-                .group_by(Completion.policy_version)
-            ).all()
-        found = {v: (int(u or 0), int(d or 0)) for v, u, d in counts}
-        return {v: found.get(v, (0, 0)) for v in arms}
+            found = _thumbs_by_rater(s, arms, Feedback.id > (row.canary_feedback_after or 0),
+                                     Completion.created_at >= row.canary_started_at)
+        return {v: found.get(v, {}) for v in arms}
+
+    def thumbs_by_rater(self, versions: Iterable[str]) -> dict[str, RaterThumbs]:
+        """All thumbs on the answers of these versions, as {version: {identity: (up, down)}}.
+        A scan of their completions: for confirming a decision, not for every poll."""
+        wanted = tuple(sorted(set(versions)))
+        with self._tx(write=False) as s:
+            found = _thumbs_by_rater(s, wanted)
+        return {v: found.get(v, {}) for v in wanted}
+
+
+def _thumbs_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnElement[bool]
+                     ) -> dict[str, RaterThumbs]:
+    """(up, down) per version and identity of the rater, over feedback matching `where`."""
+    rater = identity_column(Feedback)
+    up = sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0))
+    down = sa.func.sum(sa.case((Feedback.rating == "down", 1), else_=0))
+    rows = s.execute(
+        sa.select(Completion.policy_version, rater, up, down)
+        .select_from(Feedback)
+        .join(Choice, Choice.id == Feedback.choice_id)
+        .join(Completion, Completion.id == Choice.completion_id)
+        .where(Completion.policy_version.in_(versions), *where)
+        .group_by(Completion.policy_version, rater)
+    )
+    found: dict[str, RaterThumbs] = {}
+    for version, identity, n_up, n_down in rows:
+        found.setdefault(version, {})[identity] = (int(n_up or 0), int(n_down or 0))
+    return found

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ANONYMOUS = "anonymous"  # the identity of feedback with neither a `user` nor an API key
+RaterThumbs = dict[str, tuple[int, int]]  # identity of the rater -> (thumbs up, thumbs down)
 
 
 @dataclass(frozen=True)

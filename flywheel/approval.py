@@ -40,14 +40,19 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
 
 @dataclass(frozen=True)
 class Arm:
-    """Thumbs on the answers of one policy version."""
+    """Thumbs on the answers of one policy version.
 
-    up: int
-    down: int
+    Plain counts, or weighted ones pooled across raters (flywheel/rater_pooling.py), which carry
+    the variance of their approval; plain counts get the binomial one.
+    """
+
+    up: float
+    down: float
+    variance: float | None = None
 
     @property
-    def n(self) -> int:
-        """Ratings received."""
+    def n(self) -> float:
+        """Ratings received (their total weight, when pooled)."""
         return self.up + self.down
 
     @property
@@ -57,11 +62,14 @@ class Arm:
 
 
 def _variance(arm: Arm) -> float:
-    """Variance of one arm's approval, with Agresti-Caffo's +1 up, +1 down (Agresti & Caffo 2000).
+    """Variance of one arm's approval: the pooled arm's own, else binomial with Agresti-Caffo's
+    +1 up, +1 down (Agresti & Caffo 2000).
 
     The shrunk proportion keeps the variance positive for an arm that is all up or all down,
     where the plain plug-in p(1-p)/n would be 0 and the interval would collapse to a point.
     """
+    if arm.variance is not None:
+        return arm.variance
     p = (arm.up + 1) / (arm.n + 2)
     return p * (1 - p) / arm.n
 

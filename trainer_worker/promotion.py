@@ -12,9 +12,11 @@ import time
 from typing import Any
 
 from feedback_store import Store
-from flywheel.approval import Arm, decide_canary
+from feedback_store.types import ANONYMOUS, RaterThumbs
+from flywheel.approval import Arm, decide_canary, difference_sequence
 from flywheel.hotswap import Publisher
 from flywheel.live_approval import forgotten
+from flywheel.rater_pooling import pool_arm
 from flywheel.serving_plan import announce
 from flywheel.settings import Settings
 
@@ -55,13 +57,31 @@ class Promotion:
             return self._roll_back_if_forgotten()
         return None
 
+    def pooled(self, thumbs: dict[str, RaterThumbs]) -> dict[str, Arm]:
+        """Each version's thumbs pooled across its raters: every identity capped at the share of
+        `feedback.user_share` and weighted by its trust weight (flywheel/rater_pooling.py)."""
+        names = {name for raters in thumbs.values() for name in raters} - {ANONYMOUS}
+        weights = self.store.identity_weights(names)
+        arms = {}
+        for version, raters in thumbs.items():
+            named = {name: counts for name, counts in raters.items() if name != ANONYMOUS}
+            arms[version] = pool_arm(named, share=self.settings.feedback.user_share,
+                                     weights=weights,
+                                     unattributed=raters.get(ANONYMOUS, (0, 0)))
+        return arms
+
     def _judge(self, active: dict[str, Any], canary: dict[str, Any]) -> str | None:
-        evidence = self.store.canary_evidence() or {}
+        thumbs = self.store.canary_evidence() or {}
+        arms = self.pooled(thumbs)
         decision = decide_canary(
-            Arm(*evidence.get(active["id"], (0, 0))), Arm(*evidence.get(canary["id"], (0, 0))),
+            arms.get(active["id"], Arm(0, 0)), arms.get(canary["id"], Arm(0, 0)),
             min_ratings=self.cfg.min_ratings, margin=self.cfg.margin, alpha=self.cfg.alpha)
         metrics = {f"canary/{k}": v for k, v in decision.evidence().items()}
         metrics["canary/against"] = active["id"]
+        for arm, version in (("active", active["id"]), ("canary", canary["id"])):
+            raters = thumbs.get(version, {})
+            metrics[f"canary/{arm}_thumbs"] = sum(u + d for u, d in raters.values())
+            metrics[f"canary/{arm}_raters"] = len(raters)
         if decision.verdict == "promote":
             metrics["canary/decision"] = "promoted"
             self.store.activate_policy(canary["id"], metrics=metrics)
@@ -82,6 +102,19 @@ class Promotion:
                  decision.evidence())
         return outcome
 
+    def _confirmed_by_raters(self, found: dict[str, Any]) -> bool:
+        """Whether the regression the counters show holds with the thumbs pooled across raters
+        (at the same level): a few identities that flood inverted thumbs on the active version
+        can move the counters, not this. Scans the two versions' feedback, only on an alarm."""
+        arms = self.pooled(self.store.thumbs_by_rater((found["active"], found["better"])))
+        low, _ = difference_sequence(arms[found["active"]], arms[found["better"]],
+                                     alpha=float(found["alpha_each"]))
+        found["pooled_low"] = low
+        if low <= 0:
+            log.info("no rollback to %s: pooled across raters, users do not rate it better "
+                     "(lower bound %.3f)", found["better"], low)
+        return low > 0
+
     @staticmethod
     def _hours_on(canary: dict[str, Any]) -> float:
         started = (canary.get("canary") or {}).get("started_at") or time.time()
@@ -90,7 +123,7 @@ class Promotion:
     def _roll_back_if_forgotten(self) -> str | None:
         rows = self.store.list_policies()
         found = forgotten(rows, self.store.live_ratings(), self.cfg)
-        if found is None:
+        if found is None or not self._confirmed_by_raters(found):
             return None
         better = found["better"]
         metrics = {f"rollback/{k}": v for k, v in found.items()

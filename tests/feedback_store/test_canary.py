@@ -22,8 +22,8 @@ def _served(store: Store, cid: str, version: str, n: int = 1) -> None:
         choices=[NewChoice(i, f"answer {i}", [3 + i], [-0.1], "stop") for i in range(n)]))
 
 
-def _thumbs(store: Store, cid: str, *ratings: str) -> None:
-    store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r}
+def _thumbs(store: Store, cid: str, *ratings: str, user: str | None = None) -> None:
+    store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r, "user": user}
                          for i, r in enumerate(ratings)])
 
 
@@ -106,9 +106,26 @@ def test_canary_evidence_counts_only_the_canary_period(store: Store) -> None:
     _served(store, "c", "policy-1", n=2)
     _thumbs(store, "a", "up", "down", "down")
     _thumbs(store, "c", "up", "up")
-    assert store.canary_evidence() == {"policy-0": (1, 2), "policy-1": (2, 0)}
+    assert store.canary_evidence() == {"policy-0": {"anonymous": (1, 2)},
+                                       "policy-1": {"anonymous": (2, 0)}}
     store.end_canary("candidate")
     assert store.canary_evidence() is None
+
+
+def test_thumbs_are_counted_per_rater(store: Store) -> None:
+    _versions(store, "candidate")
+    store.start_canary("policy-1", 0.5)
+    _served(store, "a", "policy-0", n=3)
+    _served(store, "c", "policy-1", n=3)
+    _thumbs(store, "a", "up", "down", user="ann")
+    _thumbs(store, "a", "down", "down", "down", user="bob")
+    _thumbs(store, "c", "up", "up", "down", user="bob")
+    _thumbs(store, "c", "up")
+    by_arm = {"policy-0": {"user:ann": (1, 1), "user:bob": (0, 3)},
+              "policy-1": {"user:bob": (2, 1), "anonymous": (1, 0)}}
+    assert store.canary_evidence() == by_arm
+    assert store.thumbs_by_rater(["policy-1", "policy-0", "policy-9"]) == {
+        **by_arm, "policy-9": {}}
 
 
 def test_pruning_spares_serving_and_protected_versions(store: Store) -> None:

@@ -8,10 +8,10 @@ from feedback_store import PreferenceGroup, RewardData, Store, ThumbExample
 from feedback_store.identities import (
     Tally,
     agreement_weight,
-    identity_cap,
     identity_of,
     limit_identities,
 )
+from flywheel.rater_pooling import identity_cap
 
 from .conftest import add_completion
 

@@ -11,7 +11,9 @@ import pytest
 import redis
 
 from feedback_store import NewChoice, NewCompletion, Store
+from flywheel.approval import Arm, decide_canary
 from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys
+from flywheel.live_approval import forgotten
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from trainer_worker.cycle import prune
 from trainer_worker.promotion import Promotion
@@ -43,16 +45,19 @@ def promotion(store: Store, publisher: Publisher, **canary: object) -> Promotion
     return Promotion(Settings(canary=cfg), store, publisher)  # type: ignore[arg-type]
 
 
-def rate(store: Store, version: str, up: int, down: int) -> None:
-    """Thumbs from users on answers `version` produced now (one completion, one choice each)."""
+def rate(store: Store, version: str, up: int, down: int, *, users: int = 0,
+         user: str | None = None) -> None:
+    """Thumbs on answers `version` produced now (one completion, one choice each): anonymous,
+    or all from `user`, or spread over `users` named users in turn."""
     cid = f"cmpl-{uuid.uuid4().hex}"
     ratings = ["up"] * up + ["down"] * down
     store.record_completion(NewCompletion(
         id=cid, kind="text", prompt_text=f"q {cid}", prompt_token_ids=[1], messages=None,
         model="flywheel", policy_version=version, params={},
         choices=[NewChoice(i, f"a{i}", [2 + i], [-0.1], "stop") for i in range(len(ratings))]))
-    result = store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r}
-                                  for i, r in enumerate(ratings)])
+    who = [user or (f"u{i % users}" if users else None) for i in range(len(ratings))]
+    result = store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r,
+                                   "user": who[i]} for i, r in enumerate(ratings)])
     assert all(isinstance(r, tuple) for r in result)
 
 
@@ -109,6 +114,25 @@ def test_a_worse_canary_is_rejected_and_ended(store: Store, publisher: Publisher
     assert announced(publisher) == ("policy-0", None)
 
 
+def test_one_flooding_rater_cannot_sink_a_better_canary(store: Store,
+                                                        publisher: Publisher) -> None:
+    """Twelve raters like the canary better; one rater thumbs it down as often as all of them
+    together. Counted plainly the canary would be rejected; each rater weighs at most its share
+    of the arm, so it is promoted, and the evidence says how many raters and thumbs it saw."""
+    store.start_canary("policy-1", 0.2)
+    rate(store, "policy-0", 125, 125, users=40)
+    rate(store, "policy-1", 108, 12, users=12)
+    rate(store, "policy-1", 0, 400, user="flood")
+    thumbs = store.canary_evidence()
+    assert thumbs is not None
+    assert decide_canary(Arm(125, 125), Arm(108, 412), min_ratings=50, margin=0.02,
+                         alpha=0.05).verdict == "reject"  # what plain counts would do
+    assert promotion(store, publisher).tick() == "promoted"
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["canary/canary_raters"] == 13 and metrics["canary/canary_thumbs"] == 520
+    assert metrics["canary/canary_ratings"] < 140  # the flood counts at its capped share
+
+
 def test_an_undecided_canary_ends_at_its_deadline(store: Store, publisher: Publisher) -> None:
     store.start_canary("policy-1", 0.2)
     rate(store, "policy-0", 5, 5)
@@ -132,6 +156,22 @@ def test_auto_rollback_to_a_version_users_prefer(store: Store, publisher: Publis
     assert announced(publisher) == ("policy-1", None)
     # The active version now holds its own: nothing more happens.
     assert promotion(store, publisher, auto_rollback=True).tick() is None
+
+
+def test_no_rollback_when_one_rater_floods_the_active_version(store: Store,
+                                                              publisher: Publisher) -> None:
+    """The counters show the active version far behind an older one, but only because one rater
+    thumbs it down in bulk: pooled across raters, the versions are alike, so nothing rolls
+    back."""
+    store.activate_policy("policy-1")
+    rate(store, "policy-1", 140, 60, users=20)
+    store.activate_policy("policy-2")
+    rate(store, "policy-2", 140, 60, users=20)
+    rate(store, "policy-2", 0, 300, user="flood")
+    judge = promotion(store, publisher, auto_rollback=True)
+    assert forgotten(store.list_policies(), store.live_ratings(), judge.cfg) is not None
+    assert judge.tick() is None
+    assert status(store, "policy-2") == "active"
 
 
 def test_no_rollback_on_a_handful_of_thumbs(store: Store, publisher: Publisher) -> None:
