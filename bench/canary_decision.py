@@ -10,7 +10,10 @@ and 0.7, the ratings per arm needed to reject a 20-point-worse canary and to pro
 false-rejection rate of an equal one and the promotion rate of a canary exactly `margin` worse
 (the worst case of the non-inferiority test, at most alpha / 2 in theory); then the canary
 ratings the always-valid interval needs to narrow to a given half-width for several mixing
-scales tau (the choice of TAU).
+scales tau (the choice of TAU). Last, with raters: users sticky to an arm who differ in taste and
+volume, and hostile users who thumb against their taste; the verdict rates of plain counts
+beside thumbs pooled across raters (flywheel/rater_pooling.py), as tests/flywheel/
+test_rater_pooling.py checks them at smaller sizes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,31 @@ from tests.flywheel.test_approval import (
     REJECT,
     simulate_canary,
 )
+from tests.flywheel.test_rater_pooling import Population, rate, simulate_raters
+
+RATER_SCENARIOS = (
+    ("equal, raters differ", Population(0.5, 0.5, honest=60, spread=0.2, activity_sd=1.5)),
+    ("equal, 300 raters", Population(0.5, 0.5, honest=300, spread=0.2, activity_sd=1.5)),
+    ("10 pts worse, differ", Population(0.5, 0.4, honest=60, spread=0.2, activity_sd=1.5)),
+    ("+25, 2 hostile, caught", Population(0.3, 0.55, honest=10, spread=0.05, activity_sd=0.3,
+                                         hostile=2, hostile_volume=1.0, hostile_weight=0.1)),
+    ("+25, 2 hostile, uncaught", Population(0.3, 0.55, honest=10, spread=0.05, activity_sd=0.3,
+                                           hostile=2, hostile_volume=1.0)),
+    ("-20, 2 hostile, uncaught", Population(0.5, 0.3, honest=10, spread=0.05, activity_sd=0.3,
+                                           hostile=2, hostile_volume=1.0)),
+)
+
+
+def _rater_rows(runs: int, seed: int) -> None:
+    print(f"\nwith raters (sticky, 3000 canary thumbs at most, {runs} runs):")
+    print(f"{'scenario':<26} {'p_a':>4} {'p_c':>4} {'plain: promote':>15} {'reject':>7}"
+          f" {'pooled: promote':>16} {'reject':>7}")
+    for label, pop in RATER_SCENARIOS:
+        plain = simulate_raters(pop, runs, seed, pooled=False)
+        pooled = simulate_raters(pop, runs, seed)
+        print(f"{label:<26} {pop.p_active:>4.2f} {pop.p_canary:>4.2f} "
+              f"{rate(plain, PROMOTE):>15.1%} {rate(plain, REJECT):>7.1%} "
+              f"{rate(pooled, PROMOTE):>16.1%} {rate(pooled, REJECT):>7.1%}")
 
 
 def _ratings_row(label: str, p_active: float, p_canary: float, code: int, runs: int, seed: int):
@@ -74,6 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=1000, help="simulated canaries per scenario")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rater-runs", type=int, default=200,
+                        help="simulated canaries per scenario with raters (slower)")
     args = parser.parse_args()
     started = time.monotonic()
     print(
@@ -96,6 +126,7 @@ def main() -> None:
     print(f"{'tau':>5} " + " ".join(f"{t:>6.2f}" for t in targets))
     for tau in (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3):
         print(f"{tau:>5.2f} " + " ".join(f"{_needed(t, tau):>6d}" for t in targets))
+    _rater_rows(args.rater_runs, args.seed)
     print(f"\n{time.monotonic() - started:.1f} s")
 
 

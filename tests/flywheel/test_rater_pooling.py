@@ -16,7 +16,15 @@ import pytest
 
 from flywheel.approval import Arm, decide_canary
 from flywheel.rater_pooling import identity_cap, pool_arm
-from tests.flywheel.test_approval import ALPHA, FRACTION, MARGIN, MIN_RATINGS
+from tests.flywheel.test_approval import (
+    ALPHA,
+    FRACTION,
+    MARGIN,
+    MIN_RATINGS,
+    PROMOTE,
+    REJECT,
+    WAIT,
+)
 
 
 def test_one_thumb_per_rater_is_the_binomial_arm() -> None:
@@ -73,8 +81,6 @@ class Population:
     hostile_volume: float = 1.0
     hostile_weight: float = 1.0
 
-
-WAIT, PROMOTE, REJECT = 0, 1, 2
 
 
 def simulate_raters(pop: Population, runs: int, seed: int, *, pooled: bool = True,
