@@ -94,11 +94,36 @@ def test_compose_wiring() -> None:
     assert any("nginx.conf" in str(v) for v in services["nginx"]["volumes"])
 
 
-def test_nginx_config_is_sse_friendly() -> None:
+def test_nginx_config_is_sse_friendly_and_private() -> None:
     text = (ROOT / "configs" / "nginx.conf").read_text()
-    for directive in ("proxy_buffering off;", "proxy_read_timeout 1h;", "upstream flywheel",
-                      "server flywheel-server:8000 resolve", "proxy_http_version 1.1;"):
+    for directive in ("proxy_buffering off;", "proxy_read_timeout 1h;", "resolver 127.0.0.11",
+                      "set $flywheel_replicas flywheel-server:8000;",
+                      "proxy_pass http://$flywheel_replicas;", "proxy_http_version 1.1;",
+                      "location = /metrics", "return 404"):
         assert directive in text, directive
+
+
+def test_images_are_overridable_and_only_nginx_publishes() -> None:
+    services = compose_config()["services"]
+    assert services["postgres"]["image"] == "postgres:16-alpine"
+    env = {"POSTGRES_IMAGE": "local/postgres:x", "REDIS_IMAGE": "local/redis:x",
+           "NGINX_IMAGE": "local/nginx:x", "PYTHON_IMAGE": "local/python:x"}
+    result = run_config(keys={**KEYS, **env})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("postgres", "redis", "nginx"):
+        assert services[name]["image"] == f"local/{name}:x"
+        assert "ports" not in services[name] or name == "nginx", name
+    assert services["server-cpu"]["build"]["args"]["PYTHON_IMAGE"] == "local/python:x"
+    assert {name for name, service in services.items() if service.get("ports")} == {"nginx"}
+
+
+def test_gpu_and_cpu_stacks_are_profiles() -> None:
+    services = compose_config()["services"]
+    assert services["server"]["profiles"] == services["worker"]["profiles"] == ["gpu"]
+    assert services["server-cpu"]["profiles"] == services["worker-cpu"]["profiles"] == ["cpu"]
+    shared = {"postgres", "redis", "migrate", "demo-model", "nginx"}
+    assert not any(services[name].get("profiles") for name in shared)
 
 
 def _unknown_keys(data: dict[str, Any], model: type[BaseModel], prefix: str = "") -> list[str]:
