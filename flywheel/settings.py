@@ -65,6 +65,16 @@ class PPOConfig(BaseModel):
     lora_rank: int = 16  # LoRA rank when use_lora
     lora_alpha: int = 32  # alpha = 2 x rank, the usual peft scaling
     seed: int = 0  # prompt order, sampling and minibatch order are reproducible
+    # Who samples rollouts: "hf" (the trainer's own model, Hugging Face generate-style) or
+    # "vllm" (a vLLM engine in the worker, synced to the policy each step; the vllm extra).
+    rollout_engine: Literal["hf", "vllm"] = "hf"
+    # Truncated importance sampling cap C for vLLM rollouts: per-token weights
+    # min(pi_trainer / pi_vllm, C). 2 is the value of the TIS paper (Yao et al. 2025) and of
+    # veRL's and OpenRLHF's examples; above 1, as a cap of 1 or less shrinks on-policy tokens too.
+    tis_cap: float = Field(default=2.0, gt=1.0)
+    # vLLM's share of GPU memory beside the trainer on the same GPU (CPU: the KV cache is sized
+    # in bytes by vllm_kv_cache_bytes instead). The trainer keeps the rest for the update.
+    rollout_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, lt=1.0)
 
 
 class TrainSettings(BaseModel):

@@ -215,7 +215,7 @@ def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
                                                       enabled=dtype is not None):
         metrics = run_ppo(Path(active["path"]), Path(ctx.settings.model), rm_dir, prompts, cfg,
                           tmp, device=ctx.device, progress=ctx.progress,
-                          should_stop=ctx.should_stop, **budgeted)
+                          should_stop=ctx.should_stop, settings=ctx.settings, **budgeted)
         manifest = seal(tmp, policy_id, parent=active["id"], base_model=ctx.settings.model)
     return policy_id, out, manifest.sha256, metrics
 

@@ -211,7 +211,12 @@ def _describe(exc: BaseException) -> str:
 
 
 def run_worker(settings: Settings) -> int:
-    """Entry point of `flywheel worker`."""
+    """Entry point of `flywheel worker`; 2 when the configured rollout engine cannot run."""
+    from trainer_worker.ppo.rollout_engines import rollout_engine_problem
+
+    if problem := rollout_engine_problem(settings.ppo):
+        log.error("flywheel worker: %s", problem)
+        return 2
     worker = Worker(settings)
     worker.install_signal_handlers()
     return worker.run()

@@ -152,21 +152,55 @@ def compute_gae(
 
 
 def ppo_policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cliprange: float,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Clipped surrogate objective (cleanrl ``ppo.py``). Returns (loss, clipfrac, approx_kl).
 
-    ``approx_kl`` is the k3 estimate ``(r - 1) - log r`` of KL(old || new) (cleanrl).
+    ``weights`` (B, T), when given, multiply each token's clipped loss before the mean: the
+    truncated importance weights of rollouts sampled by another engine (``truncated_is_weights``;
+    veRL and OpenRLHF apply them at the same place). ``approx_kl`` is the k3 estimate
+    ``(r - 1) - log r`` of KL(old || new) (cleanrl).
     """
     log_ratio = logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(log_ratio)  # (B, T)
     loss_unclipped = -advantages * ratio  # (B, T)
     loss_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)  # (B, T)
-    loss = masked_mean(torch.max(loss_unclipped, loss_clipped), mask)
+    per_token = torch.max(loss_unclipped, loss_clipped)  # (B, T)
+    if weights is not None:
+        per_token = per_token * weights.detach()
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
         clipfrac = masked_mean((loss_clipped > loss_unclipped).float(), mask)
         approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
     return loss, clipfrac, approx_kl
+
+
+def truncated_is_weights(
+    logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, cap: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Truncated importance sampling (TIS) weights for rollouts sampled by another engine.
+
+    ``w = min(exp(logprobs - rollout_logprobs), cap)`` per token, where ``logprobs`` are the
+    trainer's (the PPO "old" policy) and ``rollout_logprobs`` the sampler's (vLLM, often in
+    bf16): the weight corrects the policy gradient for sampling from a slightly different
+    distribution, and the cap bounds its variance (Yao et al. 2025, "Your efficient RL framework
+    secretly brings you off-policy RL training"; veRL ``tis_imp_ratio_cap``, OpenRLHF
+    ``vllm_is_truncated_threshold``). Returns the weights (B, T), detached and 0 on padding,
+    and stats: the mean ratio, the share of tokens the cap clipped and the largest
+    |log ratio| (a stale or mismatched sampler shows there first).
+    """
+    with torch.no_grad():
+        log_ratio = (logprobs - rollout_logprobs).float()  # (B, T)
+        ratio = torch.exp(log_ratio)  # (B, T)
+        weights = torch.clamp(ratio, max=cap) * mask.to(ratio.dtype)  # (B, T)
+        real = mask.bool()
+        stats = {
+            "ppo/tis_ratio_mean": masked_mean(ratio, mask).item(),
+            "ppo/tis_clipped_share": masked_mean((ratio > cap).float(), mask).item(),
+            "ppo/tis_log_ratio_max": log_ratio[real].abs().max().item() if real.any() else 0.0,
+        }
+    return weights, stats
 
 
 def value_loss(

@@ -87,6 +87,9 @@ def run_ppo_distributed(
     rank, world = accelerator.process_index, accelerator.num_processes
     if cfg.temperature <= 0:
         raise ValueError("PPO samples from the policy: temperature must be > 0")
+    if cfg.rollout_engine != "hf":
+        raise ValueError("distributed PPO samples its rollouts with Hugging Face models only: "
+                         "unset FLYWHEEL_PPO__ROLLOUT_ENGINE")
     if cfg.rollout_batch_size % world:
         raise ValueError(f"rollout_batch_size {cfg.rollout_batch_size} is not a multiple of "
                          f"the {world} processes")

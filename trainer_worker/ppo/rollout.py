@@ -33,6 +33,8 @@ class Rollout:
     scores: Tensor | None = None  # (B,) normalised RM score of the answer content
     advantages: Tensor | None = None  # (B, A) whitened GAE advantages
     returns: Tensor | None = None  # (B, A) value targets
+    rollout_logprobs: Tensor | None = None  # (B, A) the sampler's own, when not the trainer (vLLM)
+    tis_weights: Tensor | None = None  # (B, A) truncated importance weights (core.py)
 
     def rows(self, index: Tensor) -> Rollout:
         """The rollout restricted to some rows (a minibatch or a chunk)."""
@@ -175,4 +177,36 @@ def make_rollout(policy: nn.Module, prompts: Sequence[Sequence[int]], *, max_new
         input_ids=torch.cat([prompt_ids, answers], dim=1),
         attention_mask=torch.cat([prompt_mask, answer_mask], dim=1),
         answer_mask=answer_mask, has_eos=has_eos, prompt_width=prompt_ids.shape[1],
+    )
+
+
+def assemble_rollout(prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                     logprobs: Sequence[Sequence[float]], *, eos_token_ids: Sequence[int],
+                     pad_token_id: int, device: torch.device | str) -> Rollout:
+    """The padded batch of answers another engine sampled (vLLM), with its logprobs.
+
+    An answer ends at its first EOS, included, as ``sample_answers`` masks it; tokens after it
+    (there are none from vLLM, which stops there) would be dropped.
+    """
+    prompt_ids, prompt_mask = pad_left(prompts, pad_token_id, device)  # (B, P)
+    eos = set(eos_token_ids)
+    kept = []
+    for answer, answer_logprobs in zip(answers, logprobs, strict=True):
+        end = next((i + 1 for i, tok in enumerate(answer) if tok in eos), len(answer))
+        kept.append((list(answer[:end]), list(answer_logprobs[:end])))
+    width = max(1, max(len(tokens) for tokens, _ in kept))
+    ids = torch.full((len(kept), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(kept), width), dtype=torch.long)
+    sampled = torch.zeros((len(kept), width), dtype=torch.float32)
+    for i, (tokens, token_logprobs) in enumerate(kept):
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[i, : len(tokens)] = 1
+        sampled[i, : len(tokens)] = torch.tensor(token_logprobs, dtype=torch.float32)
+    has_eos = torch.tensor([bool(t) and t[-1] in eos for t, _ in kept], dtype=torch.bool)
+    answer_mask = mask.to(device)  # (B, A)
+    return Rollout(
+        input_ids=torch.cat([prompt_ids, ids.to(device)], dim=1),
+        attention_mask=torch.cat([prompt_mask, answer_mask], dim=1),
+        answer_mask=answer_mask, has_eos=has_eos.to(device), prompt_width=prompt_ids.shape[1],
+        rollout_logprobs=sampled.to(device),
     )

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from flywheel.hf_progress import tqdm, transformers_bars
-from flywheel.settings import PPOConfig
+from flywheel.settings import PPOConfig, Settings
 from trainer_worker.ppo.budget import KLGuard, rollout_kl
 from trainer_worker.ppo.causal_lm import (
     AdaptersOff,
@@ -41,6 +41,7 @@ from trainer_worker.ppo.core import (
     masked_mean,
     masked_whiten,
     ppo_policy_loss,
+    truncated_is_weights,
     value_loss,
 )
 from trainer_worker.ppo.defaults import learning_rates
@@ -50,8 +51,8 @@ from trainer_worker.ppo.rollout import (
     answer_logprobs,
     answer_scores,
     answer_values,
-    make_rollout,
 )
+from trainer_worker.ppo.rollout_engines import RolloutEngine, open_rollout_engine
 from trainer_worker.reward.model import RewardModel
 from trainer_worker.reward.stopping import check_stop
 
@@ -84,12 +85,15 @@ def run_ppo(
     cfg: PPOConfig, out_dir: Path, *, device: str = "cpu", progress: bool = True,
     should_stop: StopFn = None, eos_token_ids: list[int] | None = None,
     kl_ctl: KLController | None = None, kl_limit: float | None = None,
+    settings: Settings | None = None, rollouts: RolloutEngine | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` PPO steps from ``policy_dir`` and write the new policy to ``out_dir``.
 
     ``kl_ctl`` sets the KL coefficient (default: ``make_kl_controller(cfg)``). With ``kl_limit``
     (nats per answer to the reference) the policy written is the newest one whose rollouts stayed
     within it (``KLGuard``); the training cycle passes both to honour its KL budget.
+    Rollouts come from ``cfg.rollout_engine`` (vLLM's engine arguments from ``settings``), or
+    from ``rollouts``, an engine the caller opened and closes (synced here before each step).
     Raises ``TrainingInterrupted`` (writing nothing) when ``should_stop()`` turns true.
     """
     if cfg.temperature <= 0:
@@ -98,29 +102,55 @@ def run_ppo(
     with transformers_bars(progress):
         models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
     pad = filler_token_id(models.ref, eos)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    engine = rollouts or open_rollout_engine(
+        cfg, settings, Path(policy_dir), models.policy, eos_token_ids=eos, pad_token_id=pad,
+        device=device, generator=sample_gen)
+    start_seconds = time.perf_counter() - t0
+    try:
+        metrics = _train(models, engine, prompts, cfg, eos=eos, pad=pad, device=device,
+                         generator=sample_gen, progress=progress, should_stop=should_stop,
+                         kl_ctl=kl_ctl or make_kl_controller(cfg), kl_limit=kl_limit,
+                         synced=rollouts is None)
+    finally:
+        if rollouts is None:
+            engine.close()
+    check_stop(should_stop)
+    with transformers_bars(progress):
+        save_policy(models.policy, Path(policy_dir), Path(out_dir), cfg.use_lora)
+    return metrics | {"ppo/rollout_engine_start_seconds": start_seconds}
+
+
+def _train(models: Models, rollouts: RolloutEngine, prompts: list[list[int]], cfg: PPOConfig,
+           *, eos: list[int], pad: int, device: str, generator: torch.Generator, progress: bool,
+           should_stop: StopFn, kl_ctl: KLController, kl_limit: float | None,
+           synced: bool) -> dict[str, float]:
+    """The PPO steps of ``run_ppo``; ``synced``: the rollout engine holds the policy already."""
     optimizer = make_optimizer(models.policy, models.critic, cfg)
-    kl_ctl = kl_ctl or make_kl_controller(cfg)
     guard = KLGuard(models.policy, kl_limit) if kl_limit is not None else None
     batches = prompt_batches(fit_prompts(prompts, models.ref, cfg.max_new_tokens),
                              cfg.rollout_batch_size, cfg.seed)
-    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed)
-    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-                "eos_token_ids": eos, "pad_token_id": pad, "device": device,
-                "generator": sample_gen}
     history: list[dict[str, float]] = []
     started = time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="ppo", disable=not progress, leave=False)
     for _ in bar:
         check_stop(should_stop)
-        # 1. Rollout: sample answers from the current policy.
+        # 1. Rollout: sample answers from the current policy (first loaded into the sampler).
         t0 = time.perf_counter()
-        rollout = make_rollout(models.policy, next(batches), **sampling)
-        rollout_seconds = time.perf_counter() - t0
+        if not synced:
+            rollouts.sync(models.policy)
+        sync_seconds = time.perf_counter() - t0
+        rollout = rollouts.sample(next(batches))
+        rollout_seconds = time.perf_counter() - t0 - sync_seconds
+        synced = False  # the update below changes the policy
         # 2. Score: behaviour and reference logprobs, values, RM scores.
         score_rollout(models, rollout, cfg)
-        # 3. Rewards (KL penalty per token, RM score at the end) and GAE advantages.
+        # 3. Rewards (KL penalty per token, RM score at the end) and GAE advantages; with
+        # another sampler's rollouts, the truncated importance weights of its tokens.
         stats = compute_advantages(rollout, cfg, kl_ctl.value)
+        stats |= weigh_rollout(rollout, cfg)
         # 4. Budget: past the KL limit, go back to the last weights within it and stop.
         if guard is not None and not guard.admit(stats["ppo/kl_ref"]):
             break
@@ -128,18 +158,17 @@ def run_ppo(
         stats |= ppo_update(models, optimizer, rollout, cfg, shuffle_gen, should_stop)
         # 6. Adapt the KL coefficient (Ziegler; a no-op when fixed).
         kl_ctl.update(stats["ppo/kl_ref"], cfg.rollout_batch_size)
-        stats["rollout_seconds"] = rollout_seconds
-        stats["rollout_tokens"] = float(rollout.answer_mask.sum().item())
+        stats |= {"rollout_seconds": rollout_seconds, "sync_seconds": sync_seconds,
+                  "rollout_tokens": float(rollout.answer_mask.sum().item())}
         history.append(stats)
         bar.set_postfix(score=f"{stats['ppo/score_mean']:.3f}", kl=f"{stats['ppo/kl_ref']:.2f}")
     else:
         if guard is not None:  # 7. The last update's weights have not been measured yet.
-            guard.admit(rollout_kl(models.policy, models.ref, next(batches), **sampling))
-    elapsed = time.perf_counter() - started
-    check_stop(should_stop)
-    with transformers_bars(progress):
-        save_policy(models.policy, Path(policy_dir), Path(out_dir), cfg.use_lora)
-    metrics = summarise(history, cfg, elapsed, kl_ctl.value)
+            guard.admit(rollout_kl(models.policy, models.ref, next(batches),
+                                   max_new_tokens=cfg.max_new_tokens,
+                                   temperature=cfg.temperature, eos_token_ids=eos,
+                                   pad_token_id=pad, device=device, generator=generator))
+    metrics = summarise(history, cfg, time.perf_counter() - started, kl_ctl.value)
     if isinstance(kl_ctl, AdaptiveKLController):
         metrics["ppo/kl_target"] = kl_ctl.target
     return metrics | (guard.metrics() if guard is not None else {})
@@ -239,6 +268,16 @@ def compute_advantages(rollout: Rollout, cfg: PPOConfig, kl_coef: float,
     }
 
 
+def weigh_rollout(rollout: Rollout, cfg: PPOConfig) -> dict[str, float]:
+    """Truncated importance weights of a rollout another engine sampled (none for the trainer's
+    own samples): ``rollout.tis_weights`` and their stats, ``ppo/tis_*``."""
+    if rollout.rollout_logprobs is None:
+        return {}
+    rollout.tis_weights, stats = truncated_is_weights(
+        rollout.logprobs, rollout.rollout_logprobs, rollout.answer_mask, cfg.tis_cap)
+    return stats
+
+
 def ppo_update(models: Models, optimizer: torch.optim.Optimizer, rollout: Rollout,
                cfg: PPOConfig, generator: torch.Generator, should_stop: StopFn,
                hooks: StepHooks = ONE_PROCESS) -> dict[str, float]:
@@ -269,7 +308,7 @@ def ppo_minibatch_step(models: Models, optimizer: torch.optim.Optimizer, mb: Rol
     mb_logprobs = logprobs_from_logits(logits, mb.input_ids[:, mb.prompt_width:])  # (b, A)
     mb_values = answer_values(models.critic, mb).float()  # (b, A)
     pg_loss, clipfrac, approx_kl = ppo_policy_loss(
-        mb_logprobs, mb.logprobs, mb.advantages, mask, cfg.cliprange)
+        mb_logprobs, mb.logprobs, mb.advantages, mask, cfg.cliprange, weights=mb.tis_weights)
     vf_loss, vf_clipfrac = value_loss(mb_values, mb.values, mb.returns, mask, cfg.cliprange_value)
     with torch.set_grad_enabled(cfg.entropy_coef != 0.0):
         entropy = masked_mean(entropy_from_logits(logits), mask)
@@ -302,16 +341,21 @@ def _averaged(sums: dict[str, float], count: int) -> dict[str, float]:
 
 def summarise(history: list[dict[str, float]], cfg: PPOConfig, elapsed: float,
               final_kl_coef: float) -> dict[str, float]:
-    """Means over the cycle's steps, first/last score, throughput and the final KL coefficient."""
+    """Means over the cycle's steps (maxima for ``*_max``), first/last score, throughput and
+    the final KL coefficient."""
     keys = [k for k in history[0] if k.startswith("ppo/")] if history else []
-    metrics = {k: sum(h[k] for h in history) / len(history) for k in keys}
+    metrics = {k: max(h[k] for h in history) if k.endswith("_max")
+               else sum(h[k] for h in history) / len(history) for k in keys}
     rollout_seconds = sum(h["rollout_seconds"] for h in history)
     tokens = sum(h["rollout_tokens"] for h in history)
     metrics.update({
         "ppo/steps": float(len(history)),
         "ppo/kl_coef": final_kl_coef,
         "ppo/rollout_tokens_per_s": tokens / rollout_seconds if rollout_seconds else 0.0,
+        "ppo/rollout_samples_per_s": (len(history) * cfg.rollout_batch_size / rollout_seconds
+                                      if rollout_seconds else 0.0),
         "ppo/samples_per_s": len(history) * cfg.rollout_batch_size / elapsed if elapsed else 0.0,
+        "ppo/sync_seconds": sum(h.get("sync_seconds", 0.0) for h in history),
         "ppo/updates": sum(h.get("ppo/updates", 0.0) for h in history),
     })
     if history:
