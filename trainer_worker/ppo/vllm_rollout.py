@@ -3,12 +3,14 @@
 The engine is the serving adapter's: ``load_vllm_bindings`` builds the ``AsyncLLM`` (vLLM
 imported only here), ``engine_args`` gives its arguments (KV cache in bytes on CPU, eager mode,
 dtype) and ``vllm_swap.swap_in_place`` reloads weights in place (pause, reload, resume, prefix
-cache cleared). One owner each: rollouts construct and swap vLLM exactly as serving does.
+cache cleared). One owner each: rollouts construct and swap vLLM exactly as serving does. This
+is the one place ``trainer_worker`` imports ``server``, lazily; those three modules would sit
+better in the shared package.
 
-Sync: after each update the trainer writes the policy's weights to a fresh directory and the
-engine reloads from it (``reload_weights``), about as long as a checkpoint save; a new path each
-step so that no reload can serve a cached copy (vLLM #32718). vLLM's weight-transfer API (NCCL or
-CUDA IPC, no disk) is the faster path on GPUs and not used yet.
+Sync: before each rollout that follows an update, the trainer writes the policy's weights to a
+fresh directory and the engine reloads from it (``reload_weights``), about as long as a
+checkpoint save; a new path each step so that no reload can serve a cached copy (vLLM #32718).
+vLLM's weight-transfer API (NCCL or CUDA IPC, no disk) is the faster path on GPUs, not used yet.
 
 The trainer is synchronous and ``AsyncLLM`` is not: the engine lives on an event loop this
 object owns, which runs only inside its calls.
@@ -22,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Awaitable, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -64,7 +66,11 @@ class VLLMRollouts:
         self.dtype = str(args.get("dtype"))
         os.environ.setdefault("VLLM_CACHE_ROOT", str(settings.vllm_cache_dir))
         self._loop = asyncio.new_event_loop()
-        self._llm = self._run(self._build(args))
+        try:
+            self._llm = self._run(self._build(args))
+        except BaseException:
+            self._loop.close()
+            raise
         self._sync_root = Path(tempfile.mkdtemp(prefix="flywheel-rollout-weights-"))
         self._weights_path = str(policy_dir)
         self._version = "ppo-sync-0"
@@ -72,7 +78,7 @@ class VLLMRollouts:
         self._requests = itertools.count()
         log.info("vLLM rollouts from %s (%s)", policy_dir, self.dtype)
 
-    def _run(self, coro: Awaitable[T]) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
 
     async def _build(self, args: dict[str, Any]) -> Any:
@@ -102,6 +108,7 @@ class VLLMRollouts:
                                 seed=self.cfg.seed * 1_000_003 + number)
         vllm_params = self._api.sampling_params(
             **sampling_kwargs(params), stop_token_ids=self.eos_token_ids,
+            detokenize=False,  # PPO needs token ids only
             output_kind=self._final_only)
         final = None
         async for output in self._llm.generate(self._api.tokens_input(prompt), vllm_params,
