@@ -243,7 +243,7 @@ def wait_for_cycle(stack: Stack, after_run: int, timeout: float = 600) -> str:
         done = sorted((r for r in runs if r["status"] not in ("queued", "running")),
                       key=lambda r: int(r["id"]))
         if done:
-            assert done[0]["status"] == "succeeded", done[0]
+            assert done[0]["status"] == "succeeded", f"{done[0]}\n{stack.logs('worker-cpu')}"
             return dict(done[0])
         return None
 
@@ -257,7 +257,7 @@ def chat_ok(stack: Stack) -> bool:
     with stack.client() as client:
         response = client.post("/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 2})
-    assert response.status_code == 200, response.text
+    assert response.status_code == 200, f"{response.text}\n{stack.logs('nginx')}"
     return True
 
 
