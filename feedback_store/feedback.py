@@ -1,15 +1,13 @@
-"""Served completions in, thumbs and rankings on them, with idempotent retries."""
+"""Thumbs on served completions, with idempotent retries (rankings: ``rankings.py``)."""
 
 from __future__ import annotations
 
-import hashlib
-from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
@@ -20,9 +18,7 @@ from feedback_store.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking
-from feedback_store.training_data import is_holdout_hash
-from feedback_store.types import NewCompletion
+from feedback_store.models import Choice, Completion, Feedback, Ranking
 
 RATINGS = ("up", "down")
 MAX_KEY_LENGTH = 255  # the width of the idempotency_key columns
@@ -33,74 +29,7 @@ MAX_INDEX = 2**31 - 1  # INTEGER columns; larger indices cannot exist
 
 
 class FeedbackMixin(StoreBase):
-    """Writes of the serving path: completions, feedback and rankings."""
-
-    def record_completion(self, c: NewCompletion) -> None:
-        """Store a served request with its prompt (deduplicated) and all its choices."""
-        if not c.choices:
-            raise InvalidInputError("A completion needs at least one choice", param="choices")
-        created = (
-            utcnow() if c.created_at is None else datetime.fromtimestamp(c.created_at, timezone.utc)
-        )
-        try:
-            with self._tx() as s:
-                prompt_id = self._prompt_id(s, c, created)
-                s.execute(
-                    sa.insert(Completion),
-                    [
-                        {
-                            "id": c.id,
-                            "prompt_id": prompt_id,
-                            "kind": c.kind,
-                            "model": c.model,
-                            "policy_version": c.policy_version,
-                            "params": c.params,
-                            "user": c.user,
-                            "created_at": created,
-                        }
-                    ],
-                )
-                s.execute(
-                    sa.insert(Choice),
-                    [
-                        {
-                            "completion_id": c.id,
-                            "index": ch.index,
-                            "text": ch.text,
-                            "token_ids": list(ch.token_ids),
-                            "logprobs": list(ch.logprobs),
-                            "finish_reason": ch.finish_reason,
-                        }
-                        for ch in c.choices
-                    ],
-                )
-        except exc.IntegrityError as error:
-            raise InvalidInputError(
-                f"Completion '{c.id}' is already stored or has duplicate choice indices",
-                param="id",
-                code="duplicate_completion",
-            ) from error
-
-    def _prompt_id(self, s: Session, c: NewCompletion, created: datetime) -> int:
-        """The id of the prompt row for this text, inserted when new (safe under races)."""
-        digest = hashlib.sha256(c.prompt_text.encode()).hexdigest()
-        found = s.scalar(sa.select(Prompt.id).where(Prompt.sha256 == digest))
-        if found is not None:
-            return found
-        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-        s.execute(
-            insert(Prompt)
-            .values(
-                sha256=digest,
-                messages=c.messages,
-                prompt_text=c.prompt_text,
-                prompt_token_ids=list(c.prompt_token_ids),
-                holdout=is_holdout_hash(digest),
-                created_at=created,
-            )
-            .on_conflict_do_nothing(index_elements=["sha256"])
-        )
-        return s.scalar(sa.select(Prompt.id).where(Prompt.sha256 == digest))  # type: ignore[return-value]
+    """Thumbs up and down on the choices of stored completions."""
 
     def add_feedback(
         self,

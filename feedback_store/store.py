@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 from feedback_store.base import _store_errors
+from feedback_store.completions import CompletionsMixin
 from feedback_store.errors import StoreUnavailableError
 from feedback_store.feedback import FeedbackMixin
 from feedback_store.history import HistoryMixin
@@ -16,8 +17,8 @@ from feedback_store.runs import RunsMixin
 from feedback_store.training_data import TrainingDataMixin
 
 
-class Store(IdentitiesMixin, FeedbackMixin, RankingsMixin, PoliciesMixin, RolloutMixin, RunsMixin,
-            TrainingDataMixin, HistoryMixin):
+class Store(IdentitiesMixin, CompletionsMixin, FeedbackMixin, RankingsMixin, PoliciesMixin,
+            RolloutMixin, RunsMixin, TrainingDataMixin, HistoryMixin):
     """Synchronous and thread-safe; records come back as plain dicts, timestamps as unix seconds.
 
     Connection failures raise StoreUnavailableError; a failed call writes nothing.

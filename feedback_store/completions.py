@@ -1,0 +1,121 @@
+"""Served completions in: each request with its prompt (deduplicated) and all its choices."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import exc
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from feedback_store.base import StoreBase, utcnow
+from feedback_store.errors import InvalidInputError, StoreError, StoreUnavailableError
+from feedback_store.models import Choice, Completion, Prompt
+from feedback_store.training_data import is_holdout_hash
+from feedback_store.types import NewCompletion
+
+
+class CompletionsMixin(StoreBase):
+    """Writes of the serving path's answers (read back by feedback, rankings and training)."""
+
+    def record_completion(self, c: NewCompletion) -> None:
+        """Store a served request with its prompt (deduplicated) and all its choices."""
+        _check(c)
+        try:
+            with self._tx() as s:
+                self._insert(s, [c])
+        except exc.IntegrityError as error:
+            raise _duplicate(c) from error
+
+    def record_completions(self, records: list[NewCompletion]) -> list[StoreError | None]:
+        """``record_completion`` for several at once, in one transaction (group commit of the
+        serving path): None for each stored, or the StoreError that ``record_completion`` would
+        raise. StoreUnavailableError is raised when the database is unavailable (nothing stored).
+        """
+        outcomes: list[StoreError | None] = [None] * len(records)
+        valid = []
+        for i, c in enumerate(records):
+            try:
+                _check(c)
+                valid.append(i)
+            except InvalidInputError as error:
+                outcomes[i] = error
+        if not valid:
+            return outcomes
+        try:
+            with self._tx() as s:
+                self._insert(s, [records[i] for i in valid])
+            return outcomes
+        except (exc.IntegrityError, InvalidInputError):
+            pass  # one record spoiled the batch (a duplicate id, a refused value): one by one
+        for i in valid:
+            try:
+                self.record_completion(records[i])
+            except StoreUnavailableError:
+                raise
+            except StoreError as error:
+                outcomes[i] = error
+        return outcomes
+
+    def _insert(self, s: Session, records: list[NewCompletion]) -> None:
+        created = [_created(c) for c in records]
+        prompt_ids = self._prompt_ids(s, records, created)
+        s.execute(sa.insert(Completion), [
+            {"id": c.id, "prompt_id": prompt_ids[i], "kind": c.kind, "model": c.model,
+             "policy_version": c.policy_version, "params": c.params, "user": c.user,
+             "created_at": created[i]}
+            for i, c in enumerate(records)
+        ])
+        s.execute(sa.insert(Choice), [
+            {"completion_id": c.id, "index": ch.index, "text": ch.text,
+             "token_ids": list(ch.token_ids), "logprobs": list(ch.logprobs),
+             "finish_reason": ch.finish_reason}
+            for c in records for ch in c.choices
+        ])
+
+    def _prompt_ids(self, s: Session, records: list[NewCompletion],
+                    created: list[datetime]) -> list[int]:
+        """The prompt row id of each record, inserting the new texts (safe under races: a row
+        another writer inserts meanwhile is skipped, then read)."""
+        digests = [hashlib.sha256(c.prompt_text.encode()).hexdigest() for c in records]
+        found = self._find_prompts(s, set(digests))
+        new: dict[str, dict[str, Any]] = {}
+        for c, digest, at in zip(records, digests, created, strict=True):
+            if digest not in found and digest not in new:
+                new[digest] = {"sha256": digest, "messages": c.messages,
+                               "prompt_text": c.prompt_text,
+                               "prompt_token_ids": list(c.prompt_token_ids),
+                               "holdout": is_holdout_hash(digest), "created_at": at}
+        if new:
+            insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+            s.execute(insert(Prompt).on_conflict_do_nothing(index_elements=["sha256"]),
+                      list(new.values()))
+            found.update(self._find_prompts(s, set(new)))
+        return [found[d] for d in digests]
+
+    @staticmethod
+    def _find_prompts(s: Session, digests: set[str]) -> dict[str, int]:
+        rows = s.execute(sa.select(Prompt.sha256, Prompt.id).where(Prompt.sha256.in_(digests)))
+        return dict(rows.tuples().all())
+
+
+def _check(c: NewCompletion) -> None:
+    if not c.choices:
+        raise InvalidInputError("A completion needs at least one choice", param="choices")
+
+
+def _created(c: NewCompletion) -> datetime:
+    if c.created_at is None:
+        return utcnow()
+    return datetime.fromtimestamp(c.created_at, timezone.utc)
+
+
+def _duplicate(c: NewCompletion) -> InvalidInputError:
+    return InvalidInputError(
+        f"Completion '{c.id}' is already stored or has duplicate choice indices",
+        param="id",
+        code="duplicate_completion",
+    )

@@ -1,0 +1,54 @@
+"""Served completions stored in batches (the serving path's group commit)."""
+
+from __future__ import annotations
+
+import pytest
+
+from feedback_store import NewChoice, NewCompletion, Store
+from feedback_store.errors import InvalidInputError
+
+from .conftest import add_completion, count
+
+
+def _completion(cid: str, prompt: str, texts: tuple[str, ...] = ("Hi!",)) -> NewCompletion:
+    return NewCompletion(
+        id=cid, kind="chat", prompt_text=prompt, prompt_token_ids=[ord(c) for c in prompt],
+        messages=[{"role": "user", "content": prompt}], model="flywheel",
+        policy_version="policy-1", params={"n": len(texts)},
+        choices=[NewChoice(i, t, [ord(c) for c in t], [-0.25] * len(t), "stop")
+                 for i, t in enumerate(texts)],
+    )
+
+
+def test_a_batch_stores_every_completion_and_each_prompt_once(store: Store) -> None:
+    add_completion(store, "chatcmpl-old", prompt="Known?")
+    outcomes = store.record_completions([
+        _completion("chatcmpl-a", "Known?"),  # a prompt stored before the batch
+        _completion("chatcmpl-b", "New?", ("x", "yz")),
+        _completion("chatcmpl-c", "New?"),  # a prompt new twice in one batch
+    ])
+    assert outcomes == [None, None, None]
+    assert (count(store, "prompts"), count(store, "completions")) == (2, 4)
+    assert count(store, "choices") == 2 + 1 + 2 + 1
+    record, created = store.add_feedback(completion_id="chatcmpl-b", choice_index=1,
+                                         rating="up")
+    assert created and record["completion_id"] == "chatcmpl-b"
+
+
+def test_a_refused_record_fails_alone(store: Store) -> None:
+    add_completion(store, "chatcmpl-taken")
+    empty = NewCompletion(id="chatcmpl-empty", kind="chat", prompt_text="p",
+                          prompt_token_ids=[1], messages=None, model="flywheel",
+                          policy_version="policy-1", params={}, choices=[])
+    outcomes = store.record_completions([
+        _completion("chatcmpl-a", "One?"),
+        _completion("chatcmpl-taken", "Two?"),  # a duplicate id spoils the batch's statement
+        empty,
+        _completion("chatcmpl-b", "Three?"),
+    ])
+    assert outcomes[0] is None and outcomes[3] is None
+    assert isinstance(outcomes[1], InvalidInputError) and outcomes[1].param == "id"
+    assert isinstance(outcomes[2], InvalidInputError) and outcomes[2].param == "choices"
+    assert count(store, "completions") == 3  # taken, a, b
+    with pytest.raises(InvalidInputError):
+        store.record_completion(_completion("chatcmpl-a", "Again?"))
