@@ -1,9 +1,18 @@
 """Canaries on vLLM: what a canary is made of, and the lifetime of a second ``AsyncLLM``.
 
-A LoRA canary is one more adapter on the engine that serves the active policy. A full-weight
-canary is an ``AsyncLLM`` of its own, built from the checkpoint with a small share of the GPU
-memory (vLLM runs several instances on one GPU when their ``gpu_memory_utilization`` shares add
-up to less than one); it is shut down once the canary ends and its last request finished.
+* A LoRA canary is one more adapter in the engine that serves the active policy (vLLM picks the
+  adapter per request), on the base weights; an in-place full-weight swap of the active policy
+  ends it, since it changes the weights under the adapter.
+* A full-weight canary is a second ``AsyncLLM`` in this process, started from the checkpoint with
+  the GPU memory the first leaves (``canary_memory_share``: 0.10 beside the default 0.85; vLLM
+  runs several instances on one GPU when their ``gpu_memory_utilization`` shares add up to less
+  than one), and shut down after the canary ends and its last request finished. Promoting it
+  makes it the main engine without a reload, so the replica then serves with the canary's
+  smaller KV cache (fewer concurrent sequences) until it restarts. We chose this over
+  replica-level canaries (whole replicas on the candidate) because the contract serves a
+  fraction on every replica, sticky per user, which one replica can only do with both versions
+  loaded. A canary whose engine does not fit in the memory left is refused with ``SwapError``;
+  the active version serves on.
 """
 
 from __future__ import annotations
@@ -66,20 +75,30 @@ async def build_canary_engine(build: Callable[[dict[str, Any]], Any], args: dict
 
 
 class Leases:
-    """Requests in flight per ``AsyncLLM``; a retired one shuts down after its last request."""
+    """Requests in flight per ``AsyncLLM`` and per version; a retired engine shuts down after
+    its last request."""
 
     def __init__(self) -> None:
         self._count: dict[int, int] = {}
         self._retired: dict[int, Any] = {}
+        self.by_version: dict[str, int] = {}
+
+    @property
+    def running(self) -> int:
+        return sum(self._count.values())
 
     @contextmanager
-    def hold(self, llm: Any) -> Iterator[None]:
+    def hold(self, llm: Any, version: str) -> Iterator[None]:
         key = id(llm)
         self._count[key] = self._count.get(key, 0) + 1
+        self.by_version[version] = self.by_version.get(version, 0) + 1
         try:
             yield
         finally:
             self._count[key] -= 1
+            self.by_version[version] -= 1
+            if not self.by_version[version]:
+                del self.by_version[version]
             if not self._count[key]:
                 del self._count[key]
                 self._shutdown_if_drained(key)

@@ -13,19 +13,9 @@ Policies are swapped two ways:
   adapter ``LoRARequest(version, id, path)`` and new requests carry it; nothing pauses, and
   running requests finish on the adapter they were admitted with.
 
-Canaries (``set_canary``; ``vllm_canary.py``) serve a second version beside the active one:
-
-* a LoRA canary is one more adapter in the same engine (vLLM picks the adapter per request), on
-  the base weights; an in-place full-weight swap of the active policy ends it, since it changes
-  the weights under the adapter;
-* a full-weight canary is a second ``AsyncLLM`` in this process, started from the checkpoint with
-  the GPU memory the first leaves (``canary_memory_share``: 0.10 beside the default 0.85), and
-  shut down after the canary ends and its last request finished. Promoting it makes it the main
-  engine without a reload, so the replica then serves with the canary's smaller KV cache (fewer
-  concurrent sequences) until it restarts. We chose this over replica-level canaries (whole
-  replicas on the candidate) because the contract serves a fraction on every replica, sticky per
-  user, which one replica can only do with both versions loaded. A canary whose engine does not
-  fit in the memory left is refused with ``SwapError``; the active version serves on.
+Canaries (``set_canary``) serve a second version beside the active one: one more adapter for a
+LoRA policy, a second ``AsyncLLM`` for full weights (``vllm_canary.py`` says why and how). An
+engine core that dies ends the server (``core_death.py``).
 """
 
 from __future__ import annotations
@@ -47,8 +37,9 @@ from server.engines.base import (
     EngineStats,
     SamplingParams,
     SwapError,
-    refuse_unfittable,
 )
+from server.engines.core_death import exit_soon, watch_engine_core
+from server.engines.prompts import PromptEncoder
 from server.engines.vllm_bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
 from server.engines.vllm_canary import (
     Canary,
@@ -66,14 +57,9 @@ from server.engines.vllm_params import (
     spans_other_versions,
     to_choice_delta,
 )
-from server.engines.vllm_swap import DegradedEngineError, swap_in_place
+from server.engines.vllm_swap import DegradedEngineError, add_adapter, swap_in_place
 
 log = logging.getLogger(__name__)
-
-
-DEATH_POLL_SECONDS = 0.5  # how often the engine core's liveness is checked
-DEATH_GRACE_SECONDS = 2.0  # from its death to the exit of the server
-EXIT_ENGINE_DEAD = 1
 
 
 class VLLMEngine:
@@ -103,7 +89,7 @@ class VLLMEngine:
         self._version = policy_version
         self._bindings = bindings
         self._tokenizer = tokenizer
-        self._token_bytes: int | None = None  # set by start(), see ``refuse_unfittable``
+        self._prompts: PromptEncoder | None = None  # set by start()
         self._extra_args = dict(extra_engine_args or {})
         self._engine_args = engine_args(settings, self._extra_args)  # redone for the platform
         self.lora_enabled = bool(self._engine_args.get("enable_lora"))
@@ -113,7 +99,6 @@ class VLLMEngine:
         self._swap_lock = asyncio.Lock()
         self._admitting = asyncio.Event()
         self._admitting.set()
-        self._running = 0
         self._waiting = 0
         self._degraded: str | None = None
         self._last_swap_seconds: float | None = None
@@ -121,8 +106,7 @@ class VLLMEngine:
         self._canary: Canary | None = None
         self._canary_memory = canary_gpu_memory_utilization or canary_memory_share(
             float(self._engine_args.get("gpu_memory_utilization", 0.9)))
-        self._leases = Leases()  # requests per AsyncLLM; retired ones shut down when drained
-        self._by_version: dict[str, int] = {}  # requests running per version
+        self._leases = Leases()  # requests per AsyncLLM and version; retired engines stop drained
         self._dead: str | None = None  # why the engine core is gone (the server must exit)
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -167,34 +151,25 @@ class VLLMEngine:
             raise EngineError(f"vLLM could not load the model at {self._weights_path}: "
                               f"{type(exc).__name__}: {exc}") from exc
         self.max_model_len = int(self._llm.model_config.max_model_len)
-        from server.engines.transformers_engine import max_token_bytes  # torch: imported late
-
-        self._token_bytes = max_token_bytes(self._tokenizer)
+        self._prompts = PromptEncoder(self._tokenizer, self.max_model_len)
         if use_adapter:
             assert adapter is not None
             self._lora = await self._add_adapter(adapter, self._version)
         await self._llm.update_weight_version(self._version)
-        self._watchdog = asyncio.create_task(self._watch_engine_core())
+        self._watchdog = asyncio.create_task(watch_engine_core(self._core_death, self._died))
         log.info("vLLM engine serving %s from %s", self._version, self._start_path)
 
-    async def _watch_engine_core(self) -> None:
-        """When the engine core process dies, vLLM fails every request and never recovers:
-        mark the engine dead (``/readyz`` answers 503) and end the process non-zero, so that a
-        supervisor restarts it (vLLM's own server stops too, vllm/entrypoints/launcher.py
-        ``terminate_if_errored``)."""
-        while self._dead is None:
-            await asyncio.sleep(DEATH_POLL_SECONDS)
-            llm = self._llm
-            if llm is not None and getattr(llm, "errored", False):
-                self._dead = self._degraded = "vLLM's engine core process died"
-                log.critical("%s: exiting in %.0f s", self._dead, DEATH_GRACE_SECONDS)
-                self.on_death()
+    def _core_death(self) -> str | None:
+        llm = self._llm
+        return "vLLM's engine core process died" if getattr(llm, "errored", False) else None
+
+    def _died(self, reason: str) -> None:
+        self._dead = self._degraded = reason
+        self.on_death()
 
     def on_death(self) -> None:
-        """What a dead engine core does to this process: exit 1 after ``DEATH_GRACE_SECONDS``
-        (running streams send their error events, probes see 503). Not a SIGTERM: uvicorn
-        re-raises it after its graceful stop, and a supervisor counts that as a clean exit."""
-        asyncio.get_running_loop().call_later(DEATH_GRACE_SECONDS, os._exit, EXIT_ENGINE_DEAD)
+        """What a dead engine core does to this process (``core_death.exit_soon``)."""
+        exit_soon()
 
     async def stop(self) -> None:
         if self._watchdog is not None:
@@ -209,23 +184,13 @@ class VLLMEngine:
             self._llm = None
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        # Same rendering as the transformers engine, so stored prompts do not depend on the engine.
-        tokenizer = self._require_tokenizer()
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                 tokenize=False)
-            refuse_unfittable(text, self.max_model_len, self._token_bytes)
-            return list(tokenizer.encode(text, add_special_tokens=False))
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.encode_text(text)
+        return self._require_prompts().encode_chat(messages)
 
     def encode_text(self, prompt: str) -> list[int]:
-        tokenizer = self._require_tokenizer()
-        refuse_unfittable(prompt, self.max_model_len, self._token_bytes)
-        return list(tokenizer.encode(prompt, add_special_tokens=True))
+        return self._require_prompts().encode_text(prompt)
 
     def decode(self, token_ids: list[int]) -> str:
-        return str(self._require_tokenizer().decode(token_ids, skip_special_tokens=True))
+        return self._require_prompts().decode(token_ids)
 
     def _decode_token(self, token_id: int) -> str:
         return str(self._require_tokenizer().decode([token_id]))
@@ -242,10 +207,8 @@ class VLLMEngine:
             self._waiting -= 1
         llm, version, lora = self._arm(canary)  # fixed at admission
         sampling = build_sampling_params(params, api.sampling_params, api.delta_kind)
-        self._running += 1
-        self._by_version[version] = self._by_version.get(version, 0) + 1
         try:
-            with self._leases.hold(llm):  # a retired engine shuts down after its last request
+            with self._leases.hold(llm, version):  # a retired engine stops after its last one
                 stream = llm.generate(api.tokens_input(list(prompt_token_ids)), sampling,
                                       request_id, lora_request=lora)
                 async with aclosing(stream):
@@ -260,11 +223,6 @@ class VLLMEngine:
             raise
         except Exception as exc:
             raise EngineError(f"vLLM failed request {request_id}: {exc}") from exc
-        finally:
-            self._running -= 1
-            self._by_version[version] -= 1
-            if not self._by_version[version]:
-                del self._by_version[version]
 
     def _arm(self, canary: bool) -> tuple[Any, str, Any]:
         """The engine, version and adapter a new request runs on."""
@@ -353,6 +311,8 @@ class VLLMEngine:
             previous, self._llm = self._llm, canary.llm
             self._weights_path, self._lora = canary.weights_path, None
             self.max_model_len = int(canary.llm.model_config.max_model_len)
+            if self._prompts is not None:
+                self._prompts.max_model_len = self.max_model_len
             self._leases.retire(previous)
         log.info("canary %s promoted to active without a reload", canary.version)
 
@@ -395,17 +355,9 @@ class VLLMEngine:
         await self._swap_full(self._base_path, version, adapter)
 
     async def _add_adapter(self, adapter: Path, version: str) -> Any:
-        """Load ``adapter`` as a new adapter named ``version`` (a new path per version keeps
-        vLLM's prefix cache, keyed by LoRA name and path, from serving stale blocks)."""
         llm, api = self._require_started()
-        request = api.lora_request(version, next(self._lora_ids), str(adapter))
-        try:
-            added = await llm.add_lora(request)
-        except Exception as exc:
-            raise SwapError(f"vLLM could not load the adapter of {version}: {exc}") from exc
-        if not added:
-            raise SwapError(f"vLLM did not load the adapter of {version} from {adapter}")
-        return request
+        return await add_adapter(llm, api.lora_request(version, next(self._lora_ids),
+                                                       str(adapter)))
 
     def stats(self) -> EngineStats:
         extra: dict[str, Any] = {
@@ -425,16 +377,21 @@ class VLLMEngine:
         }
         if self._llm is not None and self._dead is None:
             extra["unfinished_requests"] = self._llm.get_num_unfinished_requests()
-        return EngineStats(running=self._running, waiting=self._waiting, extra=extra)
+        return EngineStats(running=self._leases.running, waiting=self._waiting, extra=extra)
 
     def _requests_by_version(self) -> dict[str, int]:
         loaded = [self._version] + ([self._canary.version] if self._canary else [])
-        return {**dict.fromkeys(loaded, 0), **self._by_version}
+        return {**dict.fromkeys(loaded, 0), **self._leases.by_version}
 
     def _require_started(self) -> tuple[Any, VLLMBindings]:
         if self._llm is None or self._bindings is None:
             raise EngineError("the vLLM engine is not started")
         return self._llm, self._bindings
+
+    def _require_prompts(self) -> PromptEncoder:
+        if self._prompts is None:
+            raise EngineError("the vLLM engine is not started")
+        return self._prompts
 
     def _require_tokenizer(self) -> Any:
         if self._tokenizer is None:

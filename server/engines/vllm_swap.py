@@ -112,3 +112,17 @@ async def _resume(llm: SwapTarget) -> None:
     except Exception as exc:
         # Still paused: requests queue until a later swap's resume succeeds.
         raise DegradedEngineError(f"could not resume generation after a swap: {exc}") from exc
+
+
+async def add_adapter(llm: Any, request: Any) -> Any:
+    """Load the LoRA adapter of ``request`` (a ``LoRARequest`` named after its version, with a
+    new path per version, which keeps vLLM's prefix cache, keyed by LoRA name and path, from
+    serving stale blocks); returns ``request``."""
+    version, path = request.lora_name, request.lora_path
+    try:
+        added = await llm.add_lora(request)
+    except Exception as exc:
+        raise SwapError(f"vLLM could not load the adapter of {version}: {exc}") from exc
+    if not added:
+        raise SwapError(f"vLLM did not load the adapter of {version} from {path}")
+    return request

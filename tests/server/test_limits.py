@@ -145,7 +145,7 @@ def test_max_token_bytes_bounds_byte_level_bpe_only(tiny_engine) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from server.engines.transformers_engine import max_token_bytes
+    from server.engines.prompts import max_token_bytes
 
     vocab = tiny_engine.tokenizer.get_vocab()
     assert max_token_bytes(tiny_engine.tokenizer) == max(len(t.encode()) for t in vocab)

@@ -328,7 +328,7 @@ async def test_a_model_vllm_cannot_load_is_one_clear_error(tmp_path: Path, base:
 async def test_a_dead_engine_core_fails_readiness_and_stops_the_server(
         tmp_path: Path, base: Path, llm: StandInAsyncLLM,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.engines.vllm_engine.DEATH_POLL_SECONDS", 0.01)
+    monkeypatch.setattr("server.engines.core_death.DEATH_POLL_SECONDS", 0.01)
     engine = await started(tmp_path, llm)
     deaths: list[bool] = []
     engine.on_death = lambda: deaths.append(True)  # type: ignore[method-assign]
