@@ -71,11 +71,14 @@ class VLLMRollouts:
         except BaseException:
             self._loop.close()
             raise
+        self._requests = itertools.count()
+        # vLLM's first batch costs seconds on CPU (kernel set-up): paid here, as start-up.
+        self._run(self._generate_all([[self.eos_token_ids[0]] * 8] * cfg.rollout_batch_size))
+        self._requests = itertools.count()  # rollout seeds do not depend on the warm-up
         self._sync_root = Path(tempfile.mkdtemp(prefix="flywheel-rollout-weights-"))
         self._weights_path = str(policy_dir)
         self._version = "ppo-sync-0"
         self._syncs = itertools.count(1)
-        self._requests = itertools.count()
         log.info("vLLM rollouts from %s (%s)", policy_dir, self.dtype)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
