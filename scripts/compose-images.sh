@@ -15,10 +15,10 @@ suite=bookworm
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 base=local/python:3.11-$suite
 torch=torch==${TORCH_VERSION:-2.13.0}
-python=${PYTHON:-python3}
-[ -x .venv/bin/python ] && python=.venv/bin/python
+python=${PYTHON:-python3}  # not .venv's: scripts/test.sh may be installing into it meanwhile
 export DOCKER_BUILDKIT=0  # the engine's own classic builder: no frontend image to pull
-log() { echo "compose-images: $*" >&2; }
+start=$(date +%s)
+log() { echo "compose-images: [$(( $(date +%s) - start )) s] $*" >&2; }
 
 base_image() {
   docker image inspect "$base" >/dev/null 2>&1 && return
@@ -76,17 +76,20 @@ wheelhouse() {
 }
 
 mkdir -p "$cache"
-start=$(date +%s)
+# One build at a time per cache (.ci/run starts one in the background; the compose test runs
+# this script again, and then waits for it and finds everything built).
+exec 9>"$cache/compose-images.lock"
+flock 9
 base_image
 for name in postgres redis nginx; do
   log "building local/$name"
-  docker build -q --build-arg BASE_IMAGE="$base" -t "local/$name:$suite" \
+  docker build -q --force-rm --build-arg BASE_IMAGE="$base" -t "local/$name:$suite" \
     "deploy/images/$name" >/dev/null
 done
 wheelhouse
 log "building flywheel:cpu"
-docker build -q --target cpu --build-arg PYTHON_IMAGE="$base" -t flywheel:cpu . >/dev/null
-log "done in $(( $(date +%s) - start )) s"
+docker build -q --force-rm --target cpu --build-arg PYTHON_IMAGE="$base" -t flywheel:cpu . >/dev/null
+log "done"
 cat <<ENV
 PYTHON_IMAGE=$base
 POSTGRES_IMAGE=local/postgres:$suite
