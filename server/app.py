@@ -22,6 +22,7 @@ from server.admin.identities import router as identities_router
 from server.auth import Authenticator, exposed
 from server.canary_split import CanarySplit
 from server.completions.api_router import router as completions_router
+from server.completions.recording import CompletionWrites
 from server.console.api_router import router as console_router
 from server.engines.base import Engine
 from server.errors import install_error_handlers
@@ -75,7 +76,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         metrics.set_policy(eng.policy_version)
         split = CanarySplit()
         state = AppState(settings=settings, engine=eng, store=db, metrics=metrics,
-                         auth=Authenticator(settings), split=split, publisher=publisher)
+                         auth=Authenticator(settings), split=split, publisher=publisher,
+                         completion_writes=CompletionWrites(db))
         if watch:
             state.watcher = PolicyWatcher(settings, eng, db, metrics, split)
             await state.watcher.start()
@@ -92,6 +94,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
             if state.watcher is not None:
                 await state.watcher.stop()
             await eng.stop()
+            await to_thread.run_sync(state.completion_writes.close)
             publisher.close()
             if store is None:
                 db.close()

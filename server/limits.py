@@ -140,20 +140,25 @@ class TimedStreamingResponse(StreamingResponse):
         self.write_timeout_s = write_timeout_s
 
     async def stream_response(self, send: Send) -> None:
-        body = self.body_iterator
+        # One ``asyncio.timeout`` per stream, armed around each send only (the wait for the next
+        # chunk is generation, not the reader): rescheduling it costs a few microseconds a
+        # chunk, where an ``anyio.fail_after`` per chunk cost ~50 (a tenth of the event loop's
+        # time under 16 streams on 2 cores).
+        body, loop, limit = self.body_iterator, asyncio.get_running_loop(), self.write_timeout_s
         try:
-            with anyio.fail_after(self.write_timeout_s):
+            async with asyncio.timeout(limit) as deadline:
                 await send({"type": "http.response.start", "status": self.status_code,
                             "headers": self.raw_headers})
-            async for chunk in body:
-                with anyio.fail_after(self.write_timeout_s):
+                deadline.reschedule(None)
+                async for chunk in body:
+                    deadline.reschedule(loop.time() + limit)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            with anyio.fail_after(self.write_timeout_s):
+                    deadline.reschedule(None)
+                deadline.reschedule(loop.time() + limit)
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         except TimeoutError:
             # Returning with the response unfinished makes uvicorn close the connection.
-            log.warning("dropped a stream reader that took no data for %.1f s",
-                        self.write_timeout_s)
+            log.warning("dropped a stream reader that took no data for %.1f s", limit)
         finally:
             aclose = getattr(body, "aclose", None)
             if aclose is not None:  # now, not at garbage collection: the engine frees the slots

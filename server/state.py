@@ -12,6 +12,7 @@ from flywheel.hotswap import Publisher
 from flywheel.settings import Settings
 from server.auth import Authenticator
 from server.canary_split import CanarySplit
+from server.completions.recording import CompletionWrites
 from server.engines.base import Engine
 from server.metrics import ServerMetrics
 
@@ -28,6 +29,7 @@ class AppState:
     auth: Authenticator
     split: CanarySplit
     publisher: Publisher
+    completion_writes: CompletionWrites
     watcher: PolicyWatcher | None = None
 
 

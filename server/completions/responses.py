@@ -128,9 +128,9 @@ def envelope(state: AppState, job: CompletionJob, policy: str, chunk: bool) -> d
             "model": state.settings.served_model_name, "system_fingerprint": policy}
 
 
-def chunk(state: AppState, job: CompletionJob, delta: ChoiceDelta, first: bool) -> dict:
-    """The stream event of ``delta``; ``first``: the first of its choice."""
-    body = envelope(state, job, delta.policy_version, chunk=True)
+def chunk_choice(state: AppState, job: CompletionJob, delta: ChoiceDelta,
+                 first: bool) -> dict[str, Any]:
+    """The one choice of the stream event of ``delta``; ``first``: the first of its choice."""
     tops = delta.top_logprobs or []
     index = job.index_base + delta.index
     if job.kind == "chat":
@@ -139,13 +139,10 @@ def chunk(state: AppState, job: CompletionJob, delta: ChoiceDelta, first: bool) 
             message["role"] = "assistant"
         logprobs = (chat_logprobs(state, delta.token_ids, delta.logprobs, tops)
                     if job.logprobs else None)
-        choice = {"index": index, "delta": message, "logprobs": logprobs,
-                  "finish_reason": delta.finish_reason}
-    else:
-        logprobs = (text_logprobs(state, delta.token_ids, delta.logprobs, tops, 0)
-                    if job.logprobs else None)
-        text = (job.echo or "") + delta.text if first else delta.text
-        choice = {"index": index, "text": text, "logprobs": logprobs,
-                  "finish_reason": delta.finish_reason}
-    body["choices"] = [choice]
-    return body
+        return {"index": index, "delta": message, "logprobs": logprobs,
+                "finish_reason": delta.finish_reason}
+    logprobs = (text_logprobs(state, delta.token_ids, delta.logprobs, tops, 0)
+                if job.logprobs else None)
+    text = (job.echo or "") + delta.text if first else delta.text
+    return {"index": index, "text": text, "logprobs": logprobs,
+            "finish_reason": delta.finish_reason}

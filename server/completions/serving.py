@@ -13,12 +13,11 @@ from typing import Any
 from anyio import to_thread
 
 from feedback_store import NewChoice, NewCompletion
-from feedback_store.errors import StoreError
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.completions.responses import (
     ChoiceState,
     CompletionJob,
-    chunk,
+    chunk_choice,
     envelope,
     full_choice,
     usage,
@@ -76,9 +75,18 @@ def _request_params(req: ChatCompletionRequest | CompletionRequest) -> dict[str,
     return {k: v for k in keep if (v := getattr(req, k, None)) is not None}
 
 
-async def _encode(param: str, encode: Any, prompt: Any) -> list[int]:
-    """Tokenise on a worker thread: megabytes took the tokenizer seconds, every route stalled."""
+# Prompts up to this many characters are tokenised on the event loop (the demo model's chat
+# template and tokenizer: ~150 us for a question), where the hop to a worker thread and back cost
+# as much again; longer ones on a worker thread: megabytes took the tokenizer seconds, during
+# which every route stalled.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def _encode(param: str, encode: Any, prompt: Any, chars: int) -> list[int]:
+    """Token ids of ``prompt`` (``chars`` long), on the loop when it is short."""
     try:
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return list(encode(prompt))
         return list(await to_thread.run_sync(encode, prompt))
     except PromptTooLongError as exc:  # refused before tokenising (``refuse_unfittable``)
         raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
@@ -88,7 +96,8 @@ async def prepare_chat(state: AppState, req: ChatCompletionRequest) -> Completio
     _check_model(state, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     admit(state)
-    prompt_ids = await _encode("messages", state.engine.encode_chat, messages)
+    chars = sum(len(m["content"]) for m in messages)
+    prompt_ids = await _encode("messages", state.engine.encode_chat, messages, chars)
     max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens())
     top = (req.top_logprobs or 0) if req.logprobs else 0
     return CompletionJob(
@@ -111,7 +120,8 @@ async def prepare_text(state: AppState, req: CompletionRequest) -> list[Completi
         admit(state)
         param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
         if isinstance(prompt, str):
-            text, prompt_ids = prompt, await _encode(param, state.engine.encode_text, prompt)
+            text = prompt
+            prompt_ids = await _encode(param, state.engine.encode_text, prompt, len(prompt))
         else:
             prompt_ids = _known_tokens(state, prompt, param)
             text = await _decode(state, prompt_ids, param)
@@ -164,12 +174,11 @@ async def _store(state: AppState, job: CompletionJob, policy: str,
                            finish_reason=c.finish_reason or "length")
                  for i, c in sorted(choices.items())],
     )
-    try:
-        await to_thread.run_sync(state.store.record_completion, record)
-    except StoreError as exc:
+    error = await state.completion_writes.add(record)
+    if error is not None:
         # Serving goes on without the database; this completion cannot receive feedback.
         state.metrics.unstored.inc()
-        log.warning("completion %s served but not stored: %s", job.store_id, exc)
+        log.warning("completion %s served but not stored: %s", job.store_id, error)
 
 
 class Run:
@@ -183,7 +192,7 @@ class Run:
         self.policy = state.engine.policy_version
         self._it = state.engine.generate(job.prompt_ids, job.params, job.store_id,
                                          canary=state.split.to_canary(job.user))
-        self._first = True
+        self._tokens: Any = None  # the generation-token counter of its policy, from the first
         state.metrics.in_flight.inc()
         state.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
@@ -192,13 +201,13 @@ class Run:
             delta = await self._it.__anext__()
         except StopAsyncIteration:
             return None
-        if self._first:
-            self._first = False
+        if self._tokens is None:
             self.policy = delta.policy_version
             self.state.metrics.ttft.labels(self.route).observe(time.perf_counter() - self.started)
+            self._tokens = self.state.metrics.generation_tokens.labels(self.policy)
         self.choices[delta.index].add(delta)
         if delta.token_ids:
-            self.state.metrics.generation_tokens.labels(self.policy).inc(len(delta.token_ids))
+            self._tokens.inc(len(delta.token_ids))
         return delta
 
     async def close(self) -> None:
@@ -303,6 +312,26 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+class _Chunks:
+    """The stream events of one response: every chunk shares its envelope (id, object, created,
+    model, policy), so that is serialised once per run and policy, and each token's event
+    serialises only its choice (``chunk_choice``)."""
+
+    def __init__(self, state: AppState) -> None:
+        self.state = state
+        self._prefixes: dict[tuple[int, str], bytes] = {}
+
+    def event(self, run: Run, delta: ChoiceDelta, first: bool) -> bytes:
+        key = (id(run), delta.policy_version)
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            head = envelope(self.state, run.job, delta.policy_version, chunk=True)
+            head["choices"] = []
+            prefix = self._prefixes[key] = _sse(head)[:-4]  # up to the list's "]}"
+        choice = chunk_choice(self.state, run.job, delta, first)
+        return prefix + json.dumps(choice, separators=(",", ":")).encode() + b"]}\n\n"
+
+
 async def start_stream(state: AppState, jobs: list[CompletionJob],
                        route: str) -> tuple[str, AsyncIterator[bytes]]:
     """Wait for the first delta (it fixes the policy version for the headers), then stream."""
@@ -318,13 +347,14 @@ async def start_stream(state: AppState, jobs: list[CompletionJob],
 async def _stream_events(state: AppState, job: CompletionJob, runs: Runs,
                          first: tuple[Run, ChoiceDelta] | None) -> AsyncIterator[bytes]:
     started: set[tuple[int, int]] = set()
+    chunks = _Chunks(state)
     completed = False
     try:
         item = first
         while item is not None:
             run, delta = item
             key = (run.job.index_base, delta.index)
-            yield _sse(chunk(state, run.job, delta, first=key not in started))
+            yield chunks.event(run, delta, first=key not in started)
             started.add(key)
             item = await runs.next()
         completed = True

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from server.app import create_app
+from server.completions.serving import INLINE_TOKENIZE_CHARS
 from server.engines.base import ChoiceDelta, EngineStats, SamplingParams
 from server.engines.fake import FakeEngine
 from server.engines.sequence import Request, coalesce
@@ -188,9 +189,14 @@ def test_unfittable_prompt_is_refused_before_tokenising(tmp_path: Path, sqlite_s
             assert all(length < 10_000 for length, _ in calls), "the huge prompt was tokenised"
             served = client.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 2})
             assert served.status_code == 200
+            long = "word " * (INLINE_TOKENIZE_CHARS // 5 + 20)  # fits no 512 positions either
+            assert client.post("/v1/completions", json={"prompt": long}).status_code == 400
     finally:
         del tokenizer.encode
-    assert calls and not any(on_loop for _, on_loop in calls), "tokenised on the event loop"
+    # Short prompts are tokenised on the loop (cheaper than the thread hop), long ones never.
+    assert (5, True) in calls
+    long_calls = [on_loop for length, on_loop in calls if length > INLINE_TOKENIZE_CHARS]
+    assert long_calls and not any(long_calls), "a long prompt was tokenised on the event loop"
 
 
 # -- 3. the admission queue ----------------------------------------------------------------------
