@@ -90,3 +90,22 @@ class StopMatcher:
                     best = k
                     break
         return best
+
+
+class ChoiceTexts:
+    """The text of each choice's streamed token ids, for an engine asked for ids only (vLLM
+    with ``detokenize=False``): what a position's delta adds, and at the end whatever bytes of an
+    incomplete character are left, so the pieces add up to decoding all ids at once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._choices: dict[int, tuple[IncrementalDecoder, list[int]]] = {}
+
+    def text(self, index: int, token_ids: list[int], finished: bool) -> str:
+        decoder, chars = self._choices.get(index) or self._choices.setdefault(
+            index, (IncrementalDecoder(self._tokenizer), [0]))
+        text = "".join([decoder.push(t) for t in token_ids])
+        chars[0] += len(text)
+        if finished:
+            text += decoder.full_text()[chars[0]:]
+        return text

@@ -39,6 +39,7 @@ from server.engines.base import (
     SwapError,
 )
 from server.engines.core_death import exit_soon, watch_engine_core
+from server.engines.detokenize import ChoiceTexts
 from server.engines.prompts import PromptEncoder
 from server.engines.vllm_bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
 from server.engines.vllm_canary import (
@@ -63,8 +64,7 @@ log = logging.getLogger(__name__)
 
 
 class VLLMEngine:
-    """Serves the active policy (and optionally a canary) from vLLM ``AsyncLLM``s in this process.
-    """
+    """Serves the active policy (and optionally a canary) from vLLM ``AsyncLLM``s."""
 
     def __init__(
         self,
@@ -207,6 +207,7 @@ class VLLMEngine:
             self._waiting -= 1
         llm, version, lora = self._arm(canary)  # fixed at admission
         sampling = build_sampling_params(params, api.sampling_params, api.delta_kind)
+        texts = None if sampling.detokenize else ChoiceTexts(self._require_tokenizer())
         try:
             with self._leases.hold(llm, version):  # a retired engine stops after its last one
                 stream = llm.generate(api.tokens_input(list(prompt_token_ids)), sampling,
@@ -216,7 +217,7 @@ class VLLMEngine:
                         for completion in output.outputs:
                             self._note_versions(completion, version)
                             delta = to_choice_delta(completion, version, params.top_logprobs,
-                                                    self._decode_token)
+                                                    self._decode_token, texts)
                             if delta is not None:
                                 yield delta
         except EngineError:

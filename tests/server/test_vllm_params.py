@@ -32,7 +32,8 @@ def test_sampling_params_map_every_field() -> None:
     params = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, n=3, stop=("\n", "END"),
                             seed=11, top_logprobs=5)
     assert sampling_kwargs(params) == {"n": 3, "temperature": 0.7, "top_p": 0.9, "seed": 11,
-                                       "stop": ["\n", "END"], "max_tokens": 32, "logprobs": 5}
+                                       "stop": ["\n", "END"], "max_tokens": 32, "logprobs": 5,
+                                       "detokenize": True}  # vLLM matches stop strings on text
     built = build_sampling_params(params, StandInSamplingParams, Kind.DELTA)
     assert built.output_kind is Kind.DELTA and built.logprobs == 5 and built.n == 3
 
@@ -41,6 +42,32 @@ def test_sampled_logprob_is_always_requested() -> None:
     kwargs = sampling_kwargs(SamplingParams(max_tokens=4))
     assert kwargs["logprobs"] == 0  # 0: only the sampled token's logprob
     assert kwargs["stop"] is None and kwargs["seed"] is None
+    assert kwargs["detokenize"] is False  # no stop strings: the engine spells the text itself
+
+
+def test_text_of_undetokenized_deltas_adds_up_to_decoding_at_once() -> None:
+    """Byte-level tokens, one byte each: a two-byte character split over two deltas comes out
+    whole with the second, and a character cut off by the end is flushed as decoding would."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from server.engines.detokenize import ChoiceTexts
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(sorted(alphabet))},
+                               merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe)
+    ids = tokenizer.encode("né!", add_special_tokens=False)
+    assert len(ids) == 4  # n, two bytes of é, !
+    texts = ChoiceTexts(tokenizer)
+    pieces = [to_choice_delta(completion(0, [t], text=""), "p", 0, str, texts) for t in ids[:3]]
+    assert [d.text for d in pieces if d is not None] == ["n", "", "é"]
+    last = to_choice_delta(completion(0, [ids[3]], text="", finish="length"), "p", 0, str, texts)
+    assert last is not None and last.text == "!" and last.finish_reason == "length"
+    cut = ChoiceTexts(tokenizer)
+    assert cut.text(1, ids[:2], finished=True) == tokenizer.decode(ids[:2])  # "n\ufffd"
 
 
 @pytest.mark.parametrize(("vllm_reason", "ours"), [
