@@ -2,7 +2,8 @@
 
     python bench/serving.py [--model DIR] [--clients 16] [--max-tokens 64] [--seconds 5]
                             [--engine-only] [--stream-interval-ms 0]
-                            [--engine transformers|vllm|both] [--against-vllm]
+                            [--engine transformers|vllm|both] [--against-vllm] [--vllm-eager]
+                            [--http-only] [--baseline DIR] [--rounds N]
 
 Prints tokens/s of (1) raw ``model.generate`` at batch ``--clients`` (sampled, temperature 1),
 (2) the ``TransformersEngine`` in-process with that many requests submitted together, (2c/2d) the
@@ -20,6 +21,10 @@ vllm.entrypoints.openai.api_server``) on the same model and load, and prints eac
 engine's ratio to it. Both need vLLM importable: run with the interpreter of
 ``scripts/vllm-venv.sh`` on CPU.
 vLLM runs in float32 with a 1 GiB KV cache on CPU (eager with ``--vllm-eager``) on both servers.
+
+All servers start first and are then measured in turn, ``--rounds`` times, so that the
+machine's other load falls on each alike; ``--baseline DIR`` adds the same engine(s) served from
+another checkout (``git worktree add DIR HEAD~1``), for before and after in one run.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from server.engines.base import SamplingParams
 from server.engines.transformers_engine import TransformersEngine, decode_threads
 
+ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
     "What is 7 plus 5?", "What is the capital of France?", "How do you spell apple?",
     "Hello!", "What is 9 minus 4?", "Which city is the capital of Japan?",
@@ -60,6 +66,7 @@ class Run:
     tokens: int = 0
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
+    cpu: float = 0.0  # CPU seconds the server's processes spent (HTTP rows)
 
     @property
     def rate(self) -> float:
@@ -69,6 +76,7 @@ class Run:
         self.tokens += other.tokens
         self.seconds += other.seconds
         self.ttft += other.ttft
+        self.cpu += other.cpu
 
 
 def ensure_model(path: Path) -> Path:
@@ -182,8 +190,9 @@ VLLM_KV_CACHE_BYTES = 1 << 30  # what Flywheel gives vLLM on CPU (server/engines
 
 
 def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: str,
-                 vllm_eager: bool) -> tuple[subprocess.Popen[bytes], str]:
-    """``flywheel serve`` with ``engine``, or vLLM's own OpenAI server for ``engine`` "vllm-own"."""
+                 vllm_eager: bool, checkout: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+    """``flywheel serve`` with ``engine`` from ``checkout``, or vLLM's own OpenAI server for
+    ``engine`` "vllm-own"."""
     port = free_port()
     if engine == "vllm-own":
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
@@ -193,6 +202,7 @@ def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: 
                 "--disable-uvicorn-access-log", *(["--enforce-eager"] if vllm_eager else [])]
     else:
         argv = [sys.executable, "-m", "flywheel.cli", "serve"]
+    workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLYWHEEL_MODEL=str(model), FLYWHEEL_PORT=str(port),
                FLYWHEEL_STREAM_INTERVAL_MS=str(stream_interval_ms),
                FLYWHEEL_DATABASE_URL=f"sqlite:///{workdir / 'b.db'}",
@@ -200,11 +210,12 @@ def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: 
                FLYWHEEL_ENGINE=engine if engine != "vllm-own" else "vllm",
                FLYWHEEL_VLLM_ENFORCE_EAGER=str(vllm_eager).lower(),
                FLYWHEEL_VLLM_KV_CACHE_BYTES=str(VLLM_KV_CACHE_BYTES),
-               VLLM_CACHE_ROOT=str(workdir.parent / "flywheel-bench-vllm-cache"))
+               VLLM_CACHE_ROOT=str(workdir.parent / "flywheel-bench-vllm-cache"),
+               # ``python -m`` puts ``checkout`` first on the path, ahead of the installed code
+               PYTHONPATH=str(checkout))
     env.pop("FLYWHEEL_REDIS_URL", None)
     log = (workdir / f"{engine}.log").open("wb")
-    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -229,10 +240,11 @@ async def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 6
 
 
 async def stream_one(client: object, url: str, messages: list[dict[str, str]],
-                     max_new: int) -> tuple[int, float]:
+                     max_new: int, logprobs: bool = False) -> tuple[int, float]:
     """One streamed chat completion: (completion tokens from usage, time to first content)."""
     body = {"model": "flywheel", "messages": messages, "max_tokens": max_new, "stream": True,
-            "temperature": 1.0, "stream_options": {"include_usage": True}}
+            "temperature": 1.0, "stream_options": {"include_usage": True},
+            **({"logprobs": True} if logprobs else {})}
     sent, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:  # type: ignore[attr-defined]
         response.raise_for_status()
@@ -247,7 +259,8 @@ async def stream_one(client: object, url: str, messages: list[dict[str, str]],
     return tokens, first if first is not None else time.perf_counter() - sent
 
 
-async def http_run(url: str, clients: int, seconds: float, max_new: int) -> Run:
+async def http_run(url: str, clients: int, seconds: float, max_new: int,
+                   logprobs: bool = False) -> Run:
     """``clients`` concurrent clients, each sending streamed requests back to back for
     ``seconds`` (requests in flight at the deadline finish and count)."""
     import httpx
@@ -261,7 +274,8 @@ async def http_run(url: str, clients: int, seconds: float, max_new: int) -> Run:
         async def worker(c: int) -> None:
             r = 0
             while time.perf_counter() - start < seconds:
-                tokens, ttft = await stream_one(client, url, convs[(c + r) % len(convs)], max_new)
+                tokens, ttft = await stream_one(client, url, convs[(c + r) % len(convs)],
+                                                max_new, logprobs)
                 run.tokens += tokens
                 run.ttft.append(ttft)
                 r += 1
@@ -271,20 +285,71 @@ async def http_run(url: str, clients: int, seconds: float, max_new: int) -> Run:
     return run
 
 
-async def http_runs(model: Path, clients: int, max_new: int, seconds: float,
-                    stream_interval_ms: float, engine: str = "transformers",
-                    vllm_eager: bool = False) -> tuple[Run, Run]:
-    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
-        proc, url = start_server(model, Path(tmp), stream_interval_ms, engine, vllm_eager)
+@dataclass
+class Server:
+    """One server under test, with what was measured on it over all rounds."""
+
+    name: str
+    engine: str  # transformers, vllm or vllm-own
+    checkout: Path = ROOT
+    logprobs: bool = False  # requests ask for the sampled tokens' logprobs
+    many: Run = field(default_factory=Run)
+    one: Run = field(default_factory=Run)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds of a server and its child processes (vLLM's engine core):
+    on a shared machine, what each server spends per token is the comparison that holds however
+    much CPU the others leave it."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
         try:
-            await wait_ready(url, proc)
-            await http_run(url, clients, 1.0, max_new)  # warm-up
-            many = await http_run(url, clients, seconds, max_new)
-            one = await http_run(url, 1, seconds, max_new)
+            times = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def cpu_per_token(run: Run) -> str:
+    return f"{1e5 * run.cpu / max(1, run.tokens):5.1f} CPU ms/100 tokens"
+
+
+async def http_rounds(model: Path, servers: list[Server], clients: int, max_new: int,
+                      seconds: float, stream_interval_ms: float, vllm_eager: bool,
+                      rounds: int) -> None:
+    """Start every server, then measure them in turn, ``rounds`` times: each server sees the
+    same background load as the others, however the machine's other work comes and goes."""
+    with tempfile.TemporaryDirectory(prefix="flywheel-bench-") as tmp:
+        procs: list[tuple[subprocess.Popen[bytes], str]] = []
+        try:
+            for i, server in enumerate(servers):
+                procs.append(start_server(model, Path(tmp) / str(i), stream_interval_ms,
+                                          server.engine, vllm_eager, server.checkout))
+                await wait_ready(procs[-1][1], procs[-1][0])  # one start at a time: less noise
+            for _, url in procs:
+                await http_run(url, clients, 1.0, max_new)  # warm-up
+            for r in range(rounds):
+                for n, attr in ((clients, "many"), (1, "one")):
+                    for server, (proc, url) in zip(servers, procs, strict=True):
+                        before = cpu_seconds(proc.pid)
+                        run = await http_run(url, n, seconds, max_new, server.logprobs)
+                        run.cpu = cpu_seconds(proc.pid) - before
+                        getattr(server, attr).add(run)
+                        print(f"  round {r + 1}, {n:2d} client(s): {run.rate:7.1f} tok/s, "
+                              f"{cpu_per_token(run)}  {server.name}", flush=True)
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    return many, one
+            for proc, _ in procs:
+                proc.terminate()
+            for proc, _ in procs:
+                proc.wait(timeout=60)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -321,29 +386,40 @@ def ttft(run: Run) -> str:
 
 
 def over_http(args: argparse.Namespace, model: Path, gen: Run | None) -> None:
-    """Rows (3) and (4) per server, each started in turn on the same model and load."""
+    """Rows (3) and (4) per server, all started at once and measured in turn."""
     b = args.clients
     names = {"transformers": "flywheel serve, transformers", "vllm": "flywheel serve, vLLM",
              "vllm-own": "vLLM's own OpenAI server"}
-    servers = ["transformers", "vllm"] if args.engine == "both" else [args.engine]
-    servers += ["vllm-own"] if args.against_vllm else []
-    rates: dict[str, tuple[Run, Run]] = {}
+    engines = ["transformers", "vllm"] if args.engine == "both" else [args.engine]
+    servers = [Server(names[e], e) for e in engines]
+    if args.baseline is not None:
+        servers += [Server(f"{names[e]} @ {args.baseline.name}", e, args.baseline.resolve())
+                    for e in engines]
+    if args.against_vllm:
+        servers.append(Server(names["vllm-own"], "vllm-own"))
+    if args.vllm_logprobs:  # what Flywheel asks of vLLM on every request, for PPO
+        servers.append(Server(f"{names['vllm-own']}, logprobs", "vllm-own", logprobs=True))
+    asyncio.run(http_rounds(model, servers, b, args.max_tokens, args.seconds,
+                            args.stream_interval_ms, args.vllm_eager, args.rounds))
     for server in servers:
-        many, one = asyncio.run(http_runs(model, b, args.max_tokens, args.seconds,
-                                          args.stream_interval_ms, server, args.vllm_eager))
-        rates[server] = many, one
-        report(f"(3) {names[server]}, {b} streaming clients", many)
-        report(f"(4) {names[server]}, 1 streaming client", one)
-        if gen is not None and server == "transformers":
-            print(f"    (3)/(1) = {many.rate / gen.rate:.2f}x  (target >= 0.9x)")
-        print(f"    (3)/(4) = {many.rate / one.rate:.2f}x  (target >= 5x); at {b} clients "
-              f"{ttft(many)}")
-    if "vllm-own" in rates:
-        own = rates["vllm-own"][0].rate
-        for server, target in (("vllm", 0.95), ("transformers", 0.9)):
-            if server in rates:
-                print(f"    {names[server]} / vLLM's own server at {b} clients = "
-                      f"{rates[server][0].rate / own:.2f}x  (target >= {target}x)")
+        report(f"(3) {server.name}, {b} streaming clients", server.many)
+        report(f"(4) {server.name}, 1 streaming client", server.one)
+        print(f"    CPU: {cpu_per_token(server.many)} at {b} clients, "
+              f"{cpu_per_token(server.one)} at 1")
+        if gen is not None and server.engine == "transformers":
+            print(f"    (3)/(1) = {server.many.rate / gen.rate:.2f}x  (target >= 0.9x)")
+        print(f"    (3)/(4) = {server.many.rate / server.one.rate:.2f}x  (target >= 5x); "
+              f"at {b} clients {ttft(server.many)}; at 1 client {ttft(server.one)}")
+    own = next((s for s in servers if s.engine == "vllm-own" and not s.logprobs), None)
+    if own is not None:
+        targets = {"vllm": 0.95, "transformers": 0.9}
+        for server in servers:
+            if server.engine in targets or server.logprobs:
+                cpu = (server.many.cpu / server.many.tokens) / (own.many.cpu / own.many.tokens)
+                print(f"    {server.name} / vLLM's own server at {b} clients = "
+                      f"{server.many.rate / own.many.rate:.2f}x  "
+                      f"(target >= {targets.get(server.engine, '-')}x); "
+                      f"CPU per token {cpu:.2f}x")
 
 
 def main() -> None:
@@ -353,12 +429,21 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0, help="minimum time per measurement")
     parser.add_argument("--engine-only", action="store_true")
+    parser.add_argument("--http-only", action="store_true", help="skip rows (1) to (2d)")
     parser.add_argument("--stream-interval-ms", type=float, default=0.0,
                         help="the server's FLYWHEEL_STREAM_INTERVAL_MS")
     parser.add_argument("--engine", choices=["transformers", "vllm", "both"],
                         default="transformers", help="the engine(s) of `flywheel serve`")
     parser.add_argument("--against-vllm", action="store_true",
                         help="also run vLLM's own OpenAI server on the same model and load")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="also serve the same engine(s) from this checkout (e.g. a `git "
+                             "worktree` of the last commit): before and after in one run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every server this many times, in turn")
+    parser.add_argument("--vllm-logprobs", action="store_true",
+                        help="also measure vLLM's own server with requests asking for logprobs "
+                             "(as Flywheel asks vLLM on every request)")
     parser.add_argument("--vllm-eager", action="store_true",
                         help="vLLM without torch.compile (starts faster, decodes slower)")
     args = parser.parse_args()
@@ -367,7 +452,7 @@ def main() -> None:
     if threads is not None:
         torch.set_num_threads(threads)  # generate gets the threads the engine's decode thread gets
     print(f"model {model}, max_tokens {args.max_tokens}, {torch.get_num_threads()} torch threads")
-    gen = in_process(args, model) if args.engine != "vllm" else None
+    gen = in_process(args, model) if args.engine != "vllm" and not args.http_only else None
     if not args.engine_only:
         over_http(args, model, gen)
 
