@@ -201,20 +201,31 @@ def test_stack_is_healthy_and_private(stack: Stack) -> None:
 
 
 def chat_and_rate(stack: Stack) -> None:
-    """Twelve thumbs on six chats through nginx: more than the cycle's threshold of eight."""
+    """Twelve thumbs on six chats through nginx: more than the cycle's threshold of eight.
+
+    An answer holding a NUL character is served but not stored on PostgreSQL (its text type
+    refuses NUL; the tiny model emits one now and then), so it cannot be rated: it is skipped.
+    """
+    rated = 0
     with stack.client() as client:
-        for i in range(6):
+        for i in range(30):
             response = client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": QUESTIONS[i % 4]}],
                 "n": 2, "max_tokens": 12})
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["system_fingerprint"] == response.headers["X-Flywheel-Policy"]
+            if any("\x00" in choice["message"]["content"] for choice in body["choices"]):
+                continue
             for index, rating in enumerate(("up", "down")):
                 feedback = client.post("/v1/feedback", json={
                     "completion_id": body["id"], "choice_index": index, "rating": rating})
                 assert feedback.status_code == 201, \
                     f"{feedback.text}\n{stack.logs('server-cpu', 'worker-cpu')}"
+            rated += 1
+            if rated == 6:
+                return
+    raise AssertionError(f"only {rated} of 30 answers were storable")
 
 
 def last_run(stack: Stack) -> int:
@@ -250,6 +261,10 @@ def wait_for_cycle(stack: Stack, after_run: int, timeout: float = 600) -> str:
         return None
 
     wait_until(finished, timeout, "a training cycle", lambda: stack.logs("worker-cpu"))
+    return active_policy(stack)
+
+
+def active_policy(stack: Stack) -> str:
     with stack.client(ADMIN_KEY) as admin:
         policies = admin.get("/v1/policies").json()["data"]
     return str(next(p["id"] for p in policies if p["status"] == "active"))
@@ -272,7 +287,6 @@ def crash(container: dict[str, Any]) -> int:
 
 
 def test_a_killed_replica_is_routed_around_and_restarted(stack: Stack) -> None:
-    active = stack.served_by_each_replica()[0]
     victim = stack.containers("server-cpu")[0]
     restarts = crash(victim)
     for _ in range(20):  # while one replica is down, nginx sends every request to the other
@@ -284,7 +298,8 @@ def test_a_killed_replica_is_routed_around_and_restarted(stack: Stack) -> None:
             "Status") == "healthy"
 
     wait_until(back, 300, "the killed replica restarted and healthy", stack.logs)
-    # It starts on the active version, read from Redis, not on the base model.
+    # It starts on the active version (read from Redis), not on the base model.
+    active = active_policy(stack)
     assert stack.served_by_each_replica() == [active, active]
 
 
