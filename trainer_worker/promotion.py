@@ -19,6 +19,7 @@ from flywheel.live_approval import forgotten
 from flywheel.rater_pooling import pool_arm
 from flywheel.serving_plan import announce
 from flywheel.settings import Settings
+from trainer_worker.rater_review import RaterReview
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class Promotion:
     def __init__(self, settings: Settings, store: Store, publisher: Publisher) -> None:
         self.settings, self.store, self.publisher = settings, store, publisher
         self.cfg = settings.canary
+        self.review = RaterReview(settings, store)
+        self.device = "cpu"  # where the rater review scores; the worker sets its own
 
     def release(self, policy_id: str) -> str:
         """A candidate that passed the offline gate: on canary (`canary.auto`), else active.
@@ -59,9 +62,10 @@ class Promotion:
 
     def pooled(self, thumbs: dict[str, RaterThumbs]) -> dict[str, Arm]:
         """Each version's thumbs pooled across its raters: every identity capped at the share of
-        `feedback.user_share` and weighted by its trust weight (flywheel/rater_pooling.py)."""
+        `feedback.user_share` and weighted by its current trust weight (flywheel/
+        rater_pooling.py, trainer_worker/rater_review.py)."""
         names = {name for raters in thumbs.values() for name in raters} - {ANONYMOUS}
-        weights = self.store.identity_weights(names)
+        weights = self.review.weights(names, self.device)
         arms = {}
         for version, raters in thumbs.items():
             named = {name: counts for name, counts in raters.items() if name != ANONYMOUS}

@@ -120,6 +120,7 @@ class Worker:
                 log.warning("marked %d abandoned run(s) failed", failed)
             remove_temporaries(self.settings)
             self._was_leader = True
+        self.promotion.device = device
         if self.promotion.tick() is not None:
             return True
         run = self.store.claim_next_run(self.id)

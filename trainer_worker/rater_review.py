@@ -1,0 +1,78 @@
+"""Trust weights kept current while a canary runs.
+
+Identity weights are stored by training cycles (feedback_store/identities.py): each cycle scores
+the raters' new events against the reward model in service. No cycle starts while a canary runs,
+so without this a rater who started flooding inverted thumbs after the last cycle would keep
+full weight for the canary's whole life. `RaterReview` scores the events since the RM in service
+was trained, against that RM, each time `train.min_new_feedback` more events have arrived, and
+adds those tallies to the stored standing. It stores nothing: the next cycle scores the same
+events once more and stores them then, so no event is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from feedback_store import Store
+from feedback_store.errors import StoreError
+from feedback_store.identities import Tally, agreement_weight
+from flywheel.settings import Settings
+from trainer_worker.cycle import WATERMARKS
+
+log = logging.getLogger(__name__)
+
+
+class RaterReview:
+    """The worker's current view of each rater's trust weight."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+        self._key: tuple[str, int] | None = None  # (RM id, events stored) at the last review
+        self._tallies: dict[str, Tally] = {}
+
+    def weights(self, names: Iterable[str], device: str = "cpu") -> dict[str, float]:
+        """Each identity's weight from its stored standing plus what the review found since."""
+        wanted = set(names)
+        self._refresh(device)
+        standing = self.store.identity_standing(wanted)
+        floor = self.settings.feedback.disagreeing_weight
+        out = {}
+        for name in wanted:
+            total = standing[name] + self._tallies.get(name, Tally())
+            out[name] = agreement_weight(total.scored, total.agreed, floor)
+        return out
+
+    def _refresh(self, device: str) -> None:
+        rm = self.store.latest_reward_model()
+        if rm is None:
+            self._key, self._tallies = None, {}
+            return
+        until = self.store.feedback_watermark()
+        events = until["feedback"] + until["rankings"]
+        if (self._key is not None and self._key[0] == rm["id"]
+                and events - self._key[1] < self.settings.train.min_new_feedback):
+            return
+        try:
+            self._tallies = self._score(rm, until, device)
+        except (OSError, StoreError, ValueError) as exc:
+            log.warning("rater review skipped (weights stay as stored and last reviewed): %s",
+                        exc)
+            return
+        self._key = (rm["id"], events)
+        low = sorted(name for name, weight in self.weights(self._tallies, device).items()
+                     if weight < 1.0)
+        log.info("rater review against %s: %d raters with new events, %d down-weighted%s",
+                 rm["id"], len(self._tallies), len(low), f" ({', '.join(low[:5])})" if low else "")
+
+    def _score(self, rm: dict, until: dict[str, int], device: str) -> dict[str, Tally]:
+        from trainer_worker.reward.consensus import agreement_tallies
+
+        since = {table: int(rm["metrics"].get(key, 0)) for table, key in WATERMARKS.items()}
+        data = self.store.cycle_reward_data(since=since, until=until,
+                                            new=self.settings.feedback.new_examples, replay=0,
+                                            seed=0)
+        if not data.groups and not data.thumbs:
+            return {}
+        return agreement_tallies(Path(rm["path"]), data, self.settings.reward.max_length, device)
