@@ -2,7 +2,8 @@
 
 One engine serves the whole module (a start spawns vLLM's engine core: about a minute on two
 cores), in eager mode with a 64 MiB KV cache and LoRA on, so that full-weight and adapter
-policies both run on it. Skipped, with the reason, where vLLM is not importable: the main test
+policies both run on it; the last test starts a ``flywheel serve`` of its own and kills its
+engine core. Skipped, with the reason, where vLLM is not importable: the main test
 venv has no vLLM (its pins clash with ours); `scripts/test.sh` runs this module in
 a venv with vLLM (scripts/vllm-venv.sh).
 """
@@ -11,15 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import pytest_asyncio
 
 from server.engines.base import ChoiceDelta, SamplingParams, SwapError
+from server.engines.core_death import EXIT_ENGINE_DEAD
 from server.engines.vllm_bindings import vllm_installed
+from tests.server.conftest import free_port
 
 pytestmark = [
     pytest.mark.skipif(not vllm_installed(), reason="vLLM is not installed (pip install "
@@ -272,3 +281,71 @@ async def test_full_weight_canary_is_a_second_engine(engine, checkpoints: dict[s
     await engine.end_canary()
     assert engine.canary_version is None and engine.stats().extra["retiring_engines"] == 0
     assert await greedy(engine, prompt, "fw-after", canary=True) == active
+
+
+# -- a live server whose engine core process dies ------------------------------------------------
+
+START_TIMEOUT_S = 600.0  # vLLM's start on two busy cores: about a minute, sometimes several
+
+
+def _engine_cores(pid: int) -> list[int]:
+    """The server's child processes that run vLLM's engine core (not multiprocessing's
+    resource tracker)."""
+    import psutil
+
+    cores = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "resource_tracker" not in command:
+            cores.append(child.pid)
+    return cores
+
+
+async def _readyz(client: httpx.AsyncClient, url: str) -> int | None:
+    try:
+        return (await client.get(f"{url}/readyz", timeout=5)).status_code
+    except httpx.HTTPError:
+        return None
+
+
+async def test_a_killed_engine_core_fails_readiness_and_ends_the_server(
+        tmp_path: Path, tiny_model_dir: Path) -> None:
+    """``/readyz`` answers 503 and the server exits 1 (for its supervisor to restart it),
+    without hanging."""
+    port = free_port()
+    env = dict(os.environ, FLYWHEEL_MODEL=str(tiny_model_dir), FLYWHEEL_ENGINE="vllm",
+               FLYWHEEL_PORT=str(port), FLYWHEEL_DATA_DIR=str(tmp_path),
+               FLYWHEEL_DATABASE_URL=f"sqlite:///{tmp_path / 'flywheel.db'}",
+               FLYWHEEL_VLLM_ENFORCE_EAGER="true", FLYWHEEL_VLLM_KV_CACHE_BYTES=str(64 << 20),
+               FLYWHEEL_LOG_LEVEL="warning", VLLM_CACHE_ROOT=str(tmp_path / "vllm-cache"))
+    env.pop("FLYWHEEL_REDIS_URL", None)
+    url = f"http://127.0.0.1:{port}"
+    with (tmp_path / "serve.log").open("wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "serve"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        async with httpx.AsyncClient() as client:
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while await _readyz(client, url) != 200:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "the server never became ready"
+                await asyncio.sleep(0.2)
+            cores = _engine_cores(server.pid)
+            assert cores, "no engine core process found"
+            for pid in cores:
+                os.kill(pid, signal.SIGKILL)
+            statuses = set()
+            deadline = time.monotonic() + 60
+            while server.poll() is None:
+                assert time.monotonic() < deadline, "the server hangs on a dead engine core"
+                statuses.add(await _readyz(client, url))
+                await asyncio.sleep(0.05)
+        assert 503 in statuses  # readiness failed before the exit
+        assert server.returncode == EXIT_ENGINE_DEAD
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
