@@ -62,6 +62,7 @@ ROW_KEYS = (  # (label, metric, format) printed per rollout engine
     ("rollout tokens/s", "ppo/rollout_tokens_per_s", "{:.0f}"),
     ("rollout samples/s", "ppo/rollout_samples_per_s", "{:.1f}"),
     ("cycle samples/s", "ppo/samples_per_s", "{:.2f}"),
+    ("cycle samples/s, with start", "cycle/samples_per_s_with_start", "{:.2f}"),
     ("weight sync s (total)", "ppo/sync_seconds", "{:.2f}"),
     ("engine start s", "ppo/rollout_engine_start_seconds", "{:.1f}"),
     ("TIS clipped share", "ppo/tis_clipped_share", "{:.4f}"),
@@ -70,7 +71,8 @@ ROW_KEYS = (  # (label, metric, format) printed per rollout engine
     ("score gain (eval)", "eval/score_gain", "{:+.3f}"),
     ("KL to base (eval)", "eval/kl_ref", "{:.2f}"),
 )
-RATIO_KEYS = ("ppo/rollout_tokens_per_s", "ppo/rollout_samples_per_s", "ppo/samples_per_s")
+RATIO_KEYS = ("ppo/rollout_tokens_per_s", "ppo/rollout_samples_per_s", "ppo/samples_per_s",
+              "cycle/samples_per_s_with_start")
 
 
 def run_cycle(engine: str, model: Path, rm_dir: Path, prompts: list[list[int]], ppo: PPOConfig,
@@ -87,8 +89,11 @@ def run_cycle(engine: str, model: Path, rm_dir: Path, prompts: list[list[int]], 
                           device=device)
     old = evaluate_policy(model, model, rm_dir, held_out, max_new_tokens=ppo.max_new_tokens,
                           device=device)
+    samples = metrics["ppo/steps"] * cfg.rollout_batch_size
+    seconds = samples / metrics["ppo/samples_per_s"] + metrics["ppo/rollout_engine_start_seconds"]
     return metrics | {"eval/score_gain": new["eval/score_mean"] - old["eval/score_mean"],
-                      "eval/kl_ref": new["eval/kl_ref"]}
+                      "eval/kl_ref": new["eval/kl_ref"],
+                      "cycle/samples_per_s_with_start": samples / seconds}
 
 
 def print_side_by_side(results: dict[str, dict[str, float]]) -> None:

@@ -71,11 +71,15 @@ class VLLMRollouts:
         except BaseException:
             self._loop.close()
             raise
-        self._requests = itertools.count()
-        # vLLM's first batch costs seconds on CPU (kernel set-up): paid here, as start-up.
-        self._run(self._generate_all([[self.eos_token_ids[0]] * 8] * cfg.rollout_batch_size))
-        self._requests = itertools.count()  # rollout seeds do not depend on the warm-up
         self._sync_root = Path(tempfile.mkdtemp(prefix="flywheel-rollout-weights-"))
+        self._requests = itertools.count()
+        try:
+            # vLLM's first batch costs seconds on CPU (kernel set-up): paid here, as start-up.
+            self._run(self._generate_all([[self.eos_token_ids[0]] * 8] * cfg.rollout_batch_size))
+        except BaseException:
+            self.close()  # a live engine core would keep this process from exiting
+            raise
+        self._requests = itertools.count()  # rollout seeds do not depend on the warm-up
         self._weights_path = str(policy_dir)
         self._version = "ppo-sync-0"
         self._syncs = itertools.count(1)
@@ -109,10 +113,10 @@ class VLLMRollouts:
         params = SamplingParams(max_tokens=self.cfg.max_new_tokens,
                                 temperature=self.cfg.temperature,
                                 seed=self.cfg.seed * 1_000_003 + number)
-        vllm_params = self._api.sampling_params(
-            **sampling_kwargs(params), stop_token_ids=self.eos_token_ids,
-            detokenize=False,  # PPO needs token ids only
-            output_kind=self._final_only)
+        vllm_params = self._api.sampling_params(**{
+            **sampling_kwargs(params), "stop_token_ids": self.eos_token_ids,
+            "detokenize": False,  # PPO needs token ids only
+            "output_kind": self._final_only})
         final = None
         async for output in self._llm.generate(self._api.tokens_input(prompt), vllm_params,
                                                f"ppo-{number}"):
