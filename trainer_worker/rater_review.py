@@ -3,10 +3,11 @@
 Identity weights are stored by training cycles (feedback_store/identities.py): each cycle scores
 the raters' new events against the reward model in service. No cycle starts while a canary runs,
 so without this a rater who started flooding inverted thumbs after the last cycle would keep
-full weight for the canary's whole life. `RaterReview` scores the events since the RM in service
-was trained, against that RM, each time `train.min_new_feedback` more events have arrived, and
-adds those tallies to the stored standing. It stores nothing: the next cycle scores the same
-events once more and stores them then, so no event is counted twice.
+full weight for the canary's whole life. `RaterReview` scores the newest `REVIEW_EVENTS` events
+since the RM in service was trained, against that RM, each time a quarter of that many more (or
+`train.min_new_feedback`, if larger) have arrived, and adds those tallies to the stored
+standing. It stores nothing: the next cycle scores the same events once more and stores them
+then, so no event is counted twice.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from trainer_worker.cycle import WATERMARKS
 
 log = logging.getLogger(__name__)
 
+# Newest events scored per review: enough for the Wilson bound to catch any rater behind a few
+# percent of them, and seconds of reward-model scoring on a CPU, between two polls.
+REVIEW_EVENTS = 2_000
+
 
 class RaterReview:
     """The worker's current view of each rater's trust weight."""
@@ -34,12 +39,14 @@ class RaterReview:
 
     def weights(self, names: Iterable[str], device: str = "cpu") -> dict[str, float]:
         """Each identity's weight from its stored standing plus what the review found since."""
-        wanted = set(names)
         self._refresh(device)
-        standing = self.store.identity_standing(wanted)
+        return self._combined(set(names))
+
+    def _combined(self, names: set[str]) -> dict[str, float]:
+        standing = self.store.identity_standing(names)
         floor = self.settings.feedback.disagreeing_weight
         out = {}
-        for name in wanted:
+        for name in names:
             total = standing[name] + self._tallies.get(name, Tally())
             out[name] = agreement_weight(total.scored, total.agreed, floor)
         return out
@@ -52,7 +59,8 @@ class RaterReview:
         until = self.store.feedback_watermark()
         events = until["feedback"] + until["rankings"]
         if (self._key is not None and self._key[0] == rm["id"]
-                and events - self._key[1] < self.settings.train.min_new_feedback):
+                and events - self._key[1] < max(self.settings.train.min_new_feedback,
+                                                REVIEW_EVENTS // 4)):
             return
         try:
             self._tallies = self._score(rm, until, device)
@@ -61,7 +69,7 @@ class RaterReview:
                         exc)
             return
         self._key = (rm["id"], events)
-        low = sorted(name for name, weight in self.weights(self._tallies, device).items()
+        low = sorted(name for name, weight in self._combined(set(self._tallies)).items()
                      if weight < 1.0)
         log.info("rater review against %s: %d raters with new events, %d down-weighted%s",
                  rm["id"], len(self._tallies), len(low), f" ({', '.join(low[:5])})" if low else "")
@@ -71,8 +79,9 @@ class RaterReview:
 
         since = {table: int(rm["metrics"].get(key, 0)) for table, key in WATERMARKS.items()}
         data = self.store.cycle_reward_data(since=since, until=until,
-                                            new=self.settings.feedback.new_examples, replay=0,
-                                            seed=0)
+                                            new=min(REVIEW_EVENTS,
+                                                    self.settings.feedback.new_examples),
+                                            replay=0, seed=0)
         if not data.groups and not data.thumbs:
             return {}
         return agreement_tallies(Path(rm["path"]), data, self.settings.reward.max_length, device)

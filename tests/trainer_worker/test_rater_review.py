@@ -7,9 +7,12 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pytest
+
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.training_data import is_holdout_hash
 from flywheel.settings import FeedbackLimits, Settings, TrainSettings
+from trainer_worker import rater_review
 from trainer_worker.rater_review import RaterReview
 from trainer_worker.reward import RewardModel
 
@@ -30,14 +33,16 @@ def _ranked(store: Store, cid: str, prompt: str, user: str, order: list[int]) ->
 
 
 def test_review_down_weights_the_rater_the_rm_disagrees_with(
-        sqlite_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+        sqlite_url: str, tiny_model_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     store = Store(sqlite_url)
     store.upgrade()
     RewardModel.from_base(tiny_model_dir, seed=3).save_pretrained(tmp_path / "rm")
     store.add_reward_model(id="rm-1", parent=None, path=str(tmp_path / "rm"), sha256=None,
                            metrics={"reward/feedback_watermark": 0.0,
                                     "reward/rankings_watermark": 0.0})
-    settings = Settings(train=TrainSettings(min_new_feedback=10),
+    monkeypatch.setattr(rater_review, "REVIEW_EVENTS", 40)  # a review every 10 new events
+    settings = Settings(train=TrainSettings(min_new_feedback=1),
                         feedback=FeedbackLimits(disagreeing_weight=0.1))
     review = RaterReview(settings, store)
     prompt = _train_split_prompt()
