@@ -67,6 +67,7 @@ class Run:
     seconds: float = 0.0
     ttft: list[float] = field(default_factory=list)
     cpu: float = 0.0  # CPU seconds the server's processes spent (HTTP rows)
+    cpu_api: float = 0.0  # ... its API process alone
 
     @property
     def rate(self) -> float:
@@ -77,6 +78,7 @@ class Run:
         self.seconds += other.seconds
         self.ttft += other.ttft
         self.cpu += other.cpu
+        self.cpu_api += other.cpu_api
 
 
 def ensure_model(path: Path) -> Path:
@@ -297,29 +299,33 @@ class Server:
     one: Run = field(default_factory=Run)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds of a server and its child processes (vLLM's engine core):
-    on a shared machine, what each server spends per token is the comparison that holds however
-    much CPU the others leave it."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a server with its child processes (vLLM's engine core),
+    and of its API process alone: on a shared machine, what each server spends per token is the
+    comparison that holds however much CPU the others leave it. vLLM's engine core also spends
+    CPU spinning while it waits, which the API process's figure leaves out."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0.0
-    total = 0.0
+        return 0.0, 0.0
+    total = api = 0.0
     for proc in procs:
         try:
             times = proc.cpu_times()
         except psutil.NoSuchProcess:
             continue
         total += times.user + times.system
-    return total
+        api = api if proc is not root else times.user + times.system
+    return total, api
 
 
 def cpu_per_token(run: Run) -> str:
-    return f"{1e5 * run.cpu / max(1, run.tokens):5.1f} CPU ms/100 tokens"
+    tokens = max(1, run.tokens)
+    return (f"{1e5 * run.cpu / tokens:5.1f} CPU ms/100 tokens "
+            f"({1e5 * run.cpu_api / tokens:5.1f} in the API process)")
 
 
 async def http_rounds(model: Path, servers: list[Server], clients: int, max_new: int,
@@ -341,7 +347,8 @@ async def http_rounds(model: Path, servers: list[Server], clients: int, max_new:
                     for server, (proc, url) in zip(servers, procs, strict=True):
                         before = cpu_seconds(proc.pid)
                         run = await http_run(url, n, seconds, max_new, server.logprobs)
-                        run.cpu = cpu_seconds(proc.pid) - before
+                        after = cpu_seconds(proc.pid)
+                        run.cpu, run.cpu_api = after[0] - before[0], after[1] - before[1]
                         getattr(server, attr).add(run)
                         print(f"  round {r + 1}, {n:2d} client(s): {run.rate:7.1f} tok/s, "
                               f"{cpu_per_token(run)}  {server.name}", flush=True)
@@ -416,10 +423,12 @@ def over_http(args: argparse.Namespace, model: Path, gen: Run | None) -> None:
         for server in servers:
             if server.engine in targets or server.logprobs:
                 cpu = (server.many.cpu / server.many.tokens) / (own.many.cpu / own.many.tokens)
+                api = ((server.many.cpu_api / server.many.tokens)
+                       / (own.many.cpu_api / own.many.tokens))
                 print(f"    {server.name} / vLLM's own server at {b} clients = "
                       f"{server.many.rate / own.many.rate:.2f}x  "
                       f"(target >= {targets.get(server.engine, '-')}x); "
-                      f"CPU per token {cpu:.2f}x")
+                      f"CPU per token {cpu:.2f}x, in the API process {api:.2f}x")
 
 
 def main() -> None:
