@@ -109,6 +109,19 @@ def _store_errors() -> Iterator[None]:
         raise
 
 
+def storable(value: Any) -> Any:
+    """`value` with every NUL character in its strings replaced by U+FFFD: PostgreSQL's text and
+    JSON types refuse NUL, which a byte-level model can emit and a user can send. Applied on
+    both databases, so what is stored does not depend on the backend."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list | tuple):
+        return [storable(item) for item in value]
+    if isinstance(value, dict):
+        return {storable(key): storable(item) for key, item in value.items()}
+    return value
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 

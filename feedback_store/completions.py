@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -11,7 +12,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from feedback_store.base import StoreBase, utcnow
+from feedback_store.base import StoreBase, storable, utcnow
 from feedback_store.errors import InvalidInputError, StoreError, StoreUnavailableError
 from feedback_store.models import Choice, Completion, Prompt
 from feedback_store.training_data import is_holdout_hash
@@ -61,6 +62,7 @@ class CompletionsMixin(StoreBase):
         return outcomes
 
     def _insert(self, s: Session, records: list[NewCompletion]) -> None:
+        records = [_storable(c) for c in records]
         created = [_created(c) for c in records]
         prompt_ids = self._prompt_ids(s, records, created)
         s.execute(sa.insert(Completion), [
@@ -105,6 +107,13 @@ class CompletionsMixin(StoreBase):
 def _check(c: NewCompletion) -> None:
     if not c.choices:
         raise InvalidInputError("A completion needs at least one choice", param="choices")
+
+
+def _storable(c: NewCompletion) -> NewCompletion:
+    """The completion with its texts fit for either database (`storable`)."""
+    return replace(c, prompt_text=storable(c.prompt_text), messages=storable(c.messages),
+                   params=storable(c.params), user=storable(c.user),
+                   choices=[replace(ch, text=storable(ch.text)) for ch in c.choices])
 
 
 def _created(c: NewCompletion) -> datetime:

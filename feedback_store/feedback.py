@@ -10,7 +10,7 @@ from sqlalchemy import exc
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
+from feedback_store.base import StoreBase, public_id, request_hash, storable, unix, utcnow
 from feedback_store.errors import (
     IdempotencyMismatchError,
     InvalidInputError,
@@ -286,7 +286,7 @@ def _feedback_row(request: dict[str, Any]) -> dict[str, Any]:
     if request["rating"] not in RATINGS:
         raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
     key = scoped_key(request.get("idempotency_key"), request.get("idempotency_scope"))
-    body = {name: request.get(name) for name in _HASHED}
+    body = {name: storable(request.get(name)) for name in _HASHED}
     return {
         **body,
         "idempotency_key": key,

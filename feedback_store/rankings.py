@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.orm import Session
 
-from feedback_store.base import StoreBase, public_id, request_hash, unix, utcnow
+from feedback_store.base import StoreBase, public_id, request_hash, storable, unix, utcnow
 from feedback_store.errors import InvalidInputError
 from feedback_store.feedback import _find_choice, _replayed, scoped_key
 from feedback_store.models import Choice, Ranking, RankingItem
@@ -38,6 +38,7 @@ class RankingsMixin(StoreBase):
         (the caller's API key, see `scoped_key`).
         """
         key = scoped_key(idempotency_key, idempotency_scope)
+        user = storable(user)
         tiers = _tie_groups(items)
         digest = request_hash({"items": _hashed_tiers(tiers), "user": user})
 

@@ -202,30 +202,21 @@ def test_stack_is_healthy_and_private(stack: Stack) -> None:
 
 def chat_and_rate(stack: Stack) -> None:
     """Twelve thumbs on six chats through nginx: more than the cycle's threshold of eight.
-
-    An answer holding a NUL character is served but not stored on PostgreSQL (its text type
-    refuses NUL; the tiny model emits one now and then), so it cannot be rated: it is skipped.
-    """
-    rated = 0
+    Every answer can be rated, an answer holding a NUL character included (the tiny model emits
+    one now and then; PostgreSQL stores it as U+FFFD)."""
     with stack.client() as client:
-        for i in range(30):
+        for i in range(6):
             response = client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": QUESTIONS[i % 4]}],
                 "n": 2, "max_tokens": 12})
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["system_fingerprint"] == response.headers["X-Flywheel-Policy"]
-            if any("\x00" in choice["message"]["content"] for choice in body["choices"]):
-                continue
             for index, rating in enumerate(("up", "down")):
                 feedback = client.post("/v1/feedback", json={
                     "completion_id": body["id"], "choice_index": index, "rating": rating})
                 assert feedback.status_code == 201, \
                     f"{feedback.text}\n{stack.logs('server-cpu', 'worker-cpu')}"
-            rated += 1
-            if rated == 6:
-                return
-    raise AssertionError(f"only {rated} of 30 answers were storable")
 
 
 def last_run(stack: Stack) -> int:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import InvalidInputError
+from feedback_store.models import Choice, Feedback, Prompt
 
 from .conftest import add_completion, count
 
@@ -52,3 +54,19 @@ def test_a_refused_record_fails_alone(store: Store) -> None:
     assert count(store, "completions") == 3  # taken, a, b
     with pytest.raises(InvalidInputError):
         store.record_completion(_completion("chatcmpl-a", "Again?"))
+
+
+def test_nul_characters_are_stored_as_replacement_characters(store: Store) -> None:
+    """PostgreSQL's text and JSON refuse NUL; a byte-level model emits one now and then and a
+    user may send one. Stored as U+FFFD on both databases, so the answer can still be rated."""
+    nul = _completion("chatcmpl-nul", "a\x00b", ("x\x00y",))
+    nul = NewCompletion(**{**nul.__dict__, "user": "u\x00"})
+    assert store.record_completions([nul]) == [None]
+    _, created = store.add_feedback(completion_id="chatcmpl-nul", choice_index=0, rating="up",
+                                    comment="fine\x00", user="v\x00")
+    assert created
+    with store._tx(write=False) as s:
+        text = s.scalar(sa.select(Choice.text).where(Choice.completion_id == "chatcmpl-nul"))
+        prompt = s.scalar(sa.select(Prompt.prompt_text))
+        comment, user = s.execute(sa.select(Feedback.comment, Feedback.user)).one()
+    assert (text, prompt, comment, user) == ("x\ufffdy", "a\ufffdb", "fine\ufffd", "v\ufffd")
