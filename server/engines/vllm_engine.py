@@ -336,7 +336,8 @@ class VLLMEngine:
             await swap_in_place(self._require_started()[0], path, version,
                                 previous_path=self._weights_path,
                                 previous_version=self._version,
-                                then=add_adapter if adapter is not None else None)
+                                then=add_adapter if adapter is not None else None,
+                                repack=bool(self._bindings and self._bindings.on_cpu))
             self._weights_path, self._version = path, version
             self._lora = loaded[0] if loaded else None
             self._degraded = None

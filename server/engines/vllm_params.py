@@ -14,6 +14,7 @@ from typing import Any
 from flywheel.settings import Settings
 from server.engines.base import ChoiceDelta, EngineError, FinishReason, SamplingParams
 from server.engines.detokenize import ChoiceTexts
+from server.engines.vllm_worker_ext import EXTENSION
 
 # vllm/config/lora.py:27 `MaxLoRARanks`: the only ranks the engine accepts for `max_lora_rank`.
 LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -185,6 +186,8 @@ def engine_args(settings: Settings, extra: Mapping[str, Any] | None = None, *,
         args["kv_cache_memory_bytes"] = kv_bytes
     if settings.vllm_enforce_eager:
         args["enforce_eager"] = True
+    if on_cpu:  # repacks a tied LM head after each in-place reload (vllm_worker_ext)
+        args["worker_extension_cls"] = EXTENSION
     if settings.max_model_len is not None:
         args["max_model_len"] = settings.max_model_len
     if settings.ppo.use_lora:

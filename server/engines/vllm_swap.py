@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from server.engines.base import SwapError
+from server.engines.vllm_worker_ext import REPACK
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class SwapTarget(Protocol):
     async def update_weight_version(self, new_version: str) -> None: ...
 
 
-async def reload_weights(llm: SwapTarget, path: str) -> None:
+async def reload_weights(llm: SwapTarget, path: str, *, repack: bool = False) -> None:
     """Every worker reloads its weights in place from the Hugging Face directory ``path``.
 
     `GPUModelRunner.reload_weights(weights_iterator=None, weights_path=None,
@@ -55,13 +56,17 @@ async def reload_weights(llm: SwapTarget, path: str) -> None:
     await llm.collective_rpc(
         "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
     )
+    if repack:  # vLLM's CPU backend: a tied LM head is stale until repacked (vllm_worker_ext)
+        await llm.collective_rpc(REPACK)
 
 
 async def swap_in_place(
     llm: SwapTarget, path: str, version: str, *, previous_path: str, previous_version: str,
-    then: Callable[[], Awaitable[None]] | None = None,
+    then: Callable[[], Awaitable[None]] | None = None, repack: bool = False,
 ) -> None:
     """Pause, reload ``path``, run ``then`` (paused), label outputs ``version``, resume.
+    ``repack``: the engine runs vLLM's CPU backend with ``vllm_worker_ext`` (each reload repacks
+    the embeddings).
 
     On failure the previous weights are reloaded: ``SwapError`` when they serve again,
     ``DegradedEngineError`` when they could not be restored or generation could not resume.
@@ -71,7 +76,7 @@ async def swap_in_place(
     try:
         await llm.pause_generation(mode="keep", clear_cache=True)
         touched = True  # from here the workers' tensors may hold part of the new checkpoint
-        await reload_weights(llm, path)
+        await reload_weights(llm, path, repack=repack)
         if then is not None:
             await then()
         await llm.update_weight_version(version)
@@ -79,7 +84,7 @@ async def swap_in_place(
         if not touched:
             # The pause failed before any weight moved: the old weights still serve.
             raise SwapError(f"could not pause the engine for {version}: {exc}") from exc
-        await _roll_back(llm, previous_path, previous_version, version, exc)
+        await _roll_back(llm, previous_path, previous_version, version, exc, repack)
         raise SwapError(f"could not load {version} from {path}: {exc}; "
                         f"{previous_version} serves again") from exc
     finally:
@@ -90,11 +95,12 @@ async def swap_in_place(
 
 
 async def _roll_back(
-    llm: SwapTarget, path: str, version: str, failed_version: str, cause: Exception
+    llm: SwapTarget, path: str, version: str, failed_version: str, cause: Exception,
+    repack: bool,
 ) -> None:
     """Reload the previous weights after a failed reload (a partial reload is a torn model)."""
     try:
-        await reload_weights(llm, path)
+        await reload_weights(llm, path, repack=repack)
         await llm.update_weight_version(version)
     except Exception as exc:
         # Some tensors hold the new checkpoint and some the old: the engine answers, but with

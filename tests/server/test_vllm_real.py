@@ -222,6 +222,8 @@ async def test_full_weight_swap_under_load(engine, checkpoints: dict[str, Path])
     assert after != before
     new = await run(engine, prompt, params, "after-load")
     assert {d.policy_version for d in new} == {"policy-1"}
+    # Every layer serves the new weights, a tied LM head included (repacked on vLLM's CPU).
+    await assert_logprobs_match_reference(engine, checkpoints["policy-1"])
     assert engine.stats().extra["last_swap_seconds"] is not None
 
     with pytest.raises(SwapError, match="policy-1 serves again"):

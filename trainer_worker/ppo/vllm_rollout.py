@@ -32,7 +32,6 @@ from torch import nn
 
 from flywheel.settings import PPOConfig, Settings
 from trainer_worker.ppo.rollout import Rollout, assemble_rollout
-from trainer_worker.ppo.vllm_worker_ext import EXTENSION
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,7 +57,6 @@ class VLLMRollouts:
         self._final_only = RequestOutputKind.FINAL_ONLY  # one output per request, not a stream
         extra = {"gpu_memory_utilization": cfg.rollout_gpu_memory_utilization,
                  "enable_prefix_caching": False,  # each prompt is sampled once per sync
-                 "worker_extension_cls": EXTENSION,
                  **(extra_engine_args or {})}
         args = engine_args(settings, extra, on_cpu=self._api.on_cpu)
         args.update(model=str(policy_dir), seed=cfg.seed)
@@ -136,15 +134,11 @@ class VLLMRollouts:
         policy.save_pretrained(path)  # config.json + model.safetensors, fp32
         self._run(swap_in_place(self._llm, str(path), version,
                                 previous_path=self._weights_path,
-                                previous_version=self._version, then=self._repack))
+                                previous_version=self._version, repack=self._api.on_cpu))
         previous = Path(self._weights_path)
         self._weights_path, self._version = str(path), version
         if previous.parent == self._sync_root:
             shutil.rmtree(previous, ignore_errors=True)
-
-    async def _repack(self) -> None:
-        """A tied LM head keeps its pre-reload packing on CPU unless repacked (vllm_worker_ext)."""
-        await self._llm.collective_rpc("flywheel_repack_embeddings")
 
     def close(self) -> None:
         """Shut the engine down and delete the synced weights."""

