@@ -74,6 +74,7 @@ def add_completion(
     prompt: str = "Hello?",
     texts: tuple[str, ...] = ("Hi!", "Go away."),
     kind: str = "chat",
+    policy_version: str = "policy-0",
 ) -> None:
     """Store a completion of `prompt` with one choice per text (token ids from the text)."""
     store.record_completion(
@@ -84,7 +85,7 @@ def add_completion(
             prompt_token_ids=[ord(ch) for ch in prompt],
             messages=[{"role": "user", "content": prompt}] if kind == "chat" else None,
             model="flywheel",
-            policy_version="policy-0",
+            policy_version=policy_version,
             params={"n": len(texts), "temperature": 1.0},
             choices=[
                 NewChoice(i, text, [ord(ch) for ch in text], [-0.5] * len(text), "stop")

@@ -36,13 +36,15 @@ def test_duplicate_completion_id_writes_nothing(store: Store) -> None:
 
 
 def test_values_the_database_refuses_are_invalid_input(store: Store) -> None:
-    """PostgreSQL text cannot hold NUL; that is the client's 400, not a 500 (SQLite stores it)."""
+    """PostgreSQL refuses a version name longer than its column; that is the client's 400, not
+    a 500, and nothing is half-written (SQLite does not enforce lengths and stores it)."""
+    too_long = "v" * 100
     if store.dialect == "postgresql":
         with pytest.raises(InvalidInputError):
-            add_completion(store, "chatcmpl-a", prompt="nul \x00 here")
-        assert count(store, "prompts") == 0
+            add_completion(store, "chatcmpl-a", policy_version=too_long)
+        assert count(store, "prompts") == count(store, "completions") == 0
     else:
-        add_completion(store, "chatcmpl-a", prompt="nul \x00 here")
+        add_completion(store, "chatcmpl-a", policy_version=too_long)
 
 
 def test_add_feedback_record(store: Store) -> None:
