@@ -163,6 +163,18 @@ class IdentitiesMixin(StoreBase):
                     found[row.identity] = Tally(row.events, row.scored, row.agreed)
         return found
 
+    def weights_with(self, tallies: Mapping[str, Tally], identities: Iterable[str],
+                     disagreeing_weight: float) -> dict[str, float]:
+        """The weights these identities would have with `tallies` added to their stored
+        totals (`agreement_weight`); nothing is stored."""
+        wanted = set(identities)
+        standing = self.identity_standing(wanted)
+        weights = {}
+        for name in wanted:
+            total = standing[name] + tallies.get(name, Tally())
+            weights[name] = agreement_weight(total.scored, total.agreed, disagreeing_weight)
+        return weights
+
     def identity_weights(self, identities: Iterable[str]) -> dict[str, float]:
         """Stored weights of these identities; 1 for those never scored."""
         wanted = sorted(set(identities))

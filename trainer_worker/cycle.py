@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from feedback_store import Store
-from feedback_store.identities import Tally, agreement_weight, limit_identities
+from feedback_store.identities import Tally, limit_identities
 from feedback_store.training_data import Marks, balance_thumbs
 from feedback_store.types import RewardData
 from flywheel.checkpoints import atomic_directory, seal
@@ -122,11 +122,7 @@ def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: 
                                  ctx.device)
                if previous is not None else new_event_counts(data))
     names = {item.identity for item in [*data.groups, *data.thumbs]}
-    standing = ctx.store.identity_standing(names)
-    weights = {}
-    for name in names:
-        total = standing[name] + tallies.get(name, Tally())
-        weights[name] = agreement_weight(total.scored, total.agreed, limits.disagreeing_weight)
+    weights = ctx.store.weights_with(tallies, names, limits.disagreeing_weight)
     items = [*data.groups, *data.thumbs]
     metrics: dict[str, Any] = {
         "reward/new_examples": float(sum(item.new for item in items)),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from feedback_store import Store
 from feedback_store.errors import StoreError
-from feedback_store.identities import Tally, agreement_weight
+from feedback_store.identities import Tally
 from flywheel.settings import Settings
 from trainer_worker.cycle import WATERMARKS
 
@@ -43,13 +43,8 @@ class RaterReview:
         return self._combined(set(names))
 
     def _combined(self, names: set[str]) -> dict[str, float]:
-        standing = self.store.identity_standing(names)
-        floor = self.settings.feedback.disagreeing_weight
-        out = {}
-        for name in names:
-            total = standing[name] + self._tallies.get(name, Tally())
-            out[name] = agreement_weight(total.scored, total.agreed, floor)
-        return out
+        return self.store.weights_with(self._tallies, names,
+                                       self.settings.feedback.disagreeing_weight)
 
     def _refresh(self, device: str) -> None:
         rm = self.store.latest_reward_model()
