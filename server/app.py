@@ -22,11 +22,12 @@ from server.admin.identities import router as identities_router
 from server.auth import Authenticator, exposed
 from server.canary_split import CanarySplit
 from server.completions.api_router import router as completions_router
-from server.completions.recording import CompletionWrites
+from server.completions.recording import completion_writes
 from server.console.api_router import router as console_router
 from server.engines.base import Engine
 from server.errors import install_error_handlers
 from server.feedback.api_router import router as feedback_router
+from server.feedback.recording import feedback_writes
 from server.health import router as health_router
 from server.hotswap import PolicyWatcher, initial_plan
 from server.limits import BodyLimit
@@ -77,7 +78,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         split = CanarySplit()
         state = AppState(settings=settings, engine=eng, store=db, metrics=metrics,
                          auth=Authenticator(settings), split=split, publisher=publisher,
-                         completion_writes=CompletionWrites(db))
+                         completion_writes=completion_writes(db),
+                         feedback_writes=feedback_writes(db))
         if watch:
             state.watcher = PolicyWatcher(settings, eng, db, metrics, split)
             await state.watcher.start()
@@ -95,6 +97,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
                 await state.watcher.stop()
             await eng.stop()
             await to_thread.run_sync(state.completion_writes.close)
+            await to_thread.run_sync(state.feedback_writes.close)
             publisher.close()
             if store is None:
                 db.close()

@@ -14,6 +14,7 @@ from server.auth import Authenticator
 from server.canary_split import CanarySplit
 from server.completions.recording import CompletionWrites
 from server.engines.base import Engine
+from server.feedback.recording import FeedbackWrites
 from server.metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class AppState:
     split: CanarySplit
     publisher: Publisher
     completion_writes: CompletionWrites
+    feedback_writes: FeedbackWrites
     watcher: PolicyWatcher | None = None
 
 

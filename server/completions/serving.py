@@ -13,6 +13,7 @@ from typing import Any
 from anyio import to_thread
 
 from feedback_store import NewChoice, NewCompletion
+from feedback_store.errors import StoreError
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.completions.responses import (
     ChoiceState,
@@ -174,7 +175,10 @@ async def _store(state: AppState, job: CompletionJob, policy: str,
                            finish_reason=c.finish_reason or "length")
                  for i, c in sorted(choices.items())],
     )
-    error = await state.completion_writes.add(record)
+    try:
+        error = await state.completion_writes.add(record)
+    except StoreError as unavailable:
+        error = unavailable
     if error is not None:
         # Serving goes on without the database; this completion cannot receive feedback.
         state.metrics.unstored.inc()

@@ -1,4 +1,4 @@
-"""Group commit of served completions (server/completions/recording.py) on a real store."""
+"""Group commit (server/group_commit.py) of served completions and of ratings, on a real store."""
 
 from __future__ import annotations
 
@@ -8,8 +8,14 @@ from collections.abc import Iterator
 import pytest
 
 from feedback_store import NewChoice, NewCompletion, Store
-from feedback_store.errors import InvalidInputError, StoreError, StoreUnavailableError
-from server.completions.recording import CompletionWrites
+from feedback_store.errors import (
+    InvalidInputError,
+    NotFoundError,
+    StoreError,
+    StoreUnavailableError,
+)
+from server.completions.recording import completion_writes
+from server.feedback.recording import feedback_writes
 
 
 @pytest.fixture
@@ -35,7 +41,7 @@ async def test_completions_ending_during_a_write_go_in_one_batch(store: Store) -
         return write(records)
 
     store.record_completions = spy  # type: ignore[method-assign]
-    writes = CompletionWrites(store)
+    writes = completion_writes(store)
     try:
         outcomes = await asyncio.gather(*(writes.add(_record(f"cmpl-{i}")) for i in range(5)))
         assert outcomes == [None] * 5
@@ -55,9 +61,41 @@ async def test_an_unavailable_database_answers_every_completion_of_the_batch(
         raise StoreUnavailableError("The database is unavailable")
 
     store.record_completions = down  # type: ignore[method-assign]
-    writes = CompletionWrites(store)
+    writes = completion_writes(store)
     try:
-        outcomes = await asyncio.gather(*(writes.add(_record(f"cmpl-{i}")) for i in range(3)))
+        outcomes = await asyncio.gather(*(writes.add(_record(f"cmpl-{i}")) for i in range(3)),
+                                        return_exceptions=True)
     finally:
         writes.close()
     assert all(isinstance(o, StoreUnavailableError) for o in outcomes)
+
+
+async def test_ratings_arriving_during_a_write_wait_and_go_together(store: Store) -> None:
+    completions = completion_writes(store)
+    try:
+        await asyncio.gather(*(completions.add(_record(f"cmpl-{i}")) for i in range(6)))
+    finally:
+        completions.close()
+    batches: list[int] = []
+    write = store.add_feedbacks
+
+    def spy(requests: list[dict]) -> list:
+        batches.append(len(requests))
+        return write(requests)
+
+    store.add_feedbacks = spy  # type: ignore[method-assign]
+    writes = feedback_writes(store)
+    try:
+        outcomes = await asyncio.gather(*(writes.add({
+            "completion_id": f"cmpl-{i}", "choice_index": 0, "rating": "up"})
+            for i in range(6)))
+        unknown = await writes.add({"completion_id": "cmpl-x", "choice_index": 0,
+                                    "rating": "up"})
+    finally:
+        writes.close()
+    # Two writers: the first two ratings found one free each, the other four waited together.
+    assert batches == [1, 1, 4, 1]
+    assert [record["completion_id"] for record, created in outcomes] == \
+        [f"cmpl-{i}" for i in range(6)]
+    assert isinstance(unknown, NotFoundError)
+    assert store.feedback_counts()["up"] == 6
