@@ -346,8 +346,8 @@ def test_a_worker_killed_mid_cycle_fails_its_run_and_the_next_cycle_runs(
     wait_until(failed, 300, f"the abandoned run {run['id']} marked failed",
                lambda: stack.logs("worker-cpu"))
     # Back to the stack's fast cycles: the endless worker, restarted by Docker, may have begun a
-    # second endless run, which the fast worker finds abandoned and fails too. The feedback of
-    # the abandoned runs is still new to it, and it trains on it in its next cycle.
+    # second endless run, which it cancels when stopped (or the fast worker finds abandoned and
+    # fails). The feedback of those runs is still new, and the fast worker trains on it.
     stack.compose("up", "-d", "--no-deps", "--no-build", "worker-cpu")
 
     def succeeded() -> bool:
@@ -356,7 +356,7 @@ def test_a_worker_killed_mid_cycle_fails_its_run_and_the_next_cycle_runs(
                             if int(r["id"]) > int(run["id"])), key=lambda r: int(r["id"]))
         if not later or later[-1]["status"] != "succeeded":
             return False
-        assert all(r["status"] == "failed" for r in later[:-1]), later
+        assert all(r["status"] in ("cancelled", "failed") for r in later[:-1]), later
         return True
 
     wait_until(succeeded, 600, "a cycle succeeding after the crash",
