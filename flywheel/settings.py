@@ -161,6 +161,7 @@ class Settings(BaseSettings):
     admin_key: str = ""
     checkpoint_dir: Path | None = None  # default: <data_dir>/checkpoints
     max_batch_size: int = 32  # sequences decoded together by the transformers engine
+    engine_process: bool = False  # transformers engine: decode in a process of its own (no GIL)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     stream_interval_ms: float = 0.0  # coalesce stream deltas produced within this window
     gpu_memory_utilization: float = 0.85  # vLLM only

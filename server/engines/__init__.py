@@ -25,9 +25,12 @@ def create_engine(
     """The engine ``settings.engine`` names, serving ``model_path`` (default: the base model)."""
     path = str(model_path or settings.model)
     if settings.engine == "transformers":
-        from server.engines.transformers_engine import TransformersEngine
+        if settings.engine_process:
+            from server.engines.engine_process import TransformersProcessEngine as Transformers
+        else:
+            from server.engines.transformers_engine import TransformersEngine as Transformers
 
-        return TransformersEngine(
+        return Transformers(
             path,
             device=settings.device,
             dtype=settings.dtype,

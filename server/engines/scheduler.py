@@ -18,6 +18,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -31,6 +32,9 @@ from server.engines.sampling import RowSampler, Sampled
 from server.engines.sequence import DeltaOrError, Request, Sequence
 
 logger = logging.getLogger(__name__)
+
+Outgoing = tuple[Request, DeltaOrError]
+Deliver = Callable[[list[Outgoing]], None]  # the engine process: one step's items, no event loop
 
 JOIN_RATIO = 0.25  # join waiting requests once they number a quarter of the running sequences
 MAX_JOIN_WAIT_STEPS = 4  # ... or once the oldest has waited this many decode steps
@@ -50,7 +54,11 @@ class Scheduler:
         max_batch_size: int,
         stream_interval_s: float,
         threads: int | None = None,
+        deliver: Deliver | None = None,
     ) -> None:
+        """``deliver``: where each step's items go instead of their requests' event loops (the
+        engine process sends them to the API process); also called, maybe with no items, after
+        every iteration, so that it can pass on changed counts."""
         self._groups = Groups(model, version)
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
@@ -66,8 +74,9 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._shared_gen = torch.Generator()
         self._shared_gen.manual_seed(random.SystemRandom().getrandbits(63))
-        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[Request, DeltaOrError]]] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop | None, list[Outgoing]] = {}
         self._mailboxes: dict[asyncio.AbstractEventLoop, Mailbox[DeltaOrError]] = {}
+        self._deliver = deliver
         self._token_text: dict[int, str] = {}
         self.running_requests = 0
         self.running_sequences = 0
@@ -157,6 +166,8 @@ class Scheduler:
                         self._step(group)
                     self._groups.retire()
                     self._count()
+                    if self._deliver is not None:
+                        self._flush()  # counts changed by the iteration, maybe with no items
         finally:
             self._abort_all(EngineError("The engine stopped before the request finished."))
 
@@ -341,7 +352,11 @@ class Scheduler:
         """Hand this step's items to their event loops (called after finished rows are dropped,
         so ``stats()`` is current when a stream ends)."""
         outbox, self._outbox = self._outbox, {}
+        if self._deliver is not None:
+            self._deliver([item for items in outbox.values() for item in items])
+            return
         for loop, items in outbox.items():
+            assert loop is not None  # requests without a loop come only with ``deliver``
             mailbox = self._mailboxes.get(loop)
             if mailbox is None:
                 mailbox = self._mailboxes[loop] = Mailbox(loop)

@@ -97,7 +97,7 @@ class TransformersEngine:
         model = self._load_model(model_path)
         config = model.config
         self.max_model_len = int(max_model_len or config.max_position_embeddings)
-        self.eos_token_ids = _eos_token_ids(model_path, config, self.tokenizer)
+        self.eos_token_ids = eos_token_ids(model_path, config, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         pad_id = pad if pad is not None else (self.eos_token_ids or (0,))[0]
         self._vocab_size = model.get_input_embeddings().num_embeddings
@@ -162,15 +162,9 @@ class TransformersEngine:
     ) -> AsyncIterator[ChoiceDelta]:
         """Validate now (``PromptTooLongError`` before any streaming starts), then stream."""
         prompt = list(prompt_token_ids)
-        if not prompt:
-            raise EngineError("The prompt is empty.")
-        if len(prompt) >= self.max_model_len:
-            raise PromptTooLongError(len(prompt), self.max_model_len)
-        if min(prompt) < 0 or max(prompt) >= self._vocab_size:
-            raise EngineError(f"Prompt token ids must lie in [0, {self._vocab_size}).")
+        max_new = admissible(prompt, params, self.max_model_len, self._vocab_size)
         if self._closing:
             raise EngineError("The engine is shutting down.")
-        max_new = max(1, min(params.max_tokens, self.max_model_len - len(prompt)))
         return self._stream(request_id, prompt, params, max_new, canary)
 
     async def _stream(
@@ -256,24 +250,46 @@ class TransformersEngine:
         )
 
     def _load_model(self, path: str) -> Any:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype)
-        return model.to(self.device).eval()
+        return load_model(path, self.device, self.dtype)
 
     def _load_checked(self, path: str) -> Any:
-        """Load new weights and prove they run before anything is handed to the decode thread."""
-        model = self._load_model(path)
-        vocab = model.get_input_embeddings().num_embeddings
-        if vocab != self._vocab_size:
-            raise ValueError(f"vocabulary size {vocab} differs from the served {self._vocab_size}")
-        with torch.inference_mode():
-            probe = torch.tensor([[self.eos_token_ids[0] if self.eos_token_ids else 0]])
-            logits = model(input_ids=probe.to(self.device)).logits
-        if not bool(torch.isfinite(logits).all()):
-            raise ValueError("the new weights produce non-finite logits")
-        return model
+        return load_checked(path, self.device, self.dtype, self._vocab_size, self.eos_token_ids)
 
 
-def _eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
+def admissible(prompt: list[int], params: SamplingParams, max_model_len: int,
+               vocab_size: int) -> int:
+    """The new tokens a request may decode; ``EngineError`` (``PromptTooLongError``) for a
+    prompt no engine could serve (raised before any streaming starts)."""
+    if not prompt:
+        raise EngineError("The prompt is empty.")
+    if len(prompt) >= max_model_len:
+        raise PromptTooLongError(len(prompt), max_model_len)
+    if min(prompt) < 0 or max(prompt) >= vocab_size:
+        raise EngineError(f"Prompt token ids must lie in [0, {vocab_size}).")
+    return max(1, min(params.max_tokens, max_model_len - len(prompt)))
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_checked(path: str, device: torch.device, dtype: torch.dtype, vocab_size: int,
+                 eos_token_ids: tuple[int, ...]) -> Any:
+    """Load new weights and prove they run before anything is handed to the decode thread."""
+    model = load_model(path, device, dtype)
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab != vocab_size:
+        raise ValueError(f"vocabulary size {vocab} differs from the served {vocab_size}")
+    with torch.inference_mode():
+        probe = torch.tensor([[eos_token_ids[0] if eos_token_ids else 0]])
+        logits = model(input_ids=probe.to(device)).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the new weights produce non-finite logits")
+    return model
+
+
+def eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
     """Every end-of-sequence id named by the generation config, model config or tokenizer."""
     ids: list[int] = []
     try:

@@ -1,0 +1,246 @@
+"""The engine process: the transformers engine's model and scheduler, away from the API server.
+
+Decoding in the API server's process shares its GIL (and, on a small CPU, its cores) with HTTP,
+SSE framing, JSON and SQL; like vLLM's ``EngineCoreProc`` the core runs in a spawned process of
+its own. It reads commands from one pipe (a reader thread) and writes events to another: one
+``step`` message per scheduler flush with every row's new output, the counts ``stats()`` needs
+and the weight changes it has applied. Detokenisation and stop strings stay here, next to the
+tokens, so the API process only forwards finished text.
+
+Commands (tuples, pickled): ``submit key prompt params max_new canary``, ``cancel key``,
+``load key kind path version`` (kind ``activate`` or ``canary``), ``change key kind`` (``promote``
+or ``end_canary``), ``stop``. Events: ``ready info``, ``failed reason``, ``step rows stats acks``,
+``acks acks stats``, ``stopped``. A row is ``(key, index, text, token_ids, logprobs, version,
+top_logprobs, finish_reason)``, or ``(key, message)`` when the request failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
+
+import torch
+from transformers import AutoTokenizer
+
+from server.engines.base import ChoiceDelta
+from server.engines.groups import ChangeKind
+from server.engines.scheduler import Outgoing, Scheduler
+from server.engines.sequence import Request
+from server.engines.transformers_engine import (
+    decode_threads,
+    eos_token_ids,
+    load_checked,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[Any, ...]
+Ack = tuple[int, str | None]  # a weight change's key and why it failed (None: applied)
+
+
+@dataclass(frozen=True)
+class CoreConfig:
+    """What the engine process is started with (the engine's constructor arguments)."""
+
+    model_path: str
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = 32
+    max_model_len: int | None = None
+    policy_version: str = "policy-0"
+    stream_interval_ms: float = 0.0
+    ignore_eos: bool = False
+    cpu_threads: int | None = None
+    log_level: int = logging.WARNING
+
+
+class CoreInfo(NamedTuple):
+    """The loaded model, as the API side must know it before serving."""
+
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    vocab_size: int
+    pad_token_id: int
+
+
+class CoreStats(NamedTuple):
+    """The scheduler's counts after a flush (what ``Engine.stats()`` reports)."""
+
+    running_requests: int = 0
+    running_sequences: int = 0
+    waiting: int = 0
+    received: int = 0  # submits the core has read (the API side adds those still in the pipe)
+    versions: tuple[str, ...] = ()  # loaded, oldest first (draining ones too)
+    active: str = ""
+    canary: str | None = None
+    requests_by_version: tuple[tuple[str, int], ...] = ()
+    steps: int = 0
+
+
+def delta_row(key: int, delta: ChoiceDelta) -> Row:
+    return (key, delta.index, delta.text, delta.token_ids, delta.logprobs, delta.policy_version,
+            delta.top_logprobs, delta.finish_reason)
+
+
+def row_delta(row: Row) -> ChoiceDelta:
+    return ChoiceDelta(row[1], row[2], row[3], row[4], row[5], row[6], row[7])
+
+
+class Core:
+    """The model, its scheduler and the two pipes, in the engine process."""
+
+    def __init__(self, config: CoreConfig, events: Connection) -> None:
+        self._events = events
+        self._send_lock = threading.Lock()
+        device = resolve_device(config.device)
+        self._device, self._dtype = device, resolve_dtype(config.dtype, device)
+        tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        model = load_model(config.model_path, device, self._dtype)
+        eos = eos_token_ids(config.model_path, model.config, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.info = CoreInfo(
+            max_model_len=int(config.max_model_len or model.config.max_position_embeddings),
+            eos_token_ids=eos,
+            vocab_size=model.get_input_embeddings().num_embeddings,
+            pad_token_id=pad if pad is not None else (eos or (0,))[0],
+        )
+        self._scheduler = Scheduler(
+            model,
+            config.policy_version,
+            tokenizer,
+            eos_token_ids=frozenset(() if config.ignore_eos else eos),
+            pad_token_id=self.info.pad_token_id,
+            max_batch_size=config.max_batch_size,
+            stream_interval_s=config.stream_interval_ms / 1000.0,
+            threads=decode_threads(device, config.cpu_threads),
+            deliver=self._deliver,
+        )
+        self._requests: dict[int, tuple[Request, list[int]]] = {}  # key: request, [unfinished]
+        self._received = 0
+        self._acks: list[Ack] = []
+        self._last: CoreStats | None = None
+
+    def serve(self, commands: Connection) -> None:
+        """Run the decode thread and obey ``commands`` until ``stop`` or the API process is gone."""
+        self._scheduler.start()
+        try:
+            while True:
+                try:
+                    command = commands.recv()
+                except (EOFError, OSError):  # the API process died: nothing left to serve
+                    return
+                if command[0] == "stop":
+                    return
+                self._obey(command)
+        finally:
+            self._scheduler.stop()  # aborts what is left; its errors go out with a last flush
+            self._send(("stopped",))
+
+    def _obey(self, command: tuple[Any, ...]) -> None:
+        kind, key = command[0], command[1]
+        if kind == "submit":
+            _, _, prompt, params, max_new, canary = command
+            loop: Any = None  # no event loop here: the scheduler hands items to ``deliver``
+            request = Request(str(key), prompt, params, max_new, loop, canary=canary)
+            self._requests[key] = (request, [request.params.n])
+            self._scheduler.submit(request)
+            self._received += 1
+        elif kind == "cancel":
+            entry = self._requests.pop(key, None)
+            if entry is not None:
+                self._scheduler.cancel(entry[0])
+        elif kind == "load":
+            threading.Thread(target=self._load, args=command[1:], name="flywheel-load",
+                             daemon=True).start()
+        elif kind == "change":
+            self._change(key, command[2])
+        else:
+            logger.error("unknown engine command %r", kind)
+
+    def _load(self, key: int, kind: ChangeKind, path: str, version: str) -> None:
+        """Load and probe weights beside the served ones (own thread: commands keep flowing)."""
+        try:
+            model = load_checked(path, self._device, self._dtype, self.info.vocab_size,
+                                 self.info.eos_token_ids)
+        except Exception as exc:
+            self._send(("acks", [(key, f"{type(exc).__name__}: {exc}")], self._stats()))
+            return
+        self._change(key, kind, model, version)
+
+    def _change(self, key: int, kind: ChangeKind, model: Any = None, version: str = "") -> None:
+        done = self._scheduler.change(kind, model, version)
+        # Resolved on the decode thread between steps; the ack leaves with its next flush.
+        done.add_done_callback(lambda future: self._acks.append((key, _failure(future))))
+
+    def _deliver(self, items: list[Outgoing]) -> None:
+        """One flush of the scheduler: each row's output, changed counts, applied changes."""
+        rows: list[Row] = []
+        for request, item in items:
+            key = int(request.id)
+            if isinstance(item, BaseException):
+                rows.append((key, str(item)))
+                self._requests.pop(key, None)
+                continue
+            rows.append(delta_row(key, item))
+            if item.finish_reason is not None:
+                entry = self._requests.get(key)
+                if entry is not None:
+                    entry[1][0] -= 1
+                    if not entry[1][0]:
+                        del self._requests[key]
+        stats = self._stats()
+        acks, self._acks = self._acks, []
+        if rows or acks or stats[:-1] != (self._last or CoreStats())[:-1]:
+            self._last = stats
+            self._send(("step", rows, stats, acks))
+
+    def _stats(self) -> CoreStats:
+        s = self._scheduler
+        return CoreStats(s.running_requests, s.running_sequences, s.waiting, self._received,
+                         tuple(s.group_versions()), s.version, s.canary_version,
+                         tuple(s.requests_by_version.items()), s.steps)
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        # OSError: the API process is gone (the command reader ends this one)
+        with self._send_lock, contextlib.suppress(OSError):
+            self._events.send(message)
+
+
+def _failure(future: Future[None]) -> str | None:
+    error = future.exception()
+    return None if error is None else str(error)
+
+
+def run_core(commands: Connection, events: Connection, config: CoreConfig) -> None:
+    """Load the model, say ``ready`` (or ``failed``), then serve until told to stop."""
+    # Ctrl-C and a supervisor's SIGTERM reach the whole process group; the API process drains its
+    # requests first and then stops this one (or this one sees its pipe close).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=config.log_level,
+                        format="%(asctime)s %(levelname)s engine-core %(name)s: %(message)s")
+    torch.set_grad_enabled(False)
+    try:
+        core = Core(config, events)
+    except Exception as exc:
+        events.send(("failed", f"{type(exc).__name__}: {exc}"))
+        return
+    events.send(("ready", core.info))
+    core.serve(commands)
+
+
+def main() -> None:
+    """The engine process: ``argv`` names the inherited pipe ends; the config comes first."""
+    commands = Connection(int(sys.argv[1]), writable=False)
+    events = Connection(int(sys.argv[2]), readable=False)
+    run_core(commands, events, commands.recv())
