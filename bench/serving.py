@@ -4,6 +4,7 @@
                             [--engine-only] [--stream-interval-ms 0]
                             [--engine transformers|vllm|both] [--against-vllm] [--vllm-eager]
                             [--http-only] [--baseline DIR] [--rounds N]
+                            [--engine-process default|on|off|both] [--process-threads N]
 
 Prints tokens/s of (1) raw ``model.generate`` at batch ``--clients`` (sampled, temperature 1),
 (2) the ``TransformersEngine`` in-process with that many requests submitted together, (2c/2d) the
@@ -25,6 +26,9 @@ vLLM runs in float32 with a 1 GiB KV cache on CPU (eager with ``--vllm-eager``) 
 All servers start first and are then measured in turn, ``--rounds`` times, so that the
 machine's other load falls on each alike; ``--baseline DIR`` adds the same engine(s) served from
 another checkout (``git worktree add DIR HEAD~1``), for before and after in one run.
+``--engine-process both`` serves the transformers engine twice, in its own process
+(``FLYWHEEL_ENGINE_PROCESS=true``) and in the API server's, and ``--process-threads N`` adds the
+former with ``OMP_NUM_THREADS=N`` in its engine process.
 """
 
 from __future__ import annotations
@@ -192,7 +196,8 @@ VLLM_KV_CACHE_BYTES = 1 << 30  # what Flywheel gives vLLM on CPU (server/engines
 
 
 def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: str,
-                 vllm_eager: bool, checkout: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+                 vllm_eager: bool, checkout: Path = ROOT, extra_env: dict[str, str] | None = None,
+                 ) -> tuple[subprocess.Popen[bytes], str]:
     """``flywheel serve`` with ``engine`` from ``checkout``, or vLLM's own OpenAI server for
     ``engine`` "vllm-own"."""
     port = free_port()
@@ -214,7 +219,7 @@ def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: 
                FLYWHEEL_VLLM_KV_CACHE_BYTES=str(VLLM_KV_CACHE_BYTES),
                VLLM_CACHE_ROOT=str(workdir.parent / "flywheel-bench-vllm-cache"),
                # ``python -m`` puts ``checkout`` first on the path, ahead of the installed code
-               PYTHONPATH=str(checkout))
+               PYTHONPATH=str(checkout), **(extra_env or {}))
     env.pop("FLYWHEEL_REDIS_URL", None)
     log = (workdir / f"{engine}.log").open("wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)
@@ -295,6 +300,7 @@ class Server:
     engine: str  # transformers, vllm or vllm-own
     checkout: Path = ROOT
     logprobs: bool = False  # requests ask for the sampled tokens' logprobs
+    env: dict[str, str] = field(default_factory=dict)  # the server's extra environment
     many: Run = field(default_factory=Run)
     one: Run = field(default_factory=Run)
 
@@ -338,7 +344,7 @@ async def http_rounds(model: Path, servers: list[Server], clients: int, max_new:
         try:
             for i, server in enumerate(servers):
                 procs.append(start_server(model, Path(tmp) / str(i), stream_interval_ms,
-                                          server.engine, vllm_eager, server.checkout))
+                                          server.engine, vllm_eager, server.checkout, server.env))
                 await wait_ready(procs[-1][1], procs[-1][0])  # one start at a time: less noise
             for _, url in procs:
                 await http_run(url, clients, 1.0, max_new)  # warm-up
@@ -392,13 +398,27 @@ def ttft(run: Run) -> str:
             f"p99 {1000 * percentile(run.ttft, 0.99):.1f} ms")
 
 
+def variants(name: str, engine: str, args: argparse.Namespace) -> list[Server]:
+    """The servers of one engine: the transformers engine in and out of its own process."""
+    if engine != "transformers" or args.engine_process == "default":
+        return [Server(name, engine)]
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.engine_process]
+    servers = [Server(f"{name}, {'own process' if on else 'in-process'}", engine,
+                      env={"FLYWHEEL_ENGINE_PROCESS": str(on).lower()}) for on in modes]
+    if args.process_threads:
+        servers.append(Server(f"{name}, own process, {args.process_threads} threads", engine,
+                              env={"FLYWHEEL_ENGINE_PROCESS": "true",
+                                   "OMP_NUM_THREADS": str(args.process_threads)}))
+    return servers
+
+
 def over_http(args: argparse.Namespace, model: Path, gen: Run | None) -> None:
     """Rows (3) and (4) per server, all started at once and measured in turn."""
     b = args.clients
     names = {"transformers": "flywheel serve, transformers", "vllm": "flywheel serve, vLLM",
              "vllm-own": "vLLM's own OpenAI server"}
     engines = ["transformers", "vllm"] if args.engine == "both" else [args.engine]
-    servers = [Server(names[e], e) for e in engines]
+    servers = [s for e in engines for s in variants(names[e], e, args)]
     if args.baseline is not None:
         servers += [Server(f"{names[e]} @ {args.baseline.name}", e, args.baseline.resolve())
                     for e in engines]
@@ -453,6 +473,12 @@ def main() -> None:
     parser.add_argument("--vllm-logprobs", action="store_true",
                         help="also measure vLLM's own server with requests asking for logprobs "
                              "(as Flywheel asks vLLM on every request)")
+    parser.add_argument("--engine-process", choices=["default", "on", "off", "both"],
+                        default="default",
+                        help="the transformers engine in its own process, in the API server's "
+                             "or both side by side (default: as FLYWHEEL_ENGINE_PROCESS says)")
+    parser.add_argument("--process-threads", type=int, default=0,
+                        help="also the engine process with this many OMP threads")
     parser.add_argument("--vllm-eager", action="store_true",
                         help="vLLM without torch.compile (starts faster, decodes slower)")
     args = parser.parse_args()
