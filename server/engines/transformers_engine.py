@@ -4,6 +4,7 @@ The event loop side (this module) validates and tokenises, hands requests to the
 (``scheduler.py``) and streams back the deltas it posts; weights for a hot swap or a canary are
 loaded on a worker thread and handed over between decode steps (``groups.py``). A canary is a
 second model beside the active one: both decode every iteration, each in its own batch.
+``engine_process.py`` runs the same scheduler in a process of its own (``FLYWHEEL_ENGINE_PROCESS``).
 """
 
 from __future__ import annotations

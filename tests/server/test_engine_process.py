@@ -115,6 +115,19 @@ async def test_n_choices_are_distinct_and_seeded(engine: TransformersProcessEngi
     assert [result[i]["ids"] for i in range(3)] == [again[i]["ids"] for i in range(3)]
 
 
+async def test_many_concurrent_requests_all_complete(engine: TransformersProcessEngine) -> None:
+    params = [SamplingParams(max_tokens=4 + i % 9, temperature=(i % 3) / 2, n=1 + i % 2)
+              for i in range(40)]
+    results = await asyncio.gather(*(collect(engine, chat(engine, QUESTIONS[i % 6]), p, f"c{i}")
+                                     for i, p in enumerate(params)))
+    for p, result in zip(params, results, strict=True):
+        assert sorted(result) == list(range(p.n))
+        for choice in result.values():
+            assert choice["finish"] in ("stop", "length")
+            assert 1 <= len(choice["ids"]) <= p.max_tokens
+    assert engine.stats().running == 0
+
+
 def test_bad_prompts_are_refused_before_streaming(engine: TransformersProcessEngine) -> None:
     with pytest.raises(PromptTooLongError):
         engine.generate([1] * engine.max_model_len, SamplingParams(max_tokens=4), "long")
