@@ -109,7 +109,7 @@ def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: 
                   ) -> tuple[RewardData, dict[str, Tally], dict[str, Any]]:
     """Step 1a: the RM's bounded data, capped per identity and weighted; the new events'
     agreement tallies (stored only if the new RM is kept) and metrics."""
-    from trainer_worker.reward.consensus import agreement_tallies, new_event_counts
+    from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
 
     limits = ctx.settings.feedback
     metrics_of = previous["metrics"] if previous is not None else {}
@@ -118,9 +118,13 @@ def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: 
                                        replay=limits.replay_examples, seed=seed)
     if not data.groups and not data.thumbs:
         raise Skip("no feedback outside the held-out prompts to train on yet")
-    tallies = (agreement_tallies(Path(previous["path"]), data, ctx.settings.reward.max_length,
-                                 ctx.device)
-               if previous is not None else new_event_counts(data))
+    if previous is not None:
+        tallies = agreement_tallies(Path(previous["path"]), data, ctx.settings.reward.max_length,
+                                    ctx.device)
+    else:  # no RM in service yet: RMs fitted on the other raters judge each one
+        tallies = cross_fitted_tallies(Path(ctx.settings.model), data, ctx.settings.reward,
+                                       share=limits.user_share, device=ctx.device,
+                                       should_stop=ctx.should_stop)
     names = {item.identity for item in [*data.groups, *data.thumbs]}
     weights = ctx.store.weights_with(tallies, names, limits.disagreeing_weight)
     items = [*data.groups, *data.thumbs]

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from feedback_store.identities import Tally
+from feedback_store.identities import Tally, agreement_weight
 from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
 from trainer_worker.reward import RewardModel
-from trainer_worker.reward.consensus import agreement_tallies, new_event_counts
+from flywheel.settings import RewardConfig
+from trainer_worker.reward.consensus import (
+    agreement_tallies,
+    cross_fitted_tallies,
+    new_event_counts,
+)
 from trainer_worker.reward.losses import bradley_terry_loss, pointwise_logistic_loss
 
 
@@ -63,3 +69,37 @@ def test_agreement_tallies(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert tallies["user:x"].scored == tallies["user:y"].scored == 2
     assert tallies["user:x"].agreed + tallies["user:y"].agreed == 2
     assert new_event_counts(data) == {"user:x": Tally(events=2), "user:y": Tally(events=2)}
+
+
+def _preferences(identity: str, n: int, rng: random.Random, *, inverted: bool
+                 ) -> list[PreferenceGroup]:
+    """`n` comparisons of an answer of tokens 10-19 with one of tokens 30-39 (every honest rater
+    prefers the first kind), the other way round when `inverted`."""
+    groups = []
+    for _ in range(n):
+        prompt = [rng.randrange(40, 60) for _ in range(3)]
+        good = [rng.randrange(10, 20) for _ in range(4)]
+        bad = [rng.randrange(30, 40) for _ in range(4)]
+        answers = [bad, good] if inverted else [good, bad]
+        groups.append(PreferenceGroup(prompt, answers, "ranking", identity=identity))
+    return groups
+
+
+def test_first_cycle_judges_each_rater_by_a_model_of_the_others(tiny_model_dir: Path) -> None:
+    """Before any RM is in service: eight honest raters and two who invert every comparison, as
+    many as the eight together. Each half of the raters is judged by an RM fitted on the other
+    half, so the flood is caught in the very first cycle and no honest rater is."""
+    rng = random.Random(0)
+    honest = [f"user:h{i}" for i in range(8)]
+    groups = [g for name in honest for g in _preferences(name, 20, rng, inverted=False)]
+    groups += [g for name in ("user:x", "user:y") for g in _preferences(name, 80, rng,
+                                                                     inverted=True)]
+    data = RewardData(groups=groups, thumbs=[])
+    tallies = cross_fitted_tallies(tiny_model_dir, data, RewardConfig(lr=1e-3, epochs=3),
+                                   share=0.1)
+    weights = {name: agreement_weight(t.scored, t.agreed, 0.1) for name, t in tallies.items()}
+    assert weights == {**dict.fromkeys(honest, 1.0), "user:x": 0.1, "user:y": 0.1}, tallies
+    assert all(t.events == t.scored for t in tallies.values())  # every new event judged once
+    few = RewardData(groups=groups[:60], thumbs=[])  # three raters: no consensus of others
+    assert cross_fitted_tallies(tiny_model_dir, few, RewardConfig(), share=0.1) == \
+        new_event_counts(few)

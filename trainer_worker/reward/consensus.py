@@ -4,23 +4,30 @@ The RM in service stands for the consensus of the other raters: it was trained b
 feedback arrived, on data in which no identity had more than its capped share, and it is in
 service only because it ranked held-out feedback better than chance. Each new event is judged
 once (later cycles see it as replay, and never score it again); the tallies go to the store,
-which turns them into weights (`feedback_store.identities.agreement_weight`).
+which turns them into weights (`feedback_store.identities.agreement_weight`). Before any RM is
+in service, `cross_fitted_tallies` stands in for it with RMs fitted on the other raters.
 """
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from feedback_store.identities import Tally
-from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
+from feedback_store.identities import Tally, limit_identities
+from feedback_store.types import ANONYMOUS, PreferenceGroup, RewardData, ThumbExample
+from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import rm_sequence
 from trainer_worker.reward.losses import group_pairs
 from trainer_worker.reward.model import RewardModel
-from trainer_worker.reward.train import score_sequences
+from trainer_worker.reward.train import score_sequences, train_reward_model
+
+# Below this many identities, half of them is no consensus: the first cycle counts, not judges.
+MIN_CROSS_FIT_RATERS = 4
 
 
 def new_event_counts(data: RewardData) -> dict[str, Tally]:
@@ -74,3 +81,42 @@ def _thumb_agreement(model: RewardModel, thumbs: Sequence[ThumbExample], eos: li
                  for t in thumbs]
     scores = model.normalize(score_sequences(model, sequences, device))  # (N,)
     return [(t, bool(s > 0) == t.label) for t, s in zip(thumbs, scores.tolist(), strict=True)]
+
+
+def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *, share: float,
+                         device: str = "cpu",
+                         should_stop: Callable[[], bool] | None = None) -> dict[str, Tally]:
+    """Before any RM is in service: each identity's new events judged by an RM trained on the
+    other identities' feedback only.
+
+    The identities are split in two halves (by a hash of the name); an RM is fitted on each half
+    (under the same share cap) and judges the other half. No rater is judged by a model it
+    trained, so a flood of inverted ratings meets the consensus of the others from the very
+    first cycle, not only once the first RM, trained with the flood at its full capped share,
+    is in service. Anonymous feedback trains both halves and is never judged (it has no one
+    to weigh). With fewer than `MIN_CROSS_FIT_RATERS` identities there is no consensus of others
+    to speak of: the events are counted, not judged, as before.
+    """
+    names = sorted({item.identity for item in [*data.groups, *data.thumbs]} - {ANONYMOUS})
+    tallies = new_event_counts(data)
+    if len(names) < MIN_CROSS_FIT_RATERS:
+        return tallies
+    half = {name: hashlib.sha256(name.encode()).digest()[0] % 2 for name in names}
+    for judged in (0, 1):
+        def trains(item: PreferenceGroup | ThumbExample, judged: int = judged) -> bool:
+            return item.identity == ANONYMOUS or half[item.identity] != judged
+
+        others = RewardData([g for g in data.groups if trains(g)],
+                            [t for t in data.thumbs if trains(t)])
+        own = RewardData([g for g in data.groups if not trains(g)],
+                         [t for t in data.thumbs if not trains(t)])
+        if not (others.groups or others.thumbs) or not (own.groups or own.thumbs):
+            continue
+        others, _ = limit_identities(others, share, {}, seed=cfg.seed)
+        with tempfile.TemporaryDirectory(prefix="flywheel-cross-fit-") as tmp:
+            train_reward_model(base_dir, others, cfg, Path(tmp), device=device, progress=False,
+                               should_stop=should_stop)
+            for name, tally in agreement_tallies(Path(tmp), own, cfg.max_length,
+                                                 device).items():
+                tallies[name] = tallies[name] + Tally(0, tally.scored, tally.agreed)
+    return tallies
