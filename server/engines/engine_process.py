@@ -42,8 +42,6 @@ logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 900.0  # loading a large model from a slow disk; a dead process fails at once
 STOP_TIMEOUT_S = 30.0  # for the engine process to abort what is left and exit
-
-
 ROOT = Path(__file__).resolve().parents[2]  # the checkout holding ``server``
 
 
