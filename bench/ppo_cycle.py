@@ -4,7 +4,9 @@ The feedback is the simulated user's: answers sampled from the model, judged and
 groups of four. Prints rollout tokens/s and training samples/s of PPO, the reward model's
 held-out accuracy, the candidate's score gain and KL, and the peak RSS (target under 3 GiB with
 the demo model). On a GPU machine, ``--device cuda --random-params 500e6`` runs the same cycle on
-a randomly initialised Llama of about 0.5B parameters and reports peak GPU memory.
+a randomly initialised Llama of about 0.5B parameters (the demo's byte-level tokenizer; learning
+rates and bf16 as the worker picks them for that size) and reports peak GPU memory; ``--lora``
+trains LoRA adapters instead of every weight.
 
 ``--rollout-engine both`` runs the PPO cycle twice in one run, same model, reward model, prompts
 and seed: rollouts sampled by the trainer's model (Hugging Face) and by vLLM (needs the vllm or
@@ -14,6 +16,7 @@ serves on GPUs and on CPUs with AMX) while the trainer computes in fp32: the mis
 
     python bench/ppo_cycle.py --model .flywheel/models/base
     python bench/ppo_cycle.py --model .flywheel/models/base --rollout-engine both
+    python bench/ppo_cycle.py --device cuda --random-params 500e6 [--lora]
 """
 
 from __future__ import annotations
@@ -75,6 +78,30 @@ RATIO_KEYS = ("ppo/rollout_tokens_per_s", "ppo/rollout_samples_per_s", "ppo/samp
               "cycle/samples_per_s_with_start")
 
 
+def random_llama(tokenizer_dir: Path, n_params: float, out: Path) -> Path:
+    """A randomly initialised Llama of about ``n_params`` parameters with the tokenizer of
+    ``tokenizer_dir``: 24 layers from 100M up (else 4), hidden size h with MLP width 4h, so
+    about 16 h^2 per layer; embeddings are small with a byte-level vocabulary."""
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    layers = 24 if n_params >= 1e8 else 4
+    hidden = max(64, round((n_params / (16 * layers)) ** 0.5 / 64) * 64)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                         num_key_value_heads=hidden // 64, max_position_embeddings=1024,
+                         tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+                     ).save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"random Llama: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters, "
+          f"{layers} layers, hidden {hidden}")
+    return out
+
+
 def run_cycle(engine: str, model: Path, rm_dir: Path, prompts: list[list[int]], ppo: PPOConfig,
               out: Path, device: str, vllm_dtype: str) -> dict[str, float]:
     """One PPO cycle with ``engine`` rollouts, then the gate's score and KL of its policy."""
@@ -120,12 +147,20 @@ def main() -> None:
     parser.add_argument("--rollout-engine", choices=["hf", "vllm", "both"], default="hf")
     parser.add_argument("--vllm-dtype", default="bfloat16",
                         help="vLLM's dtype (the trainer's is float32); 'auto': Flywheel's default")
+    parser.add_argument("--random-params", type=float, default=None, metavar="N",
+                        help="a randomly initialised Llama of about N parameters instead")
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters (the production "
+                        "setting) instead of full-weight PPO")
     args = parser.parse_args()
     model = Path(args.model).resolve()
     if not (model / "config.json").exists():
         build_demo_model(model)
     device = resolve_device(args.device)
-    ppo, reward = PPOConfig(seed=args.seed), RewardConfig()
+    ppo = PPOConfig(seed=args.seed, use_lora=args.lora)
+    reward = RewardConfig()
+    scratch = tempfile.TemporaryDirectory()
+    if args.random_params:
+        model = random_llama(model, args.random_params, Path(scratch.name) / "random")
     engines = ["hf", "vllm"] if args.rollout_engine == "both" else [args.rollout_engine]
     t0 = time.perf_counter()
     data, prompts = judged_groups(model, args.prompts, 4, args.seed)
@@ -154,6 +189,7 @@ def main() -> None:
         import torch
 
         print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    scratch.cleanup()
 
 
 if __name__ == "__main__":
