@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import AutoTokenizer
 
+from flywheel import logs
 from server.engines.base import ChoiceDelta
 from server.engines.groups import ChangeKind
 from server.engines.scheduler import Outgoing, Scheduler
@@ -130,6 +132,10 @@ class Core:
         self._acks: list[Ack] = []
         self._last: CoreStats | None = None
 
+    @property
+    def version(self) -> str:
+        return self._scheduler.version
+
     def serve(self, commands: Connection) -> None:
         """Run the decode thread and obey ``commands`` until ``stop`` or the API process is gone."""
         self._scheduler.start()
@@ -227,14 +233,17 @@ def run_core(commands: Connection, events: Connection, config: CoreConfig) -> No
     # requests first and then stops this one (or this one sees its pipe close).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=config.log_level,
-                        format="%(asctime)s %(levelname)s engine-core %(name)s: %(message)s")
+    # The server's log format (``configure`` passed it down in the environment), named apart.
+    logs.configure(logging.getLevelName(config.log_level),
+                   os.environ.get("FLYWHEEL_LOG_FORMAT", "text"),
+                   process=os.environ.get("FLYWHEEL_PROCESS", "server") + "-engine")
     torch.set_grad_enabled(False)
     try:
         core = Core(config, events)
     except Exception as exc:
         events.send(("failed", f"{type(exc).__name__}: {exc}"))
         return
+    logs.set_policy(lambda: core.version)
     events.send(("ready", core.info))
     core.serve(commands)
 
