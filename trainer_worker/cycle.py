@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feedback_store import Store
 from feedback_store.identities import Tally, limit_identities
@@ -40,6 +40,9 @@ from feedback_store.types import RewardData
 from flywheel.checkpoints import atomic_directory, seal
 from flywheel.live_approval import best_version
 from flywheel.settings import Settings
+
+if TYPE_CHECKING:
+    from trainer_worker.ppo.rollout_engines import KeptRollouts
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ class CycleContext:
     device: str
     should_stop: Callable[[], bool]
     progress: bool = True
+    rollouts: KeptRollouts | None = None  # the worker's vLLM rollout engine, kept across cycles
 
 
 @dataclass
@@ -215,7 +219,8 @@ def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
                                                       enabled=dtype is not None):
         metrics = run_ppo(Path(active["path"]), Path(ctx.settings.model), rm_dir, prompts, cfg,
                           tmp, device=ctx.device, progress=ctx.progress,
-                          should_stop=ctx.should_stop, settings=ctx.settings, **budgeted)
+                          should_stop=ctx.should_stop, settings=ctx.settings,
+                          kept=ctx.rollouts, **budgeted)
         manifest = seal(tmp, policy_id, parent=active["id"], base_model=ctx.settings.model)
     return policy_id, out, manifest.sha256, metrics
 

@@ -15,6 +15,7 @@ import time
 import traceback
 import uuid
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import redis
 
@@ -27,6 +28,9 @@ from flywheel.settings import Settings
 from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cycle
 from trainer_worker.leader import LeaderLock, LocalLock
 from trainer_worker.promotion import Promotion
+
+if TYPE_CHECKING:
+    from trainer_worker.ppo.rollout_engines import KeptRollouts
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class Worker:
         self.promotion = Promotion(settings, self.store, self.publisher)
         self.stopping = threading.Event()
         self._was_leader = False
+        # vLLM rollouts: one engine start for all cycles (made at the first, torch imported then)
+        self.rollouts: KeptRollouts | None = None
 
     # --- signals -------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -95,6 +101,8 @@ class Worker:
                     log.warning("database unavailable: %s", exc.message)
                     self.stopping.wait(DB_RETRY_SECONDS)
         finally:
+            if self.rollouts is not None:
+                self.rollouts.close()
             self.lock.release()
             self.store.close()
         log.info("worker stopped")
@@ -151,8 +159,12 @@ class Worker:
     def _execute(self, run: dict, device: str) -> None:
         run_id = int(run["id"])
         watermark = self.store.feedback_watermark()
+        if self.rollouts is None:
+            from trainer_worker.ppo.rollout_engines import KeptRollouts
+
+            self.rollouts = KeptRollouts()
         ctx = CycleContext(settings=self.settings, store=self.store, device=device,
-                           should_stop=self.should_stop)
+                           should_stop=self.should_stop, rollouts=self.rollouts)
         log.info("training run %d started", run_id)
         try:
             result = run_cycle(ctx, run_id)

@@ -11,8 +11,8 @@ import torch
 
 from feedback_store.identities import Tally, agreement_weight
 from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
-from trainer_worker.reward import RewardModel
 from flywheel.settings import RewardConfig
+from trainer_worker.reward import RewardModel
 from trainer_worker.reward.consensus import (
     agreement_tallies,
     cross_fitted_tallies,

@@ -21,6 +21,7 @@ from flywheel.settings import PPOConfig, Settings
 from trainer_worker.ppo import run_ppo
 from trainer_worker.ppo.causal_lm import load_causal_lm, resolve_eos_token_ids
 from trainer_worker.ppo.rollout import answer_logprobs
+from trainer_worker.ppo.rollout_engines import KeptRollouts
 from trainer_worker.reward.model import RewardModel
 
 pytestmark = [
@@ -131,3 +132,20 @@ def test_sync_loads_new_weights(rollouts, prompts: list[list[int]], tiny_model_d
     real = rollout.answer_mask.bool()
     assert float((trainer - rollout.rollout_logprobs)[real].abs().max()) < SYNC_ATOL
     assert largest_gap(rollout, tiny_model_dir) > 10 * SYNC_ATOL
+
+
+def test_a_kept_engine_follows_each_runs_policy(rollouts, prompts: list[list[int]],
+                                                tiny_model_dir: Path, reward_dir: Path,
+                                                tmp_path: Path) -> None:
+    """The worker keeps its engine between cycles (KeptRollouts): each run syncs it to the
+    policy it starts from, whatever the engine held (here, the perturbed weights of the test
+    above), and no run starts an engine."""
+    kept = KeptRollouts()
+    kept.engine = rollouts
+    run_ppo(tiny_model_dir, tiny_model_dir, reward_dir, prompts, PPO, tmp_path / "p1",
+            progress=False, kept=kept)
+    second = run_ppo(tmp_path / "p1", tiny_model_dir, reward_dir, prompts, PPO, tmp_path / "p2",
+                     progress=False, kept=kept)
+    assert kept.engine is rollouts
+    assert second["ppo/rollout_engine_start_seconds"] < 1.0
+    assert second["ppo/tis_log_ratio_max"] < SYNC_ATOL, second

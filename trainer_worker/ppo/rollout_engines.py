@@ -9,7 +9,7 @@ models. A vLLM engine holds a copy of the weights, so the trainer syncs it after
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -64,6 +64,33 @@ class HFRollouts:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+class KeptRollouts:
+    """A rollout engine kept from one PPO run to the next: the worker's, between cycles.
+
+    A vLLM engine's start (spawning its engine core, loading, warming up) took 57-204 s on two
+    CPU cores, longer than a demo cycle's rollouts; syncing a kept engine to the next cycle's
+    policy is one weight reload. ``run_ppo`` takes the engine from here instead of opening and
+    closing its own, and discards it when a run fails other than by a stop (its state is then
+    unknown); the next run opens a fresh one.
+    """
+
+    def __init__(self) -> None:
+        self.engine: RolloutEngine | None = None
+
+    def take(self, open_engine: Callable[[], RolloutEngine]) -> RolloutEngine:
+        if self.engine is None:
+            self.engine = open_engine()
+        return self.engine
+
+    def discard(self) -> None:
+        """Shut the kept engine down (if any); the next ``take`` opens a new one."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()
+
+    close = discard
 
 
 def rollout_engine_problem(cfg: PPOConfig) -> str | None:

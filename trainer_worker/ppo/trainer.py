@@ -52,9 +52,9 @@ from trainer_worker.ppo.rollout import (
     answer_scores,
     answer_values,
 )
-from trainer_worker.ppo.rollout_engines import RolloutEngine, open_rollout_engine
+from trainer_worker.ppo.rollout_engines import KeptRollouts, RolloutEngine, open_rollout_engine
 from trainer_worker.reward.model import RewardModel
-from trainer_worker.reward.stopping import check_stop
+from trainer_worker.reward.stopping import TrainingInterrupted, check_stop
 
 StopFn = Callable[[], bool] | None
 KLController = AdaptiveKLController | FixedKLController
@@ -86,6 +86,7 @@ def run_ppo(
     should_stop: StopFn = None, eos_token_ids: list[int] | None = None,
     kl_ctl: KLController | None = None, kl_limit: float | None = None,
     settings: Settings | None = None, rollouts: RolloutEngine | None = None,
+    kept: KeptRollouts | None = None,
 ) -> dict[str, float]:
     """Run ``cfg.steps`` PPO steps from ``policy_dir`` and write the new policy to ``out_dir``.
 
@@ -94,6 +95,8 @@ def run_ppo(
     within it (``KLGuard``); the training cycle passes both to honour its KL budget.
     Rollouts come from ``cfg.rollout_engine`` (vLLM's engine arguments from ``settings``), or
     from ``rollouts``, an engine the caller opened and closes (synced here before each step).
+    With ``kept``, an engine other than the policy itself (vLLM) is taken from it and left open
+    for the next run, which syncs it to its own policy first.
     Raises ``TrainingInterrupted`` (writing nothing) when ``should_stop()`` turns true.
     """
     if cfg.temperature <= 0:
@@ -103,18 +106,29 @@ def run_ppo(
         models = load_models(Path(policy_dir), Path(ref_dir), Path(reward_dir), cfg, device)
     pad = filler_token_id(models.ref, eos)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    def open_engine() -> RolloutEngine:
+        return open_rollout_engine(cfg, settings, Path(policy_dir), models.policy,
+                                   eos_token_ids=eos, pad_token_id=pad, device=device,
+                                   generator=sample_gen)
+
+    keep = kept if rollouts is None and cfg.rollout_engine != "hf" else None
     t0 = time.perf_counter()
-    engine = rollouts or open_rollout_engine(
-        cfg, settings, Path(policy_dir), models.policy, eos_token_ids=eos, pad_token_id=pad,
-        device=device, generator=sample_gen)
+    engine = rollouts or (keep.take(open_engine) if keep is not None else open_engine())
     start_seconds = time.perf_counter() - t0
+    owned = rollouts is None and keep is None
     try:
         metrics = _train(models, engine, prompts, cfg, eos=eos, pad=pad, device=device,
                          generator=sample_gen, progress=progress, should_stop=should_stop,
                          kl_ctl=kl_ctl or make_kl_controller(cfg), kl_limit=kl_limit,
-                         synced=rollouts is None)
+                         synced=owned)
+    except TrainingInterrupted:
+        raise
+    except BaseException:
+        if keep is not None:
+            keep.discard()
+        raise
     finally:
-        if rollouts is None:
+        if owned:
             engine.close()
     check_stop(should_stop)
     with transformers_bars(progress):
