@@ -166,6 +166,13 @@ class PolicyRatings(Base):
     policy_version: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     up: Mapped[int] = mapped_column(default=0)
     down: Mapped[int] = mapped_column(default=0)
+    # The same thumbs pooled across raters (flywheel/rater_pooling.py), as the worker last
+    # computed them: weighted counts, the variance of their approval, distinct raters.
+    pooled_up: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    pooled_down: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    pooled_variance: Mapped[float | None] = mapped_column(sa.Float, default=None)
+    raters: Mapped[int | None] = mapped_column(default=None)
+    pooled_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class PolicyVersion(Base):

@@ -3,7 +3,8 @@ evidence, and the live thumbs counters per version."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -14,7 +15,7 @@ from feedback_store.errors import ConflictError, InvalidInputError, NotFoundErro
 from feedback_store.identities import identity_column
 from feedback_store.models import Choice, Completion, Feedback, PolicyRatings, PolicyVersion
 from feedback_store.policy_versions import _check_servable, _policy_record
-from feedback_store.types import RaterThumbs
+from feedback_store.types import PooledLive, RaterThumbs
 
 
 class RolloutMixin(StoreBase):
@@ -85,6 +86,31 @@ class RolloutMixin(StoreBase):
         with self._tx(write=False) as s:
             return {v: (up, down) for v, up, down in s.execute(
                 sa.select(PolicyRatings.policy_version, PolicyRatings.up, PolicyRatings.down))}
+
+    def pooled_live(self) -> dict[str, PooledLive]:
+        """Each version's thumbs pooled across raters, as `record_pooled_live` last stored them
+        (versions never pooled are absent)."""
+        with self._tx(write=False) as s:
+            rows = s.execute(sa.select(
+                PolicyRatings.policy_version, PolicyRatings.pooled_up, PolicyRatings.pooled_down,
+                PolicyRatings.pooled_variance, PolicyRatings.raters, PolicyRatings.pooled_at,
+            ).where(PolicyRatings.pooled_at.is_not(None)))
+            return {version: PooledLive(float(up or 0.0), float(down or 0.0),
+                                        float(variance or 0.0), int(raters or 0),
+                                        at.timestamp())
+                    for version, up, down, variance, raters, at in rows}
+
+    def record_pooled_live(self, pooled: Mapping[str, PooledLive]) -> None:
+        """Store these versions' pooled thumbs (one transaction; the counters are untouched)."""
+        with self._tx() as s:
+            for version, live in sorted(pooled.items()):
+                row = s.get(PolicyRatings, version, with_for_update=True)
+                if row is None:
+                    row = PolicyRatings(policy_version=version, up=0, down=0)
+                    s.add(row)
+                row.pooled_up, row.pooled_down = live.up, live.down
+                row.pooled_variance, row.raters = live.variance, live.raters
+                row.pooled_at = datetime.fromtimestamp(live.at, timezone.utc)
 
     def canary_evidence(self) -> dict[str, RaterThumbs] | None:
         """Thumbs per arm and rater during the running canary: feedback stored since it began,

@@ -10,6 +10,18 @@ RaterThumbs = dict[str, tuple[int, int]]  # identity of the rater -> (thumbs up,
 
 
 @dataclass(frozen=True)
+class PooledLive:
+    """A version's thumbs pooled across raters (flywheel/rater_pooling.py) when last computed:
+    weighted counts, the variance of their approval, the raters, and when (Unix seconds)."""
+
+    up: float
+    down: float
+    variance: float
+    raters: int
+    at: float
+
+
+@dataclass(frozen=True)
 class NewChoice:
     index: int
     text: str

@@ -137,6 +137,9 @@ class CanarySettings(BaseModel):
     max_hours: float = 24.0  # no decision by then: the canary ends, the active version stays
     auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
     min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better
+    # The worker re-pools every version's thumbs across raters (`live.pooled`, `best`, the
+    # rollback alarm) at most this often, when new thumbs came: one scan of the rated answers.
+    pool_seconds: float = Field(default=300.0, gt=0.0)
 
 
 class Settings(BaseSettings):

@@ -64,7 +64,7 @@ def _regression(state: AppState) -> dict | None:
     server serves), but said, so an operator or the worker's auto-rollback can act."""
     try:
         return forgotten(state.store.list_policies(), state.store.live_ratings(),
-                         state.settings.canary)
+                         state.settings.canary, state.store.pooled_live())
     except StoreError:
         return None
 

@@ -301,7 +301,7 @@ def prune(settings: Settings, store: Store) -> None:
     """Delete old checkpoint directories: never the active one, the canary, the best version by
     live approval (a rollback may need it), nor the newest few."""
     best = best_version(store.list_policies(), store.live_ratings(),
-                        settings.canary.min_rollback_ratings)
+                        settings.canary.min_rollback_ratings, store.pooled_live())
     protect = {best} if best is not None else set()
     for row in store.prunable_policies(keep=settings.train.keep_checkpoints, protect=protect):
         path = Path(row["path"])

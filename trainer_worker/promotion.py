@@ -8,11 +8,12 @@ evidence (the version's `metrics`, keys `canary/*` and `rollback/*`) before it i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 from feedback_store import Store
-from feedback_store.types import ANONYMOUS, RaterThumbs
+from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
 from flywheel.approval import Arm, decide_canary, difference_sequence
 from flywheel.hotswap import Publisher
 from flywheel.live_approval import forgotten
@@ -32,6 +33,8 @@ class Promotion:
         self.cfg = settings.canary
         self.review = RaterReview(settings, store)
         self.device = "cpu"  # where the rater review scores; the worker sets its own
+        self._pooled_thumbs = -1  # thumbs counted when every version was last pooled
+        self._pooled_at = -math.inf
 
     def release(self, policy_id: str) -> str:
         """A candidate that passed the offline gate: on canary (`canary.auto`), else active.
@@ -56,9 +59,28 @@ class Promotion:
         active, canary = self.store.serving_state()
         if canary is not None and active is not None:
             return self._judge(active, canary)
+        self.pool_live()
         if self.cfg.auto_rollback:
             return self._roll_back_if_forgotten()
         return None
+
+    def pool_live(self, *, force: bool = False) -> bool:
+        """Pool every stored version's thumbs across raters and store them (`live.pooled`,
+        read by `best` and the rollback alarm), at most every `canary.pool_seconds` and only
+        when thumbs came since; returns whether it did."""
+        counted = sum(up + down for up, down in self.store.live_ratings().values())
+        due = time.monotonic() - self._pooled_at >= self.cfg.pool_seconds
+        if not force and (counted == self._pooled_thumbs or not due):
+            return False
+        versions = [row["id"] for row in self.store.list_policies()]
+        thumbs = self.store.thumbs_by_rater(versions)
+        now = time.time()
+        pooled = {version: PooledLive(arm.up, arm.down, arm.variance or 0.0,
+                                      len(thumbs[version]), now)
+                  for version, arm in self.pooled(thumbs).items() if thumbs[version]}
+        self.store.record_pooled_live(pooled)
+        self._pooled_thumbs, self._pooled_at = counted, time.monotonic()
+        return True
 
     def pooled(self, thumbs: dict[str, RaterThumbs]) -> dict[str, Arm]:
         """Each version's thumbs pooled across its raters: every identity capped at the share of
@@ -126,7 +148,7 @@ class Promotion:
 
     def _roll_back_if_forgotten(self) -> str | None:
         rows = self.store.list_policies()
-        found = forgotten(rows, self.store.live_ratings(), self.cfg)
+        found = forgotten(rows, self.store.live_ratings(), self.cfg, self.store.pooled_live())
         if found is None or not self._confirmed_by_raters(found):
             return None
         better = found["better"]

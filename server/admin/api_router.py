@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from flywheel.checkpoints import CheckpointError
 from flywheel.hotswap import PolicyMessage
-from flywheel.live_approval import best_version, forgotten, live_record
+from flywheel.live_approval import Pooled, best_version, forgotten, live_record
 from flywheel.serving_plan import announce, check_servable
 from server.errors import APIError
 from server.state import AppState, require_admin, require_user
@@ -33,24 +33,24 @@ class CanaryRequest(BaseModel):
     force: bool = False  # canary a version that was rejected before
 
 
-def _policy(row: dict, ratings: dict[str, tuple[int, int]]) -> dict:
+def _policy(row: dict, ratings: dict[str, tuple[int, int]], pooled: Pooled) -> dict:
     body = {k: row.get(k) for k in _PUBLIC_POLICY_FIELDS}
     body["object"] = "policy"
-    body["live"] = live_record(*ratings.get(row["id"], (0, 0)))
+    body["live"] = live_record(*ratings.get(row["id"], (0, 0)), pooled.get(row["id"]))
     return body
 
 
 def _policies_view(state: AppState) -> dict[str, Any]:
     rows = state.store.list_policies()
-    ratings = state.store.live_ratings()
+    ratings, pooled = state.store.live_ratings(), state.store.pooled_live()
     cfg = state.settings.canary
     return {
         "object": "list",
-        "data": [_policy(r, ratings) for r in rows],
+        "data": [_policy(r, ratings, pooled) for r in rows],
         "served": state.engine.policy_version,
         "canary": state.split.version,
-        "best": best_version(rows, ratings, cfg.min_rollback_ratings),
-        "regression": forgotten(rows, ratings, cfg),
+        "best": best_version(rows, ratings, cfg.min_rollback_ratings, pooled),
+        "regression": forgotten(rows, ratings, cfg, pooled),
         "replicas": state.publisher.replicas(),
     }
 
@@ -75,10 +75,13 @@ async def _check_files(state: AppState, policy_id: str, *, force: bool) -> None:
                        code="checkpoint_invalid") from exc
 
 
+def _one_view(state: AppState, policy_id: str) -> dict:
+    row = state.store.get_policy(policy_id)
+    return _policy(row, state.store.live_ratings(), state.store.pooled_live())
+
+
 async def _one(state: AppState, policy_id: str, published: bool) -> dict:
-    row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
-    ratings = await to_thread.run_sync(state.store.live_ratings)
-    return {**_policy(row, ratings), "published": published}
+    return {**await to_thread.run_sync(_one_view, state, policy_id), "published": published}
 
 
 @router.get("/v1/policies")
@@ -92,9 +95,7 @@ async def list_policies(state: Annotated[AppState, Depends(require_user)]) -> di
 
 @router.get("/v1/policies/{policy_id}")
 async def get_policy(policy_id: str, state: Annotated[AppState, Depends(require_user)]) -> dict:
-    row = await to_thread.run_sync(lambda: state.store.get_policy(policy_id))
-    ratings = await to_thread.run_sync(state.store.live_ratings)
-    return _policy(row, ratings)
+    return await to_thread.run_sync(_one_view, state, policy_id)
 
 
 @router.post("/v1/policies/{policy_id}/activate")

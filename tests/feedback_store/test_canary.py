@@ -6,6 +6,7 @@ import pytest
 
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
+from feedback_store.types import PooledLive
 
 
 def _versions(store: Store, *statuses: str) -> None:
@@ -94,6 +95,23 @@ def test_live_ratings_count_every_stored_thumb(store: Store) -> None:
     with pytest.raises(NotFoundError):
         store.add_feedback(completion_id="nope", choice_index=0, rating="up")
     assert store.live_ratings() == {"policy-0": (2, 1), "policy-1": (1, 2)}
+
+
+def test_pooled_live_is_stored_beside_the_counters(store: Store) -> None:
+    _versions(store, "candidate")
+    _served(store, "a", "policy-0", n=3)
+    _thumbs(store, "a", "up", "down", "up", user="u1")
+    assert store.pooled_live() == {}
+    store.record_pooled_live({"policy-0": PooledLive(1.5, 0.5, 0.01, 1, 1_700_000_000.25),
+                              "policy-1": PooledLive(0.0, 0.0, 0.0, 0, 1_700_000_000.0)})
+    _served(store, "b", "policy-0", n=1)
+    _thumbs(store, "b", "down")  # counted as ever; the pooled figures wait for the worker
+    assert store.live_ratings() == {"policy-0": (2, 2), "policy-1": (0, 0)}
+    assert store.pooled_live() == {
+        "policy-0": PooledLive(1.5, 0.5, 0.01, 1, pytest.approx(1_700_000_000.25)),
+        "policy-1": PooledLive(0.0, 0.0, 0.0, 0, pytest.approx(1_700_000_000.0))}
+    store.record_pooled_live({"policy-0": PooledLive(2.0, 2.0, 0.05, 2, 1_700_000_100.0)})
+    assert store.pooled_live()["policy-0"].raters == 2
 
 
 def test_canary_evidence_counts_only_the_canary_period(store: Store) -> None:

@@ -13,7 +13,7 @@ import redis
 from feedback_store import NewChoice, NewCompletion, Store
 from flywheel.approval import Arm, decide_canary
 from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys
-from flywheel.live_approval import forgotten
+from flywheel.live_approval import best_version, forgotten, live_record
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from trainer_worker.cycle import prune
 from trainer_worker.promotion import Promotion
@@ -172,6 +172,40 @@ def test_no_rollback_when_one_rater_floods_the_active_version(store: Store,
     assert forgotten(store.list_policies(), store.live_ratings(), judge.cfg) is not None
     assert judge.tick() is None
     assert status(store, "policy-2") == "active"
+
+
+def test_live_approval_pooled_across_raters_names_the_best_version(
+        store: Store, publisher: Publisher) -> None:
+    """One rater thumbs the better version down in bulk: by the counters it looks the worst and
+    an older one looks better; pooled across raters (the worker's `pool_live`), `best` is the
+    version users prefer and no regression shows. The counters themselves stay as they are."""
+    store.activate_policy("policy-1")
+    rate(store, "policy-1", 130, 70, users=20)  # 65%
+    store.activate_policy("policy-2")
+    rate(store, "policy-2", 170, 30, users=20)  # 85% by the twenty
+    rate(store, "policy-2", 0, 300, user="flood")
+    rows, ratings = store.list_policies(), store.live_ratings()
+    assert best_version(rows, ratings, 50) == "policy-1"
+    judge = promotion(store, publisher, auto_rollback=True)
+    assert forgotten(rows, ratings, judge.cfg) is not None
+    assert store.pooled_live() == {}
+    assert judge.tick() is None  # pools every version, then finds no regression
+    pooled = store.pooled_live()
+    assert sorted(pooled) == ["policy-1", "policy-2"]
+    assert pooled["policy-2"].raters == 21 and pooled["policy-1"].raters == 20
+    assert best_version(rows, ratings, 50, pooled) == "policy-2"
+    assert forgotten(rows, ratings, judge.cfg, pooled) is None
+    assert store.live_ratings() == ratings
+    live = live_record(*ratings["policy-2"], pooled["policy-2"])
+    assert live["approval"] == 170 / 500
+    assert live["pooled"]["approval"] > 0.7 and live["pooled"]["raters"] == 21
+    low, high = live["pooled"]["interval"]
+    assert low < live["pooled"]["approval"] < high
+    assert not judge.pool_live()  # nothing new to pool
+    rate(store, "policy-2", 10, 0, users=5)
+    assert not judge.pool_live()  # new thumbs, but pooled less than pool_seconds ago
+    assert judge.pool_live(force=True)
+    assert store.pooled_live()["policy-2"].raters == 21
 
 
 def test_no_rollback_on_a_handful_of_thumbs(store: Store, publisher: Publisher) -> None:
