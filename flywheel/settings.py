@@ -167,6 +167,9 @@ class Settings(BaseSettings):
     engine_process: bool = False  # transformers engine: decode in a process of its own (no GIL)
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     stream_interval_ms: float = 0.0  # coalesce stream deltas produced within this window
+    # A server whose event loop has not turned for this long exits 70 so that its supervisor
+    # restarts it (server/watchdog.py); 0 turns the watchdog off.
+    watchdog_seconds: float = Field(default=60.0, ge=0.0)
     gpu_memory_utilization: float = 0.85  # vLLM only
     # vLLM only: the KV cache in bytes. None: 1 GiB on CPU (its backend would otherwise reserve
     # gpu_memory_utilization x RAM, which fails beside other processes), that share on GPU.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import time
@@ -34,6 +35,7 @@ from server.limits import BodyLimit
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi
 from server.state import AppState
+from server.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
             state.watcher = PolicyWatcher(settings, eng, db, metrics, split)
             await state.watcher.start()
         app.state.flywheel = state
+        watchdog = None
+        if settings.watchdog_seconds > 0:
+            watchdog = LoopWatchdog(asyncio.get_running_loop(), settings.watchdog_seconds)
+            watchdog.start()
         # Start-up leaves ~140k long-lived objects (torch, transformers, the app); full GC passes
         # over them took 100-170 ms about once a second under load, the p99 tail of every route.
         gc.collect()
@@ -93,6 +99,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         try:
             yield
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             if state.watcher is not None:
                 await state.watcher.stop()
             await eng.stop()
