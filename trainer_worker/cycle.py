@@ -109,8 +109,8 @@ def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     return holdout
 
 
-def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: int
-                  ) -> tuple[RewardData, dict[str, Tally], dict[str, Any]]:
+def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: int,
+                  holdout: RewardData) -> tuple[RewardData, dict[str, Tally], dict[str, Any]]:
     """Step 1a: the RM's bounded data, capped per identity and weighted; the new events'
     agreement tallies (stored only if the new RM is kept) and metrics."""
     from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
@@ -128,6 +128,8 @@ def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: 
     else:  # no RM in service yet: RMs fitted on the other raters judge each one
         tallies = cross_fitted_tallies(Path(ctx.settings.model), data, ctx.settings.reward,
                                        share=limits.user_share, device=ctx.device,
+                                       holdout=holdout,
+                                       floor=ctx.settings.train.reward_accuracy_floor,
                                        should_stop=ctx.should_stop)
     names = {item.identity for item in [*data.groups, *data.thumbs]}
     weights = ctx.store.weights_with(tallies, names, limits.disagreeing_weight)
@@ -154,7 +156,7 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
 
     floor = ctx.settings.train.reward_accuracy_floor
     previous = ctx.store.latest_reward_model()
-    data, tallies, window = reward_window(ctx, previous, until, seed)
+    data, tallies, window = reward_window(ctx, previous, until, seed, holdout)
     warm = previous is not None and bool(previous["metrics"].get(SPLIT_MARK))
     init_dir = Path(previous["path"]) if warm else Path(ctx.settings.model)
     parent = previous["id"] if warm and previous else None

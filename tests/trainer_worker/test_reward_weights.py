@@ -88,18 +88,26 @@ def _preferences(identity: str, n: int, rng: random.Random, *, inverted: bool
 def test_first_cycle_judges_each_rater_by_a_model_of_the_others(tiny_model_dir: Path) -> None:
     """Before any RM is in service: eight honest raters and two who invert every comparison, as
     many as the eight together. Each half of the raters is judged by an RM fitted on the other
-    half, so the flood is caught in the very first cycle and no honest rater is."""
+    half, so the flood is caught in the very first cycle and no honest rater is; a half's RM
+    that fails the held-out floor judges no one."""
     rng = random.Random(0)
     honest = [f"user:h{i}" for i in range(8)]
     groups = [g for name in honest for g in _preferences(name, 20, rng, inverted=False)]
     groups += [g for name in ("user:x", "user:y") for g in _preferences(name, 80, rng,
                                                                      inverted=True)]
     data = RewardData(groups=groups, thumbs=[])
-    tallies = cross_fitted_tallies(tiny_model_dir, data, RewardConfig(lr=1e-3, epochs=3),
-                                   share=0.1)
+    held_out = RewardData(_preferences("user:h0", 40, rng, inverted=False), [])
+    cfg = RewardConfig(lr=1e-3, epochs=3)
+    tallies = cross_fitted_tallies(tiny_model_dir, data, cfg, share=0.1, holdout=held_out,
+                                   floor=0.55)
     weights = {name: agreement_weight(t.scored, t.agreed, 0.1) for name, t in tallies.items()}
     assert weights == {**dict.fromkeys(honest, 1.0), "user:x": 0.1, "user:y": 0.1}, tallies
     assert all(t.events == t.scored for t in tallies.values())  # every new event judged once
+    # Held-out feedback the halves' RMs cannot rank (it says the opposite): they judge no one.
+    inverted = RewardData(_preferences("user:h0", 40, rng, inverted=True), [])
+    unjudged = cross_fitted_tallies(tiny_model_dir, data, cfg, share=0.1, holdout=inverted,
+                                    floor=0.55)
+    assert unjudged == new_event_counts(data)
     few = RewardData(groups=groups[:60], thumbs=[])  # three raters: no consensus of others
-    assert cross_fitted_tallies(tiny_model_dir, few, RewardConfig(), share=0.1) == \
-        new_event_counts(few)
+    assert cross_fitted_tallies(tiny_model_dir, few, cfg, share=0.1, holdout=held_out,
+                                floor=0.55) == new_event_counts(few)

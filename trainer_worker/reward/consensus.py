@@ -84,7 +84,7 @@ def _thumb_agreement(model: RewardModel, thumbs: Sequence[ThumbExample], eos: li
 
 
 def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *, share: float,
-                         device: str = "cpu",
+                         holdout: RewardData, floor: float, device: str = "cpu",
                          should_stop: Callable[[], bool] | None = None) -> dict[str, Tally]:
     """Before any RM is in service: each identity's new events judged by an RM trained on the
     other identities' feedback only.
@@ -93,7 +93,9 @@ def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *,
     (under the same share cap) and judges the other half. No rater is judged by a model it
     trained, so a flood of inverted ratings meets the consensus of the others from the very
     first cycle, not only once the first RM, trained with the flood at its full capped share,
-    is in service. Anonymous feedback trains both halves and is never judged (it has no one
+    is in service. A half's RM judges only if it meets the bar of an RM in service: the lower
+    95% bound of its accuracy on `holdout` at least `floor` (a weak one would down-weight honest
+    raters at random). Anonymous feedback trains both halves and is never judged (it has no one
     to weigh). With fewer than `MIN_CROSS_FIT_RATERS` identities there is no consensus of others
     to speak of: the events are counted, not judged, as before.
     """
@@ -114,8 +116,10 @@ def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *,
             continue
         others, _ = limit_identities(others, share, {}, seed=cfg.seed)
         with tempfile.TemporaryDirectory(prefix="flywheel-cross-fit-") as tmp:
-            train_reward_model(base_dir, others, cfg, Path(tmp), device=device, progress=False,
-                               should_stop=should_stop)
+            metrics = train_reward_model(base_dir, others, cfg, Path(tmp), holdout=holdout,
+                                         device=device, progress=False, should_stop=should_stop)
+            if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) too weak to judge
+                continue
             for name, tally in agreement_tallies(Path(tmp), own, cfg.max_length,
                                                  device).items():
                 tallies[name] = tallies[name] + Tally(0, tally.scored, tally.agreed)
