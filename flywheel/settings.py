@@ -164,7 +164,9 @@ class Settings(BaseSettings):
     admin_key: str = ""
     checkpoint_dir: Path | None = None  # default: <data_dir>/checkpoints
     max_batch_size: int = 32  # sequences decoded together by the transformers engine
-    engine_process: bool = False  # transformers engine: decode in a process of its own (no GIL)
+    # The transformers engine decodes in a process of its own, off the API's GIL; None: on CPU
+    # (1.5x the tokens/s at 16 streaming clients, bench/serving.py), in-process on GPU (unmeasured).
+    engine_process: bool | None = None
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     stream_interval_ms: float = 0.0  # coalesce stream deltas produced within this window
     # A server whose event loop has not turned for this long exits 70 so that its supervisor

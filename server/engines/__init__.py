@@ -19,13 +19,23 @@ def unavailable(settings: Settings) -> str | None:
     return None
 
 
+def own_process(settings: Settings) -> bool:
+    """Whether the transformers engine runs in a process of its own (``engine_process.py``):
+    as ``settings.engine_process`` says, by default on CPU."""
+    if settings.engine_process is not None:
+        return settings.engine_process
+    from server.engines.transformers_engine import resolve_device
+
+    return resolve_device(settings.device).type == "cpu"
+
+
 def create_engine(
     settings: Settings, *, model_path: str | None = None, policy_version: str = "policy-0"
 ) -> Engine:
     """The engine ``settings.engine`` names, serving ``model_path`` (default: the base model)."""
     path = str(model_path or settings.model)
     if settings.engine == "transformers":
-        if settings.engine_process:
+        if own_process(settings):
             from server.engines.engine_process import TransformersProcessEngine as Transformers
         else:
             from server.engines.transformers_engine import TransformersEngine as Transformers

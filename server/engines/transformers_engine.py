@@ -56,7 +56,9 @@ def decode_threads(device: torch.device, requested: int | None) -> int | None:
 
     The event loop, HTTP handling and database calls share the process with decoding. With as many
     OpenMP threads as cores, every one of their turns stalls an OpenMP barrier in the forward pass;
-    on a 2-core machine we measured the HTTP throughput drop tenfold. One core stays theirs.
+    on a 2-core machine we measured the HTTP throughput drop tenfold. One core stays theirs. The
+    same holds in an engine process of its own: there 2 threads on 2 cores gave 0.68x the tokens/s
+    of 1 at 16 streaming clients, for twice the CPU per token (bench/serving.py).
     """
     if device.type != "cpu":
         return None

@@ -286,11 +286,13 @@ def test_the_server_exits_when_its_engine_process_dies(
         stop_server(proc)
 
 
-async def test_create_engine_builds_it_when_settings_ask(tiny_model_dir: Path) -> None:
+async def test_create_engine_builds_it_by_default_on_cpu(tiny_model_dir: Path) -> None:
     from flywheel.settings import Settings
-    from server.engines import create_engine
+    from server.engines import create_engine, own_process
 
-    settings = Settings(model=str(tiny_model_dir), device="cpu", engine_process=True)
+    assert not own_process(Settings(device="cpu", engine_process=False))
+    assert not own_process(Settings(device="cuda"))  # unmeasured on GPU: in-process
+    settings = Settings(model=str(tiny_model_dir), device="cpu")
     eng = create_engine(settings, policy_version="policy-7")
     try:
         assert isinstance(eng, TransformersProcessEngine) and isinstance(eng, Engine)

@@ -375,7 +375,8 @@ def test_create_engine_builds_the_transformers_engine(tiny_model_dir: Path) -> N
     from server.engines import create_engine
     from server.engines.transformers_engine import TransformersEngine
 
-    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4)
+    settings = Settings(model=str(tiny_model_dir), device="cpu", max_batch_size=4,
+                        engine_process=False)
     eng = create_engine(settings, policy_version="policy-7")
     assert isinstance(eng, TransformersEngine) and isinstance(eng, Engine)
     assert eng.policy_version == "policy-7" and eng.max_model_len == 512
