@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -299,3 +300,20 @@ async def test_create_engine_builds_it_by_default_on_cpu(tiny_model_dir: Path) -
         assert eng.policy_version == "policy-7" and eng.max_model_len == 512
     finally:
         await eng.stop()
+
+
+def test_the_engine_process_ends_with_its_api_process(tiny_model_dir: Path) -> None:
+    """Killed outright, the API process leaves no engine process behind (its pipe closes)."""
+    code = ("import sys, time; from server.engines.engine_process import TransformersProcessEngine;"
+            f" e = TransformersProcessEngine({str(tiny_model_dir)!r}, device='cpu');"
+            " print(e.pid, flush=True); time.sleep(600)")
+    api = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert api.stdout is not None
+        core = psutil.Process(int(api.stdout.readline()))
+        api.kill()
+        gone, alive = psutil.wait_procs([core], timeout=60)
+        assert gone and not alive
+    finally:
+        api.kill()
+        api.wait()
