@@ -154,7 +154,7 @@ class TransformersProcessEngine:
         return self._stats.canary
 
     @property
-    def pid(self) -> int | None:
+    def pid(self) -> int:
         """The engine process's pid."""
         return self._process.pid
 

@@ -254,7 +254,7 @@ def test_a_killed_engine_process_fails_requests_and_readiness(
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 lines = response.iter_lines()
                 assert next(line for line in lines if line.startswith("data: "))
-                os.kill(eng.pid or 0, signal.SIGKILL)
+                os.kill(eng.pid, signal.SIGKILL)
                 rest_of_stream = "\n".join(lines)  # ends: the request failed, no hang
             assert '"error"' in rest_of_stream
             assert client.get("/readyz").status_code == 503
@@ -317,3 +317,9 @@ def test_the_engine_process_ends_with_its_api_process(tiny_model_dir: Path) -> N
     finally:
         api.kill()
         api.wait()
+
+
+def test_a_model_it_cannot_load_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:
+    broken = corrupt_copy(tiny_model_dir, tmp_path / "broken", "truncated")
+    with pytest.raises(EngineError, match="could not load"):
+        TransformersProcessEngine(str(broken), device="cpu")
