@@ -35,7 +35,7 @@ from server.engines.bridge import Mailbox
 from server.engines.core_death import exit_soon, watch_engine_core
 from server.engines.engine_core import CoreConfig, CoreInfo, CoreStats, Row, row_delta
 from server.engines.prompts import PromptEncoder
-from server.engines.sequence import DeltaOrError, Request, coalesce
+from server.engines.sequence import DeltaOrError, Request
 from server.engines.transformers_engine import admissible
 
 logger = logging.getLogger(__name__)
@@ -224,23 +224,16 @@ class TransformersProcessEngine:
         request = Request(str(key), prompt, params, max_new, asyncio.get_running_loop(),
                           canary=canary)
         self._pending[key] = _Pending(request, params.n)
-        remaining = params.n
         try:
             if self._gone:  # checked after registering: ``_end`` fails what it finds registered
                 raise EngineError(f"The engine is not serving: {self._dead or 'stopped'}.")
             self._submitted += 1
             self._send(("submit", key, prompt, params, max_new, canary))
-            while remaining:
-                items = await request.inbox.take_all()
-                for item in coalesce(items) if len(items) > 1 else items:
-                    if isinstance(item, BaseException):
-                        remaining = 0
-                        raise item
-                    if item.finish_reason is not None:
-                        remaining -= 1
-                    yield item
+            async with contextlib.aclosing(request.deltas()) as deltas:
+                async for delta in deltas:
+                    yield delta
         finally:
-            if remaining:  # the client went away: free the slots at the next step
+            if request.unfinished:  # the client went away: free the slots at the next step
                 self._pending.pop(key, None)
                 self._send(("cancel", key))
 

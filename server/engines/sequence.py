@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 from server.engines.base import ChoiceDelta, FinishReason, SamplingParams
@@ -41,6 +42,21 @@ class Request:
         self.canary = canary  # asks for the canary arm (the active one while none is loaded)
         self.policy_version = ""  # set by the decode thread when it admits the request
         self.submitted_step = 0  # the decode step count when it was queued
+        self.unfinished = params.n  # choices whose final delta the reader has not taken yet
+
+    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
+        """The deltas posted to the inbox, until every choice has had its final one; raises the
+        error the engine posted instead. While ``unfinished`` is above 0 after the reader
+        stopped, it left early: the engine should free the request's slots."""
+        while self.unfinished:
+            items = await self.inbox.take_all()
+            for item in coalesce(items) if len(items) > 1 else items:
+                if isinstance(item, BaseException):
+                    self.unfinished = 0
+                    raise item
+                if item.finish_reason is not None:
+                    self.unfinished -= 1
+                yield item
 
 
 class Sequence:

@@ -10,6 +10,7 @@ second model beside the active one: both decode every iteration, each in its own
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -28,7 +29,7 @@ from server.engines.base import (
 )
 from server.engines.prompts import PromptEncoder
 from server.engines.scheduler import Scheduler
-from server.engines.sequence import Request, coalesce
+from server.engines.sequence import Request
 
 logger = logging.getLogger(__name__)
 
@@ -178,19 +179,12 @@ class TransformersEngine:
         request = Request(request_id, prompt, params, max_new, loop, canary=canary)
         self._scheduler.start()
         self._scheduler.submit(request)
-        remaining = request.params.n
         try:
-            while remaining:
-                items = await request.inbox.take_all()
-                for item in coalesce(items) if len(items) > 1 else items:
-                    if isinstance(item, BaseException):
-                        remaining = 0
-                        raise item
-                    if item.finish_reason is not None:
-                        remaining -= 1
-                    yield item
+            async with contextlib.aclosing(request.deltas()) as deltas:
+                async for delta in deltas:
+                    yield delta
         finally:
-            if remaining:  # the client went away: free the slots at the next step
+            if request.unfinished:  # the client went away: free the slots at the next step
                 self._scheduler.cancel(request)
 
     async def swap_weights(self, path: str, version: str) -> None:
