@@ -53,7 +53,7 @@ async def ask(engine: Engine, question: str, params: SamplingParams, request_id:
 
 
 async def started_stream(engine: Engine, params: SamplingParams, request_id: str,
-                         canary: bool) -> tuple[ChoiceDelta, AsyncIterator[ChoiceDelta]]:
+                         canary: bool = False) -> tuple[ChoiceDelta, AsyncIterator[ChoiceDelta]]:
     """A request that has produced its first delta (it is running, not waiting)."""
     stream = engine.generate(chat(engine, "Hello!"), params, request_id, canary=canary)
     return await anext(stream), stream
@@ -64,7 +64,8 @@ async def rest(first: ChoiceDelta, stream: AsyncIterator[ChoiceDelta]) -> list[C
 
 
 async def until(condition: Callable[[], bool]) -> None:
-    """Wait for the decode thread to catch up (drained groups are freed after their last step)."""
+    """Wait for the engine to catch up (drained groups are freed after their last step; an
+    engine process reports what it did after a stream ended)."""
     for _ in range(1000):
         if condition():
             return

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM
 from feedback_store import Store
 from server.app import create_app
 from server.engines.base import (
-    ChoiceDelta,
     Engine,
     EngineError,
     PromptTooLongError,
@@ -30,7 +29,7 @@ from server.engines.base import (
 )
 from server.engines.engine_process import TransformersProcessEngine
 from tests.server.conftest import free_port, make_settings, spawn_server, stop_server, wait_ready
-from tests.server.test_engine_canary import corrupt_copy
+from tests.server.test_engine_canary import corrupt_copy, rest, started_stream, until
 from tests.server.test_transformers_engine import (
     QUESTIONS,
     chat,
@@ -62,26 +61,6 @@ def checkpoints(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 def load(path: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-async def started(engine: Engine, params: SamplingParams, request_id: str, canary: bool = False
-                  ) -> tuple[ChoiceDelta, AsyncIterator[ChoiceDelta]]:
-    """A request that has produced its first delta (it is running, not waiting)."""
-    stream = engine.generate(chat(engine, "Hello!"), params, request_id, canary=canary)
-    return await anext(stream), stream
-
-
-async def rest(first: ChoiceDelta, stream: AsyncIterator[ChoiceDelta]) -> list[ChoiceDelta]:
-    return [first] + [d async for d in stream]
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Wait for the engine process to report what it did after a stream ended."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition never held")
 
 
 def test_it_keeps_the_engine_protocol(engine: TransformersProcessEngine) -> None:
@@ -160,7 +139,7 @@ async def test_swap_under_in_flight_requests(tiny_model_dir: Path,
     eng = TransformersProcessEngine(str(tiny_model_dir), device="cpu", ignore_eos=True)
     await eng.start()
     try:
-        running = [await started(eng, LONG, f"old{i}") for i in range(4)]
+        running = [await started_stream(eng, LONG, f"old{i}") for i in range(4)]
         late = [asyncio.create_task(collect(eng, chat(eng, q), SamplingParams(max_tokens=8),
                                             f"late{i}")) for i, q in enumerate(QUESTIONS)]
         await eng.swap_weights(str(checkpoints["policy-1"]), "policy-1")
@@ -203,7 +182,7 @@ async def test_canary_beside_the_active_version(tiny_model_dir: Path,
             ids = [t for d in out for t in d.token_ids]
             assert ids == greedy_reference(load(path), prompt, 10, ())
 
-        on_canary = await started(eng, LONG, "on-1", canary=True)
+        on_canary = await started_stream(eng, LONG, "on-1", canary=True)
         await eng.set_canary(str(checkpoints["policy-2"]), "policy-2")  # replaces policy-1
         assert eng.stats().extra["policy_versions"] == ["policy-0", "policy-1", "policy-2"]
         assert {d.policy_version for d in await rest(*on_canary)} == {"policy-1"}
@@ -212,7 +191,7 @@ async def test_canary_beside_the_active_version(tiny_model_dir: Path,
         await eng.swap_weights("/never/read", "policy-2")  # promotion: no load
         assert eng.policy_version == "policy-2" and eng.canary_version is None
         await eng.set_canary(str(checkpoints["policy-1"]), "policy-1")
-        running = await started(eng, LONG, "ending", canary=True)
+        running = await started_stream(eng, LONG, "ending", canary=True)
         await eng.end_canary()
         assert eng.canary_version is None
         late = [d async for d in eng.generate(prompt, greedy, "late", canary=True)]
@@ -226,7 +205,7 @@ async def test_canary_beside_the_active_version(tiny_model_dir: Path,
 async def test_stop_aborts_what_cannot_finish(tiny_model_dir: Path) -> None:
     eng = TransformersProcessEngine(str(tiny_model_dir), device="cpu", ignore_eos=True)
     await eng.start()
-    _, stream = await started(eng, SamplingParams(max_tokens=450), "endless")
+    _, stream = await started_stream(eng, SamplingParams(max_tokens=450), "endless")
     await eng.stop(drain_timeout_s=0.0)
     with pytest.raises(EngineError):
         async for _ in stream:

@@ -1,11 +1,9 @@
-"""Group commit (server/group_commit.py) of served completions and of ratings, on a real store."""
+"""Group commit (server/group_commit.py) of served completions and of ratings, on a real store
+(`store` of tests/server/conftest.py: SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-
-import pytest
 
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import (
@@ -16,14 +14,6 @@ from feedback_store.errors import (
 )
 from server.completions.recording import completion_writes
 from server.feedback.recording import feedback_writes
-
-
-@pytest.fixture
-def store(sqlite_url: str) -> Iterator[Store]:
-    s = Store(sqlite_url)
-    s.upgrade()
-    yield s
-    s.close()
 
 
 def _record(cid: str) -> NewCompletion:
