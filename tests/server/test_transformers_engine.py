@@ -258,10 +258,14 @@ async def test_eos_ends_with_stop_and_stays_out_of_the_text(engine: Engine) -> N
 
 
 @pytest.mark.slow
-async def test_cancelling_the_stream_frees_the_slot(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("own_process", [False, True], ids=["in-process", "own-process"])
+async def test_cancelling_the_stream_frees_the_slot(tiny_model_dir: Path,
+                                                    own_process: bool) -> None:
+    from server.engines.engine_process import TransformersProcessEngine
     from server.engines.transformers_engine import TransformersEngine
 
-    eng = TransformersEngine(str(tiny_model_dir), device="cpu", max_batch_size=1, ignore_eos=True)
+    kind = TransformersProcessEngine if own_process else TransformersEngine
+    eng = kind(str(tiny_model_dir), device="cpu", max_batch_size=1, ignore_eos=True)
     await eng.start()
     try:
         prompt = chat(eng, "Hello!")
