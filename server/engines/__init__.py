@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import runpy
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from server.engines.base import Engine
@@ -21,12 +24,29 @@ def unavailable(settings: Settings) -> str | None:
 
 def own_process(settings: Settings) -> bool:
     """Whether the transformers engine runs in a process of its own (``engine_process.py``):
-    as ``settings.engine_process`` says, by default on CPU."""
+    as ``settings.engine_process`` says, by default on CPU. Told without importing torch when
+    the device is ``cpu``, or ``auto`` with a torch built for no GPU: that API process stays
+    torch-free."""
     if settings.engine_process is not None:
         return settings.engine_process
+    if settings.device == "cpu" or (settings.device == "auto" and not _torch_has_gpu_build()):
+        return True
     from server.engines.transformers_engine import resolve_device
 
     return resolve_device(settings.device).type == "cpu"
+
+
+def _torch_has_gpu_build() -> bool:
+    """Whether the installed torch was built for CUDA or ROCm (``torch.version.cuda``, ``.hip``),
+    read from its ``version.py`` without importing torch; True when that cannot be read."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return True
+    try:
+        build = runpy.run_path(str(Path(spec.origin).with_name("version.py")))
+    except OSError:
+        return True
+    return bool(build.get("cuda") or build.get("hip"))
 
 
 def create_engine(

@@ -7,11 +7,7 @@ its own. It reads commands from one pipe (a reader thread) and writes events to 
 and the weight changes it has applied. Detokenisation and stop strings stay here, next to the
 tokens, so the API process only forwards finished text.
 
-Commands (tuples, pickled): ``submit key prompt params max_new canary``, ``cancel key``,
-``load key kind path version`` (kind ``activate`` or ``canary``), ``change key kind`` (``promote``
-or ``end_canary``), ``stop``. Events: ``ready info``, ``failed reason``, ``step rows stats acks``,
-``acks acks stats``, ``stopped``. A row is ``(key, index, text, token_ids, logprobs, version,
-top_logprobs, finish_reason)``, or ``(key, message)`` when the request failed.
+The messages on the two pipes are ``core_protocol.py``'s.
 """
 
 from __future__ import annotations
@@ -23,18 +19,17 @@ import signal
 import sys
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from transformers import AutoTokenizer
 
 from flywheel import logs
-from server.engines.base import ChoiceDelta
+from server.engines.core_protocol import Ack, CoreConfig, CoreInfo, CoreStats, Row, delta_row
 from server.engines.groups import ChangeKind
+from server.engines.request import Request
 from server.engines.scheduler import Outgoing, Scheduler
-from server.engines.sequence import Request
 from server.engines.transformers_engine import (
     decode_threads,
     eos_token_ids,
@@ -45,57 +40,6 @@ from server.engines.transformers_engine import (
 )
 
 logger = logging.getLogger(__name__)
-
-Row = tuple[Any, ...]
-Ack = tuple[int, str | None]  # a weight change's key and why it failed (None: applied)
-
-
-@dataclass(frozen=True)
-class CoreConfig:
-    """What the engine process is started with (the engine's constructor arguments)."""
-
-    model_path: str
-    device: str = "auto"
-    dtype: str = "auto"
-    max_batch_size: int = 32
-    max_model_len: int | None = None
-    policy_version: str = "policy-0"
-    stream_interval_ms: float = 0.0
-    ignore_eos: bool = False
-    cpu_threads: int | None = None
-    log_level: int = logging.WARNING
-
-
-class CoreInfo(NamedTuple):
-    """The loaded model, as the API side must know it before serving."""
-
-    max_model_len: int
-    eos_token_ids: tuple[int, ...]
-    vocab_size: int
-    pad_token_id: int
-
-
-class CoreStats(NamedTuple):
-    """The scheduler's counts after a flush (what ``Engine.stats()`` reports)."""
-
-    running_requests: int = 0
-    running_sequences: int = 0
-    waiting: int = 0
-    received: int = 0  # submits the core has read (the API side adds those still in the pipe)
-    versions: tuple[str, ...] = ()  # loaded, oldest first (draining ones too)
-    active: str = ""
-    canary: str | None = None
-    requests_by_version: tuple[tuple[str, int], ...] = ()
-    steps: int = 0
-
-
-def delta_row(key: int, delta: ChoiceDelta) -> Row:
-    return (key, delta.index, delta.text, delta.token_ids, delta.logprobs, delta.policy_version,
-            delta.top_logprobs, delta.finish_reason)
-
-
-def row_delta(row: Row) -> ChoiceDelta:
-    return ChoiceDelta(row[1], row[2], row[3], row[4], row[5], row[6], row[7])
 
 
 class Core:
@@ -115,6 +59,7 @@ class Core:
             eos_token_ids=eos,
             vocab_size=model.get_input_embeddings().num_embeddings,
             pad_token_id=pad if pad is not None else (eos or (0,))[0],
+            tokenizer=tokenizer,
         )
         self._scheduler = Scheduler(
             model,

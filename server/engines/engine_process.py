@@ -1,10 +1,12 @@
 """The transformers engine with its model in a process of its own (``engine_core.py``).
 
-The API side keeps what is cheap and per request: validation, tokenisation (``PromptEncoder``)
-and the streams. It sends commands down one pipe; one reader thread takes the engine process's
-``step`` messages (every row's output of one decode step) and hands them to the requests' event
-loops through ``bridge.Mailbox``, one wake-up per loop per step, as the in-process decode thread
-does. vLLM splits ``AsyncLLM`` and ``EngineCoreProc`` the same way.
+The API side keeps what is cheap and per request: validation, tokenisation (``PromptEncoder``,
+with the tokenizer the engine process loaded and sent) and the streams; it never imports torch
+(about 240 MiB per replica), nor any module that does. It sends commands down one pipe; one
+reader thread takes the engine process's ``step`` messages (every row's output of one decode
+step) and hands them to the requests' event loops through ``bridge.Mailbox``, one wake-up per
+loop per step, as the in-process decode thread does. vLLM splits ``AsyncLLM`` and
+``EngineCoreProc`` the same way.
 
 If the engine process dies, every pending request fails with ``EngineError``, ``stats()`` says
 ``degraded`` (``/readyz`` answers 503) and the server exits 1 (``core_death.py``).
@@ -28,15 +30,12 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer
-
 from server.engines.base import ChoiceDelta, EngineError, EngineStats, SamplingParams, SwapError
 from server.engines.bridge import Mailbox
 from server.engines.core_death import exit_soon, watch_engine_core
-from server.engines.engine_core import CoreConfig, CoreInfo, CoreStats, Row, row_delta
+from server.engines.core_protocol import CoreConfig, CoreInfo, CoreStats, Row, row_delta
 from server.engines.prompts import PromptEncoder
-from server.engines.sequence import DeltaOrError, Request
-from server.engines.transformers_engine import admissible
+from server.engines.request import DeltaOrError, Request, admissible
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +102,12 @@ class TransformersProcessEngine:
                             logging.getLogger().getEffectiveLevel())
         self._process, self._commands, self._events = spawn_core(config)
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model_path)  # while the child loads
             info = self._await_ready(model_path)
         except BaseException:
             self._process.kill()
             self._process.wait()
             raise
+        self.tokenizer = info.tokenizer
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
         self._vocab_size = info.vocab_size

@@ -18,8 +18,9 @@ import torch
 
 from server.engines.base import SwapError
 from server.engines.batch import PaddedBatch
+from server.engines.request import Request
 from server.engines.sampling import RowSampler
-from server.engines.sequence import Request, Sequence
+from server.engines.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,9 @@ from server.engines.base import ChoiceDelta, EngineError
 from server.engines.batch import PaddedBatch
 from server.engines.bridge import Mailbox
 from server.engines.groups import Change, ChangeKind, Group, Groups
+from server.engines.request import DeltaOrError, Request
 from server.engines.sampling import RowSampler, Sampled
-from server.engines.sequence import DeltaOrError, Request, Sequence
+from server.engines.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

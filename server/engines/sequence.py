@@ -1,62 +1,14 @@
-"""Request and sequence state shared by the async API side and the decode thread."""
+"""One choice of a request being decoded, on the decode side: its sampling row, text stream
+and stop strings."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
-from server.engines.base import ChoiceDelta, FinishReason, SamplingParams
-from server.engines.bridge import Inbox
+from server.engines.base import ChoiceDelta, FinishReason
 from server.engines.detokenize import IncrementalDecoder, StopMatcher
+from server.engines.request import Request
 from server.engines.sampling import RowParams, choice_generator
-
-DeltaOrError = ChoiceDelta | BaseException
-
-
-class Request:
-    """One ``generate`` call: prompt, parameters, and the inbox its deltas are posted to.
-
-    ``cancelled`` is written by the event loop and read by the decode thread; a plain attribute is
-    enough, the thread only needs to see it by its next step.
-    """
-
-    def __init__(
-        self,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        max_new_tokens: int,
-        loop: asyncio.AbstractEventLoop,
-        canary: bool = False,
-    ) -> None:
-        self.id = request_id
-        self.prompt = prompt
-        self.params = params
-        self.max_new_tokens = max_new_tokens
-        self.loop = loop
-        # A reader that falls behind (a slow stream client) gets merged deltas, one per choice,
-        # so what waits for it is at most its own answer, however many steps it misses.
-        self.inbox: Inbox[DeltaOrError] = Inbox(coalesce, limit=2 * (params.n + 1))
-        self.cancelled = False
-        self.canary = canary  # asks for the canary arm (the active one while none is loaded)
-        self.policy_version = ""  # set by the decode thread when it admits the request
-        self.submitted_step = 0  # the decode step count when it was queued
-        self.unfinished = params.n  # choices whose final delta the reader has not taken yet
-
-    async def deltas(self) -> AsyncIterator[ChoiceDelta]:
-        """The deltas posted to the inbox, until every choice has had its final one; raises the
-        error the engine posted instead. While ``unfinished`` is above 0 after the reader
-        stopped, it left early: the engine should free the request's slots."""
-        while self.unfinished:
-            items = await self.inbox.take_all()
-            for item in coalesce(items) if len(items) > 1 else items:
-                if isinstance(item, BaseException):
-                    self.unfinished = 0
-                    raise item
-                if item.finish_reason is not None:
-                    self.unfinished -= 1
-                yield item
 
 
 class Sequence:
@@ -140,25 +92,3 @@ class Sequence:
         self._top = [] if self._top is not None else None
         self._last_sent = now
         return delta
-
-
-def coalesce(items: list[DeltaOrError]) -> list[DeltaOrError]:
-    """Merge queued deltas of the same choice (the consumer fell behind); an error ends the list."""
-    out: list[DeltaOrError] = []
-    open_deltas: dict[int, ChoiceDelta] = {}
-    for item in items:
-        if isinstance(item, BaseException):
-            out.append(item)
-            break
-        prev = open_deltas.get(item.index)
-        if prev is None:
-            open_deltas[item.index] = item
-            out.append(item)
-            continue
-        prev.text += item.text
-        prev.token_ids += item.token_ids
-        prev.logprobs += item.logprobs
-        if prev.top_logprobs is not None and item.top_logprobs is not None:
-            prev.top_logprobs += item.top_logprobs
-        prev.finish_reason = item.finish_reason
-    return out

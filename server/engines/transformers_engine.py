@@ -23,13 +23,12 @@ from server.engines.base import (
     ChoiceDelta,
     EngineError,
     EngineStats,
-    PromptTooLongError,
     SamplingParams,
     SwapError,
 )
 from server.engines.prompts import PromptEncoder
+from server.engines.request import Request, admissible
 from server.engines.scheduler import Scheduler
-from server.engines.sequence import Request
 
 logger = logging.getLogger(__name__)
 
@@ -251,19 +250,6 @@ class TransformersEngine:
 
     def _load_checked(self, path: str) -> Any:
         return load_checked(path, self.device, self.dtype, self._vocab_size, self.eos_token_ids)
-
-
-def admissible(prompt: list[int], params: SamplingParams, max_model_len: int,
-               vocab_size: int) -> int:
-    """The new tokens a request may decode; ``EngineError`` (``PromptTooLongError``) for a
-    prompt no engine could serve (raised before any streaming starts)."""
-    if not prompt:
-        raise EngineError("The prompt is empty.")
-    if len(prompt) >= max_model_len:
-        raise PromptTooLongError(len(prompt), max_model_len)
-    if min(prompt) < 0 or max(prompt) >= vocab_size:
-        raise EngineError(f"Prompt token ids must lie in [0, {vocab_size}).")
-    return max(1, min(params.max_tokens, max_model_len - len(prompt)))
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:

@@ -255,6 +255,9 @@ async def test_create_engine_builds_it_by_default_on_cpu(tiny_model_dir: Path) -
 
     assert not own_process(Settings(device="cpu", engine_process=False))
     assert not own_process(Settings(device="cuda"))  # unmeasured on GPU: in-process
+    # Told without torch where its build has no GPU, the same answer as torch's.
+    assert own_process(Settings(device="auto", engine_process=None)) == (
+        not torch.cuda.is_available())
     settings = Settings(model=str(tiny_model_dir), device="cpu")
     eng = create_engine(settings, policy_version="policy-7")
     try:
@@ -262,6 +265,34 @@ async def test_create_engine_builds_it_by_default_on_cpu(tiny_model_dir: Path) -
         assert eng.policy_version == "policy-7" and eng.max_model_len == 512
     finally:
         await eng.stop()
+
+
+API_SIDE = """
+import sys
+from fastapi.testclient import TestClient
+from flywheel.settings import Settings
+from server.app import create_app
+
+model, data = sys.argv[1], sys.argv[2]
+settings = Settings(model=model, device="cpu", engine_process=None, data_dir=data,
+                    database_url=f"sqlite:///{data}/api.db", redis_url="", api_keys="")
+with TestClient(create_app(settings, watch=False)) as client:
+    body = {"model": "flywheel", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8, "stream": True, "seed": 3, "temperature": 1.0}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200 and "[DONE]" in response.read().decode()
+    print(type(client.app.state.flywheel.engine).__name__)
+print(sorted(name for name in sys.modules if name.split(".")[0] == "torch"))
+"""
+
+
+def test_the_api_process_never_imports_torch(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The API process of this mode (the default on CPU) serves without torch: it would cost
+    each replica about 240 MiB. A fresh interpreter, as ``flywheel serve`` starts."""
+    done = subprocess.run([sys.executable, "-c", API_SIDE, str(tiny_model_dir), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["TransformersProcessEngine", "[]"]
 
 
 def test_the_engine_process_ends_with_its_api_process(tiny_model_dir: Path) -> None:

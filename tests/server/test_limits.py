@@ -21,7 +21,7 @@ from server.app import create_app
 from server.completions.serving import INLINE_TOKENIZE_CHARS
 from server.engines.base import ChoiceDelta, EngineStats, SamplingParams
 from server.engines.fake import FakeEngine
-from server.engines.sequence import Request, coalesce
+from server.engines.request import Request, coalesce
 from tests.server.conftest import ThreadServer, free_port, make_settings
 
 BIG = 20 * 1024 * 1024

@@ -19,8 +19,8 @@ from server.engines.base import (
     SwapError,
 )
 from server.engines.detokenize import StopMatcher
+from server.engines.request import coalesce
 from server.engines.sampling import inverse_cdf_sample, top_p_filter
-from server.engines.sequence import coalesce
 
 QUESTIONS = [
     "What is 7 plus 5?", "Hello!", "Spell the word river.", "What is the capital of France?",
