@@ -36,8 +36,10 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` (vllm/sampling_params.py:271) for ``params``.
 
     ``logprobs`` is always set: vLLM then returns the sampled token's logprob plus the top
-    ``logprobs`` alternatives per position (0 = the sampled token only), which PPO needs as
-    behaviour logprobs on every request.
+    ``logprobs`` alternatives per position (0 = the sampled token only), stored with every
+    answer as its behaviour logprobs. ``flat_logprobs``: vLLM hands them over as a few flat
+    lists (``FlatLogprobs``) instead of a dict of ``Logprob`` objects per token, which its output
+    processor would build on the API server's event loop for every token streamed.
 
     ``detokenize`` only for stop strings (vLLM matches them on text): otherwise vLLM's output
     processor would also spell every logprob's token, one tokenizer call per token on the API
@@ -53,6 +55,7 @@ def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
         "stop": list(params.stop) or None,
         "max_tokens": params.max_tokens,
         "logprobs": params.top_logprobs,
+        "flat_logprobs": True,
     }
 
 
@@ -79,34 +82,35 @@ def map_finish_reason(reason: str | None) -> FinishReason | None:
     raise EngineError(f"the engine failed the request (finish reason {reason!r})")
 
 
-def sampled_logprobs(
-    token_ids: Sequence[int], positions: Sequence[Mapping[int, Any]]
-) -> list[float]:
-    """Logprob of each sampled token; vLLM always includes it in its position's dict."""
-    if len(positions) != len(token_ids):
-        raise EngineError(f"vLLM returned {len(positions)} logprobs for {len(token_ids)} tokens")
-    return [float(pos[tok].logprob) for tok, pos in zip(token_ids, positions, strict=True)]
+def sampled_logprobs(token_ids: Sequence[int], flat: Any) -> list[float]:
+    """Logprob of each sampled token from vLLM's ``FlatLogprobs`` (vllm/logprobs.py): a
+    position's entries run from ``start_indices[i]`` to ``end_indices[i]``, the sampled token
+    first, then the top-k by rank (``append_logprobs_for_next_position``)."""
+    starts = flat.start_indices if flat is not None else []
+    if len(starts) != len(token_ids):
+        raise EngineError(f"vLLM returned {len(starts)} logprobs for {len(token_ids)} tokens")
+    ids, values = flat.token_ids, flat.logprobs
+    if any(ids[start] != token for start, token in zip(starts, token_ids, strict=True)):
+        raise EngineError("vLLM's logprobs do not start with the sampled tokens")
+    return [float(values[start]) for start in starts]
 
 
-def top_alternatives(
-    positions: Sequence[Mapping[int, Any]], k: int, decode: Callable[[int], str]
-) -> list[dict[str, float]]:
+def top_alternatives(flat: Any, k: int, decode: Callable[[int], str]) -> list[dict[str, float]]:
     """The ``k`` most likely tokens per position, by rank, as ``{token text: logprob}``.
 
-    A position holds the top ``k`` plus the sampled token (vllm/logprobs.py `Logprob`), so the
-    sampled token is dropped unless its rank is within ``k``.
+    After the sampled token, a position of ``FlatLogprobs`` holds the top ``k`` with ranks 1 to
+    ``k`` (the sampled token again among them when its rank is within ``k``).
     """
     tops: list[dict[str, float]] = []
-    for pos in positions:
-        ranked = sorted(pos.items(), key=lambda item: item[1].rank or 0)
-        best = [(tok, lp) for tok, lp in ranked if lp.rank is not None and lp.rank <= k][:k]
-        tops.append({_token_text(tok, lp, decode): float(lp.logprob) for tok, lp in best})
+    for start, end in zip(flat.start_indices, flat.end_indices, strict=True):
+        tops.append({
+            _token_text(flat.token_ids[j], flat.decoded_tokens[j], decode): float(flat.logprobs[j])
+            for j in range(start + 1, min(end, start + 1 + k))})
     return tops
 
 
-def _token_text(token_id: int, logprob: Any, decode: Callable[[int], str]) -> str:
-    text = getattr(logprob, "decoded_token", None)
-    return text if text is not None else decode(token_id)
+def _token_text(token_id: int, decoded: str | None, decode: Callable[[int], str]) -> str:
+    return decoded if decoded is not None else decode(token_id)
 
 
 def to_choice_delta(
@@ -124,14 +128,14 @@ def to_choice_delta(
     text = completion.text if texts is None else texts.text(index, token_ids, finish is not None)
     if not token_ids and not text and finish is None:
         return None
-    positions = list(completion.logprobs or [])
+    flat = completion.logprobs
     return ChoiceDelta(
         index=index,
         text=text,
         token_ids=token_ids,
-        logprobs=sampled_logprobs(token_ids, positions),
+        logprobs=sampled_logprobs(token_ids, flat),
         policy_version=policy_version,
-        top_logprobs=top_alternatives(positions, top_k, decode) if top_k > 0 else None,
+        top_logprobs=top_alternatives(flat, top_k, decode) if top_k > 0 else None,
         finish_reason=finish,
     )
 

@@ -33,6 +33,7 @@ def test_sampling_params_map_every_field() -> None:
                             seed=11, top_logprobs=5)
     assert sampling_kwargs(params) == {"n": 3, "temperature": 0.7, "top_p": 0.9, "seed": 11,
                                        "stop": ["\n", "END"], "max_tokens": 32, "logprobs": 5,
+                                       "flat_logprobs": True,
                                        "detokenize": True}  # vLLM matches stop strings on text
     built = build_sampling_params(params, StandInSamplingParams, Kind.DELTA)
     assert built.output_kind is Kind.DELTA and built.logprobs == 5 and built.n == 3
@@ -84,8 +85,8 @@ def test_unfinished_requests_raise(vllm_reason: str) -> None:
 
 def test_delta_keeps_sampled_logprobs_and_top_alternatives_by_rank() -> None:
     positions = [
-        {5: Lp(-2.0, 3, "x"), 6: Lp(-0.2, 1, "y"), 7: Lp(-1.0, 2, None)},  # sampled 5, rank 3
-        {8: Lp(-0.1, 1, "z"), 9: Lp(-2.5, 2, "w")},
+        [(5, Lp(-2.0, 3, "x")), (6, Lp(-0.2, 1, "y")), (7, Lp(-1.0, 2, None))],  # 5 of rank 3
+        [(8, Lp(-0.1, 1, "z")), (8, Lp(-0.1, 1, "z")), (9, Lp(-2.5, 2, "w"))],  # 8, also top 1
     ]
     comp = completion(1, [5, 8], text="xz", logprobs=positions)
     delta = to_choice_delta(comp, "policy-4", 2, decode=lambda t: f"<{t}>")
@@ -105,9 +106,12 @@ def test_delta_without_alternatives_and_empty_deltas() -> None:
 
 
 def test_delta_with_missing_logprobs_is_an_engine_error() -> None:
-    comp = completion(0, [70, 71], logprobs=[{70: Lp(-0.5, 1)}])
+    comp = completion(0, [70, 71], logprobs=[[(70, Lp(-0.5, 1))]])
     with pytest.raises(EngineError):
         to_choice_delta(comp, "p", 0, decode=str)
+    shifted = completion(0, [70, 71], logprobs=[[(71, Lp(-0.5, 1))], [(70, Lp(-0.5, 1))]])
+    with pytest.raises(EngineError, match="sampled"):
+        to_choice_delta(shifted, "p", 0, decode=str)
 
 
 def test_engine_args(tmp_path: Path) -> None:

@@ -208,6 +208,29 @@ async def test_stored_logprobs_match_a_reference_forward_pass(engine,
     await assert_logprobs_match_reference(engine, checkpoints["base"])
 
 
+async def test_top_logprobs_are_the_reference_top_k(engine, checkpoints: dict[str, Path]) -> None:
+    """``top_logprobs`` read from vLLM's flat logprobs: each position's k most likely tokens,
+    best first, as a forward pass ranks them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt, k = engine.encode_chat(QUESTION), 3
+    deltas = await run(engine, prompt, SamplingParams(max_tokens=8, seed=3, top_logprobs=k),
+                       "top-logprobs")
+    tokens = [t for d in deltas for t in d.token_ids]
+    tops = [top for d in deltas for top in d.top_logprobs or []]
+    assert len(tops) == len(tokens)
+    dtype = engine._engine_args["dtype"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoints["base"], dtype=getattr(torch, dtype))
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
+    values, ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)
+    spell = AutoTokenizer.from_pretrained(checkpoints["base"]).decode  # special tokens spelled
+    for top, ref_values, ref_ids in zip(tops, values.tolist(), ids.tolist(), strict=True):
+        assert list(top) == [spell([t]) for t in ref_ids]
+        assert list(top.values()) == pytest.approx(ref_values, abs=LOGPROB_ATOL[dtype])
+
+
 async def test_full_weight_swap_under_load(engine, checkpoints: dict[str, Path]) -> None:
     prompt = engine.encode_chat(QUESTION)
     before = await greedy(engine, prompt, "before")

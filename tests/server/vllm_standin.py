@@ -1,7 +1,7 @@
 """Stand-ins for the vLLM names the engine uses: a recording ``AsyncLLM``, its outputs, a tokenizer.
 
-They mirror vLLM 0.33's shapes (``CompletionOutput``, ``Logprob``, ``LoRARequest``) closely enough
-for the engine's mapping and swap code, with no vLLM installed.
+They mirror vLLM 0.33's shapes (``CompletionOutput``, ``FlatLogprobs``, ``LoRARequest``) closely
+enough for the engine's mapping and swap code, with no vLLM installed.
 """
 
 from __future__ import annotations
@@ -47,15 +47,42 @@ class Lp:
     decoded_token: str | None = None
 
 
+@dataclass
+class Flat:
+    """vLLM's ``FlatLogprobs`` (vllm/logprobs.py): every position's entries in flat lists."""
+
+    start_indices: list[int] = field(default_factory=list)
+    end_indices: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    ranks: list[int | None] = field(default_factory=list)
+    decoded_tokens: list[str | None] = field(default_factory=list)
+
+
+def flat(positions: list[list[tuple[int, Lp]]]) -> Flat:
+    """Positions as vLLM fills them: the sampled token first, then the top-k by rank."""
+    out = Flat()
+    for entries in positions:
+        out.start_indices.append(len(out.token_ids))
+        for token, lp in entries:
+            out.token_ids.append(token)
+            out.logprobs.append(lp.logprob)
+            out.ranks.append(lp.rank)
+            out.decoded_tokens.append(lp.decoded_token)
+        out.end_indices.append(len(out.token_ids))
+    return out
+
+
 def completion(index: int, token_ids: list[int], text: str | None = None,
                finish: str | None = None,
-               logprobs: list[dict[int, Lp]] | None = None, spans: list | None = None) -> Any:
-    if logprobs is None:
-        logprobs = [{t: Lp(-0.5, 1, chr(t))} for t in token_ids]
+               logprobs: list[list[tuple[int, Lp]]] | None = None,
+               spans: list | None = None) -> Any:
+    if logprobs is None:  # each token sampled as the most likely one, with one alternative
+        logprobs = [[(t, Lp(-0.5, 1, chr(t)))] * 2 for t in token_ids]
     if text is None:
         text = "".join(chr(t) for t in token_ids)
     return SimpleNamespace(index=index, text=text,
-                           token_ids=token_ids, logprobs=logprobs, finish_reason=finish,
+                           token_ids=token_ids, logprobs=flat(logprobs), finish_reason=finish,
                            weight_versions=spans)
 
 
@@ -67,7 +94,7 @@ def two_choices(sampling: Any) -> list[Any]:
     """n choices, interleaved: one token each, then each stops on EOS (2) in one last output."""
     first = [output(completion(i, [ord("a") + i])) for i in range(sampling.n)]
     last = output(*[completion(i, [2], text="", finish="stop",
-                               logprobs=[{2: Lp(-0.1, 1, "")}]) for i in range(sampling.n)])
+                               logprobs=[[(2, Lp(-0.1, 1, ""))] * 2]) for i in range(sampling.n)])
     return [*first, last]
 
 

@@ -123,7 +123,7 @@ class VLLMRollouts:
             raise RuntimeError(f"vLLM returned no output for rollout request ppo-{number}")
         completion = final.outputs[0]
         tokens = [int(t) for t in completion.token_ids]
-        return tokens, sampled_logprobs(tokens, list(completion.logprobs or []))
+        return tokens, sampled_logprobs(tokens, completion.logprobs)
 
     def sync(self, policy: nn.Module) -> None:
         """Load ``policy``'s current weights into the engine (in place, between steps)."""
