@@ -167,6 +167,13 @@ class StoreBase:
             yield s
 
     @contextmanager
+    def _writes(self) -> Iterator[sa.Connection]:
+        """A Core connection in one write transaction (`_tx` without the ORM session, for the
+        serving path's hottest writes). Errors as in `_tx`."""
+        with _store_errors(), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
     def _statement(self) -> Iterator[sa.Connection]:
         """A Core connection for a write that is one statement: it commits by itself on
         PostgreSQL, without the round trips of BEGIN and COMMIT; SQLite still takes its write

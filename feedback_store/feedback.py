@@ -188,7 +188,6 @@ class FeedbackMixin(StoreBase):
         with self._tx(write=False) as s:
             by_rating = dict(
                 s.execute(sa.select(Feedback.rating, sa.func.count()).group_by(Feedback.rating))
-                .tuples()
                 .all()
             )
             rankings = s.scalar(sa.select(sa.func.count()).select_from(Ranking)) or 0

@@ -183,7 +183,7 @@ class IdentitiesMixin(StoreBase):
             for start in range(0, len(wanted), 500):
                 rows = s.execute(sa.select(Identity.identity, Identity.weight)
                                  .where(Identity.identity.in_(wanted[start:start + 500])))
-                weights.update(rows.tuples().all())
+                weights.update(rows.all())
         return weights
 
     def record_tallies(self, tallies: Mapping[str, Tally], disagreeing_weight: float

@@ -381,7 +381,7 @@ def _prompt_tokens(s: Session, ids: Iterable[int]) -> dict[int, list[int]]:
     for start in range(0, len(wanted), IN_CHUNK):
         chunk = wanted[start : start + IN_CHUNK]
         found.update(s.execute(sa.select(Prompt.id, Prompt.prompt_token_ids)
-                               .where(Prompt.id.in_(chunk))).tuples().all())
+                               .where(Prompt.id.in_(chunk))).all())
     return found
 
 
