@@ -90,9 +90,12 @@ def sampled_logprobs(token_ids: Sequence[int], flat: Any) -> list[float]:
     if len(starts) != len(token_ids):
         raise EngineError(f"vLLM returned {len(starts)} logprobs for {len(token_ids)} tokens")
     ids, values = flat.token_ids, flat.logprobs
-    if any(ids[start] != token for start, token in zip(starts, token_ids, strict=True)):
-        raise EngineError("vLLM's logprobs do not start with the sampled tokens")
-    return [float(values[start]) for start in starts]
+    sampled = []
+    for start, token in zip(starts, token_ids, strict=True):
+        if ids[start] != token:
+            raise EngineError("vLLM's logprobs do not start with the sampled tokens")
+        sampled.append(float(values[start]))
+    return sampled
 
 
 def top_alternatives(flat: Any, k: int, decode: Callable[[int], str]) -> list[dict[str, float]]:
@@ -102,15 +105,12 @@ def top_alternatives(flat: Any, k: int, decode: Callable[[int], str]) -> list[di
     ``k`` (the sampled token again among them when its rank is within ``k``).
     """
     tops: list[dict[str, float]] = []
+    ids, values, spelled = flat.token_ids, flat.logprobs, flat.decoded_tokens
     for start, end in zip(flat.start_indices, flat.end_indices, strict=True):
         tops.append({
-            _token_text(flat.token_ids[j], flat.decoded_tokens[j], decode): float(flat.logprobs[j])
+            spelled[j] if spelled[j] is not None else decode(ids[j]): float(values[j])
             for j in range(start + 1, min(end, start + 1 + k))})
     return tops
-
-
-def _token_text(token_id: int, decoded: str | None, decode: Callable[[int], str]) -> str:
-    return decoded if decoded is not None else decode(token_id)
 
 
 def to_choice_delta(
