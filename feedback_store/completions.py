@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -20,6 +21,7 @@ from feedback_store.types import NewCompletion
 # The serving path writes through Core on the tables: the ORM's bulk-insert layers cost more CPU
 # than the statements themselves (and the API server's event loop shares that GIL).
 COMPLETIONS, CHOICES, PROMPTS = (sa.inspect(m).local_table for m in (Completion, Choice, Prompt))
+PROMPT_IDS_CACHED = 50_000  # prompt ids kept per store (about 8 MB); all dropped when full
 
 
 class CompletionsMixin(StoreBase):
@@ -29,8 +31,7 @@ class CompletionsMixin(StoreBase):
         """Store a served request with its prompt (deduplicated) and all its choices."""
         _check(c)
         try:
-            with self._writes() as conn:
-                self._insert(conn, [c])
+            self._write([c])
         except exc.IntegrityError as error:
             raise _duplicate(c) from error
 
@@ -50,8 +51,7 @@ class CompletionsMixin(StoreBase):
         if not valid:
             return outcomes
         try:
-            with self._writes() as conn:
-                self._insert(conn, [records[i] for i in valid])
+            self._write([records[i] for i in valid])
             return outcomes
         except (exc.IntegrityError, InvalidInputError):
             pass  # one record spoiled the batch (a duplicate id, a refused value): one by one
@@ -64,12 +64,33 @@ class CompletionsMixin(StoreBase):
                 outcomes[i] = error
         return outcomes
 
-    def _insert(self, s: sa.Connection, records: list[NewCompletion]) -> None:
+    @functools.cached_property
+    def _prompt_ids_committed(self) -> dict[str, int]:
+        """Prompt row ids by sha256, filled only after the transaction that found or inserted
+        them committed: prompts are never deleted, so a committed id stays right."""
+        return {}
+
+    def _write(self, records: list[NewCompletion]) -> None:
+        """Insert ``records`` in one transaction."""
+        try:
+            with self._writes() as conn:
+                prompt_ids = self._insert(conn, records)
+        except exc.IntegrityError:
+            self._prompt_ids_committed.clear()  # in case a cached id went stale after all
+            raise
+        known = self._prompt_ids_committed
+        if len(known) + len(prompt_ids) > PROMPT_IDS_CACHED:
+            known.clear()
+        known.update(prompt_ids)
+
+    def _insert(self, s: sa.Connection, records: list[NewCompletion]) -> dict[str, int]:
+        """Insert ``records``; returns their prompts' row ids by sha256."""
         records = [_storable(c) for c in records]
         created = [_created(c) for c in records]
-        prompt_ids = self._prompt_ids(s, records, created)
+        digests = [hashlib.sha256(c.prompt_text.encode()).hexdigest() for c in records]
+        prompt_ids = self._prompt_ids(s, records, digests, created)
         s.execute(COMPLETIONS.insert(), [
-            {"id": c.id, "prompt_id": prompt_ids[i], "kind": c.kind, "model": c.model,
+            {"id": c.id, "prompt_id": prompt_ids[digests[i]], "kind": c.kind, "model": c.model,
              "policy_version": c.policy_version, "params": c.params, "user": c.user,
              "created_at": created[i]}
             for i, c in enumerate(records)
@@ -80,13 +101,15 @@ class CompletionsMixin(StoreBase):
              "finish_reason": ch.finish_reason}
             for c in records for ch in c.choices
         ])
+        return prompt_ids
 
-    def _prompt_ids(self, s: sa.Connection, records: list[NewCompletion],
-                    created: list[datetime]) -> list[int]:
-        """The prompt row id of each record, inserting the new texts (safe under races: a row
-        another writer inserts meanwhile is skipped, then read)."""
-        digests = [hashlib.sha256(c.prompt_text.encode()).hexdigest() for c in records]
-        found = self._find_prompts(s, set(digests))
+    def _prompt_ids(self, s: sa.Connection, records: list[NewCompletion], digests: list[str],
+                    created: list[datetime]) -> dict[str, int]:
+        """The prompt row id of each digest: known ones from the cache, new texts inserted (one
+        statement, ``RETURNING`` their ids), the rest read (a row another writer inserts
+        meanwhile is skipped by the insert, then read)."""
+        known = self._prompt_ids_committed
+        found = {d: known[d] for d in digests if d in known}
         new: dict[str, dict[str, Any]] = {}
         for c, digest, at in zip(records, digests, created, strict=True):
             if digest not in found and digest not in new:
@@ -94,18 +117,20 @@ class CompletionsMixin(StoreBase):
                                "prompt_text": c.prompt_text,
                                "prompt_token_ids": list(c.prompt_token_ids),
                                "holdout": is_holdout_hash(digest), "created_at": at}
-        if new:
-            insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-            s.execute(insert(PROMPTS).on_conflict_do_nothing(index_elements=["sha256"]),
-                      list(new.values()))
-            found.update(self._find_prompts(s, set(new)))
-        return [found[d] for d in digests]
-
-    @staticmethod
-    def _find_prompts(s: sa.Connection, digests: set[str]) -> dict[str, int]:
-        sha256 = PROMPTS.c.sha256
-        rows = s.execute(sa.select(sha256, PROMPTS.c.id).where(sha256.in_(digests)))
-        return dict(rows.all())
+        if not new:
+            return found
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+        statement = insert(PROMPTS).on_conflict_do_nothing(index_elements=["sha256"])
+        if self.engine.dialect.insert_executemany_returning:
+            rows = s.execute(statement.returning(PROMPTS.c.sha256, PROMPTS.c.id),
+                             list(new.values()))
+            found.update(rows.all())
+        else:  # SQLite before 3.35
+            s.execute(statement, list(new.values()))
+        if unread := set(new) - found.keys():
+            sha256 = PROMPTS.c.sha256
+            found.update(s.execute(sa.select(sha256, PROMPTS.c.id).where(sha256.in_(unread))).all())
+        return found
 
 
 def _check(c: NewCompletion) -> None:

@@ -7,7 +7,7 @@ import sqlalchemy as sa
 
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import InvalidInputError
-from feedback_store.models import Choice, Feedback, Prompt
+from feedback_store.models import Choice, Completion, Feedback, Prompt
 
 from .conftest import add_completion, count
 
@@ -70,3 +70,53 @@ def test_nul_characters_are_stored_as_replacement_characters(store: Store) -> No
         prompt = s.scalar(sa.select(Prompt.prompt_text))
         comment, user = s.execute(sa.select(Feedback.comment, Feedback.user)).one()
     assert (text, prompt, comment, user) == ("x\ufffdy", "a\ufffdb", "fine\ufffd", "v\ufffd")
+
+
+def _prompt_of(store: Store, completion_id: str) -> str:
+    with store._tx(write=False) as s:
+        return s.scalar(sa.select(Prompt.prompt_text).join(Completion)
+                        .where(Completion.id == completion_id))
+
+
+def test_a_known_prompt_costs_no_statement_on_the_prompts_table(store: Store) -> None:
+    """The serving path remembers the ids of prompts it stored (they are never deleted)."""
+    statements: list[str] = []
+    sa.event.listen(store.engine, "before_cursor_execute",
+                    lambda conn, cursor, statement, *_: statements.append(statement))
+    assert store.record_completions([_completion("chatcmpl-a", "Again?")]) == [None]
+    assert any("prompts" in s for s in statements)
+    statements.clear()
+    assert store.record_completions([_completion("chatcmpl-b", "Again?")]) == [None]
+    assert statements and not any("prompts" in s for s in statements)
+    assert _prompt_of(store, "chatcmpl-b") == "Again?"
+    assert count(store, "prompts") == 1
+
+
+def test_a_rolled_back_prompt_is_not_remembered(store: Store) -> None:
+    """A prompt inserted by a transaction that then failed is gone; its id must not be reused
+    (PostgreSQL does not hand the same id out again)."""
+    add_completion(store, "chatcmpl-taken")
+    with pytest.raises(InvalidInputError):
+        store.record_completion(_completion("chatcmpl-taken", "Rolled back?"))
+    assert count(store, "prompts") == 1
+    store.record_completion(_completion("chatcmpl-new", "Rolled back?"))
+    assert _prompt_of(store, "chatcmpl-new") == "Rolled back?"
+
+
+@pytest.mark.parametrize("returning", [True, False], ids=["returning", "no-returning"])
+def test_replicas_storing_one_new_prompt_share_its_row(store: Store, returning: bool) -> None:
+    """Each replica has its own memory of prompt ids; the second to insert a prompt finds the
+    first one's row (with INSERT ... RETURNING, and without, as on SQLite before 3.35)."""
+    other = Store(store.url)
+    try:
+        for s in (store, other):
+            s.engine.dialect.insert_executemany_returning = returning
+        assert store.record_completions([_completion("chatcmpl-a", "Shared?")]) == [None]
+        assert other.record_completions([_completion("chatcmpl-b", "Shared?"),
+                                         _completion("chatcmpl-c", "Own?")]) == [None, None]
+        assert store.record_completions([_completion("chatcmpl-d", "Own?")]) == [None]
+    finally:
+        other.close()
+    assert count(store, "prompts") == 2
+    assert [_prompt_of(store, f"chatcmpl-{c}") for c in "abcd"] == ["Shared?", "Shared?",
+                                                                     "Own?", "Own?"]
