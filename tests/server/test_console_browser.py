@@ -150,9 +150,10 @@ def test_console_shows_versions_and_rolls_back(seeded: tuple[Settings, Store],
             assert button.inner_text() == "Roll back"
             button.click()
             assert wait_for(lambda: _served(server.url), lambda v: v == "policy-1") == "policy-1"
-            page.wait_for_function(
-                "document.querySelector('#summary #served .value').textContent === 'policy-1'",
-                timeout=15_000)
+            # A locator assertion polls without evaluating a string in the page, which the
+            # console's CSP (no 'unsafe-eval') refuses to wait_for_function once it has to poll.
+            sync_api.expect(page.locator("#summary #served .value")).to_have_text(
+                "policy-1", timeout=15_000)
             assert store.active_policy()["id"] == "policy-1"
         finally:
             browser.close()
