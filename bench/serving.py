@@ -23,9 +23,11 @@ engine's ratio to it. Both need vLLM importable: run with the interpreter of
 ``scripts/vllm-venv.sh`` on CPU.
 vLLM runs in float32 with a 1 GiB KV cache on CPU (eager with ``--vllm-eager``) on both servers.
 
-All servers start first and are then measured in turn, ``--rounds`` times, so that the
-machine's other load falls on each alike; ``--baseline DIR`` adds the same engine(s) served from
-another checkout (``git worktree add DIR HEAD~1``), for before and after in one run.
+All servers start first and are then measured in turn, ``--rounds`` times (every other round
+in reverse order), so that the machine's other load falls on each alike; each ratio to vLLM's own
+server is also given as the median of the rounds' ratios, with their range. ``--baseline DIR``
+adds the same engine(s) served from another checkout (``git worktree add DIR HEAD~1``), for
+before and after in one run.
 ``--engine-process both`` serves the transformers engine twice, in its own process
 (``FLYWHEEL_ENGINE_PROCESS=true``) and in the API server's, and ``--process-threads N`` adds the
 former with ``OMP_NUM_THREADS=N`` in its engine process.
@@ -303,6 +305,7 @@ class Server:
     env: dict[str, str] = field(default_factory=dict)  # the server's extra environment
     many: Run = field(default_factory=Run)
     one: Run = field(default_factory=Run)
+    many_rates: list[float] = field(default_factory=list)  # tokens/s at many clients, per round
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -349,13 +352,17 @@ async def http_rounds(model: Path, servers: list[Server], clients: int, max_new:
             for _, url in procs:
                 await http_run(url, clients, 1.0, max_new)  # warm-up
             for r in range(rounds):
+                # Every other round in reverse order: no server always follows the same one.
+                order = list(zip(servers, procs, strict=True))[::1 if r % 2 == 0 else -1]
                 for n, attr in ((clients, "many"), (1, "one")):
-                    for server, (proc, url) in zip(servers, procs, strict=True):
+                    for server, (proc, url) in order:
                         before = cpu_seconds(proc.pid)
                         run = await http_run(url, n, seconds, max_new, server.logprobs)
                         after = cpu_seconds(proc.pid)
                         run.cpu, run.cpu_api = after[0] - before[0], after[1] - before[1]
                         getattr(server, attr).add(run)
+                        if attr == "many":
+                            server.many_rates.append(run.rate)
                         print(f"  round {r + 1}, {n:2d} client(s): {run.rate:7.1f} tok/s, "
                               f"{cpu_per_token(run)}  {server.name}", flush=True)
         finally:
@@ -445,9 +452,12 @@ def over_http(args: argparse.Namespace, model: Path, gen: Run | None) -> None:
                 cpu = (server.many.cpu / server.many.tokens) / (own.many.cpu / own.many.tokens)
                 api = ((server.many.cpu_api / server.many.tokens)
                        / (own.many.cpu_api / own.many.tokens))
+                rounds = sorted(a / o for a, o in zip(server.many_rates, own.many_rates,
+                                                      strict=True))
                 print(f"    {server.name} / vLLM's own server at {b} clients = "
                       f"{server.many.rate / own.many.rate:.2f}x  "
-                      f"(target >= {targets.get(server.engine, '-')}x); "
+                      f"(target >= {targets.get(server.engine, '-')}x; median of rounds "
+                      f"{statistics.median(rounds):.2f}x, {rounds[0]:.2f}x to {rounds[-1]:.2f}x); "
                       f"CPU per token {cpu:.2f}x, in the API process {api:.2f}x")
 
 
