@@ -27,9 +27,12 @@ import time
 import uuid
 from pathlib import Path
 
-import sqlalchemy as sa
-
 ROOT = Path(__file__).resolve().parents[1]
+# Appended: in `measure`'s process the checkout being measured (PYTHONPATH) must come first.
+sys.path.append(str(ROOT))
+
+from bench._databases import create_database, drop_database  # noqa: E402
+
 QUESTIONS = [f"What is {i} plus {i + 1}?" for i in range(16)]
 CASES = [(batch, prompts) for prompts in ("repeated", "unique") for batch in (1, 16)]
 
@@ -73,20 +76,7 @@ def run_in(checkout: Path, url: str, batch: int, prompts: str, completions: int)
 def fresh_database(backend: str, postgres: str, folder: Path) -> str:
     if backend == "sqlite":
         return f"sqlite:///{folder / f'{uuid.uuid4().hex}.db'}"
-    name = f"flywheel_bench_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return postgres.rsplit("/", 1)[0] + f"/{name}"
-
-
-def drop(url: str, postgres: str) -> None:
-    if url.startswith("postgresql"):
-        admin = sa.create_engine(postgres, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
-        admin.dispose()
+    return create_database(postgres, "flywheel_bench")
 
 
 def main() -> None:
@@ -113,7 +103,8 @@ def main() -> None:
                         try:
                             us = run_in(checkout, url, batch, prompts, args.completions)
                         finally:
-                            drop(url, args.postgres)
+                            if backend == "postgresql":
+                                drop_database(args.postgres, url)
                         results.setdefault((backend, prompts, batch, name), []).append(us)
             print(f"round {round_ + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     print(f"CPU per completion stored, median of {args.rounds} rounds of {args.completions}")

@@ -26,14 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
-
-import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._databases import create_database, drop_database  # noqa: E402
 from feedback_store import Store  # noqa: E402
 from feedback_store.training_data import is_holdout_hash  # noqa: E402
 
@@ -41,22 +39,6 @@ USERS = 200  # raters in the generated data
 ANSWER_TOKENS = 30
 PROMPT_TOKENS = 20
 RANK_EVERY = 10  # a ranking on every tenth completion
-
-
-def create_database(admin_url: str) -> str:
-    name = f"flywheel_scale_{uuid.uuid4().hex[:10]}"
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    engine.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1]}" WITH (FORCE)'))
-    engine.dispose()
 
 
 def _ids(rng: random.Random, n: int, vocab: int) -> str:
@@ -178,7 +160,7 @@ def child(url: str, model: str, data_dir: str) -> None:
 def measure(admin_url: str, rows: int, model: Path, new_events: int) -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    url = create_database(admin_url)
+    url = create_database(admin_url, "flywheel_scale")
     try:
         store = Store(url)
         store.upgrade()

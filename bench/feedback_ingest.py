@@ -32,7 +32,6 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from http.client import HTTPConnection
@@ -42,6 +41,10 @@ import sqlalchemy as sa
 import uvloop
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._databases import create_database, drop_database  # noqa: E402
+
 TARGET_WRITES = 1500.0  # writes/s on 2 cores
 TARGET_P99_MS = 50.0
 COMPLETIONS = 8  # stored completions to rate, 2 choices each
@@ -51,23 +54,6 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- database and server ---------------------------------------------------------------------
-
-def create_database(admin_url: str) -> str:
-    name = f"bench_feedback_{uuid.uuid4().hex[:8]}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return admin_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1]
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -318,7 +304,7 @@ def main() -> int:
         help="a database on the server to bench; a fresh one is created beside it")
     args = parser.parse_args()
 
-    db_url = create_database(args.postgres)
+    db_url = create_database(args.postgres, "bench_feedback")
     server = None
     try:
         port = free_port()
