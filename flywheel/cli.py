@@ -178,6 +178,8 @@ def _up(settings: Settings, data_dir: Path, lock: DataDirLock) -> int:
         supervisor.spawn("server", [sys.executable, "-m", "flywheel.cli", "serve"])
         supervisor.spawn("worker", [sys.executable, "-m", "flywheel.cli", "worker"])
         _announce_when_ready(settings, supervisor)
+        # A child that dies is started again, the other left running; wait() returns 0 on
+        # Ctrl-C/SIGTERM/SIGHUP, non-zero once a child keeps dying right after its start.
         return supervisor.wait()
     finally:
         supervisor.stop()

@@ -1,4 +1,5 @@
-"""Child processes of `flywheel up`: start them, watch them, stop them all however `up` ends.
+"""Child processes of `flywheel up`: start them, restart them when they die, stop them all
+however `up` ends.
 
 Also the two start-up checks that name who is in the way: the data dir's lock and the port.
 """
@@ -9,12 +10,15 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -52,24 +56,80 @@ def with_parent_death_signal(argv: Sequence[str]) -> list[str]:
             str(int(DEATH_SIGNAL)), *argv]
 
 
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When `up` restarts a child that exited, and when it gives up instead.
+
+    The n-th restart in a row waits ``initial_s * 2**(n-1)``, at most ``max_s``, less a random
+    ``jitter`` share of it; a child that ran ``steady_s`` before exiting starts over at
+    ``initial_s``. ``fast_exits`` exits in a row, each within ``fast_s`` of its start, end `up`.
+    """
+
+    initial_s: float = 1.0
+    max_s: float = 30.0
+    jitter: float = 0.25
+    steady_s: float = 60.0
+    fast_s: float = 30.0  # `flywheel worker` takes 7-10 s on 2 cores to import torch and fail
+    fast_exits: int = 5
+
+    def delay(self, restart: int, rng: random.Random) -> float:
+        """Seconds to wait before restart number ``restart`` (1, 2, ...) in a row."""
+        ceiling = min(self.max_s, self.initial_s * 2.0 ** min(restart - 1, 62))
+        return ceiling * (1.0 - self.jitter * rng.random())
+
+
+@dataclass
+class _Child:
+    """One supervised command: its current process and its run of restarts."""
+
+    argv: list[str]
+    process: subprocess.Popen[bytes]
+    started: float  # time.monotonic() of the current process's start
+    restarts: int = 0  # in a row, since it last ran steadily: the backoff's exponent
+    fast_exits: int = 0  # in a row, each within RestartPolicy.fast_s of its start
+    restart_at: float | None = None  # while down: when to start it again
+
+
+def describe_exit(code: int) -> str:
+    """``Popen.returncode`` in words: "exited with status 1", "killed by SIGKILL"."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        return f"killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"killed by signal {-code}"
+
+
 class Supervisor:
     """Children run in their own sessions: only we get Ctrl-C or a hang-up, and we pass it on once.
 
+    A child that exits while we are not stopping is started again after a backoff (RestartPolicy);
+    the others keep running. Only one that keeps exiting right after its start ends `wait()`.
     SIGHUP (the terminal closed) stops like SIGTERM. A second SIGINT or SIGTERM kills the children;
     a second SIGHUP does not, since a closing terminal and its shell each send one.
     """
 
-    def __init__(self, env: dict[str, str], keep_fds: Sequence[int] = ()) -> None:
+    def __init__(self, env: dict[str, str], keep_fds: Sequence[int] = (),
+                 policy: RestartPolicy | None = None, poll_s: float = 0.2) -> None:
         self.env = env
         self.keep_fds = tuple(keep_fds)
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.policy = policy or RestartPolicy()
+        self.poll_s = poll_s
+        self._children: dict[str, _Child] = {}
         self._stopping = False
+        self._lock = threading.Lock()  # a start and stop()'s SIGTERMs never interleave
+        self._rng = random.Random()
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
 
     @property
     def stopping(self) -> bool:
         return self._stopping
+
+    @property
+    def children(self) -> dict[str, subprocess.Popen[bytes]]:
+        """Each child's current (or last) process, by name."""
+        return {name: child.process for name, child in self._children.items()}
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if self._stopping:
@@ -82,30 +142,72 @@ class Supervisor:
         log.info("%s received: stopping", signal.Signals(signum).name)
         self._stopping = True
 
-    def spawn(self, name: str, argv: list[str]) -> None:
-        """Start a child that also dies when we die, whatever kills us (even SIGKILL)."""
-        self.children[name] = subprocess.Popen(
+    def _popen(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start ``argv`` so that it also dies when we die, whatever kills us (even SIGKILL)."""
+        process = subprocess.Popen(
             with_parent_death_signal(argv), env=self.env, start_new_session=True,
             pass_fds=self.keep_fds)
-        log.info("started %s (pid %d)", name, self.children[name].pid)
+        log.info("started %s (pid %d)", name, process.pid)
+        return process
+
+    def spawn(self, name: str, argv: list[str]) -> None:
+        """Start a child; call from the main thread (see with_parent_death_signal)."""
+        self._children[name] = _Child(list(argv), self._popen(name, argv), time.monotonic())
 
     def wait(self) -> int:
-        """Block until a signal arrives or a child exits; returns the exit status for `up`."""
+        """Restart children that exit until a signal arrives (0) or one keeps exiting at once
+        (its status, or 1 if it was killed: the status for `up`). Call from the main thread."""
         while not self._stopping:
-            for name, child in self.children.items():
-                code = child.poll()
+            for name, child in self._children.items():
+                code = self._step(name, child)
                 if code is not None:
-                    log.error("%s exited with status %d; stopping the rest", name, code)
-                    return code or 1
-            time.sleep(0.2)
+                    return code
+            time.sleep(self.poll_s)
         return 0
+
+    def _step(self, name: str, child: _Child) -> int | None:
+        """Start ``child`` if its backoff is over, or note its exit; a status once we give up."""
+        if child.restart_at is not None:
+            if time.monotonic() >= child.restart_at:
+                self._restart(name, child)
+            return None
+        code = child.process.poll()
+        if code is None or self._stopping:
+            return None
+        return self._exited(name, child, code)
+
+    def _exited(self, name: str, child: _Child, code: int) -> int | None:
+        """Schedule the restart of a child that exited with ``code``, or give up on it."""
+        ran = time.monotonic() - child.started
+        child.fast_exits = child.fast_exits + 1 if ran < self.policy.fast_s else 0
+        if child.fast_exits >= self.policy.fast_exits:
+            log.error("%s keeps exiting at start: it %s after %.1f s, its %s exit in a row "
+                      "within %g s of starting; giving up and stopping the rest (the %s's own "
+                      "log lines above say why it exits)", name, describe_exit(code), ran,
+                      _ordinal(child.fast_exits), self.policy.fast_s, name)
+            return code if code > 0 else 1
+        child.restarts = 1 if ran >= self.policy.steady_s else child.restarts + 1
+        delay = self.policy.delay(child.restarts, self._rng)
+        child.restart_at = time.monotonic() + delay
+        log.warning("%s (pid %d) %s after %.1f s; restarting it in %.3g s (restart %d in a row)",
+                    name, child.process.pid, describe_exit(code), ran, delay, child.restarts)
+        return None
+
+    def _restart(self, name: str, child: _Child) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            child.process = self._popen(name, child.argv)
+            child.started = time.monotonic()
+            child.restart_at = None
 
     def stop(self) -> None:
         """SIGTERM every child (each finishes its current step), then wait; SIGKILL stragglers."""
-        self._stopping = True
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
+        with self._lock:
+            self._stopping = True
+            for child in self.children.values():
+                if child.poll() is None:
+                    child.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
         for name, child in self.children.items():
             try:
@@ -114,7 +216,12 @@ class Supervisor:
                 log.warning("%s did not stop in time; killing it", name)
                 child.kill()
                 child.wait()
-        log.info("stopped %s", ", ".join(self.children) or "nothing")
+        log.info("stopped %s", ", ".join(self._children) or "nothing")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 class InUseError(RuntimeError):
