@@ -1,7 +1,16 @@
-"""Policy versions (the served checkpoints, one active) and reward model checkpoints."""
+"""Policy versions (the served checkpoints, one active) and reward model checkpoints.
+
+Every change of a version's state the worker makes on its own (promote, reject, time out, roll
+back, release) is conditional: it applies only while the state it was decided on still holds, and
+otherwise writes nothing and says so (``Transition``), so a race with an operator or another
+worker ends nothing. Operators' calls (``activate_policy``, ``start_canary``, ``end_canary``)
+raise as before.
+"""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,9 +19,29 @@ from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
-from feedback_store.models import POLICY_STATUSES, PolicyVersion, RewardModel
+from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion, RewardModel
 
 BASE_POLICY_ID = "policy-0"
+# In a candidate's metrics while it waits for the running canary to end (unix time it began to
+# wait); removed when it leaves `candidate`. Only candidates carrying it are released by the judge.
+WAITING = "release/waiting_since"
+
+
+@dataclass(frozen=True)
+class Transition:
+    """What a conditional change of a version's state did.
+
+    `applied` is False when the state it was decided on no longer held (someone changed it
+    first): nothing was written and `reason` says what was found instead. `outcome` is the
+    version's new state ("active", "rejected", "candidate", "canary", "waiting", "retired"), empty
+    when nothing applied; `retired` names waiting candidates retired on the way.
+    """
+
+    applied: bool
+    outcome: str = ""
+    record: dict[str, Any] | None = None
+    reason: str = ""
+    retired: tuple[str, ...] = ()
 
 
 class PoliciesMixin(StoreBase):
@@ -130,11 +159,107 @@ class PoliciesMixin(StoreBase):
                         param="status",
                         code="policy_active",
                     )
+                if status != "candidate":
+                    _leave_candidacy(row)
                 row.status = status
             if metrics:
                 row.metrics = {**row.metrics, **metrics}
             s.flush()
             return _policy_record(row)
+
+    def activate_if(self, id: str, *, active: str | None, canary: str | None,
+                    status: str | None = None, force: bool = False,
+                    metrics: dict[str, Any] | None = None) -> Transition:
+        """`activate_policy`, applied only while `active` is the active version, `canary` the
+        one on canary (None: none runs) and, when given, `status` the version's own: promotion
+        (canary=id), rollback (canary=None) and release without a canary. Otherwise nothing is
+        written and the Transition says why."""
+        with self._tx() as s:
+            rows = _lock_all(s)
+            target = rows.get(id)
+            problem = _differs(rows, active=active, canary=canary)
+            if target is None:
+                problem = f"no policy version '{id}'"
+            elif problem is None and status is not None and target.status != status:
+                problem = f"{id} is {target.status}, not {status}"
+            elif problem is None and target.status == "active":
+                problem = f"{id} is active already"
+            elif problem is None:
+                problem = _unservable(target, force=force)
+            if problem is not None:
+                return Transition(False, record=_record_of(target), reason=problem)
+            row = _activate(s, id, force=force)
+            if metrics:
+                row.metrics = {**row.metrics, **metrics}
+            return Transition(True, "active", _policy_record(row))
+
+    def end_canary_if(self, id: str, status: str, metrics: dict[str, Any] | None = None, *,
+                      active: str | None) -> Transition:
+        """End version `id`'s canary with `status` ("rejected", or "candidate" when out of
+        time), applied only while `id` is still on canary against `active`."""
+        if status not in ("rejected", "candidate", "retired"):
+            raise InvalidInputError("a canary ends as rejected, candidate or retired",
+                                    param="status")
+        with self._tx() as s:
+            rows = _lock_all(s)
+            problem = _differs(rows, active=active, canary=id)
+            row = rows.get(id)
+            if problem is not None or row is None:
+                return Transition(False, record=_record_of(row),
+                                  reason=problem or f"no policy version '{id}'")
+            _leave_candidacy(row)
+            row.status = status
+            if metrics:
+                row.metrics = {**row.metrics, **metrics}
+            s.flush()
+            return Transition(True, status, _policy_record(row))
+
+    def release_candidate(self, id: str, fraction: float) -> Transition:
+        """Release candidate `id` (it passed the offline gate) to a canary of `fraction`.
+
+        While a canary runs it waits instead (outcome "waiting", `WAITING` in its metrics). With
+        none running, the newest waiting candidate starts its canary (this one, normally) and
+        every older waiting one is retired (outcome "retired" if a newer one went first). Not
+        applied when `id` is no longer a candidate (an operator retired or served it)."""
+        with self._tx() as s:
+            rows = _lock_all(s)
+            target = rows.get(id)
+            if target is None or target.status != "candidate":
+                return Transition(False, record=_record_of(target),
+                                  reason=f"{id} is not a candidate" if target is None else
+                                  f"{id} is {target.status}, not a candidate")
+            target.metrics = {**target.metrics, WAITING: time.time()}
+            _, running = _serving(rows)
+            if running is not None:
+                s.flush()
+                return Transition(True, "waiting", _policy_record(target),
+                                  f"{running.id} is on canary")
+            started, retired = _release_newest_waiting(s, rows, fraction)
+            return Transition(True, "canary" if started is target else "retired",
+                              _policy_record(target),
+                              "" if started is target else
+                              f"{started.id if started else 'nothing'} went on canary instead",
+                              retired)
+
+    def release_waiting(self, fraction: float) -> Transition | None:
+        """With no canary running, put the newest waiting candidate on canary and retire the
+        older waiting ones (each with `release/retired` saying why); None when nothing waits or
+        a canary runs. Cheap when nothing waits: one read, no write lock."""
+        with self._tx(write=False) as s:
+            candidates = s.scalars(sa.select(PolicyVersion)
+                                   .where(PolicyVersion.status == "candidate")).all()
+            if not any(WAITING in (row.metrics or {}) for row in candidates):
+                return None
+        with self._tx() as s:
+            rows = _lock_all(s)
+            if _serving(rows)[1] is not None:
+                return None
+            started, retired = _release_newest_waiting(s, rows, fraction)
+            if started is None and not retired:
+                return None
+            return Transition(started is not None, "canary" if started else "",
+                              _record_of(started), "" if started else "no waiting candidate "
+                              "has stored files", retired)
 
     def prunable_policies(self, keep: int, protect: set[str] | None = None
                           ) -> list[dict[str, Any]]:
@@ -213,6 +338,7 @@ def _activate(s: Session, id: str, *, force: bool) -> PolicyVersion:
     _check_servable(target, force=force)
     if target.status == "active":
         return target
+    _leave_candidacy(target)
     for row in rows.values():
         if row.status == "active":
             row.status = "retired"
@@ -224,6 +350,88 @@ def _activate(s: Session, id: str, *, force: bool) -> PolicyVersion:
     target.status, target.activated_at = "active", utcnow()
     s.flush()
     return target
+
+
+def _lock_all(s: Session) -> dict[str, PolicyVersion]:
+    """Every version row, locked in id order as every activation locks them (two writers queue
+    instead of deadlocking; SQLite's BEGIN IMMEDIATE serializes writers already)."""
+    return {p.id: p for p in s.scalars(
+        sa.select(PolicyVersion).order_by(PolicyVersion.id).with_for_update())}
+
+
+def _serving(rows: dict[str, PolicyVersion]) -> tuple[PolicyVersion | None, PolicyVersion | None]:
+    active = next((r for r in rows.values() if r.status == "active"), None)
+    canary = next((r for r in rows.values() if r.status == "canary"), None)
+    return active, canary
+
+
+def _differs(rows: dict[str, PolicyVersion], *, active: str | None, canary: str | None
+             ) -> str | None:
+    """What differs from the serving state a decision was taken on (None: it still holds)."""
+    now_active, now_canary = (None if r is None else r.id for r in _serving(rows))
+    if now_active != active:
+        return f"{now_active or 'no version'} is active, not {active or 'none'}"
+    if now_canary != canary:
+        if canary is None:
+            return f"{now_canary} is on canary now"
+        row = rows.get(canary)
+        found = f"{canary} is {row.status}" if row is not None else f"no policy version '{canary}'"
+        return f"{found} and {now_canary or 'no version'} is on canary"
+    return None
+
+
+def _begin_canary(s: Session, target: PolicyVersion, fraction: float) -> None:
+    """Put `target` on canary: its live evidence counts feedback stored from now on, on answers
+    produced from now on."""
+    _leave_candidacy(target)
+    target.status = "canary"
+    target.canary_fraction = float(fraction)
+    target.canary_started_at = utcnow()
+    target.canary_feedback_after = s.scalar(sa.select(sa.func.max(Feedback.id))) or 0
+
+
+def _leave_candidacy(row: PolicyVersion) -> None:
+    """A version leaving `candidate` waits no more."""
+    if WAITING in (row.metrics or {}):
+        row.metrics = {k: v for k, v in row.metrics.items() if k != WAITING}
+
+
+def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction: float
+                            ) -> tuple[PolicyVersion | None, list[str]]:
+    """The newest waiting candidate with stored files goes on canary; the other waiting ones are
+    retired. Call with the rows locked and no canary running."""
+    waiting = [r for r in _newest_first(rows.values())
+               if r.status == "candidate" and WAITING in (r.metrics or {})]
+    started = next((r for r in waiting if r.path is not None), None)
+    retired = []
+    for row in waiting:
+        if row is started:
+            continue
+        why = (f"superseded by {started.id}, a newer candidate, which went on canary"
+               if started is not None else "its files were pruned while it waited")
+        _leave_candidacy(row)
+        row.status = "retired"
+        row.metrics = {**row.metrics, "release/retired": why}
+        retired.append(row.id)
+    if started is not None:
+        waited = time.time() - float(started.metrics[WAITING])
+        _begin_canary(s, started, fraction)
+        started.metrics = {**started.metrics, "release/waited_seconds": round(waited, 3)}
+    s.flush()
+    return started, retired
+
+
+def _record_of(row: PolicyVersion | None) -> dict[str, Any] | None:
+    return None if row is None else _policy_record(row)
+
+
+def _unservable(target: PolicyVersion, *, force: bool) -> str | None:
+    """Why `_check_servable` would refuse `target` (None: it would not)."""
+    if target.status == "rejected" and not force:
+        return f"{target.id} was rejected"
+    if target.path is None:
+        return f"{target.id} has no stored files"
+    return None
 
 
 def _check_servable(target: PolicyVersion, *, force: bool) -> None:

@@ -10,11 +10,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from feedback_store.base import StoreBase, utcnow
+from feedback_store.base import StoreBase
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
 from feedback_store.identities import identity_column
 from feedback_store.models import Choice, Completion, Feedback, PolicyRatings, PolicyVersion
-from feedback_store.policy_versions import _check_servable, _policy_record
+from feedback_store.policy_versions import (
+    _begin_canary,
+    _check_servable,
+    _leave_candidacy,
+    _policy_record,
+)
 from feedback_store.types import PooledLive, RaterThumbs
 
 
@@ -53,10 +58,7 @@ class RolloutMixin(StoreBase):
                 raise ConflictError(f"Policy '{id}' is already active", param="id",
                                     code="policy_active")
             _check_servable(target, force=force)
-            target.status = "canary"
-            target.canary_fraction = float(fraction)
-            target.canary_started_at = utcnow()
-            target.canary_feedback_after = s.scalar(sa.select(sa.func.max(Feedback.id))) or 0
+            _begin_canary(s, target, fraction)
             s.flush()
             return _policy_record(target)
 
@@ -64,7 +66,8 @@ class RolloutMixin(StoreBase):
                    *, id: str | None = None) -> dict[str, Any]:
         """End the running canary (of version `id`, when given) with a new status
         ("rejected", or "candidate" when aborted or out of time) and its evidence merged into
-        `metrics`. NotFoundError when no canary runs (or another one does)."""
+        `metrics`. NotFoundError when no canary runs (or another one does): the operator's call;
+        the worker ends canaries with `end_canary_if`, which never raises on a lost race."""
         if status not in ("rejected", "candidate", "retired"):
             raise InvalidInputError("a canary ends as rejected, candidate or retired",
                                     param="status")
@@ -75,6 +78,7 @@ class RolloutMixin(StoreBase):
                 raise NotFoundError("No canary is running" if row is None else
                                     f"Policy '{id}' is not on canary ('{row.id}' is)",
                                     code="no_canary")
+            _leave_candidacy(row)
             row.status = status
             if metrics:
                 row.metrics = {**row.metrics, **metrics}

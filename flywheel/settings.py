@@ -140,6 +140,9 @@ class CanarySettings(BaseModel):
     # The worker re-pools every version's thumbs across raters (`live.pooled`, `best`, the
     # rollback alarm) at most this often, when new thumbs came: one scan of the rated answers.
     pool_seconds: float = Field(default=300.0, gt=0.0)
+    # The worker's judge decides the canary, releases waiting candidates, pools and rolls back
+    # this often, in a thread of its own, whether or not a training cycle runs.
+    judge_seconds: float = Field(default=1.0, gt=0.0)
 
 
 class Settings(BaseSettings):

@@ -1,8 +1,12 @@
 """What ships: candidates go on canary, live thumbs promote or reject them, and a version users
 rated significantly better than the active one is rolled back to.
 
-The leading worker calls `Promotion.tick` on every poll. Every decision is written to SQL with its
-evidence (the version's `metrics`, keys `canary/*` and `rollback/*`) before it is announced.
+The leading worker's judge thread calls `Promotion.tick` every `canary.judge_seconds`, also while
+a training cycle runs (trainer_worker/judge.py). Candidates that pass the gate during a canary wait;
+when it ends, the newest waiting one goes on canary and the older ones are retired. Every decision
+is written to SQL with its evidence (the version's `metrics`, keys `canary/*`, `rollback/*`,
+`release/*`) before it is announced, as a conditional change that applies only while the state it
+was decided on holds (feedback_store/policy_versions.py, `Transition`).
 """
 
 from __future__ import annotations
@@ -38,27 +42,59 @@ class Promotion:
 
     def release(self, policy_id: str) -> str:
         """A candidate that passed the offline gate: on canary (`canary.auto`), else active.
-        Returns what happened: "canary", "active", or "waiting" (another canary runs)."""
+        Returns what happened: "canary", "active", "waiting" (another canary runs: the judge
+        releases the newest waiting candidate when it ends and retires the older ones),
+        "retired" (a newer waiting candidate went first), or "not released: <why>" when the
+        candidate changed meanwhile (an operator served or retired it). Never raises on a race."""
         if self.cfg.auto:
-            _, running = self.store.serving_state()
-            if running is not None:
-                log.info("%s waits as a candidate: %s is on canary", policy_id, running["id"])
-                return "waiting"
-            self.store.start_canary(policy_id, self.cfg.fraction)
-            outcome = "canary"
+            done = self.store.release_candidate(policy_id, self.cfg.fraction)
         else:
-            self.store.activate_policy(policy_id)
-            outcome = "active"
+            active, canary = self.store.serving_state()
+            done = self.store.activate_if(
+                policy_id, active=None if active is None else active["id"],
+                canary=None if canary is None else canary["id"], status="candidate")
+        if not done.applied:
+            log.warning("%s not released: %s", policy_id, done.reason)
+            return f"not released: {done.reason}"
+        if done.retired:
+            log.info("retired waiting candidate(s) %s: a newer one goes first",
+                     ", ".join(done.retired))
+        if done.outcome == "waiting":
+            log.info("%s waits as a candidate: %s", policy_id, done.reason)
+            return "waiting"
         announce(self.store, self.publisher)
-        log.info("%s released: %s", policy_id, outcome)
-        return outcome
+        log.info("%s released: %s%s", policy_id, done.outcome,
+                 f" ({done.reason})" if done.reason else "")
+        return done.outcome
 
     def tick(self) -> str | None:
-        """Decide the running canary, or roll back a forgotten better version; returns what was
-        done ("promoted", "rejected", "timeout", "rolled_back") or None."""
+        """Decide the running canary, release the newest waiting candidate once none runs (in
+        the same tick as the decision that ended one), or roll back a forgotten better version.
+        Returns what was done ("promoted", "rejected", "timeout", "released", "rolled_back") or
+        None: nothing due, or someone else changed the state first (logged, nothing written).
+
+        The worker's judge thread (trainer_worker/judge.py) calls it every `canary.judge_seconds`,
+        whether or not a training cycle runs."""
         active, canary = self.store.serving_state()
+        outcome = None
         if canary is not None and active is not None:
-            return self._judge(active, canary)
+            outcome = self._judge(active, canary)
+            if outcome is None:
+                return None
+        if self.cfg.auto:
+            released = self.store.release_waiting(self.cfg.fraction)
+            if released is not None:
+                if released.retired:
+                    log.info("retired waiting candidate(s) %s: %s", ", ".join(released.retired),
+                             "a newer one goes first" if released.applied else released.reason)
+                if released.applied:
+                    assert released.record is not None
+                    announce(self.store, self.publisher)
+                    log.info("%s released from waiting: on canary",
+                             released.record["id"])
+                    outcome = outcome or "released"
+        if outcome is not None:
+            return outcome
         self.pool_live()
         if self.cfg.auto_rollback:
             return self._roll_back_if_forgotten()
@@ -108,20 +144,29 @@ class Promotion:
             raters = thumbs.get(version, {})
             metrics[f"canary/{arm}_thumbs"] = sum(u + d for u, d in raters.values())
             metrics[f"canary/{arm}_raters"] = len(raters)
+        # Each change applies only while `canary` is on canary against `active`, as decided: an
+        # operator's activation or abort that came first stands, and nothing is raised.
         if decision.verdict == "promote":
             metrics["canary/decision"] = "promoted"
-            self.store.activate_policy(canary["id"], metrics=metrics)
+            done = self.store.activate_if(canary["id"], active=active["id"],
+                                          canary=canary["id"], metrics=metrics)
             outcome = "promoted"
         elif decision.verdict == "reject":
             metrics["canary/decision"] = "rejected"
-            self.store.end_canary("rejected", metrics, id=canary["id"])
+            done = self.store.end_canary_if(canary["id"], "rejected", metrics,
+                                            active=active["id"])
             outcome = "rejected"
         elif self._hours_on(canary) >= self.cfg.max_hours:
             metrics["canary/decision"] = "timeout"
             metrics["canary/reason"] = f"no decision within {self.cfg.max_hours} h"
-            self.store.end_canary("candidate", metrics, id=canary["id"])
+            done = self.store.end_canary_if(canary["id"], "candidate", metrics,
+                                            active=active["id"])
             outcome = "timeout"
         else:
+            return None
+        if not done.applied:
+            log.warning("canary %s would be %s against %s, but the state changed first: %s",
+                        canary["id"], outcome, active["id"], done.reason)
             return None
         announce(self.store, self.publisher)
         log.info("canary %s %s against %s: %s", canary["id"], outcome, active["id"],
@@ -154,7 +199,11 @@ class Promotion:
         better = found["better"]
         metrics = {f"rollback/{k}": v for k, v in found.items()
                    if isinstance(v, int | float | str)}
-        self.store.activate_policy(better, metrics=metrics)
+        done = self.store.activate_if(better, active=found["active"], canary=None,
+                                      metrics=metrics)
+        if not done.applied:  # an operator or a canary came first: decided again next tick
+            log.warning("no rollback to %s, the state changed first: %s", better, done.reason)
+            return None
         announce(self.store, self.publisher)
         log.warning("rolled back from %s to %s: users rate it better (%s)", found["active"],
                     better, found)

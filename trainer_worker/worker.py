@@ -1,7 +1,18 @@
 """`flywheel worker`: wait for feedback, lead, train, publish; stop cleanly on SIGTERM.
 
+Two loops while this worker leads: the training loop here (queue a cycle once enough feedback
+came, run it, release its candidate) and the judge (trainer_worker/judge.py), a thread that
+decides the canary, releases waiting candidates, pools live thumbs and rolls back every
+`canary.judge_seconds`, whether or not a cycle runs. Cycles run during a canary too: a candidate
+that passes the gate then waits, and when the canary ends the judge puts the newest waiting one
+on canary and retires the older ones (trainer_worker/promotion.py).
+
+An unexpected error in one step of either loop is logged with its traceback and counted
+(`step_errors`, `judge.errors`: in the log line, and in each training run's metrics as
+`worker/step_errors` and `worker/judge_errors`); the loop carries on.
+
 The first SIGTERM (or Ctrl-C) stops taking work and abandons the current step at its next check,
-publishing nothing; a second one exits at once.
+publishing nothing, and stops the judge after its current tick; a second one exits at once.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from flywheel.hotswap import Publisher, RedisKeys
 from flywheel.serving_plan import record_base_policy
 from flywheel.settings import Settings
 from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cycle
+from trainer_worker.judge import Judge
 from trainer_worker.leader import LeaderLock, LocalLock
 from trainer_worker.promotion import Promotion
 
@@ -64,6 +76,9 @@ class Worker:
         self.publisher = Publisher(self.redis, self.keys)
         self.promotion = Promotion(settings, self.store, self.publisher)
         self.stopping = threading.Event()
+        self.judge = Judge(self.promotion, self.lock, self.stopping,
+                           settings.canary.judge_seconds)
+        self.step_errors = 0  # steps that failed unexpectedly (logged with their traceback)
         self._was_leader = False
         # vLLM rollouts: one engine start for all cycles (made at the first, torch imported then)
         self.rollouts: KeptRollouts | None = None
@@ -92,6 +107,8 @@ class Worker:
         device = resolve_device(self.settings.train.device)
         log.info("worker %s on %s; training after %d new feedback events", self.id, device,
                  self.settings.train.min_new_feedback)
+        self.promotion.device = device
+        self.judge.start()
         try:
             while not self.stopping.is_set():
                 try:
@@ -100,7 +117,15 @@ class Worker:
                 except StoreUnavailableError as exc:
                     log.warning("database unavailable: %s", exc.message)
                     self.stopping.wait(DB_RETRY_SECONDS)
+                except Exception as exc:
+                    self.step_errors += 1
+                    log.error("worker step failed (%d failed step(s), %d failed judge tick(s) so "
+                              "far); carrying on", self.step_errors, self.judge.errors,
+                              exc_info=exc)
+                    self._was_leader = False  # next step: fail what it left running, clean up
+                    self.stopping.wait(self.settings.train.poll_seconds)
         finally:
+            self.judge.stop()
             if self.rollouts is not None:
                 self.rollouts.close()
             self.lock.release()
@@ -118,7 +143,8 @@ class Worker:
                 self.stopping.wait(DB_RETRY_SECONDS)
 
     def step(self, device: str) -> bool:
-        """Lead, then run one queued cycle or queue one; False when there was nothing to do."""
+        """Lead, then run one queued cycle or queue one; False when there was nothing to do.
+        A canary does not hold cycles back (the judge decides it meanwhile)."""
         if not self.lock.acquire():
             self._was_leader = False
             return False
@@ -129,24 +155,16 @@ class Worker:
             remove_temporaries(self.settings)
             self._was_leader = True
         self.promotion.device = device
-        if self.promotion.tick() is not None:
-            return True
         run = self.store.claim_next_run(self.id)
         if run is None:
             new = self.store.new_feedback_count()
-            if (new >= self.settings.train.min_new_feedback and not self.store.has_open_run()
-                    and self._canary_idle()):
+            if new >= self.settings.train.min_new_feedback and not self.store.has_open_run():
                 log.info("%d new feedback events: queueing a training cycle", new)
                 self.store.create_training_run(trigger="feedback")
                 return True
             return False
         self.execute(run, device)
         return True
-
-    def _canary_idle(self) -> bool:
-        """Feedback starts no cycle while a canary runs: its candidate could not be released
-        until the canary is decided, and the next cycle should start from the winner."""
-        return self.store.serving_state()[1] is None
 
     def execute(self, run: dict, device: str) -> None:
         # Its log lines name the version it trains (flywheel/logs.py).
@@ -183,11 +201,13 @@ class Worker:
             return
         metrics = dict(result.metrics)
         if result.status == "succeeded" and result.policy_id is not None:
-            try:
+            try:  # "waiting" while a canary runs: the judge releases it when the canary ends
                 metrics["cycle/release"] = self.promotion.release(result.policy_id)
-            except StoreError as exc:  # e.g. an operator started a canary meanwhile
+            except StoreError as exc:  # e.g. the database went away; races raise nothing
                 log.warning("%s stays a candidate: %s", result.policy_id, exc)
                 metrics["cycle/release"] = f"not released: {exc}"
+        metrics["worker/step_errors"] = self.step_errors
+        metrics["worker/judge_errors"] = self.judge.errors
         self.store.update_training_run(run_id, status=result.status, metrics=metrics,
                                        policy_id=result.policy_id,
                                        reward_model_id=result.reward_model_id,
