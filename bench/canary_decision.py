@@ -13,7 +13,10 @@ ratings the always-valid interval needs to narrow to a given half-width for seve
 scales tau (the choice of TAU). Last, with raters: users sticky to an arm who differ in taste and
 volume, and hostile users who thumb against their taste; the verdict rates of plain counts
 beside thumbs pooled across raters (flywheel/rater_pooling.py), as tests/flywheel/
-test_rater_pooling.py checks them at smaller sizes.
+test_rater_pooling.py checks them at smaller sizes. Then "who counts": 1 to 1,000 honest raters with
+a spread of tastes, the same with two hostile raters at half their volume (before and after the
+trainer catches them), and one untrusted key minting 300 `user` ids, alone and beside honest
+raters (tests/simulated_raters.py; tests/flywheel/test_rater_scenarios.py checks the targets).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from tests.flywheel.test_approval import (
     simulate_canary,
 )
 from tests.flywheel.test_rater_pooling import Population, rate, simulate_raters
+from tests.simulated_raters import Crowd, simulate, thumbs_to
+from tests.simulated_raters import rate as crowd_rate
 
 RATER_SCENARIOS = (
     ("equal, raters differ", Population(0.5, 0.5, honest=60, spread=0.2, activity_sd=1.5)),
@@ -63,6 +68,44 @@ def _rater_rows(runs: int, seed: int) -> None:
         print(f"{label:<26} {pop.p_active:>4.2f} {pop.p_canary:>4.2f} "
               f"{rate(plain, PROMOTE):>15.1%} {rate(plain, REJECT):>7.1%} "
               f"{rate(pooled, PROMOTE):>16.1%} {rate(pooled, REJECT):>7.1%}")
+
+
+WHO_COUNTS = [  # (label, crowd): 1 to 1,000 honest raters, hostile ones, minted identities
+    *((f"{n} honest", Crowd(n)) for n in (1, 3, 10, 100, 1000)),
+    *((f"{n} honest + 2 hostile", Crowd(n, hostile=2, hostile_volume=0.5)) for n in (3, 10, 100)),
+    *((f"{n} honest + 2 hostile, caught", Crowd(n, hostile=2, hostile_volume=0.5,
+                                                 hostile_weight=0.1)) for n in (3, 10, 100)),
+    ("300 minted ids, one key", Crowd(0, minted=300)),
+    *((f"{n} honest + 300 minted for", Crowd(n, minted=300)) for n in (3, 10, 100)),
+    *((f"{n} honest + 300 minted against", Crowd(n, minted=300, minted_for=False))
+      for n in (3, 10, 100)),
+]
+
+
+def _who_counts_rows(runs: int, seed: int) -> None:
+    """Per crowd: canary thumbs to decide a 10- and a 20-point difference (median, p90 of the
+    runs that did, and the share that did within 3,000), false promotion of a 10-point-worse
+    canary and false rejection of an equal one (within 1,000)."""
+    print(f"\nwho counts ({runs} runs each; canary unit auto: per request under 200 raters;"
+          " thumbs are canary thumbs):")
+    head = ("+10: done", "median", "p90", "-20: done", "median", "p90", "false +", "false -")
+    print(f"{'crowd':<34} " + " ".join(f"{c:>9}" for c in head))
+    for i, (label, crowd) in enumerate(WHO_COUNTS):
+        cells = []
+        for p_canary, verdict in ((0.7, PROMOTE), (0.4, REJECT)):
+            out = simulate(crowd, 0.6, p_canary, runs, seed + i)
+            median, p90 = thumbs_to(out, verdict), thumbs_to(out, verdict, 0.9)
+            cells += [f"{crowd_rate(out, verdict):.0%}", _thumbs(median), _thumbs(p90)]
+        false_promotion = crowd_rate(simulate(crowd, 0.6, 0.5, runs, seed + i, cap=1000),
+                                     PROMOTE)
+        false_rejection = crowd_rate(simulate(crowd, 0.6, 0.6, runs, seed + i, cap=1000),
+                                     REJECT)
+        cells += [f"{false_promotion:.1%}", f"{false_rejection:.1%}"]
+        print(f"{label:<34} " + " ".join(f"{c:>9}" for c in cells), flush=True)
+
+
+def _thumbs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _ratings_row(label: str, p_active: float, p_canary: float, code: int, runs: int, seed: int):
@@ -104,8 +147,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rater-runs", type=int, default=200,
                         help="simulated canaries per scenario with raters (slower)")
+    parser.add_argument("--who-runs", type=int, default=100,
+                        help="simulated canaries per crowd in the 'who counts' table")
+    parser.add_argument("--only-who", action="store_true", help="print that table alone")
     args = parser.parse_args()
     started = time.monotonic()
+    if args.only_who:
+        _who_counts_rows(args.who_runs, args.seed)
+        print(f"\n{time.monotonic() - started:.1f} s")
+        return
     print(
         f"decide_canary checked after every rating: fraction {FRACTION}, min_ratings {MIN_RATINGS},"
         f" margin {MARGIN}, alpha {ALPHA}, tau {TAU}, cap {CAP} canary ratings, {args.runs} runs\n"
@@ -127,6 +177,7 @@ def main() -> None:
     for tau in (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3):
         print(f"{tau:>5.2f} " + " ".join(f"{_needed(t, tau):>6d}" for t in targets))
     _rater_rows(args.rater_runs, args.seed)
+    _who_counts_rows(args.who_runs, args.seed)
     print(f"\n{time.monotonic() - started:.1f} s")
 
 

@@ -92,7 +92,7 @@ class CompletionsMixin(StoreBase):
         s.execute(COMPLETIONS.insert(), [
             {"id": c.id, "prompt_id": prompt_ids[digests[i]], "kind": c.kind, "model": c.model,
              "policy_version": c.policy_version, "params": c.params, "user": c.user,
-             "created_at": created[i]}
+             "created_at": created[i], "key_scope": c.key_scope}
             for i, c in enumerate(records)
         ])
         s.execute(CHOICES.insert(), [

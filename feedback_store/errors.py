@@ -24,6 +24,12 @@ class NotFoundError(StoreError):
     default_code = "not_found"
 
 
+class ForbiddenError(StoreError):
+    """The caller may not touch this record, e.g. rate an answer served to another key (403)."""
+
+    default_code = "forbidden"
+
+
 class InvalidInputError(StoreError):
     """The request is well-formed but not acceptable (HTTP 400)."""
 

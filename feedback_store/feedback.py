@@ -12,13 +12,15 @@ from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, public_id, request_hash, storable, unix, utcnow
 from feedback_store.errors import (
+    ForbiddenError,
     IdempotencyMismatchError,
     InvalidInputError,
     NotFoundError,
     StoreError,
     StoreUnavailableError,
 )
-from feedback_store.models import Choice, Completion, Feedback, Ranking
+from feedback_store.models import Choice, Completion, Feedback, PolicyRatings, Ranking
+from feedback_store.types import Rater
 
 RATINGS = ("up", "down")
 MAX_KEY_LENGTH = 255  # the width of the idempotency_key columns
@@ -41,9 +43,14 @@ class FeedbackMixin(StoreBase):
         user: str | None = None,
         idempotency_key: str | None = None,
         idempotency_scope: str | None = None,
+        rater: Rater | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store a thumbs rating; returns (record, created), created=False for a replayed retry.
         A key is unique within its scope (the caller's API key, see `scoped_key`).
+
+        `rater` says who rates (default: `user` under the idempotency scope's key, untrusted).
+        An answer served to another key is ForbiddenError, unless the rater is an admin. The
+        rater's earlier vote on the same answer, if any, is replaced: kept, counted nowhere.
 
         One INSERT ... SELECT finds the choice and skips a used key; only when it inserts nothing
         do we look at why (an unknown choice, or a retried key).
@@ -57,6 +64,7 @@ class FeedbackMixin(StoreBase):
                 "user": user,
                 "idempotency_key": idempotency_key,
                 "idempotency_scope": idempotency_scope,
+                "rater": rater,
             }
         )
         for _ in range(3):
@@ -134,12 +142,14 @@ class FeedbackMixin(StoreBase):
                 previous = stored.get(row["idempotency_key"])
                 try:
                     if previous is None:
-                        _find_choice(s, row["completion_id"], row["choice_index"])
+                        completion, _ = _find_choice(s, row["completion_id"],
+                                                     row["choice_index"])
+                        _check_owner(completion, row["owner_scope"])
                         continue
                     if previous.request_hash != row["request_hash"]:
                         raise _key_reused()
                     explained[i] = (_feedback_record(previous), False)
-                except (NotFoundError, IdempotencyMismatchError) as error:
+                except (NotFoundError, ForbiddenError, IdempotencyMismatchError) as error:
                     explained[i] = error
         return explained
 
@@ -151,30 +161,40 @@ class FeedbackMixin(StoreBase):
         """
         with self._statement() as conn:
             if self.dialect == "postgresql":
-                params = {name: [row[name] for row in rows] for name in _ROW_COLUMNS}
-                return set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
-            inserted = set()
-            for row in rows:
-                if conn.execute(self._insert_one_feedback, row).rowcount:
-                    conn.execute(_COUNT_ONE_RATING, {
-                        "completion_id": row["completion_id"],
-                        "up": int(row["rating"] == "up"), "down": int(row["rating"] == "down"),
-                    })
-                    inserted.add(row["public_id"])
+                params = {name: [row[name] for row in rows]
+                          for name in (*_ROW_COLUMNS, "owner_scope")}
+                inserted = set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
+            else:
+                inserted = set()
+                for row in rows:
+                    if conn.execute(self._insert_one_feedback, row).rowcount:
+                        conn.execute(_COUNT_ONE_RATING, {
+                            "completion_id": row["completion_id"],
+                            "up": int(row["rating"] == "up"),
+                            "down": int(row["rating"] == "down"),
+                        })
+                        inserted.add(row["public_id"])
+            if inserted:
+                _replace_earlier_votes(conn, inserted)
             return inserted
 
     @cached_property
     def _insert_one_feedback(self) -> sa.Insert:
         """SQLite: INSERT INTO feedback ... SELECT choices.id, <values> FROM choices WHERE <the
-        choice> ON CONFLICT (idempotency_key) DO NOTHING: no row when the choice does not exist
-        or the key is taken (a NULL key never conflicts)."""
+        choice, served to the rater's key> ON CONFLICT (idempotency_key) DO NOTHING: no row when
+        the choice does not exist, belongs to another key, or the key is taken (a NULL key never
+        conflicts)."""
         table, choices = Feedback.__table__, Choice.__table__
+        completions = Completion.__table__
         names = _ROW_COLUMNS[2:]
+        owner = sa.bindparam("owner_scope", type_=sa.String())
         values = sa.select(
             choices.c.id, *(sa.bindparam(name, type_=table.c[name].type) for name in names)
-        ).where(
+        ).join(completions, completions.c.id == choices.c.completion_id).where(
             choices.c.completion_id == sa.bindparam("completion_id"),
             choices.c.index == sa.bindparam("choice_index"),
+            sa.or_(owner.is_(None), completions.c.key_scope.is_(None),
+                   completions.c.key_scope == owner),
         )
         return (
             sqlite.insert(table)
@@ -200,7 +220,7 @@ class FeedbackMixin(StoreBase):
 
 _HASHED = ("completion_id", "choice_index", "rating", "comment", "user")  # the request body
 _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment", "user",
-                "idempotency_key", "request_hash", "created_at")
+                "idempotency_key", "request_hash", "created_at", "identity", "key_scope")
 
 # The rows as parallel arrays: the same SQL whatever their number, so psycopg prepares it once per
 # connection. Rows whose choice does not exist find nothing to join; rows whose key is taken, by
@@ -209,16 +229,21 @@ _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment
 _INSERT_FEEDBACK_ROWS = sa.text("""
 WITH inserted AS (
 INSERT INTO feedback (choice_id, public_id, rating, comment, "user", idempotency_key,
-                      request_hash, created_at)
+                      request_hash, created_at, identity, key_scope)
 SELECT choices.id, v.public_id, v.rating, v.comment, v."user", v.idempotency_key,
-       v.request_hash, v.created_at
+       v.request_hash, v.created_at, v.identity, v.key_scope
 FROM unnest(CAST(:completion_id AS varchar[]), CAST(:choice_index AS integer[]),
             CAST(:public_id AS varchar[]), CAST(:rating AS varchar[]), CAST(:comment AS text[]),
             CAST(:user AS text[]), CAST(:idempotency_key AS varchar[]),
-            CAST(:request_hash AS varchar[]), CAST(:created_at AS timestamptz[]))
+            CAST(:request_hash AS varchar[]), CAST(:created_at AS timestamptz[]),
+            CAST(:identity AS text[]), CAST(:key_scope AS varchar[]),
+            CAST(:owner_scope AS varchar[]))
      AS v(completion_id, choice_index, public_id, rating, comment, "user", idempotency_key,
-          request_hash, created_at)
+          request_hash, created_at, identity, key_scope, owner_scope)
 JOIN choices ON choices.completion_id = v.completion_id AND choices.index = v.choice_index
+JOIN completions ON completions.id = v.completion_id
+ AND (v.owner_scope IS NULL OR completions.key_scope IS NULL
+      OR completions.key_scope = v.owner_scope)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING feedback.public_id, feedback.choice_id, feedback.rating
 ), counted AS (
@@ -285,9 +310,15 @@ def _feedback_row(request: dict[str, Any]) -> dict[str, Any]:
     if request["rating"] not in RATINGS:
         raise InvalidInputError("rating must be 'up' or 'down'", param="rating")
     key = scoped_key(request.get("idempotency_key"), request.get("idempotency_scope"))
+    rater: Rater = request.get("rater") or Rater(key_scope=request.get("idempotency_scope"),
+                                                 user=request.get("user"))
     body = {name: storable(request.get(name)) for name in _HASHED}
+    body["user"] = storable(rater.user)
     return {
         **body,
+        "identity": storable(rater.identity),
+        "key_scope": rater.key_scope,
+        "owner_scope": rater.owner_scope,
         "idempotency_key": key,
         "request_hash": request_hash(body),
         "public_id": public_id("fb"),
@@ -345,6 +376,44 @@ def _find_choice(s: Session, completion_id: str, choice_index: int) -> tuple[Com
             code="choice_not_found",
         )
     return completion, choice
+
+
+def _check_owner(completion: Completion, owner_scope: str | None) -> None:
+    """ForbiddenError unless the answer was served to the rater's key (or either has none)."""
+    if owner_scope is not None and completion.key_scope not in (None, owner_scope):
+        raise ForbiddenError(
+            f"Completion '{completion.id}' was served to another API key; only that key may "
+            "rate it", param="completion_id", code="not_your_completion")
+
+
+def _replace_earlier_votes(conn: sa.Connection, public_ids: set[str]) -> None:
+    """One vote per rater (key, user) per answer: the rows just inserted replace the same
+    rater's earlier live votes on the same choices, which leave their versions' counters."""
+    new, old = Feedback.__table__.alias("new"), Feedback.__table__.alias("old")
+    replaced = conn.execute(
+        sa.select(old.c.id, sa.func.max(new.c.id), old.c.rating, Completion.policy_version)
+        .join(new, sa.and_(new.c.choice_id == old.c.choice_id, new.c.id > old.c.id,
+                           new.c.key_scope.is_not_distinct_from(old.c.key_scope),
+                           new.c.user.is_not_distinct_from(old.c.user)))
+        .join(Choice, Choice.id == old.c.choice_id)
+        .join(Completion, Completion.id == Choice.completion_id)
+        .where(new.c.public_id.in_(sorted(public_ids)), old.c.replaced_by.is_(None))
+        .group_by(old.c.id, old.c.rating, Completion.policy_version)
+    ).all()
+    if not replaced:
+        return
+    conn.execute(sa.update(Feedback.__table__)
+                 .where(Feedback.__table__.c.id == sa.bindparam("old_id"))
+                 .values(replaced_by=sa.bindparam("new_id")),
+                 [{"old_id": old_id, "new_id": new_id} for old_id, new_id, _, _ in replaced])
+    counters = PolicyRatings.__table__
+    conn.execute(counters.update()
+                 .where(counters.c.policy_version == sa.bindparam("version"))
+                 .values(up=counters.c.up - sa.bindparam("less_up"),
+                         down=counters.c.down - sa.bindparam("less_down")),
+                 [{"version": version, "less_up": int(rating == "up"),
+                   "less_down": int(rating == "down")}
+                  for _, _, rating, version in replaced])
 
 
 def _feedback_record(row: sa.Row[Any]) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def read_thumbs(s: Session, held: bool | None, where: sa.ColumnElement[bool],
                   identity_column(Feedback), Choice.id, Choice.text, Choice.token_ids)
         .join(Choice, Choice.id == Feedback.choice_id)
         .join(Completion, Completion.id == Choice.completion_id)
-        .where(where)
+        .where(where, Feedback.replaced_by.is_(None))  # a rater's later vote replaced it
     )
     if held is not None:
         query = query.join(Prompt, Prompt.id == Completion.prompt_id).where(

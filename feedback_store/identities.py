@@ -1,9 +1,9 @@
 """Who gave each piece of feedback, and how much a rater's feedback weighs in training.
 
-An identity is the request's `user` field ("user:<user>"), else the caller's API key
-("key:<digest prefix>", the scope server/auth.py computes), else "anonymous" (a server without
-keys). Stored rows keep `user`; `identity` is written only when `user` is empty and a key is
-known, so `identity_column` derives the identity of every row in SQL.
+A rater is the pair (API key, `user`) (`feedback_store.types.Rater`): every row stores its key's
+scope, its `user` and the identity that caps, weights and pooling count as one rater, written
+with the row. Rows stored before that carry `user` alone ("user:<user>") or their key's scope
+("key:<scope>"); `identity_column` derives the identity of every row in SQL.
 
 A rater's weight follows its agreement with the reward model in service on the feedback it gave
 since (`agreement_weight`): the trainer scores each new event once, before training on it.
@@ -21,29 +21,25 @@ from typing import Any
 import sqlalchemy as sa
 
 from feedback_store.base import StoreBase, unix, utcnow
-from feedback_store.errors import StoreUnavailableError
 from feedback_store.models import Feedback, Identity, Ranking
-from feedback_store.types import ANONYMOUS, PreferenceGroup, RewardData, ThumbExample
+from feedback_store.types import ANONYMOUS, PreferenceGroup, Rater, RewardData, ThumbExample
 from flywheel.approval import wilson_interval
-from flywheel.rater_pooling import identity_cap
+from flywheel.rater_pooling import capped_masses
 
 log = logging.getLogger(__name__)
 
 CHANCE = 0.5  # agreement of a rater who ignores the answers
 
 
-def identity_of(user: str | None, key_scope: str | None) -> str:
-    """The identity of a request: its `user` field, else its API key's scope, else anonymous."""
-    if user is not None:
-        return f"user:{user}"
-    if key_scope is not None:
-        return f"key:{key_scope}"
-    return ANONYMOUS
+def identity_of(user: str | None, key_scope: str | None, *, trusted: bool = False) -> str:
+    """The identity of a request's rater (`Rater.identity`)."""
+    return Rater(key_scope=key_scope, user=user, trusted=trusted).identity
 
 
 def identity_column(model: type[Feedback] | type[Ranking]) -> sa.ColumnElement[str]:
-    """`identity_of` in SQL over a stored row ('user:' || NULL is NULL on both backends)."""
-    return sa.func.coalesce(sa.literal("user:") + model.user, model.identity,
+    """The stored identity of a row; for rows stored before identities were written with every
+    row, `user`'s ('user:' || NULL is NULL on both backends), else anonymous."""
+    return sa.func.coalesce(model.identity, sa.literal("user:") + model.user,
                             sa.literal(ANONYMOUS))
 
 
@@ -77,19 +73,17 @@ class Tally:
 
 def limit_identities(data: RewardData, share: float, weights: Mapping[str, float],
                      seed: int) -> tuple[RewardData, dict[str, float]]:
-    """Each identity's examples (groups and lone thumbs, one each) cut to `identity_cap` (new
-    ones kept first, then at random) and weighted by its weight; returns them and metrics.
-    Anonymous examples are each their own rater, never capped as one."""
+    """Each identity's examples (groups and lone thumbs, one each) cut to its cap
+    (`flywheel.rater_pooling.capped_masses`: new ones kept first, then at random) and weighted
+    by its weight; returns them and metrics. Anonymous examples are one rater, like any other."""
     items: list[PreferenceGroup | ThumbExample] = [*data.groups, *data.thumbs]
     counts = Counter(item.identity for item in items)
-    # Anonymous examples come from raters nothing tells apart: each counts as its own rater.
-    singles = counts.pop(ANONYMOUS, 0)
-    cap = identity_cap(counts.values(), share, singles=singles)
+    caps = capped_masses(counts, share)
     rng = random.Random(seed)
     order = sorted(range(len(items)), key=lambda i: (not items[i].new, rng.random()))
     kept, taken = set(), Counter[str]()
     for i in order:
-        if items[i].identity == ANONYMOUS or taken[items[i].identity] < cap:
+        if taken[items[i].identity] + 1 <= caps[items[i].identity] + 1e-9:
             taken[items[i].identity] += 1
             kept.add(i)
 
@@ -100,9 +94,10 @@ def limit_identities(data: RewardData, share: float, weights: Mapping[str, float
     offset = len(data.groups)
     thumbs = [weighted(t) for i, t in enumerate(data.thumbs) if i + offset in kept]
     metrics = {
-        "reward/identities": float(len(counts) + (singles > 0)),
-        "reward/identity_cap": float(cap),
+        "reward/identities": float(len(counts)),
+        "reward/identity_cap": float(int(max(caps.values(), default=0) + 1e-9)),
         "reward/capped_examples": float(len(items) - len(kept)),
+        "reward/kept_examples": float(len(kept)),
         "reward/down_weighted_identities": float(
             sum(weights.get(name, 1.0) < 1.0 for name in counts)),
     }
@@ -111,46 +106,6 @@ def limit_identities(data: RewardData, share: float, weights: Mapping[str, float
 
 class IdentitiesMixin(StoreBase):
     """Identity on the write path; agreement tallies and weights for the trainer and the admin."""
-
-    def add_feedback(self, **kwargs: Any) -> tuple[dict[str, Any], bool]:
-        record, created = super().add_feedback(**kwargs)  # type: ignore[misc]
-        if created:
-            self._tag_keys(Feedback, [(record["id"], kwargs)])
-        return record, created
-
-    def add_feedbacks(self, requests: list[dict[str, Any]]) -> list[Any]:
-        outcomes = super().add_feedbacks(requests)  # type: ignore[misc]
-        self._tag_keys(Feedback, [
-            (outcome[0]["id"], request) for request, outcome in zip(requests, outcomes, strict=True)
-            if isinstance(outcome, tuple) and outcome[1]
-        ])
-        return outcomes
-
-    def add_ranking(self, **kwargs: Any) -> tuple[dict[str, Any], bool]:
-        record, created = super().add_ranking(**kwargs)  # type: ignore[misc]
-        if created:
-            self._tag_keys(Ranking, [(record["id"], kwargs)])
-        return record, created
-
-    def _tag_keys(self, model: type[Feedback] | type[Ranking],
-                  stored: list[tuple[str, Mapping[str, Any]]]) -> None:
-        """Write the key's identity on new rows whose `user` is empty (one UPDATE per key).
-
-        A failure here loses only the attribution (the row counts as anonymous), never the
-        feedback the caller was told is stored.
-        """
-        by_identity: dict[str, list[str]] = {}
-        for public_id, request in stored:
-            scope = request.get("idempotency_scope")
-            if request.get("user") is None and scope is not None:
-                by_identity.setdefault(identity_of(None, scope), []).append(public_id)
-        try:
-            with self._statement() as conn:
-                for identity, ids in by_identity.items():
-                    conn.execute(sa.update(model).where(model.public_id.in_(ids))
-                                 .values(identity=identity))
-        except StoreUnavailableError as error:
-            log.warning("identity of %d new rows not stored: %s", len(stored), error.message)
 
     def identity_standing(self, identities: Iterable[str]) -> dict[str, Tally]:
         """Stored totals of these identities; zero for those never read."""

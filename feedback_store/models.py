@@ -94,6 +94,9 @@ class Completion(Base):
     params: Mapped[dict[str, Any]]
     user: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[datetime]
+    # The API key that received the answer (its scope, server/auth.py); only that key (or the
+    # admin key) may rate it. None on a server without keys.
+    key_scope: Mapped[str | None] = mapped_column(sa.String(16))
 
 
 class Choice(Base):
@@ -126,8 +129,13 @@ class Feedback(Base):
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255), unique=True)
     request_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime] = mapped_column(index=True)  # hourly charts (history.py)
-    # Who rated when `user` does not say: "key:<API key digest>" (feedback_store/identities.py)
+    # The rater's identity as pooled (feedback_store/identities.py `identity_of`); NULL on rows
+    # stored before identities were written with every row: "user:<user>" or anonymous.
     identity: Mapped[str | None] = mapped_column(sa.Text)
+    key_scope: Mapped[str | None] = mapped_column(sa.String(16))  # the key that gave it
+    # A later vote of the same rater (key, user) on the same answer replaced this one: it stays
+    # as history and counts nowhere.
+    replaced_by: Mapped[int | None] = mapped_column(default=None)
 
 
 class Ranking(Base):
@@ -143,6 +151,7 @@ class Ranking(Base):
     request_hash: Mapped[str] = mapped_column(sa.String(64))
     created_at: Mapped[datetime]
     identity: Mapped[str | None] = mapped_column(sa.Text)  # as Feedback.identity
+    key_scope: Mapped[str | None] = mapped_column(sa.String(16))
 
 
 class RankingItem(Base):
@@ -209,6 +218,8 @@ class PolicyVersion(Base):
     canary_fraction: Mapped[float | None] = mapped_column(sa.Float)
     canary_started_at: Mapped[datetime | None]
     canary_feedback_after: Mapped[int | None]  # feedback ids above this are canary evidence
+    # What the canary assigns to an arm: "request" (each rater sees both) or "user" (sticky).
+    canary_unit: Mapped[str | None] = mapped_column(sa.String(8))
 
 
 class RewardModel(Base):

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
 from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion, RewardModel
+from flywheel.rater_pooling import CANARY_UNITS
 
 BASE_POLICY_ID = "policy-0"
 # In a candidate's metrics while it waits for the running canary to end (unix time it began to
@@ -214,13 +215,16 @@ class PoliciesMixin(StoreBase):
             s.flush()
             return Transition(True, status, _policy_record(row))
 
-    def release_candidate(self, id: str, fraction: float) -> Transition:
-        """Release candidate `id` (it passed the offline gate) to a canary of `fraction`.
+    def release_candidate(self, id: str, fraction: float, unit: str = "user",
+                          sticky_raters: int = 200) -> Transition:
+        """Release candidate `id` (it passed the offline gate) to a canary of `fraction`,
+        assigned per `unit` ("request", "user", or "auto": see `canary_unit`).
 
         While a canary runs it waits instead (outcome "waiting", `WAITING` in its metrics). With
         none running, the newest waiting candidate starts its canary (this one, normally) and
         every older waiting one is retired (outcome "retired" if a newer one went first). Not
         applied when `id` is no longer a candidate (an operator retired or served it)."""
+        unit = self.canary_unit(unit, sticky_raters)  # type: ignore[attr-defined]
         with self._tx() as s:
             rows = _lock_all(s)
             target = rows.get(id)
@@ -234,14 +238,15 @@ class PoliciesMixin(StoreBase):
                 s.flush()
                 return Transition(True, "waiting", _policy_record(target),
                                   f"{running.id} is on canary")
-            started, retired = _release_newest_waiting(s, rows, fraction)
+            started, retired = _release_newest_waiting(s, rows, fraction, unit)
             return Transition(True, "canary" if started is target else "retired",
                               _policy_record(target),
                               "" if started is target else
                               f"{started.id if started else 'nothing'} went on canary instead",
                               retired)
 
-    def release_waiting(self, fraction: float) -> Transition | None:
+    def release_waiting(self, fraction: float, unit: str = "user",
+                        sticky_raters: int = 200) -> Transition | None:
         """With no canary running, put the newest waiting candidate on canary and retire the
         older waiting ones (each with `release/retired` saying why); None when nothing waits or
         a canary runs. Cheap when nothing waits: one read, no write lock."""
@@ -250,11 +255,12 @@ class PoliciesMixin(StoreBase):
                                    .where(PolicyVersion.status == "candidate")).all()
             if not any(WAITING in (row.metrics or {}) for row in candidates):
                 return None
+        unit = self.canary_unit(unit, sticky_raters)  # type: ignore[attr-defined]
         with self._tx() as s:
             rows = _lock_all(s)
             if _serving(rows)[1] is not None:
                 return None
-            started, retired = _release_newest_waiting(s, rows, fraction)
+            started, retired = _release_newest_waiting(s, rows, fraction, unit)
             if started is None and not retired:
                 return None
             return Transition(started is not None, "canary" if started else "",
@@ -380,12 +386,16 @@ def _differs(rows: dict[str, PolicyVersion], *, active: str | None, canary: str 
     return None
 
 
-def _begin_canary(s: Session, target: PolicyVersion, fraction: float) -> None:
-    """Put `target` on canary: its live evidence counts feedback stored from now on, on answers
-    produced from now on."""
+def _begin_canary(s: Session, target: PolicyVersion, fraction: float, unit: str) -> None:
+    """Put `target` on canary, assigned per `unit`: its live evidence counts feedback stored
+    from now on, on answers produced from now on."""
+    if unit not in CANARY_UNITS:
+        raise InvalidInputError(f"a canary's unit is one of {', '.join(CANARY_UNITS)}",
+                                param="unit", code="invalid_unit")
     _leave_candidacy(target)
     target.status = "canary"
     target.canary_fraction = float(fraction)
+    target.canary_unit = unit
     target.canary_started_at = utcnow()
     target.canary_feedback_after = s.scalar(sa.select(sa.func.max(Feedback.id))) or 0
 
@@ -396,8 +406,8 @@ def _leave_candidacy(row: PolicyVersion) -> None:
         row.metrics = {k: v for k, v in row.metrics.items() if k != WAITING}
 
 
-def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction: float
-                            ) -> tuple[PolicyVersion | None, list[str]]:
+def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction: float,
+                            unit: str) -> tuple[PolicyVersion | None, list[str]]:
     """The newest waiting candidate with stored files goes on canary; the other waiting ones are
     retired. Call with the rows locked and no canary running."""
     waiting = [r for r in _newest_first(rows.values())
@@ -415,7 +425,7 @@ def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction
         retired.append(row.id)
     if started is not None:
         waited = time.time() - float(started.metrics[WAITING])
-        _begin_canary(s, started, fraction)
+        _begin_canary(s, started, fraction, unit)
         started.metrics = {**started.metrics, "release/waited_seconds": round(waited, 3)}
     s.flush()
     return started, retired
@@ -492,8 +502,22 @@ def _policy_record(p: PolicyVersion) -> dict[str, Any]:
         "canary": None if p.status != "canary" else {
             "fraction": p.canary_fraction,
             "started_at": unix(p.canary_started_at),
+            "unit": p.canary_unit or "user",
         },
+        "reason": _waiting_reason(p),
     }
+
+
+def _waiting_reason(p: PolicyVersion) -> str | None:
+    """What a canary or a waiting candidate waits for, in users' terms (None: it waits for
+    nothing)."""
+    metrics = p.metrics or {}
+    if p.status == "canary":
+        return str(metrics.get("canary/reason") or "canary: waiting for its first thumbs")
+    if p.status == "candidate" and WAITING in metrics:
+        return ("passed the offline gate; waits for the running canary to end (the newest "
+                "waiting candidate goes on canary next, older ones are retired)")
+    return None
 
 
 def _reward_model_record(r: RewardModel) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, public_id, request_hash, storable, unix, utcnow
 from feedback_store.errors import InvalidInputError
-from feedback_store.feedback import _find_choice, _replayed, scoped_key
+from feedback_store.feedback import _check_owner, _find_choice, _replayed, scoped_key
 from feedback_store.models import Choice, Ranking, RankingItem
+from feedback_store.types import Rater
 
 T = TypeVar("T")
 # A ranked answer (completion_id, choice_index), or a tie group of them.
@@ -30,15 +31,18 @@ class RankingsMixin(StoreBase):
         user: str | None = None,
         idempotency_key: str | None = None,
         idempotency_scope: str | None = None,
+        rater: Rater | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Store answers to one prompt ordered best first; returns (record, created).
 
         Each entry of `items` is an answer `(completion_id, choice_index)` or a list of equally
         good answers (a tie group): tied answers form no pair. A key is unique within its scope
-        (the caller's API key, see `scoped_key`).
+        (the caller's API key, see `scoped_key`). `rater` as for `add_feedback`: every answer
+        must have been served to its key (ForbiddenError otherwise).
         """
         key = scoped_key(idempotency_key, idempotency_scope)
-        user = storable(user)
+        rater = rater or Rater(key_scope=idempotency_scope, user=user)
+        user = storable(rater.user)
         tiers = _tie_groups(items)
         digest = request_hash({"items": _hashed_tiers(tiers), "user": user})
 
@@ -48,6 +52,9 @@ class RankingsMixin(StoreBase):
                 if previous is not None:
                     return _ranking_record(s, previous), False
             found = [[_find_choice(s, cid, index) for cid, index in group] for group in tiers]
+            for group in found:
+                for completion, _ in group:
+                    _check_owner(completion, rater.owner_scope)
             if len({completion.prompt_id for group in found for completion, _ in group}) > 1:
                 raise InvalidInputError(
                     "Ranked answers must answer the same prompt",
@@ -61,6 +68,8 @@ class RankingsMixin(StoreBase):
                 idempotency_key=key,
                 request_hash=digest,
                 created_at=utcnow(),
+                identity=storable(rater.identity),
+                key_scope=rater.key_scope,
             )
             s.add(row)
             s.flush()

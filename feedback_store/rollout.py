@@ -21,6 +21,9 @@ from feedback_store.policy_versions import (
     _policy_record,
 )
 from feedback_store.types import PooledLive, RaterThumbs
+from flywheel.rater_pooling import canary_unit
+
+RECENT_THUMBS = 2_000  # the thumbs whose raters decide a canary's unit ("auto")
 
 
 class RolloutMixin(StoreBase):
@@ -35,8 +38,10 @@ class RolloutMixin(StoreBase):
             by_status = {r.status: _policy_record(r) for r in rows}
         return by_status.get("active"), by_status.get("canary")
 
-    def start_canary(self, id: str, fraction: float, *, force: bool = False) -> dict[str, Any]:
-        """Serve stored version `id` to `fraction` of new requests beside the active one.
+    def start_canary(self, id: str, fraction: float, *, force: bool = False,
+                     unit: str = "user") -> dict[str, Any]:
+        """Serve stored version `id` to `fraction` of new requests beside the active one,
+        assigned per `unit` ("request": each rater sees both arms; "user": sticky per rater).
 
         Its live evidence counts feedback stored from now on, on answers produced from now on.
         """
@@ -58,7 +63,7 @@ class RolloutMixin(StoreBase):
                 raise ConflictError(f"Policy '{id}' is already active", param="id",
                                     code="policy_active")
             _check_servable(target, force=force)
-            _begin_canary(s, target, fraction)
+            _begin_canary(s, target, fraction, unit)
             s.flush()
             return _policy_record(target)
 
@@ -141,6 +146,33 @@ class RolloutMixin(StoreBase):
         return {v: found.get(v, {}) for v in wanted}
 
 
+    def recent_raters(self, thumbs: int = RECENT_THUMBS) -> int:
+        """Distinct raters among the newest `thumbs` live thumbs."""
+        with self._tx(write=False) as s:
+            newest = (sa.select(identity_column(Feedback).label("identity"))
+                      .where(Feedback.replaced_by.is_(None))
+                      .order_by(Feedback.id.desc()).limit(thumbs).subquery())
+            return int(s.scalar(sa.select(sa.func.count(sa.distinct(newest.c.identity)))) or 0)
+
+    def canary_unit(self, setting: str, sticky_raters: int) -> str:
+        """What a canary starting now assigns to an arm (`flywheel.rater_pooling.canary_unit`,
+        with the raters of the newest thumbs)."""
+        raters = self.recent_raters() if setting == "auto" else 0
+        return canary_unit(setting, raters, sticky_raters)
+
+    def note_canary(self, id: str, metrics: dict[str, Any]) -> bool:
+        """Merge `metrics` into version `id`'s while it is on canary (e.g. why it waits);
+        returns whether it was."""
+        with self._tx() as s:
+            row = s.scalar(sa.select(PolicyVersion).where(PolicyVersion.id == id,
+                                                          PolicyVersion.status == "canary")
+                           .with_for_update())
+            if row is None:
+                return False
+            row.metrics = {**row.metrics, **metrics}
+            return True
+
+
 def _thumbs_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnElement[bool]
                      ) -> dict[str, RaterThumbs]:
     """(up, down) per version and identity of the rater, over feedback matching `where`."""
@@ -152,7 +184,7 @@ def _thumbs_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnEle
         .select_from(Feedback)
         .join(Choice, Choice.id == Feedback.choice_id)
         .join(Completion, Completion.id == Choice.completion_id)
-        .where(Completion.policy_version.in_(versions), *where)
+        .where(Completion.policy_version.in_(versions), Feedback.replaced_by.is_(None), *where)
         .group_by(Completion.policy_version, rater)
     )
     found: dict[str, RaterThumbs] = {}

@@ -155,4 +155,19 @@ def run_record(r: TrainingRun) -> dict[str, Any]:
         "reward_model_id": r.reward_model_id,
         "metrics": dict(r.metrics or {}),
         "error": r.error,
+        "reason": _reason(r),
     }
+
+
+def _reason(r: TrainingRun) -> str | None:
+    """What a run that did not produce a candidate waited for or stopped on, in users' terms."""
+    if r.status == "skipped":
+        return str((r.metrics or {}).get("cycle/skip_reason") or "skipped")
+    if r.status in ("failed", "cancelled"):
+        return r.error
+    if r.status == "rejected":
+        reasons = (r.metrics or {}).get("gate/reasons")
+        return "; ".join(map(str, reasons)) if isinstance(reasons, list) and reasons else None
+    if r.status == "queued":
+        return "queued: waiting for the trainer worker"
+    return None

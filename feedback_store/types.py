@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-ANONYMOUS = "anonymous"  # the identity of feedback with neither a `user` nor an API key
+from flywheel.raters import ANONYMOUS, Rater, is_untrusted_key
+
+__all__ = ["ANONYMOUS", "Rater", "is_untrusted_key"]
+
 RaterThumbs = dict[str, tuple[int, int]]  # identity of the rater -> (thumbs up, thumbs down)
 
 
@@ -45,6 +48,7 @@ class NewCompletion:
     choices: list[NewChoice]
     user: str | None = None
     created_at: float | None = None  # unix seconds; now when None
+    key_scope: str | None = None  # the API key it was served to: only that key may rate it
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any
 
 import redis
 
+from flywheel.rater_pooling import CANARY_UNITS
+
 log = logging.getLogger(__name__)
 
 REPLICA_REPORT_SECONDS = 10.0  # each server says what it serves this often (and on every change)
@@ -102,9 +104,11 @@ class PolicyMessage:
 
 @dataclass(frozen=True)
 class CanaryMessage(PolicyMessage):
-    """A version on canary, served to ``fraction`` of new requests beside the active one."""
+    """A version on canary, served to ``fraction`` of new requests beside the active one, drawn
+    per request or sticky per rater (``unit``: "request" or "user")."""
 
     fraction: float = 0.0
+    unit: str = "user"
 
     @classmethod
     def from_json(cls, raw: str | bytes | dict[str, Any]) -> CanaryMessage:
@@ -116,12 +120,17 @@ class CanaryMessage(PolicyMessage):
             raise ValueError(f"malformed canary message: {raw!r}") from exc
         if not 0.0 < fraction < 1.0:
             raise ValueError(f"canary fraction {fraction} outside (0, 1)")
-        return cls(base.version, base.path, base.sha256, fraction)
+        unit = data.get("unit", "user")  # an older publisher's canaries are sticky per user
+        if unit not in CANARY_UNITS:
+            raise ValueError(f"canary unit {unit!r} is not one of {CANARY_UNITS}")
+        return cls(base.version, base.path, base.sha256, fraction, unit)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> CanaryMessage:
+        canary = row.get("canary") or {}
         return cls(version=row["id"], path=row["path"], sha256=row.get("sha256") or "",
-                   fraction=float((row.get("canary") or {}).get("fraction") or 0.0))
+                   fraction=float(canary.get("fraction") or 0.0),
+                   unit=canary.get("unit") or "user")
 
 
 @dataclass(frozen=True)

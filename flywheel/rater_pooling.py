@@ -1,86 +1,175 @@
-"""What one rater may weigh: thumbs pooled across identities for the live decisions.
+"""What one rater may weigh: thumbs pooled across raters for the live decisions.
 
-A thumb's weight in a canary or rollback decision depends on who gave it. Two rules, the same
+A thumb's weight in a canary or rollback decision depends on who gave it. Three rules, the same
 ones the reward model's data follows (feedback_store/identities.py):
 
-- **A share cap.** Each identity counts at most `identity_cap` thumbs in an arm: the most that
-  keeps it within `share` of what all identities keep, so flooding raises no one's weight.
-  Past the cap, an identity still counts at its own approval rate, over `cap` thumbs.
-- **A trust weight.** An identity whose ratings the reward model in service finds significantly
+- **A share cap.** Each rater counts at most `identity_cap` thumbs: the most that keeps it within
+  a share of what all raters keep, so flooding raises no one's weight. A rater vouched for (no
+  API keys, or a trusted key's user) may keep up to twice an equal share (`max(share, 2 / k)`
+  of k raters), so a small honest group keeps nearly all it says: its smallest rater never
+  drags the others down. An untrusted API key, one rater however many `user` values it sends,
+  keeps at most an equal share (`1 / k`), and a key alone in an arm counts nothing: one key
+  minting users could be anyone. Past the cap, a rater still counts at its own approval.
+- **A trust weight.** A rater whose ratings the reward model in service finds significantly
   inverted (`agreement_weight`) counts with its lower weight.
+- **Raters, not thumbs, are the unit of evidence.** Thumbs are clustered by rater, so the
+  variance of a pooled approval is the larger of the Bernoulli one at Kish's effective sample
+  size and the cluster-robust (sandwich) variance over raters (Cameron & Miller 2015, with the
+  K / (K - 1) small-sample factor). A rater who pulls the estimate by s d contributes about
+  (s d)^2 to that variance, so no single rater, however weighted, can make a difference look
+  significant on its own.
 
-Thumbs with no identity (no `user`, no API key) count one rater each: nothing tells them apart.
-
-Users are sticky to an arm and differ in taste, so an arm's thumbs are clustered by identity,
-not independent. `pool_arm` returns the pooled approval with the larger of two variances: the
-Bernoulli one at Kish's effective sample size (what independent thumbs with these weights would
-give) and the cluster-robust (sandwich) variance of the ratio estimator over identities (Cameron &
-Miller 2015, with the K / (K - 1) small-sample factor), which grows with the spread of raters'
-approvals. With one thumb per rater and weights 1 both equal the plain binomial variance, so the
-decisions of `flywheel.approval` are unchanged there.
+Two designs. Raters sticky to an arm (`pool_arm` per arm): their approvals differ in leniency,
+and that spread enters each arm's variance. Raters who see both arms (a canary assigned per
+request, `pool_paired`): each rater's own difference between the arms is the datum, so leniency
+cancels and a handful of raters who agree on the change can decide it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from flywheel.approval import Arm
+from flywheel.raters import is_untrusted_key
+
+Counts = tuple[int, int]  # a rater's (thumbs up, thumbs down)
+CANARY_UNITS = ("request", "user")  # what a canary assigns to an arm: each request, or each rater
 
 
-def identity_cap(counts: Iterable[int], share: float, *, singles: int = 0) -> int:
-    """The most examples one identity keeps: the largest c with c <= s * sum(min(n_i, c)), where
-    s = max(share, 1 / identities) (with fewer than 1/share identities no cap can hold, and equal
-    shares come closest). `singles` counts raters of one example each, beside `counts`.
+def share_of(raters: int, share: float, *, vouched: bool = True) -> float:
+    """The most of what all raters keep that one rater may keep. A rater vouched for: `share`
+    in a crowd, twice an equal share among fewer than 2 / share raters. An untrusted key: one
+    rater's equal share, however large the crowd (so a key minting ids neither decides nor
+    stalls a crowd's canary)."""
+    if raters <= 0:
+        return 1.0
+    if not vouched:
+        return 1.0 / raters
+    return max(share, min(1.0, 2.0 / raters))
 
-    The cap counts only what identities keep, so flooding raises no one's cap: against ten honest
-    raters giving n in all, two flooding ones keep c = 0.1 (n + 2c), 0.125 n each, a tenth of the
-    data each. g(c) = s * sum(min(n_i, c)) - c is concave with g(0) = 0, so the c with g >= 0
-    form an interval, found by bisection.
+
+def share_cap(sizes: Sequence[float], s: float) -> float:
+    """The largest c with c <= s * sum(min(n_i, c)): the most one rater may keep.
+
+    g(c) = s * sum(min(n_i, c)) - c is concave with g(0) = 0, so the c with g >= 0 form an
+    interval [0, c*]; between two sorted sizes g is linear, which gives c* in closed form.
+    """
+    ordered = sorted(n for n in sizes if n > 0)
+    if not ordered:
+        return 0.0
+    below = 0.0  # sum of the sizes under the current interval
+    for j, n in enumerate(ordered):
+        above = len(ordered) - j  # raters at or above c in [previous size, n]
+        if s * above < 1.0:  # g falls with c here: its root, unless it lies below this interval
+            root = s * below / (1.0 - s * above)
+            if root <= n:
+                return max(root, ordered[j - 1] if j else 0.0)
+        below += n
+    return ordered[-1]
+
+
+def identity_cap(counts: Iterable[int], share: float, *, vouched: bool = True) -> int:
+    """The most examples (or thumbs) one rater keeps, among raters giving `counts`.
+
+    Against ten honest raters giving n in all, two flooding ones keep c = s (n + 2c) each: at
+    s = 0.1, 0.125 n, a tenth of the data each, however much they send.
     """
     sizes = [n for n in counts if n > 0]
-    if not sizes and singles <= 0:
-        return 0
-    s = max(share, 1.0 / (len(sizes) + max(0, singles)))
-    low, high = 0, max([*sizes, 1])
-    while low < high:
-        mid = (low + high + 1) // 2
-        if mid <= s * (sum(min(n, mid) for n in sizes) + max(0, singles)) + 1e-9:
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    return int(share_cap(sizes, share_of(len(sizes), share, vouched=vouched)) + 1e-9)
 
 
-def pool_arm(raters: Mapping[str, tuple[int, int]], *, share: float,
-             weights: Mapping[str, float] | None = None,
-             unattributed: tuple[int, int] = (0, 0)) -> Arm:
-    """One arm's thumbs, `raters` (identity -> (up, down)) and `unattributed` (up, down) with no
-    identity, pooled under the cap and the weights (1 for identities not in `weights`).
+def capped_masses(sizes: Mapping[str, float], share: float) -> dict[str, float]:
+    """Each rater's size cut to its cap (module docstring): raters vouched for at the generous
+    share, untrusted keys at an equal one; an untrusted key that is the only rater keeps 0."""
+    present = {name: n for name, n in sizes.items() if n > 0}
+    if len(present) == 1 and is_untrusted_key(next(iter(present))):
+        return dict.fromkeys(present, 0.0)
+    k = len(present)
+    caps = {vouched: share_cap(list(present.values()), share_of(k, share, vouched=vouched))
+            for vouched in (True, False)}
+    return {name: min(n, caps[not is_untrusted_key(name)]) for name, n in present.items()}
+
+
+def _shrunk(up: float, n: float) -> float:
+    return (up + 1) / (n + 2)  # Agresti-Caffo, as flywheel.approval does
+
+
+def pool_arm(raters: Mapping[str, Counts], *, share: float,
+             weights: Mapping[str, float] | None = None) -> Arm:
+    """One arm's thumbs (rater -> (up, down)) pooled under the caps and the trust weights (1 for
+    raters not in `weights`).
 
     The Arm's up and down are the weighted counts (their sum is what the decisions' `min_ratings`
     compares with) and its variance is that of the pooled approval (module docstring).
     """
     weights = weights or {}
-    clusters = [(up, down, weights.get(name, 1.0)) for name, (up, down) in raters.items()
-                if up + down > 0]
-    lone_up, lone_down = unattributed
-    cap = identity_cap((up + down for up, down, _ in clusters), share,
-                       singles=lone_up + lone_down)
-    # (mass a_i, approval p_i, thumbs n_i) per cluster; unattributed thumbs as clusters of one.
-    parts = [(w * min(up + down, cap), up / (up + down), up + down) for up, down, w in clusters]
-    parts += [(1.0, 1.0, 1)] * lone_up + [(1.0, 0.0, 1)] * lone_down
+    masses = capped_masses({name: up + down for name, (up, down) in raters.items()}, share)
+    # (mass a_i, approval p_i, thumbs n_i) per rater
+    parts = [(weights.get(name, 1.0) * mass, raters[name][0] / sum(raters[name]),
+              sum(raters[name])) for name, mass in masses.items()]
     parts = [part for part in parts if part[0] > 0]
     mass = sum(a for a, _, _ in parts)
     if mass <= 0:
         return Arm(0, 0)
     up = sum(a * p for a, p, _ in parts)
     p_hat = up / mass
-    # Kish: thumbs of cluster i each weigh a_i / n_i.
+    # Kish: thumbs of rater i each weigh a_i / n_i.
     effective_n = mass * mass / sum(a * a / n for a, _, n in parts)
-    shrunk = (up + 1) / (mass + 2)  # Agresti-Caffo, as flywheel.approval does
+    shrunk = _shrunk(up, mass)
     variance = shrunk * (1 - shrunk) / effective_n
     k = len(parts)
     if k > 1:
         sandwich = sum((a * (p - p_hat)) ** 2 for a, p, _ in parts) / (mass * mass)
         variance = max(variance, sandwich * k / (k - 1))
     return Arm(up, mass - up, variance=variance)
+
+
+def pool_paired(active: Mapping[str, Counts], canary: Mapping[str, Counts], *, share: float,
+                weights: Mapping[str, float] | None = None) -> tuple[Arm, Arm]:
+    """The two arms compared within raters: each rater who rated both contributes its own
+    difference d_i = p_canary,i - p_active,i, weighted by its effective thumbs
+    n_a n_c / (n_a + n_c) (the inverse of the difference's variance at equal approvals) under
+    the caps and the trust weights. Raters who rated one arm only do not count.
+
+    Returns (active, canary) arms whose approvals are the weighted means of the raters' (so
+    their difference is the weighted mean difference), whose counts are the thumbs of the
+    counted raters (for `min_ratings`), and whose variances add up to that of the difference:
+    the larger of the within-rater binomial variance and the sandwich over the raters' d_i.
+    """
+    weights = weights or {}
+    both = {name: (active[name], canary[name]) for name in canary
+            if name in active and sum(active[name]) > 0 and sum(canary[name]) > 0}
+    effective = {name: sum(a) * sum(c) / (sum(a) + sum(c)) for name, (a, c) in both.items()}
+    masses = capped_masses(effective, share)
+    rows = []  # (w_i, p_a, p_c, variance of d_i, n_a, n_c)
+    for name, mass in masses.items():
+        w = weights.get(name, 1.0) * mass
+        (up_a, down_a), (up_c, down_c) = both[name]
+        n_a, n_c = up_a + down_a, up_c + down_c
+        q_a, q_c = _shrunk(up_a, n_a), _shrunk(up_c, n_c)
+        if w > 0:
+            rows.append((w, up_a / n_a, up_c / n_c,
+                         q_a * (1 - q_a) / n_a + q_c * (1 - q_c) / n_c, n_a, n_c))
+    total = sum(w for w, *_ in rows)
+    if total <= 0:
+        return Arm(0, 0), Arm(0, 0)
+    p_a = sum(w * pa for w, pa, *_ in rows) / total
+    p_c = sum(w * pc for w, _, pc, *_ in rows) / total
+    variance = sum(w * w * v for w, _, _, v, _, _ in rows) / (total * total)
+    k = len(rows)
+    if k > 1:
+        spread = sum((w * ((pc - pa) - (p_c - p_a))) ** 2 for w, pa, pc, *_ in rows)
+        variance = max(variance, spread / (total * total) * k / (k - 1))
+    n_a = sum(row[4] for row in rows)
+    n_c = sum(row[5] for row in rows)
+    return (Arm(p_a * n_a, (1 - p_a) * n_a, variance=variance / 2),
+            Arm(p_c * n_c, (1 - p_c) * n_c, variance=variance / 2))
+
+
+def canary_unit(setting: str, raters: int, sticky_raters: int) -> str:
+    """What a new canary assigns to an arm: the setting, or for "auto" each request while fewer
+    than `sticky_raters` raters rate (they then see both arms, compared within each rater by
+    `pool_paired`), each rater from there (`pool_arm` per arm; nobody's answers flip)."""
+    if setting != "auto":
+        return setting
+    return "request" if raters < sticky_raters else "user"

@@ -137,6 +137,12 @@ class CanarySettings(BaseModel):
     max_hours: float = 24.0  # no decision by then: the canary ends, the active version stays
     auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
     min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better
+    # What a canary assigns to an arm: "request" (every rater sees both arms and the judge
+    # compares them within raters: a handful of raters can decide), "user" (sticky per rater: a
+    # crowd's experience never flips), or "auto": per request below `sticky_raters` raters
+    # among the last RECENT_THUMBS thumbs, sticky from there.
+    unit: Literal["auto", "request", "user"] = "auto"
+    sticky_raters: int = Field(default=200, ge=1)
     # The worker re-pools every version's thumbs across raters (`live.pooled`, `best`, the
     # rollback alarm) at most this often, when new thumbs came: one scan of the rated answers.
     pool_seconds: float = Field(default=300.0, gt=0.0)
@@ -165,6 +171,9 @@ class Settings(BaseSettings):
     port: int = 8000
     api_keys: str = ""  # comma-separated bearer keys; empty: no auth
     admin_key: str = ""
+    # Keys of app backends that vouch for their end users: each `user` they send is a rater of
+    # its own. Every other key's users together count as one rater (feedback_store.types.Rater).
+    trusted_keys: str = ""
     checkpoint_dir: Path | None = None  # default: <data_dir>/checkpoints
     max_batch_size: int = 32  # sequences decoded together by the transformers engine
     # The transformers engine decodes in a process of its own, off the API's GIL; None: on CPU
@@ -214,6 +223,10 @@ class Settings(BaseSettings):
     @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    @property
+    def trusted_key_list(self) -> list[str]:
+        return [k.strip() for k in self.trusted_keys.split(",") if k.strip()]
 
     @property
     def base_model_dir(self) -> Path:

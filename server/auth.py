@@ -12,6 +12,7 @@ import secrets
 from fastapi import Request
 
 from feedback_store.feedback import SCOPE_LENGTH
+from feedback_store.types import Rater
 from flywheel.settings import Settings
 from server.errors import APIError
 
@@ -50,6 +51,8 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         self._user_keys = [_digest(k) for k in settings.api_key_list]
         self._admin_key = _digest(settings.admin_key) if settings.admin_key else None
+        self._trusted_scopes = {_digest(k).hex()[:SCOPE_LENGTH]
+                                for k in settings.trusted_key_list}
 
     def _matches(self, token: str | None, keys: list[bytes]) -> bool:
         if token is None:
@@ -78,6 +81,17 @@ class Authenticator:
             raise APIError(403, "Admin routes are closed: set FLYWHEEL_ADMIN_KEY to open them.",
                            code="admin_disabled")
         raise APIError(403, "This route needs the admin key.", code="admin_required")
+
+    def rater(self, request: Request, user: str | None) -> Rater:
+        """Who this request speaks for: its key (untrusted unless listed in `trusted_keys` or the
+        admin key) and its `user`; on a server without user keys, `user` alone (trusted)."""
+        scope = self.idempotency_scope(request)
+        if scope is None:
+            return Rater(user=user, trusted=True, admin=True)
+        token = _bearer(request)
+        admin = self._admin_key is not None and self._matches(token, [self._admin_key])
+        return Rater(key_scope=scope, user=user, trusted=admin or scope in self._trusted_scopes,
+                     admin=admin)
 
     def idempotency_scope(self, request: Request) -> str | None:
         """The caller's share of the idempotency-key space: a digest prefix of its key, so that

@@ -16,6 +16,7 @@ from starlette.routing import compile_path
 
 from feedback_store.errors import (
     ConflictError,
+    ForbiddenError,
     IdempotencyMismatchError,
     InvalidInputError,
     NotFoundError,
@@ -145,6 +146,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NotFoundError)
     async def _not_found(_: Request, exc: NotFoundError) -> JSONResponse:
         return error_response(APIError(404, exc.message, param=exc.param, code=exc.code))
+
+    @app.exception_handler(ForbiddenError)
+    async def _forbidden(_: Request, exc: ForbiddenError) -> JSONResponse:
+        return error_response(APIError(403, exc.message, param=exc.param, code=exc.code))
 
     @app.exception_handler(InvalidInputError)
     async def _invalid(_: Request, exc: InvalidInputError) -> JSONResponse:

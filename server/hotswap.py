@@ -155,7 +155,7 @@ class PolicyWatcher:
                 return
             log.info("canary %s on %.0f%% of new requests", message.version,
                      100 * message.fraction)
-        self.split.set(message.version, message.fraction)
+        self.split.set(message.version, message.fraction, message.unit)
         self.metrics.set_canary(message.version, message.fraction)
 
     async def _load(self, message: PolicyMessage, load: Callable[[str, str], Awaitable[None]]

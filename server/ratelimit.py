@@ -1,6 +1,6 @@
 """Per-identity rate limit on the feedback routes: 429 with ``Retry-After`` past it.
 
-A token bucket per identity (the `user` field, else the API key: feedback_store.identities),
+A token bucket per rater identity (`Rater.identity`: an untrusted key's users share one),
 refilled at ``feedback.rate_per_minute`` up to ``feedback.rate_burst``; off when the rate is 0
 (the default, and `flywheel up`). Buckets live in each replica's memory: behind N replicas an
 identity may post up to N times the rate, so set it per replica.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from fastapi import Request
 
-from feedback_store.identities import identity_of
+from feedback_store.types import Rater
 from server.errors import APIError
 from server.state import AppState
 
@@ -67,12 +67,12 @@ def feedback_limiter(request: Request, state: AppState) -> RateLimiter:
     return limiter
 
 
-def check_feedback_rate(request: Request, state: AppState, user: str | None) -> None:
-    """Raise 429 (with ``Retry-After``) when this identity has used up its feedback rate."""
+def check_feedback_rate(request: Request, state: AppState, rater: Rater) -> None:
+    """Raise 429 (with ``Retry-After``) when this rater has used up its feedback rate."""
     limiter = feedback_limiter(request, state)
     if not limiter.enabled:
         return
-    identity = identity_of(user, state.auth.idempotency_scope(request))
+    identity = rater.identity
     wait = limiter.take(identity)
     if wait > 0:
         raise APIError(429, f"Too much feedback from {identity}: at most "

@@ -40,6 +40,7 @@ from feedback_store.types import RewardData
 from flywheel.checkpoints import atomic_directory, seal
 from flywheel.live_approval import best_version
 from flywheel.settings import Settings
+from trainer_worker.waiting import cap_note
 
 if TYPE_CHECKING:
     from trainer_worker.ppo.rollout_engines import KeptRollouts
@@ -91,21 +92,24 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
 def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     """Step 0: the held-out feedback, when there is enough of it to judge an RM and a policy:
     a bounded sample, without identities whose ratings lost weight, each capped at its share."""
-    from trainer_worker.reward.data import preference_pairs
+    from trainer_worker.reward.data import holdout_pairs
 
     if ctx.store.holdout_prompt_count() == 0:
-        raise Skip("no held-out prompts yet")
+        raise Skip("waiting for the first rated answers to held-out prompts (a fifth of the "
+                   "distinct prompts is held out to judge each new reward model)")
     limits = ctx.settings.feedback
     sample = ctx.store.holdout_reward_data(until=until, size=limits.holdout_examples, seed=0)
     weights = ctx.store.identity_weights(
         item.identity for item in [*sample.groups, *sample.thumbs])
     trusted = RewardData([g for g in sample.groups if weights[g.identity] >= 1.0],
                          [t for t in sample.thumbs if weights[t.identity] >= 1.0])
-    holdout, _ = limit_identities(trusted, limits.user_share, {}, seed=0)
-    n, need = preference_pairs(holdout.groups), ctx.settings.train.min_holdout_pairs
+    holdout, capped = limit_identities(trusted, limits.user_share, {}, seed=0)
+    n, need = holdout_pairs(holdout), ctx.settings.train.min_holdout_pairs
     if n < need:
-        raise Skip(f"too little evidence: {n} held-out pairs, need {need}",
-                   {"reward/holdout_pairs": float(n)})
+        raise Skip(f"need {need} held-out pairs to judge a reward model, have {n}: more distinct "
+                   "prompts rated (a pair is a ranking, or one rater's thumb up and thumb down "
+                   f"on answers to held-out prompts){cap_note(capped)}",
+                   {"reward/holdout_pairs": float(n), **capped})
     return holdout
 
 
@@ -170,10 +174,11 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
             progress=ctx.progress, should_stop=ctx.should_stop)
         metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm), **window}
         if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) below the floor
-            raise Skip(f"reward model under the accuracy floor: held-out accuracy "
-                       f"{metrics['reward/accuracy']:.3f} on {metrics['reward/holdout_pairs']:.0f}"
-                       f" pairs, 95% lower bound {metrics['reward/accuracy_low']:.3f} < floor "
-                       f"{floor:g}", metrics)  # atomic_directory deletes what was written
+            raise Skip(f"reward model under the accuracy floor: it agrees with users on "
+                       f"{metrics['reward/accuracy']:.1%} of {metrics['reward/holdout_pairs']:.0f}"
+                       f" held-out pairs (95% lower bound {metrics['reward/accuracy_low']:.1%}, "
+                       f"floor {floor:.0%}): more feedback, or raters who agree more, needed"
+                       f"{cap_note(window)}", metrics)  # atomic_directory deletes what was written
         manifest = seal(tmp, rm_id, parent=parent)
     ctx.store.add_reward_model(id=rm_id, parent=parent,
                                path=str(out), sha256=manifest.sha256, metrics=metrics)

@@ -21,12 +21,15 @@ from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
 from flywheel.approval import Arm, decide_canary, difference_sequence
 from flywheel.hotswap import Publisher
 from flywheel.live_approval import forgotten
-from flywheel.rater_pooling import pool_arm
+from flywheel.rater_pooling import pool_arm, pool_paired
 from flywheel.serving_plan import announce
 from flywheel.settings import Settings
 from trainer_worker.rater_review import RaterReview
+from trainer_worker.waiting import canary_wait_reason
 
 log = logging.getLogger(__name__)
+
+WAIT_LOG_SECONDS = 60.0  # an undecided canary says why in the log at most this often
 
 
 class Promotion:
@@ -39,6 +42,8 @@ class Promotion:
         self.device = "cpu"  # where the rater review scores; the worker sets its own
         self._pooled_thumbs = -1  # thumbs counted when every version was last pooled
         self._pooled_at = -math.inf
+        self._waiting: dict[str, str] = {}  # the canary's last stored reason to wait
+        self._wait_logged_at = -math.inf
 
     def release(self, policy_id: str) -> str:
         """A candidate that passed the offline gate: on canary (`canary.auto`), else active.
@@ -47,7 +52,8 @@ class Promotion:
         "retired" (a newer waiting candidate went first), or "not released: <why>" when the
         candidate changed meanwhile (an operator served or retired it). Never raises on a race."""
         if self.cfg.auto:
-            done = self.store.release_candidate(policy_id, self.cfg.fraction)
+            done = self.store.release_candidate(policy_id, self.cfg.fraction, self.cfg.unit,
+                                                self.cfg.sticky_raters)
         else:
             active, canary = self.store.serving_state()
             done = self.store.activate_if(
@@ -82,7 +88,8 @@ class Promotion:
             if outcome is None:
                 return None
         if self.cfg.auto:
-            released = self.store.release_waiting(self.cfg.fraction)
+            released = self.store.release_waiting(self.cfg.fraction, self.cfg.unit,
+                                                  self.cfg.sticky_raters)
             if released is not None:
                 if released.retired:
                     log.info("retired waiting candidate(s) %s: %s", ", ".join(released.retired),
@@ -118,32 +125,45 @@ class Promotion:
         self._pooled_thumbs, self._pooled_at = counted, time.monotonic()
         return True
 
-    def pooled(self, thumbs: dict[str, RaterThumbs]) -> dict[str, Arm]:
-        """Each version's thumbs pooled across its raters: every identity capped at the share of
-        `feedback.user_share` and weighted by its current trust weight (flywheel/
-        rater_pooling.py, trainer_worker/rater_review.py)."""
+    def _weights(self, thumbs: dict[str, RaterThumbs]) -> dict[str, float]:
         names = {name for raters in thumbs.values() for name in raters} - {ANONYMOUS}
-        weights = self.review.weights(names, self.device)
-        arms = {}
-        for version, raters in thumbs.items():
-            named = {name: counts for name, counts in raters.items() if name != ANONYMOUS}
-            arms[version] = pool_arm(named, share=self.settings.feedback.user_share,
-                                     weights=weights,
-                                     unattributed=raters.get(ANONYMOUS, (0, 0)))
-        return arms
+        return self.review.weights(names, self.device)
+
+    def pooled(self, thumbs: dict[str, RaterThumbs]) -> dict[str, Arm]:
+        """Each version's thumbs pooled across its raters: every rater capped at its share
+        and weighted by its current trust weight (flywheel/rater_pooling.py,
+        trainer_worker/rater_review.py)."""
+        weights = self._weights(thumbs)
+        return {version: pool_arm(raters, share=self.settings.feedback.user_share,
+                                  weights=weights)
+                for version, raters in thumbs.items()}
+
+    def canary_arms(self, active: str, canary: dict[str, Any],
+                    thumbs: dict[str, RaterThumbs]) -> tuple[Arm, Arm]:
+        """The (active, canary) arms a canary is judged on: compared within raters when it is
+        assigned per request (every rater sees both arms), else pooled per arm."""
+        if (canary.get("canary") or {}).get("unit") == "request":
+            return pool_paired(thumbs.get(active, {}), thumbs.get(canary["id"], {}),
+                               share=self.settings.feedback.user_share,
+                               weights=self._weights(thumbs))
+        arms = self.pooled(thumbs)
+        return arms.get(active, Arm(0, 0)), arms.get(canary["id"], Arm(0, 0))
 
     def _judge(self, active: dict[str, Any], canary: dict[str, Any]) -> str | None:
         thumbs = self.store.canary_evidence() or {}
-        arms = self.pooled(thumbs)
-        decision = decide_canary(
-            arms.get(active["id"], Arm(0, 0)), arms.get(canary["id"], Arm(0, 0)),
-            min_ratings=self.cfg.min_ratings, margin=self.cfg.margin, alpha=self.cfg.alpha)
+        arms = self.canary_arms(active["id"], canary, thumbs)
+        decision = decide_canary(*arms, min_ratings=self.cfg.min_ratings,
+                                 margin=self.cfg.margin, alpha=self.cfg.alpha)
         metrics = {f"canary/{k}": v for k, v in decision.evidence().items()}
         metrics["canary/against"] = active["id"]
+        metrics["canary/unit"] = (canary.get("canary") or {}).get("unit", "user")
         for arm, version in (("active", active["id"]), ("canary", canary["id"])):
             raters = thumbs.get(version, {})
             metrics[f"canary/{arm}_thumbs"] = sum(u + d for u, d in raters.values())
             metrics[f"canary/{arm}_raters"] = len(raters)
+        if decision.verdict == "wait":
+            self._note_wait(canary["id"], canary_wait_reason(decision, thumbs, active["id"],
+                                                             canary["id"]))
         # Each change applies only while `canary` is on canary against `active`, as decided: an
         # operator's activation or abort that came first stands, and nothing is raised.
         if decision.verdict == "promote":
@@ -185,6 +205,16 @@ class Promotion:
             log.info("no rollback to %s: pooled across raters, users do not rate it better "
                      "(lower bound %.3f)", found["better"], low)
         return low > 0
+
+    def _note_wait(self, canary: str, reason: str) -> None:
+        """Store why the canary waits (`canary/reason`), when that changed."""
+        if reason == self._waiting.get(canary):
+            return
+        self.store.note_canary(canary, {"canary/reason": reason})
+        self._waiting = {canary: reason}
+        if time.monotonic() - self._wait_logged_at >= WAIT_LOG_SECONDS:
+            log.info("%s", reason)
+            self._wait_logged_at = time.monotonic()
 
     @staticmethod
     def _hours_on(canary: dict[str, Any]) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, Query
@@ -19,7 +19,7 @@ from server.state import AppState, require_admin, require_user
 
 router = APIRouter()
 
-_PUBLIC_POLICY_FIELDS = ("id", "parent", "created_at", "status", "metrics", "canary")
+_PUBLIC_POLICY_FIELDS = ("id", "parent", "created_at", "status", "metrics", "canary", "reason")
 
 
 class ActivateRequest(BaseModel):
@@ -31,6 +31,9 @@ class CanaryRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     fraction: float | None = Field(default=None, gt=0.0, lt=1.0)  # default: canary.fraction
     force: bool = False  # canary a version that was rejected before
+    # "request" (each rater sees both arms), "user" (sticky per rater), "auto" (by the raters
+    # of the newest thumbs); default: canary.unit
+    unit: Literal["auto", "request", "user"] | None = None
 
 
 def _policy(row: dict, ratings: dict[str, tuple[int, int]], pooled: Pooled) -> dict:
@@ -126,7 +129,10 @@ async def start_canary(
         state.settings.canary.fraction
     await _check_files(state, policy_id, force=request.force)
     await to_thread.run_sync(
-        lambda: state.store.start_canary(policy_id, fraction, force=request.force))
+        lambda: state.store.start_canary(
+            policy_id, fraction, force=request.force,
+            unit=state.store.canary_unit(request.unit or state.settings.canary.unit,
+                                         state.settings.canary.sticky_raters)))
     return await _one(state, policy_id, await _announce(state))
 
 

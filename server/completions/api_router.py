@@ -31,13 +31,13 @@ async def _respond(state: AppState, jobs: list[CompletionJob], stream: bool, rou
     return JSONResponse(body, headers={POLICY_HEADER: policy})
 
 
-async def _chat(state: AppState, request: ChatCompletionRequest):
-    job = await serving.prepare_chat(state, request)
+async def _chat(state: AppState, request: ChatCompletionRequest, http: Request):
+    job = await serving.prepare_chat(state, request, state.auth.rater(http, request.user))
     return await _respond(state, [job], request.stream, "chat")
 
 
-async def _text(state: AppState, request: CompletionRequest):
-    jobs = await serving.prepare_text(state, request)
+async def _text(state: AppState, request: CompletionRequest, http: Request):
+    jobs = await serving.prepare_text(state, request, state.auth.rater(http, request.user))
     return await _respond(state, jobs, request.stream, "text")
 
 
@@ -45,12 +45,12 @@ async def _text(state: AppState, request: CompletionRequest):
 async def chat_completions(request: ChatCompletionRequest, http: Request,
                            state: Annotated[AppState, Depends(require_user)]):
     # A client gone before the answer (or a stream's first token) cancels the engine request.
-    answer = await limits.unless_disconnected(http, _chat(state, request))
+    answer = await limits.unless_disconnected(http, _chat(state, request, http))
     return answer if answer is not None else Response(status_code=limits.CLIENT_CLOSED)
 
 
 @router.post("/v1/completions")
 async def completions(request: CompletionRequest, http: Request,
                       state: Annotated[AppState, Depends(require_user)]):
-    answer = await limits.unless_disconnected(http, _text(state, request))
+    answer = await limits.unless_disconnected(http, _text(state, request, http))
     return answer if answer is not None else Response(status_code=limits.CLIENT_CLOSED)

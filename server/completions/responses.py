@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from feedback_store.types import Rater
 from server.engines.base import ChoiceDelta
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class CompletionJob:
     include_usage: bool
     user: str | None
     request_params: dict[str, Any]
+    rater: Rater = field(default_factory=Rater)  # who asked: its key owns the answer
     index_base: int = 0
     store_id: str = ""
     echo: str | None = None  # text the answers start with (`echo`: the prompt's)

@@ -14,6 +14,7 @@ from anyio import to_thread
 
 from feedback_store import NewChoice, NewCompletion
 from feedback_store.errors import StoreError
+from feedback_store.types import Rater
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.completions.responses import (
     ChoiceState,
@@ -93,7 +94,8 @@ async def _encode(param: str, encode: Any, prompt: Any, chars: int) -> list[int]
         raise APIError(400, str(exc), param=param, code="context_length_exceeded") from exc
 
 
-async def prepare_chat(state: AppState, req: ChatCompletionRequest) -> CompletionJob:
+async def prepare_chat(state: AppState, req: ChatCompletionRequest,
+                       rater: Rater | None = None) -> CompletionJob:
     _check_model(state, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     admit(state)
@@ -107,11 +109,12 @@ async def prepare_chat(state: AppState, req: ChatCompletionRequest) -> Completio
         prompt_text="\n".join(f"{m['role']}: {m['content']}" for m in messages),
         messages=messages, params=_sampling(req, max_tokens, top), logprobs=req.logprobs,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
-        user=req.user, request_params=_request_params(req),
+        user=req.user, request_params=_request_params(req), rater=rater or Rater(user=req.user),
     )
 
 
-async def prepare_text(state: AppState, req: CompletionRequest) -> list[CompletionJob]:
+async def prepare_text(state: AppState, req: CompletionRequest,
+                       rater: Rater | None = None) -> list[CompletionJob]:
     """One job per prompt (see ``CompletionJob``), all checked before any runs."""
     _check_model(state, req.model)
     prompts = req.prompts()
@@ -137,6 +140,7 @@ async def prepare_text(state: AppState, req: CompletionRequest) -> list[Completi
             logprobs=req.logprobs is not None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             user=req.user, request_params=_request_params(req), index_base=i * req.n,
+            rater=rater or Rater(user=req.user),
             store_id=job_id if len(prompts) == 1 else f"{job_id}-{i}",
             echo=text if req.echo else None,
         ))
@@ -171,6 +175,7 @@ async def _store(state: AppState, job: CompletionJob, policy: str,
         prompt_token_ids=job.prompt_ids, messages=job.messages,
         model=state.settings.served_model_name, policy_version=policy,
         params=job.request_params, user=job.user, created_at=float(job.created),
+        key_scope=job.rater.key_scope,
         choices=[NewChoice(index=i, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
                            finish_reason=c.finish_reason or "length")
                  for i, c in sorted(choices.items())],
@@ -195,7 +200,7 @@ class Run:
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}
         self.policy = state.engine.policy_version
         self._it = state.engine.generate(job.prompt_ids, job.params, job.store_id,
-                                         canary=state.split.to_canary(job.user))
+                                         canary=state.split.to_canary(job.rater))
         self._tokens: Any = None  # the generation-token counter of its policy, from the first
         state.metrics.in_flight.inc()
         state.metrics.prompt_tokens.inc(len(job.prompt_ids))

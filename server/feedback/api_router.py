@@ -64,12 +64,13 @@ def _created(record: dict, created: bool) -> JSONResponse:
 async def post_feedback(body: FeedbackRequest, request: Request,
                         state: Annotated[AppState, Depends(require_user)],
                         idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    check_feedback_rate(request, state, body.user)
+    rater = state.auth.rater(request, body.user)
+    check_feedback_rate(request, state, rater)
     outcome = await state.feedback_writes.add({
         "completion_id": body.completion_id, "choice_index": body.choice_index,
         "rating": body.rating, "comment": body.comment, "user": body.user,
         "idempotency_key": idempotency_key,
-        "idempotency_scope": state.auth.idempotency_scope(request),
+        "idempotency_scope": rater.key_scope, "rater": rater,
     })
     if isinstance(outcome, StoreError):
         raise outcome
@@ -83,12 +84,12 @@ async def post_feedback(body: FeedbackRequest, request: Request,
 async def post_ranking(body: RankingRequest, request: Request,
                        state: Annotated[AppState, Depends(require_user)],
                        idempotency_key: IdempotencyKey = None) -> JSONResponse:
-    check_feedback_rate(request, state, body.user)
-    scope = state.auth.idempotency_scope(request)
+    rater = state.auth.rater(request, body.user)
+    check_feedback_rate(request, state, rater)
     try:
         record, created = await _in_store_thread(lambda: state.store.add_ranking(
             items=body.as_items(), user=body.user, idempotency_key=idempotency_key,
-            idempotency_scope=scope,
+            idempotency_scope=rater.key_scope, rater=rater,
         ))
     except InvalidInputError as error:
         if body.ranking is not None and error.param == "items":

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import sqlalchemy as sa
 
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
-from feedback_store.types import PooledLive
+from feedback_store.models import Feedback
+from feedback_store.types import PooledLive, Rater
 
 
 def _versions(store: Store, *statuses: str) -> None:
@@ -90,11 +92,38 @@ def test_live_ratings_count_every_stored_thumb(store: Store) -> None:
     _served(store, "b", "policy-1", n=2)
     _thumbs(store, "a", "up", "down", "up")
     _thumbs(store, "b", "down", "down")
-    store.add_feedback(completion_id="b", choice_index=0, rating="up", idempotency_key="k1")
-    store.add_feedback(completion_id="b", choice_index=0, rating="up", idempotency_key="k1")
+    store.add_feedback(completion_id="b", choice_index=0, rating="up", idempotency_key="k1",
+                       user="bob")
+    store.add_feedback(completion_id="b", choice_index=0, rating="up", idempotency_key="k1",
+                       user="bob")
     with pytest.raises(NotFoundError):
         store.add_feedback(completion_id="nope", choice_index=0, rating="up")
     assert store.live_ratings() == {"policy-0": (2, 1), "policy-1": (1, 2)}
+
+
+def test_a_new_vote_of_the_same_rater_replaces_the_old_one(store: Store) -> None:
+    """One vote per rater (key, user) per answer: the later thumb counts, the earlier one is kept
+    as history; another rater's vote, or the same user under another key, is a vote of its own."""
+    _versions(store, "candidate")
+    _served(store, "b", "policy-1", n=2)
+    alice = Rater(key_scope="k1", user="alice", trusted=True)
+    store.add_feedback(completion_id="b", choice_index=0, rating="down", rater=alice)
+    store.add_feedback(completion_id="b", choice_index=0, rating="up", user="bob")
+    store.add_feedback(completion_id="b", choice_index=0, rating="down",
+                       rater=Rater(key_scope="k2", user="alice"))
+    assert store.live_ratings() == {"policy-1": (1, 2)}
+    store.add_feedback(completion_id="b", choice_index=0, rating="up", rater=alice)
+    assert store.live_ratings() == {"policy-1": (2, 1)}
+    store.add_feedbacks([{"completion_id": "b", "choice_index": 0, "rating": r, "rater": alice}
+                         for r in ("down", "up", "down")])
+    assert store.live_ratings() == {"policy-1": (1, 2)}
+    thumbs = store.thumbs_by_rater(["policy-1"])["policy-1"]
+    assert thumbs == {"key:k1/user:alice": (0, 1), "user:bob": (1, 0), "key:k2": (0, 1)}
+    with store._tx(write=False) as s:
+        history = s.execute(sa.select(Feedback.rating, Feedback.replaced_by)
+                            .where(Feedback.user == "alice").order_by(Feedback.id)).all()
+    assert [rating for rating, _ in history] == ["down", "down", "up", "down", "up", "down"]
+    assert sum(replaced is None for _, replaced in history) == 2  # alice under k1 and k2
 
 
 def test_pooled_live_is_stored_beside_the_counters(store: Store) -> None:

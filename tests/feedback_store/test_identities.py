@@ -16,10 +16,15 @@ from flywheel.rater_pooling import identity_cap
 from .conftest import add_completion
 
 
-def test_identity_is_the_user_else_the_key_else_anonymous() -> None:
-    assert identity_of("alice", "abcd") == "user:alice"
+def test_a_rater_is_the_key_and_the_user() -> None:
+    assert identity_of("alice", None) == "user:alice"  # no keys: everyone is trusted
+    assert identity_of(None, None) == "anonymous"  # one rater, not one each
+    # An untrusted key is one rater, whatever `user` it sends; a trusted one vouches for each.
+    assert identity_of("alice", "abcd") == identity_of("bob", "abcd") == "key:abcd"
     assert identity_of(None, "abcd") == "key:abcd"
-    assert identity_of(None, None) == "anonymous"
+    assert identity_of("alice", "abcd", trusted=True) == "key:abcd/user:alice"
+    assert identity_of(None, "abcd", trusted=True) == "key:abcd/anonymous"
+    assert identity_of("alice", "abcd", trusted=True) != identity_of("alice", "ef01", trusted=True)
 
 
 def test_stored_feedback_carries_its_identity(store: Store) -> None:
@@ -34,21 +39,31 @@ def test_stored_feedback_carries_its_identity(store: Store) -> None:
     store.add_feedback(completion_id="chatcmpl-2", choice_index=0, rating="up")
     store.add_ranking(items=[("chatcmpl-2", 0), ("chatcmpl-2", 1)], idempotency_scope="k2")
     data = store.reward_data("all")
-    assert sorted(t.identity for t in data.thumbs) == ["anonymous", "key:k1", "user:alice"]
-    assert [g.identity for g in data.groups] == ["key:k2"]
+    # One untrusted key is one rater: its up and down on one prompt pair up as one rater's.
+    assert [t.identity for t in data.thumbs] == ["anonymous"]
+    assert sorted(g.identity for g in data.groups) == ["key:k1", "key:k2"]
 
 
 def test_the_cap_holds_against_flooding() -> None:
-    """Ten honest raters with 10 examples each, two floods of 500: each flood keeps 12 (a tenth
-    of what is kept, at most), not a share of what it sent."""
+    """Twenty honest raters with 10 examples each, two floods of 500: each flood keeps 25 (a
+    tenth of what is kept, at most), not a share of what it sent. Among twelve raters a rater
+    may keep twice an equal share, a sixth; an untrusted key an equal share, a twelfth."""
+    cap = identity_cap([10] * 20 + [500, 500], 0.1)
+    assert cap == 25 and cap / (200 + 2 * cap) <= 0.1
     cap = identity_cap([10] * 10 + [500, 500], 0.1)
-    assert cap == 12
-    kept = 100 + 2 * cap
-    assert cap / kept <= 0.1
-    assert identity_cap([7], 0.1) == 7  # one rater: nothing to balance against
-    assert identity_cap([30, 10, 5], 0.1) == 5  # fewer than 1/share raters: equal shares
-    assert identity_cap([30, 10, 5], 1.0) == 30
+    assert cap == 25 and cap / (100 + 2 * cap) <= 1 / 6
+    assert identity_cap([10] * 10 + [500, 500], 0.1, vouched=False) == 10
     assert identity_cap([], 0.1) == 0
+
+
+def test_a_small_group_keeps_nearly_all_it_says() -> None:
+    """A small honest group: its smallest rater never drags the others' cap down (with equal
+    shares, one anonymous thumb once capped every rater at one example)."""
+    assert identity_cap([7], 0.1) == 7  # one rater: nothing to balance against
+    assert identity_cap([30, 10, 5], 0.1) == 30
+    assert identity_cap([40] * 8 + [1], 0.1) == 40
+    assert identity_cap([300, 10, 10], 0.1) == 40  # one rater may keep two thirds of three's
+    assert identity_cap([30, 10, 5], 0.1, vouched=False) == 5  # untrusted keys: equal shares
 
 
 def _group(identity: str, new: bool = True) -> PreferenceGroup:
@@ -62,13 +77,27 @@ def test_limit_identities_keeps_new_examples_and_weights() -> None:
     data = RewardData(groups=[*honest, *flood], thumbs=thumbs)
     limited, metrics = limit_identities(data, 0.1, {"user:bad": 0.25}, seed=0)
     bad = [g for g in limited.groups if g.identity == "user:bad"]
-    assert metrics["reward/identity_cap"] == 1 and len(bad) == 1 and bad[0].new
-    assert not limited.thumbs  # the flood's one slot went to a new ranking
+    # Eleven raters: twice an equal share, c <= 2/11 (10 + c), keeps 2.
+    assert metrics["reward/identity_cap"] == 2 and len(bad) == 2 and all(g.new for g in bad)
+    assert not limited.thumbs  # the flood's two slots went to its new rankings
     assert all(g.weight == 0.25 for g in bad)
     assert all(g.weight == 1.0 for g in limited.groups if g.identity != "user:bad")
     assert metrics["reward/down_weighted_identities"] == 1
-    assert metrics["reward/capped_examples"] == 32
+    assert metrics["reward/capped_examples"] == 31
     assert metrics["reward/identities"] == 11
+
+
+def test_a_lone_untrusted_key_trains_nothing() -> None:
+    """One untrusted key could be anyone minting users: alone, it keeps no example; beside
+    honest raters it keeps an equal share at most."""
+    minted = [_group("key:k1") for _ in range(300)]
+    alone, metrics = limit_identities(RewardData(groups=minted, thumbs=[]), 0.1, {}, seed=0)
+    assert not alone.groups and metrics["reward/capped_examples"] == 300
+    honest = [_group(f"user:h{i}") for i in range(3) for _ in range(20)]
+    mixed, _ = limit_identities(RewardData(groups=[*honest, *minted], thumbs=[]), 0.1, {},
+                                seed=0)
+    assert sum(g.identity == "key:k1" for g in mixed.groups) == 20
+    assert len(mixed.groups) == 80
 
 
 @pytest.mark.parametrize(("scored", "agreed", "weight"), [

@@ -31,12 +31,13 @@ def _stored_holdout(store: Store) -> dict[int, bool]:
         return dict(conn.execute(sa.text("SELECT id, holdout FROM prompts")).tuples().all())
 
 
-def _rate(store: Store, cid: str, index: int, rating: str) -> None:
-    store.add_feedback(completion_id=cid, choice_index=index, rating=rating)
+def _rate(store: Store, cid: str, index: int, rating: str, user: str | None = None) -> None:
+    store.add_feedback(completion_id=cid, choice_index=index, rating=rating, user=user)
 
 
 def _seed_feedback(store: Store) -> None:
-    """A ranking of 3 on "Q1"; on "Q2" two ups, one down; on "Q3" an up and a down on one answer."""
+    """A ranking of 3 on "Q1"; on "Q2" two ups, one down; on "Q3" two raters' up and down on
+    one answer (one rater's second vote on it would replace its first)."""
     add_completion(store, "chatcmpl-1", prompt="Q1", texts=("good", "ok", "bad"))
     store.add_ranking(items=[("chatcmpl-1", 0), ("chatcmpl-1", 1), ("chatcmpl-1", 2)])
     add_completion(store, "cmpl-2", prompt="Q2", texts=("yes", "no"), kind="text")
@@ -45,8 +46,8 @@ def _seed_feedback(store: Store) -> None:
     _rate(store, "cmpl-2", 0, "up")
     _rate(store, "cmpl-3", 0, "up")
     add_completion(store, "chatcmpl-4", prompt="Q3", texts=("same",))
-    _rate(store, "chatcmpl-4", 0, "up")
-    _rate(store, "chatcmpl-4", 0, "down")
+    _rate(store, "chatcmpl-4", 0, "up", user="u1")
+    _rate(store, "chatcmpl-4", 0, "down", user="u2")
 
 
 def test_reward_data(store: Store) -> None:
@@ -58,8 +59,8 @@ def test_reward_data(store: Store) -> None:
     ]
     assert data.thumbs == [
         ThumbExample(_ids("Q2"), _ids("sure"), True),
-        ThumbExample(_ids("Q3"), _ids("same"), True),
-        ThumbExample(_ids("Q3"), _ids("same"), False),
+        ThumbExample(_ids("Q3"), _ids("same"), True, identity="user:u1"),
+        ThumbExample(_ids("Q3"), _ids("same"), False, identity="user:u2"),
     ]
 
 

@@ -30,7 +30,7 @@ from tests.flywheel.test_approval import (
 def test_one_thumb_per_rater_is_the_binomial_arm() -> None:
     raters = {f"user:{i}": (1, 0) if i < 30 else (0, 1) for i in range(50)}
     pooled = pool_arm(raters, share=0.1)
-    lone = pool_arm({}, share=0.1, unattributed=(30, 20))
+    lone = pool_arm({"anonymous": (30, 20)}, share=0.1)  # one rater alone: its own thumbs
     for arm in (pooled, lone):
         assert arm.n == pytest.approx(50) and arm.approval == pytest.approx(0.6)
         p = 31 / 52  # Agresti-Caffo, as for plain counts
@@ -39,15 +39,19 @@ def test_one_thumb_per_rater_is_the_binomial_arm() -> None:
 
 def test_a_flooding_rater_weighs_its_capped_share() -> None:
     honest = {f"user:{i}": (8, 2) for i in range(10)}  # approval 0.8, 10 thumbs each
-    flooded = pool_arm({**honest, "user:flood": (0, 1000)}, share=0.1)
-    # The cap holds the flood to c = 0.1 (100 + c): 11 thumbs of 111.
-    assert identity_cap([10] * 10 + [1000], 0.1) == 11
-    assert flooded.n == pytest.approx(111)
-    assert flooded.approval == pytest.approx(80 / 111)
-    down_weighted = pool_arm({**honest, "user:flood": (0, 1000)}, share=0.1,
-                             weights={"user:flood": 0.1})
-    assert down_weighted.approval == pytest.approx(80 / 101.1)
+    # An untrusted key keeps an equal share: c = (100 + c) / 11, 10 thumbs of 110.
+    flooded = pool_arm({**honest, "key:flood": (0, 1000)}, share=0.1)
+    assert identity_cap([10] * 10 + [1000], 0.1, vouched=False) == 10
+    assert flooded.n == pytest.approx(110)
+    assert flooded.approval == pytest.approx(80 / 110)
+    # A rater vouched for keeps up to twice an equal share of eleven: c = 2/11 (100 + c).
+    vouched = pool_arm({**honest, "user:flood": (0, 1000)}, share=0.1)
+    assert vouched.n == pytest.approx(100 + 200 / 9)
+    down_weighted = pool_arm({**honest, "key:flood": (0, 1000)}, share=0.1,
+                             weights={"key:flood": 0.1})
+    assert down_weighted.approval == pytest.approx(80 / 101)
     assert pool_arm({"user:flood": (0, 1000)}, share=0.1).n == 1000  # alone: nothing to cap
+    assert pool_arm({"key:flood": (0, 1000)}, share=0.1) == Arm(0, 0)  # a lone key: nothing
 
 
 def test_raters_who_differ_widen_the_interval() -> None:

@@ -55,11 +55,13 @@ def _completion(client: TestClient, key: str) -> str:
 
 
 def test_feedback_past_the_rate_is_429(keyed: tuple[TestClient, Store]) -> None:
+    """The bucket is the rater's: an untrusted key's users share one, so a new `user` per post
+    buys no more posts; another key has its own."""
     client, store = keyed
-    cid = _completion(client, "k1")
+    cid, other = _completion(client, "k1"), _completion(client, "k2")
 
-    def thumb(key: str, user: str | None = None, index: int = 0) -> int:
-        body = {"completion_id": cid, "choice_index": index, "rating": "up", "user": user}
+    def thumb(key: str, user: str | None = None, index: int = 0, on: str = cid) -> int:
+        body = {"completion_id": on, "choice_index": index, "rating": "up", "user": user}
         return client.post("/v1/feedback", json=body, headers=bearer(key)).status_code
 
     assert [thumb("k1"), thumb("k1", index=1)] == [201, 201]
@@ -67,11 +69,12 @@ def test_feedback_past_the_rate_is_429(keyed: tuple[TestClient, Store]) -> None:
                           headers=bearer("k1"))
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
     assert limited.json()["error"]["code"] == "feedback_rate_limited"
-    assert thumb("k2") == 201  # another key, another identity
-    assert [thumb("k1", "alice"), thumb("k1", "alice"), thumb("k1", "alice")] == [201, 201, 429]
+    assert [thumb("k1", "alice"), thumb("k1", "mallory-2")] == [429, 429]  # minted: one bucket
+    assert thumb("k2", on=other) == 201  # another key, another rater
+    assert thumb("k2", on=cid) == 403  # k1's answer
     identities = sorted(t.identity for t in store.reward_data("all").thumbs)
-    assert identities[-1] == "user:alice" and identities[0].startswith("key:")
-    assert len({i for i in identities if i.startswith("key:")}) == 2  # k1 and k2
+    assert len(identities) == 3 and all(i.startswith("key:") for i in identities)
+    assert len(set(identities)) == 2  # k1 and k2
 
 
 def test_no_limit_by_default(tmp_path: Path, sqlite_url: str) -> None:

@@ -115,10 +115,11 @@ def test_empty_idempotency_key_is_400(client: TestClient, store: Store) -> None:
 
 def test_idempotency_keys_are_scoped_per_api_key(keyed: TestClient, store: Store) -> None:
     cid = keyed.post("/v1/chat/completions", json=CHAT, headers=bearer("k1")).json()["id"]
-    body = {"completion_id": cid, "rating": "up"}
+    cid2 = keyed.post("/v1/chat/completions", json=CHAT, headers=bearer("k2")).json()["id"]
+    body, body2 = {"completion_id": cid, "rating": "up"}, {"completion_id": cid2, "rating": "up"}
     same = {"Idempotency-Key": "retry-1"}
     first = keyed.post("/v1/feedback", json=body, headers={**same, **bearer("k1")})
-    other = keyed.post("/v1/feedback", json=body, headers={**same, **bearer("k2")})
+    other = keyed.post("/v1/feedback", json=body2, headers={**same, **bearer("k2")})
     assert first.status_code == other.status_code == 201
     assert "Idempotent-Replayed" not in other.headers
     assert other.json()["id"] != first.json()["id"]
@@ -128,14 +129,15 @@ def test_idempotency_keys_are_scoped_per_api_key(keyed: TestClient, store: Store
     assert store.feedback_counts()["up"] == 2
     # A different body under the key k2 already used: refused within k2's scope only.
     down = {**body, "rating": "down"}
-    assert keyed.post("/v1/feedback", json=down, headers={**same, **bearer("k2")}
-                      ).status_code == 422
+    assert keyed.post("/v1/feedback", json={**body2, "rating": "down"},
+                      headers={**same, **bearer("k2")}).status_code == 422
     assert keyed.post("/v1/feedback", json=down, headers={"Idempotency-Key": "retry-1",
                                                           **bearer("root")}).status_code == 201
 
     ranking = {"completion_id": cid, "ranking": [1, 0]}
     r1 = keyed.post("/v1/rankings", json=ranking, headers={**same, **bearer("k1")})
-    r2 = keyed.post("/v1/rankings", json=ranking, headers={**same, **bearer("k2")})
+    r2 = keyed.post("/v1/rankings", json={**ranking, "completion_id": cid2},
+                    headers={**same, **bearer("k2")})
     assert r1.status_code == r2.status_code == 201
     assert r1.json()["id"] != r2.json()["id"]
     r1_again = keyed.post("/v1/rankings", json=ranking, headers={**same, **bearer("k1")})

@@ -86,7 +86,8 @@ def test_too_few_held_out_pairs_skips_before_training(tmp_path: Path, store: Sto
     result = run_cycle(ctx, run_id=1)
     assert result.status == "skipped" and result.policy_id is None
     assert result.reward_model_id is None  # no RM in service yet
-    assert result.metrics["cycle/skip_reason"] == "too little evidence: 4 held-out pairs, need 50"
+    assert result.metrics["cycle/skip_reason"].startswith(
+        "need 50 held-out pairs to judge a reward model, have 4: more distinct prompts rated")
     assert store.latest_reward_model() is None and not reward_root(ctx).exists()
     json.dumps(result.metrics)
 
@@ -96,7 +97,8 @@ def test_no_held_out_prompts_skips(tmp_path: Path, store: Store, tiny_model_dir:
     ctx = make_ctx(tmp_path, store, tiny_model_dir)
     result = run_cycle(ctx, run_id=1)
     assert result.status == "skipped"
-    assert result.metrics["cycle/skip_reason"] == "no held-out prompts yet"
+    assert result.metrics["cycle/skip_reason"].startswith(
+        "waiting for the first rated answers to held-out prompts")
     assert not reward_root(ctx).exists()
 
 

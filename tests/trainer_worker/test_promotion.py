@@ -46,9 +46,10 @@ def promotion(store: Store, publisher: Publisher, **canary: object) -> Promotion
 
 
 def rate(store: Store, version: str, up: int, down: int, *, users: int = 0,
-         user: str | None = None) -> None:
+         user: str | None = None, key: str | None = None) -> None:
     """Thumbs on answers `version` produced now (one completion, one choice each): anonymous,
-    or all from `user`, or spread over `users` named users in turn."""
+    or all from `user`, or spread over `users` named users in turn, or all from an untrusted
+    API `key` (minting a new `user` for each)."""
     cid = f"cmpl-{uuid.uuid4().hex}"
     ratings = ["up"] * up + ["down"] * down
     store.record_completion(NewCompletion(
@@ -56,8 +57,11 @@ def rate(store: Store, version: str, up: int, down: int, *, users: int = 0,
         model="flywheel", policy_version=version, params={},
         choices=[NewChoice(i, f"a{i}", [2 + i], [-0.1], "stop") for i in range(len(ratings))]))
     who = [user or (f"u{i % users}" if users else None) for i in range(len(ratings))]
+    if key is not None:
+        who = [f"minted-{uuid.uuid4().hex[:8]}" for _ in ratings]
     result = store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r,
-                                   "user": who[i]} for i, r in enumerate(ratings)])
+                                   "user": who[i], "idempotency_scope": key}
+                                  for i, r in enumerate(ratings)])
     assert all(isinstance(r, tuple) for r in result)
 
 
@@ -116,13 +120,14 @@ def test_a_worse_canary_is_rejected_and_ended(store: Store, publisher: Publisher
 
 def test_one_flooding_rater_cannot_sink_a_better_canary(store: Store,
                                                         publisher: Publisher) -> None:
-    """Twelve raters like the canary better; one rater thumbs it down as often as all of them
-    together. Counted plainly the canary would be rejected; each rater weighs at most its share
-    of the arm, so it is promoted, and the evidence says how many raters and thumbs it saw."""
+    """Twelve raters like the canary better; one API key thumbs it down as often as all of them
+    together. Counted plainly the canary would be rejected; the key weighs at most one rater's
+    share of the arm, so it is promoted, and the evidence says how many raters and thumbs it
+    saw."""
     store.start_canary("policy-1", 0.2)
     rate(store, "policy-0", 125, 125, users=40)
     rate(store, "policy-1", 108, 12, users=12)
-    rate(store, "policy-1", 0, 400, user="flood")
+    rate(store, "policy-1", 0, 400, key="flood")
     thumbs = store.canary_evidence()
     assert thumbs is not None
     assert decide_canary(Arm(125, 125), Arm(108, 412), min_ratings=50, margin=0.02,

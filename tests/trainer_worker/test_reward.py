@@ -13,7 +13,7 @@ import torch
 from feedback_store.types import PreferenceGroup, RewardData, ThumbExample
 from flywheel.settings import RewardConfig
 from trainer_worker.reward import RewardModel, TrainingInterrupted, train_reward_model
-from trainer_worker.reward.data import pad_right, preference_pairs, strip_eos
+from trainer_worker.reward.data import pad_right, preference_pairs, strip_eos, thumb_pairs
 from trainer_worker.reward.losses import (
     bradley_terry_loss,
     count_pairs,
@@ -174,7 +174,11 @@ def test_reward_model_learns_a_shared_feature(tiny_model_dir: Path, tmp_path: Pa
     assert metrics["reward/accuracy_low"] < metrics["reward/accuracy"]
     assert metrics["reward/accuracy_low"] > 0.6  # 60 held-out pairs show it beats chance
     assert metrics["reward/groups"] == 60 and metrics["reward/pairs"] == 180
-    assert metrics["reward/holdout_pairs"] == 60 and metrics["reward/holdout_groups"] == 20
+    # The groups' 60 pairs, and the lone thumbs' ups and downs paired across prompts.
+    crossed = len(thumb_pairs(holdout.thumbs))
+    assert crossed > 0
+    assert metrics["reward/holdout_pairs"] == 60 + crossed
+    assert metrics["reward/holdout_groups"] == 20
     assert all(math.isfinite(v) for v in metrics.values())
     assert metrics["reward/score_std"] > 0
     # Continue training from the saved reward model (the next cycle's path).
@@ -195,3 +199,17 @@ def test_interrupted_training_writes_nothing(tiny_model_dir: Path, tmp_path: Pat
 def test_reward_data_is_required(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         train_reward_model(tiny_model_dir, RewardData(), RewardConfig(), tmp_path / "rm")
+
+
+def test_lone_thumbs_pair_within_a_rater_across_prompts() -> None:
+    """Held-out judging pairs one rater's lone ups with its lone downs, each thumb once, never
+    two raters' thumbs."""
+    def thumb(rater: str, up: bool, prompt: int) -> ThumbExample:
+        return ThumbExample([prompt], [prompt + 100], up, identity=rater)
+
+    thumbs = [thumb("a", True, 1), thumb("a", True, 2), thumb("a", False, 3),
+              thumb("b", True, 4), thumb("c", False, 5), thumb("c", False, 6)]
+    pairs = thumb_pairs(thumbs)
+    assert [(up.prompt_token_ids, down.prompt_token_ids) for up, down in pairs] == [([1], [3])]
+    assert all(up.identity == down.identity and up.label and not down.label
+               for up, down in pairs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -41,6 +42,11 @@ def rm_sequence(prompt: Sequence[int], answer: Sequence[int], eos_token_ids: Seq
     return (list(prompt) + strip_eos(answer, eos_token_ids))[-max_length:]
 
 
+class RewardDataLike(Protocol):
+    groups: list[PreferenceGroup]
+    thumbs: list[ThumbExample]
+
+
 def group_example(group: PreferenceGroup, eos: Sequence[int], max_length: int) -> Example:
     seqs = [rm_sequence(group.prompt_token_ids, a, eos, max_length) for a in group.answers]
     return Example(sequences=seqs, tiers=list(group.tiers) if group.tiers is not None else None,
@@ -50,6 +56,33 @@ def group_example(group: PreferenceGroup, eos: Sequence[int], max_length: int) -
 def thumb_example(thumb: ThumbExample, eos: Sequence[int], max_length: int) -> Example:
     seq = rm_sequence(thumb.prompt_token_ids, thumb.answer_token_ids, eos, max_length)
     return Example(sequences=[seq], label=1.0 if thumb.label else 0.0, weight=thumb.weight)
+
+
+def thumb_pairs(thumbs: Sequence[ThumbExample]) -> list[tuple[ThumbExample, ThumbExample]]:
+    """Lone thumbs of one rater paired across prompts, each thumb once: (up, down) in the order
+    given. For judging an RM on held-out feedback: it should score what a rater liked above
+    what the same rater disliked, whatever the prompts (a rater's pairs on one prompt are
+    groups already). A small group's held-out thumbs rarely meet on one prompt; these pairs
+    let a few hundred ratings judge a reward model."""
+    ups: dict[str, list[ThumbExample]] = {}
+    downs: dict[str, list[ThumbExample]] = {}
+    for thumb in thumbs:
+        (ups if thumb.label else downs).setdefault(thumb.identity, []).append(thumb)
+    return [pair for rater in sorted(ups.keys() & downs.keys())
+            for pair in zip(ups[rater], downs[rater], strict=False)]
+
+
+def thumb_pair_example(up: ThumbExample, down: ThumbExample, eos: Sequence[int],
+                       max_length: int) -> Example:
+    """A held-out pair across prompts as a two-answer group, the liked one first."""
+    return Example(sequences=[
+        rm_sequence(up.prompt_token_ids, up.answer_token_ids, eos, max_length),
+        rm_sequence(down.prompt_token_ids, down.answer_token_ids, eos, max_length)])
+
+
+def holdout_pairs(data: RewardDataLike) -> int:
+    """Held-out pairs the RM is judged on: the groups' pairs and the lone thumbs' (thumb_pairs)."""
+    return preference_pairs(data.groups) + len(thumb_pairs(data.thumbs))
 
 
 def preference_pairs(groups: Sequence[PreferenceGroup]) -> int:

@@ -5,21 +5,22 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from feedback_store.types import PreferenceGroup, ThumbExample
 from flywheel.approval import wilson_interval
 from flywheel.hf_progress import tqdm, transformers_bars
 from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import (
     Example,
+    RewardDataLike,
     group_example,
     pad_right,
     preference_pairs,
     thumb_example,
+    thumb_pair_example,
+    thumb_pairs,
 )
 from trainer_worker.reward.losses import (
     bradley_terry_loss,
@@ -28,11 +29,6 @@ from trainer_worker.reward.losses import (
 )
 from trainer_worker.reward.model import RewardModel, is_reward_dir
 from trainer_worker.reward.stopping import check_stop
-
-
-class RewardDataLike(Protocol):
-    groups: list[PreferenceGroup]
-    thumbs: list[ThumbExample]
 
 
 def train_reward_model(
@@ -49,7 +45,8 @@ def train_reward_model(
     """Fit the RM on ``data`` (fresh head on a base model, or continue a previous RM) and save it.
 
     ``reward/accuracy`` is the pairwise accuracy on every pair of ``holdout`` (feedback on prompts
-    the RM never trains on), with its Wilson 95% interval ``reward/accuracy_low`` / ``_high``.
+    the RM never trains on: its groups, and one rater's lone up and down thumbs paired across
+    prompts), with its Wilson 95% interval ``reward/accuracy_low`` / ``_high``.
     Without ``holdout`` it is the training accuracy and ``reward/holdout_pairs`` is 0: a number to
     watch a fit, not evidence. Raises ``TrainingInterrupted`` (writing nothing) when
     ``should_stop()`` turns true.
@@ -70,12 +67,18 @@ def train_reward_model(
     # 3. Normalisation statistics of the scores on the training answers; training accuracy.
     train_metrics = _evaluate(model, train, device)
     model.score_mean, model.score_std = _score_stats(model, train, device)
-    # 4. Held-out accuracy: every pair of the held-out feedback, with its interval.
+    # 4. Held-out accuracy: every pair of the held-out feedback of the raters who judge (all but
+    # a minority the new RM finds inverted), with its interval.
     if holdout is not None:
-        examples = [group_example(g, eos, max_len) for g in holdout.groups]
-        examples += [thumb_example(t, eos, max_len) for t in holdout.thumbs]
+        pairs = _holdout_pairs(holdout, eos, max_len)
+        left_out = _left_out_raters(model, pairs, device)
+        examples = [example for rater, example in pairs if rater not in left_out]
+        paired = {id(t) for pair in thumb_pairs(holdout.thumbs) for t in pair}
+        examples += [thumb_example(t, eos, max_len) for t in holdout.thumbs
+                     if t.identity not in left_out and id(t) not in paired]
         metrics = _evaluate(model, examples, device)
         metrics["reward/holdout_groups"] = float(len(holdout.groups))
+        metrics["reward/holdout_left_out_raters"] = float(len(left_out))
     else:
         metrics = {**train_metrics, "reward/holdout_pairs": 0.0}
         metrics.pop("reward/accuracy_low"), metrics.pop("reward/accuracy_high")
@@ -158,6 +161,46 @@ def _score_stats(model: RewardModel, examples: list[Example], device: str) -> tu
         return 0.0, 1.0
     std = scores.std().item()
     return scores.mean().item(), std if std > 1e-6 else 1.0
+
+
+def _holdout_pairs(holdout: RewardDataLike, eos: Sequence[int], max_len: int
+                   ) -> list[tuple[str, Example]]:
+    """Every held-out pair with its rater: the groups, and lone thumbs paired across prompts."""
+    pairs = [(g.identity, group_example(g, eos, max_len)) for g in holdout.groups]
+    pairs += [(up.identity, thumb_pair_example(up, down, eos, max_len))
+              for up, down in thumb_pairs(holdout.thumbs)]
+    return pairs
+
+
+def _left_out_raters(model: RewardModel, pairs: list[tuple[str, Example]], device: str
+                     ) -> set[str]:
+    """Raters whose held-out pairs do not judge the RM.
+
+    A majority rule, so that held-out judging cannot be held hostage by the raters it judges:
+    raters whose held-out pairs the RM orders significantly worse than chance (the upper end of
+    the Wilson 95% interval below 0.5: they rate against the taste the RM learned) are left out
+    when together they gave under half of the held-out pairs. An RM that learned a hostile
+    minority's taste is judged by the majority it inverts, and fails; one that learned the
+    majority's is not failed by the minority that rates against it.
+    """
+    scores = score_sequences(model, [s for _, ex in pairs for s in ex.sequences], device)
+    correct: dict[str, float] = {}
+    counted: dict[str, int] = {}
+    start = 0
+    for rater, example in pairs:
+        size = len(example.sequences)
+        accuracy, n = pairwise_accuracy(scores[start:start + size], [size], [example.tiers])
+        start += size
+        correct[rater] = correct.get(rater, 0.0) + accuracy * n
+        counted[rater] = counted.get(rater, 0) + n
+    inverted = set()
+    for rater, n in counted.items():
+        interval = wilson_interval(round(correct[rater]), n)
+        if interval is not None and interval[1] < 0.5:
+            inverted.add(rater)
+    if 2 * sum(counted[r] for r in inverted) >= sum(counted.values()):
+        return set()  # a majority the RM inverts: it judges, and the RM fails
+    return inverted
 
 
 def _evaluate(model: RewardModel, examples: list[Example], device: str) -> dict[str, float]:

@@ -1,0 +1,148 @@
+"""Simulated raters for the live decisions: honest ones with a spread of tastes, hostile ones who
+thumb against their taste, and one untrusted API key minting `user` ids.
+
+Thumbs reach a canary and the active version one at a time; the judge's own rules decide
+(`flywheel.rater_pooling`, `flywheel.approval.decide_canary`, with the settings' defaults). The
+tests in tests/flywheel/test_rater_scenarios.py check the rates at sizes that take seconds;
+bench/canary_decision.py prints them for 1 to 1,000 raters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flywheel.approval import decide_canary
+from flywheel.rater_pooling import canary_unit, pool_arm, pool_paired
+
+FRACTION = 0.2  # the settings' defaults (flywheel/settings.py, CanarySettings)
+MIN_RATINGS = 100
+MARGIN = 0.02
+ALPHA = 0.05
+SHARE = 0.1  # feedback.user_share
+STICKY_RATERS = 200  # canary.sticky_raters
+WAIT, PROMOTE, REJECT = 0, 1, 2
+MINTED = "key:minted"  # all identities of one untrusted key pool as this one rater
+
+
+@dataclass(frozen=True)
+class Crowd:
+    """Who rates. Honest raters approve the active version at `p_active` moved by their own
+    leniency (sd `spread`) and see the canary's effect moved by their own taste (sd `taste_sd`,
+    the canary's effect on average); their activity is log-normal (sd `activity_sd`). `hostile`
+    raters thumb against their taste, together `hostile_volume` times the honest volume.
+    `minted` > 0: one untrusted key posts `minted_volume` times the honest volume under that
+    many `user` ids, thumbing the canary up and the active version down (`minted_for`) or the
+    reverse."""
+
+    honest: int
+    spread: float = 0.15
+    taste_sd: float = 0.05
+    activity_sd: float = 1.0
+    hostile: int = 0
+    hostile_volume: float = 0.5
+    hostile_weight: float = 1.0  # their trust weight: 1 until the trainer has caught them
+    minted: int = 0
+    minted_volume: float = 1.0
+    minted_for: bool = True
+
+    @property
+    def raters(self) -> int:
+        """Raters as the rules count them: the minted identities are one."""
+        return self.honest + self.hostile + (1 if self.minted else 0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: int  # WAIT, PROMOTE or REJECT
+    canary_thumbs: int  # on the canary when decided (or at the cap)
+
+
+def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: int, *,
+             unit: str = "auto", cap: int = 3000, growth: float = 1.03) -> list[Outcome]:
+    """The first verdict of each simulated canary, checked each time the thumbs grew by
+    `growth` (checking less often than the judge can only lower the error rates), until `cap`
+    canary thumbs."""
+    rng = np.random.default_rng(seed)
+    unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
+    return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, rng) for _ in range(runs)]
+
+
+def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
+                growth: float, rng: np.random.Generator) -> Outcome:
+    names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
+    weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
+    total = len(names)
+    sticky_canary = rng.random(total) < FRACTION
+    order = rng.choice(total, size=cap * 8, p=activity / activity.sum())
+    per_request = rng.random(order.size) < FRACTION
+    to_canary = per_request if unit == "request" else sticky_canary[order]
+    p_up = np.where(to_canary, p_c[order], p_a[order])
+    up = rng.random(order.size) < p_up
+    counts = np.zeros((2, total, 2), dtype=np.int64)  # arm (0 active, 1 canary), rater, (up, n)
+    start = 0
+    while start < order.size:
+        stop = max(start + 20, int(start * growth))
+        arm, who, thumb = to_canary[start:stop].astype(int), order[start:stop], up[start:stop]
+        np.add.at(counts, (arm, who, 0), thumb)
+        np.add.at(counts, (arm, who, 1), 1)
+        start = stop
+        arms = _thumbs(counts, names)
+        if unit == "request":
+            pooled = pool_paired(arms[0], arms[1], share=SHARE, weights=weights)
+        else:
+            pooled = (pool_arm(arms[0], share=SHARE, weights=weights),
+                      pool_arm(arms[1], share=SHARE, weights=weights))
+        decision = decide_canary(*pooled, min_ratings=MIN_RATINGS, margin=MARGIN, alpha=ALPHA)
+        canary_thumbs = int(counts[1, :, 1].sum())
+        if decision.verdict != "wait" or canary_thumbs >= cap:
+            verdict = {"wait": WAIT, "promote": PROMOTE, "reject": REJECT}[decision.verdict]
+            return Outcome(verdict, canary_thumbs)
+    return Outcome(WAIT, int(counts[1, :, 1].sum()))
+
+
+def _raters(crowd: Crowd, p_active: float, p_canary: float, rng: np.random.Generator
+            ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Each simulated rater's identity, approvals of the two arms and activity."""
+    n = crowd.honest + crowd.hostile
+    lenient = rng.normal(0.0, crowd.spread, n)
+    # Tastes differ, but the raters' average effect is the canary's: the truth the rules decide.
+    taste = rng.normal(0.0, crowd.taste_sd, n)
+    effect = p_canary - p_active + taste - (taste.mean() if n else 0.0)
+    p_a = np.clip(p_active + lenient, 0.02, 0.98)
+    p_c = np.clip(p_active + lenient + effect, 0.02, 0.98)
+    p_a[crowd.honest:], p_c[crowd.honest:] = 1 - p_a[crowd.honest:], 1 - p_c[crowd.honest:]
+    activity = rng.lognormal(0.0, crowd.activity_sd, crowd.honest)
+    honest_volume = activity.sum() if crowd.honest else 1.0
+    if crowd.hostile:
+        activity = np.concatenate([activity, np.full(
+            crowd.hostile, honest_volume * crowd.hostile_volume / crowd.hostile)])
+    names = [f"user:h{i}" for i in range(crowd.honest)]
+    names += [f"user:x{i}" for i in range(crowd.hostile)]
+    if crowd.minted:
+        names.append(MINTED)
+        up = 1.0 if crowd.minted_for else 0.0
+        p_a, p_c = np.append(p_a, 1 - up), np.append(p_c, up)
+        activity = np.append(activity, honest_volume * crowd.minted_volume)
+    return names, p_a, p_c, activity
+
+
+def _thumbs(counts: np.ndarray, names: list[str]) -> list[dict[str, tuple[int, int]]]:
+    """Per arm, rater -> (up, down), for raters with thumbs there."""
+    arms = []
+    for arm in (0, 1):
+        rated = np.flatnonzero(counts[arm, :, 1])
+        arms.append({names[i]: (int(counts[arm, i, 0]), int(counts[arm, i, 1] - counts[arm, i, 0]))
+                     for i in rated})
+    return arms
+
+
+def rate(outcomes: list[Outcome], verdict: int) -> float:
+    return sum(o.verdict == verdict for o in outcomes) / len(outcomes)
+
+
+def thumbs_to(outcomes: list[Outcome], verdict: int, q: float = 0.5) -> float | None:
+    """The q-quantile of canary thumbs among runs that reached `verdict` (None: none did)."""
+    found = [o.canary_thumbs for o in outcomes if o.verdict == verdict]
+    return float(np.quantile(found, q)) if found else None
