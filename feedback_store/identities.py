@@ -72,13 +72,14 @@ class Tally:
 
 
 def limit_identities(data: RewardData, share: float, weights: Mapping[str, float],
-                     seed: int) -> tuple[RewardData, dict[str, float]]:
+                     seed: int, *, equal: bool = False) -> tuple[RewardData, dict[str, float]]:
     """Each identity's examples (groups and lone thumbs, one each) cut to its cap
-    (`flywheel.rater_pooling.capped_masses`: new ones kept first, then at random) and weighted
-    by its weight; returns them and metrics. Anonymous examples are one rater, like any other."""
+    (`flywheel.rater_pooling.capped_masses`, `equal` shares if asked: new ones kept first, then
+    at random) and weighted by its weight; returns them and metrics. Anonymous examples are one
+    rater, like any other."""
     items: list[PreferenceGroup | ThumbExample] = [*data.groups, *data.thumbs]
     counts = Counter(item.identity for item in items)
-    caps = capped_masses(counts, share)
+    caps = capped_masses(counts, share, equal=equal)
     rng = random.Random(seed)
     order = sorted(range(len(items)), key=lambda i: (not items[i].new, rng.random()))
     kept, taken = set(), Counter[str]()

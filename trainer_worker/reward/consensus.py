@@ -114,7 +114,8 @@ def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *,
                          [t for t in data.thumbs if not trains(t)])
         if not (others.groups or others.thumbs) or not (own.groups or own.thumbs):
             continue
-        others, _ = limit_identities(others, share, {}, seed=cfg.seed)
+        # Equal shares: the consensus of the others, where no rater outweighs another.
+        others, _ = limit_identities(others, share, {}, seed=cfg.seed, equal=True)
         with tempfile.TemporaryDirectory(prefix="flywheel-cross-fit-") as tmp:
             metrics = train_reward_model(base_dir, others, cfg, Path(tmp), holdout=holdout,
                                          device=device, progress=False, should_stop=should_stop)

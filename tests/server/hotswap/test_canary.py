@@ -46,7 +46,7 @@ def test_canary_splits_sticky_per_user_on_two_replicas(settings: Settings, store
     checkpoint(settings, store, tmp_path, "policy-1")
     with serving(settings, store) as (a, engine_a), serving(settings, store) as (b, engine_b):
         assert redis_followed(a) and redis_followed(b)
-        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.3})
+        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.3, "unit": "user"})
         assert started.status_code == 201, started.text
         assert started.json()["status"] == "canary" and started.json()["published"] is True
         assert started.json()["canary"]["fraction"] == 0.3
