@@ -88,7 +88,10 @@ class TrainSettings(BaseModel):
     kl_budget: float = 10.0  # nats per answer: candidates further from the base are rejected
     min_improvement: float = 0.0  # lower 95% bound of the paired RM score gain must exceed it
     reward_accuracy_floor: float = 0.55  # RM unused unless held-out accuracy's lower bound beats it
-    min_holdout_pairs: int = 24  # fewer held-out pairs cannot show accuracy above the floor
+    # Held-out pairs before a reward model is trained at all. Twelve: 10 of 12 right already
+    # clears a floor of 0.55 (Wilson), so a small group's first model is judged soon; the floor,
+    # not this count, keeps weak models out (a lower bound is as strict at 12 pairs as at 24).
+    min_holdout_pairs: int = 12
     max_length_drift: float = 0.5  # relative change of mean answer length allowed per cycle
     max_eos_drift: float = 0.2  # absolute change of the EOS rate allowed per cycle
     keep_checkpoints: int = 3  # newest checkpoints kept on disk besides the active one

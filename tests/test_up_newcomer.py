@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 QUESTIONS = [f"Question {i}: say something about the number {i}." for i in range(60)]
 USERS = ["ana", "ben", "chloe", None]  # None: the README's anonymous curl examples
-MAX_RATED = 600  # rated answers at most before the test gives up (the target: 300)
+MAX_RATED = 450  # rated answers at most before the test gives up (target 300; measured 302)
 BATCH = 50  # rated answers between looks at the trainer
 
 
