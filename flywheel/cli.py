@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("flywheel")
 
 UP_MIN_NEW_FEEDBACK = "16"  # `flywheel up` trains after a handful of feedback events
+UP_CANARY_FRACTION = "0.5"  # under `up`: half the requests while a canary runs
 
 
 def _configure_logging(settings: Settings, process: str) -> None:
@@ -123,6 +124,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     # rate significantly better than the active one is rolled back to.
     os.environ.setdefault("FLYWHEEL_CANARY__AUTO", "true")
     os.environ.setdefault("FLYWHEEL_CANARY__AUTO_ROLLBACK", "true")
+    # One machine, a few raters: a canary takes half the requests, each rater sees both arms
+    # (canary.unit "auto"), and the within-rater comparison has the most thumbs on both sides.
+    os.environ.setdefault("FLYWHEEL_CANARY__FRACTION", UP_CANARY_FRACTION)
     settings = _settings(args, data_dir=data_dir)
     _configure_logging(settings, "up")
     from server.engines import unavailable
