@@ -1,4 +1,5 @@
-"""Throwaway PostgreSQL databases for the benches: made beside an existing one, dropped after."""
+"""Throwaway PostgreSQL databases, made beside an existing one and dropped after: the one
+implementation for the benches and the tests (tests/databases.py)."""
 
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-VLLM_KV_CACHE_BYTES = 1 << 30  # what Flywheel gives vLLM on CPU (server/engines/vllm_params.py)
+VLLM_KV_CACHE_BYTES = 1 << 30  # what Flywheel gives vLLM on CPU (flywheel/vllm/params.py)
 
 
 def start_server(model: Path, workdir: Path, stream_interval_ms: float, engine: str,

@@ -3,7 +3,7 @@
     python bench/vllm_logprobs.py [--model DIR] [--batch 16] [--max-tokens 64] [--rounds 6]
 
 Flywheel asks vLLM for the sampled token's logprob of every answer it serves (``logprobs=0``,
-``flat_logprobs``: server/engines/vllm_params.py), to store it with the answer; vLLM's own server
+``flat_logprobs``: flywheel/vllm/params.py), to store it with the answer; vLLM's own server
 computes none unless a request asks. This runs vLLM's offline engine (``vllm.LLM``, with the
 engine arguments ``flywheel serve`` gives it) on ``--batch`` chat prompts at a time, every answer
 ``--max-tokens`` long, alternately with and without those logprobs, and prints tokens/s and the
@@ -40,8 +40,8 @@ def main() -> None:
     from vllm import SamplingParams as VLLMSamplingParams
 
     from flywheel.settings import Settings
+    from flywheel.vllm.params import engine_args, sampling_kwargs
     from server.engines.base import SamplingParams
-    from server.engines.vllm_params import engine_args, sampling_kwargs
 
     llm = LLM(**engine_args(Settings(), on_cpu=True))
     tokenizer = llm.get_tokenizer()
