@@ -25,16 +25,16 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._databases import create_database, drop_database
-from feedback_store import NewChoice, NewCompletion, Store
-from flywheel.approval import Arm, decide_canary
+from feedback_store import Store
+from flywheel.approval import decide_canary
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from tests.conftest import POSTGRES_URL
+from tests.trainer_worker.test_promotion import rate
 from trainer_worker import worker as worker_module
 from trainer_worker.cycle import CycleResult
 from trainer_worker.worker import Worker
@@ -60,22 +60,11 @@ def slow_cycle_factory(seconds: float, started: threading.Event, finish: threadi
     return slow_cycle
 
 
-def rate(store: Store, version: str, up: int, down: int) -> None:
-    cid = f"cmpl-{uuid.uuid4().hex}"
-    ratings = ["up"] * up + ["down"] * down
-    store.record_completion(NewCompletion(
-        id=cid, kind="text", prompt_text=f"q {cid}", prompt_token_ids=[1], messages=None,
-        model="flywheel", policy_version=version, params={},
-        choices=[NewChoice(i, f"a{i}", [2 + i], [-0.1], "stop") for i in range(len(ratings))]))
-    store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r}
-                         for i, r in enumerate(ratings)])
-
-
 def verdict(worker: Worker, active: str, canary: str) -> str:
     thumbs = worker.store.canary_evidence() or {}
-    arms = worker.promotion.pooled(thumbs)
+    row = worker.store.get_policy(canary)
     cfg = worker.settings.canary
-    return decide_canary(arms.get(active, Arm(0, 0)), arms.get(canary, Arm(0, 0)),
+    return decide_canary(*worker.promotion.canary_arms(active, row, thumbs),
                          min_ratings=cfg.min_ratings, margin=cfg.margin,
                          alpha=cfg.alpha).verdict
 

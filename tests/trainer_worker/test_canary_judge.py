@@ -9,7 +9,6 @@ import random
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 from pathlib import Path
@@ -17,13 +16,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from feedback_store import NewChoice, NewCompletion, Store, migrate
+from feedback_store import Store, migrate
 from feedback_store.errors import InvalidInputError, NotFoundError, StoreError
 from feedback_store.policy_versions import WAITING
 from flywheel.hotswap import Publisher, RedisKeys
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from tests.feedback_store.conftest import _empty_postgres
 from tests.feedback_store.conftest import migrated_postgres_url as migrated_postgres_url
+from tests.trainer_worker.test_promotion import rate
 from trainer_worker import worker as worker_module
 from trainer_worker.cycle import CycleResult
 from trainer_worker.judge import Judge
@@ -59,18 +59,6 @@ def make_judge(store: Store, **canary: object) -> Judge:
     promotion = Promotion(Settings(canary=canary_settings(**canary)), store,
                           Publisher(None, RedisKeys("unused")))
     return Judge(promotion, LocalLock(), threading.Event(), interval=0.02)
-
-
-def rate(store: Store, version: str, up: int, down: int) -> None:
-    """Anonymous thumbs on answers `version` produced now (one completion)."""
-    cid = f"cmpl-{uuid.uuid4().hex}"
-    ratings = ["up"] * up + ["down"] * down
-    store.record_completion(NewCompletion(
-        id=cid, kind="text", prompt_text=f"q {cid}", prompt_token_ids=[1], messages=None,
-        model="flywheel", policy_version=version, params={},
-        choices=[NewChoice(i, f"a{i}", [2 + i], [-0.1], "stop") for i in range(len(ratings))]))
-    store.add_feedbacks([{"completion_id": cid, "choice_index": i, "rating": r}
-                         for i, r in enumerate(ratings)])
 
 
 def rate_for(store: Store, verdict: str, active: str, canary: str) -> None:
