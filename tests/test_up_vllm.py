@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.engines.vllm_bindings import vllm_installed
+from flywheel.vllm.bindings import vllm_installed
 from tests.test_up import close_the_loop
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 def unavailable(settings: Settings) -> str | None:
     """Why the engine ``settings.engine`` names cannot run here (one line), or None."""
     if settings.engine == "vllm":
-        from server.engines.vllm_bindings import MISSING_VLLM, vllm_installed
+        from flywheel.vllm.bindings import MISSING_VLLM, vllm_installed
 
         return None if vllm_installed() else MISSING_VLLM
     return None

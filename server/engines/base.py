@@ -6,20 +6,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+# Defined a level down, where the vLLM adapter of the trainer's rollouts reaches them too.
+from flywheel.engine_types import EngineError, SamplingParams, SwapError
+
+__all__ = [
+    "ChoiceDelta", "Engine", "EngineError", "EngineStats", "FinishReason", "PromptTooLongError",
+    "SamplingParams", "SwapError", "refuse_unfittable",
+]
+
 FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """OpenAI sampling parameters after validation (the API layer has checked every bound)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    top_logprobs: int = 0  # alternatives per position (0..20); the sampled token's is always kept
 
 
 @dataclass
@@ -46,10 +41,6 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class EngineError(RuntimeError):
-    """A request the engine cannot serve (the API layer maps it to an error envelope)."""
-
-
 class PromptTooLongError(EngineError):
     def __init__(self, prompt_tokens: int, max_model_len: int, *, at_least: bool = False) -> None:
         """``at_least``: ``prompt_tokens`` is a lower bound (the prompt was refused untokenised)."""
@@ -73,10 +64,6 @@ def refuse_unfittable(text: str, max_model_len: int, max_token_bytes: int | None
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_model_len * max_token_bytes:
         raise PromptTooLongError(-(-size // max_token_bytes), max_model_len, at_least=True)
-
-
-class SwapError(RuntimeError):
-    """New weights could not be loaded; the engine keeps serving the old ones."""
 
 
 @runtime_checkable

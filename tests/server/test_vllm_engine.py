@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from flywheel.vllm.swap import DegradedEngineError
 from server.engines.base import ChoiceDelta, EngineError, SamplingParams, SwapError
 from server.engines.vllm_engine import VLLMEngine
-from server.engines.vllm_swap import DegradedEngineError
 from tests.server.vllm_standin import (
     Kind,
     StandInAsyncLLM,
@@ -62,7 +62,8 @@ async def collect(engine: VLLMEngine, params: SamplingParams | None = None,
 
 def test_importing_the_engine_does_not_import_vllm() -> None:
     code = ("import sys, server.engines.vllm_engine, server.engines.vllm_params, "
-            "server.engines.vllm_swap; assert 'vllm' not in sys.modules, 'vllm imported'")
+            "flywheel.vllm.swap, trainer_worker.ppo.vllm_rollout; "
+            "assert 'vllm' not in sys.modules, 'vllm imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -344,7 +345,7 @@ async def test_a_dead_engine_core_fails_readiness_and_stops_the_server(
 
 
 def test_serve_without_vllm_installed_says_which_extra(tmp_path: Path) -> None:
-    from server.engines.vllm_bindings import vllm_installed
+    from flywheel.vllm.bindings import vllm_installed
 
     if vllm_installed():
         pytest.skip("vLLM is installed here")

@@ -6,14 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.vllm.params import CPU_KV_CACHE_BYTES, engine_args, lora_rank_slot, sampling_kwargs
 from server.engines.base import ChoiceDelta, EngineError, SamplingParams
 from server.engines.vllm_params import (
     build_sampling_params,
-    engine_args,
     eos_token_ids,
-    lora_rank_slot,
     map_finish_reason,
-    sampling_kwargs,
     shape_mismatches,
     to_choice_delta,
 )
@@ -139,8 +137,6 @@ def test_eos_ids_and_shape_checks(tmp_path: Path) -> None:
 
 
 def test_cpu_engine_args_fit_a_shared_machine(tmp_path: Path) -> None:
-    from server.engines.vllm_params import CPU_KV_CACHE_BYTES, engine_args
-
     settings = settings_for(tmp_path)
     cpu = engine_args(settings, on_cpu=True)
     assert cpu["dtype"] == "float32"  # the trainer's: stored logprobs are what PPO recomputes

@@ -25,9 +25,9 @@ import httpx
 import pytest
 import pytest_asyncio
 
+from flywheel.vllm.bindings import vllm_installed
 from server.engines.base import ChoiceDelta, SamplingParams, SwapError
 from server.engines.core_death import EXIT_ENGINE_DEAD
-from server.engines.vllm_bindings import vllm_installed
 from tests.server.conftest import free_port
 
 pytestmark = [

