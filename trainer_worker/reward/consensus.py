@@ -26,8 +26,13 @@ from trainer_worker.reward.losses import group_pairs
 from trainer_worker.reward.model import RewardModel
 from trainer_worker.reward.train import score_sequences, train_reward_model
 
-# Below this many identities, half of them is no consensus: the first cycle counts, not judges.
+# Below this many identities, the others are no consensus: the first cycle counts, not judges.
 MIN_CROSS_FIT_RATERS = 4
+# The identities fall into this many folds; each is judged by an RM fitted on all the others.
+# Two halves left an RM with three honest raters and one hostile one in some assignments of
+# names (too weak for the floor: tests/trainer_worker/test_reward_weights.py); four folds fit
+# each judge on three quarters of the raters, for twice the cold start's RM fits.
+FOLDS = 4
 
 
 def new_event_counts(data: RewardData) -> dict[str, Tally]:
@@ -89,13 +94,13 @@ def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *,
     """Before any RM is in service: each identity's new events judged by an RM trained on the
     other identities' feedback only.
 
-    The identities are split in two halves (by a hash of the name); an RM is fitted on each half
-    (under the same share cap) and judges the other half. No rater is judged by a model it
-    trained, so a flood of inverted ratings meets the consensus of the others from the very
+    The identities are split in `FOLDS` folds (by a hash of the name); for each fold an RM is
+    fitted on the other folds (equal shares: a consensus) and judges it. No rater is judged by a
+    model it trained, so a flood of inverted ratings meets the consensus of the others from the very
     first cycle, not only once the first RM, trained with the flood at its full capped share,
-    is in service. A half's RM judges only if it meets the bar of an RM in service: the lower
+    is in service. A fold's judge judges only if it meets the bar of an RM in service: the lower
     95% bound of its accuracy on `holdout` at least `floor` (a weak one would down-weight honest
-    raters at random). Anonymous feedback trains both halves and is never judged (it has no one
+    raters at random). Anonymous feedback trains every judge and is never judged (it has no one
     to weigh). With fewer than `MIN_CROSS_FIT_RATERS` identities there is no consensus of others
     to speak of: the events are counted, not judged, as before.
     """
@@ -103,10 +108,10 @@ def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *,
     tallies = new_event_counts(data)
     if len(names) < MIN_CROSS_FIT_RATERS:
         return tallies
-    half = {name: hashlib.sha256(name.encode()).digest()[0] % 2 for name in names}
-    for judged in (0, 1):
+    fold = {name: hashlib.sha256(name.encode()).digest()[0] % FOLDS for name in names}
+    for judged in range(FOLDS):
         def trains(item: PreferenceGroup | ThumbExample, judged: int = judged) -> bool:
-            return item.identity == ANONYMOUS or half[item.identity] != judged
+            return item.identity == ANONYMOUS or fold[item.identity] != judged
 
         others = RewardData([g for g in data.groups if trains(g)],
                             [t for t in data.thumbs if trains(t)])
