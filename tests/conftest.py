@@ -1,4 +1,17 @@
-"""Shared fixtures: real databases (SQLite and PostgreSQL), real Redis, a tiny real model."""
+"""Shared fixtures: real databases (SQLite and PostgreSQL), real Redis, a tiny real model.
+
+Quick loop: `bash scripts/test.sh -m "not slow"` (about 2 minutes on two cores), the suite less the
+tests marked slow (they train or serve a real model, or drive a live server for seconds). CI runs
+everything: `bash scripts/test.sh`.
+
+Databases (tests/databases.py): a test that takes `store` or `db_url` runs once on SQLite and once
+on PostgreSQL (the `database` parameter; a conftest may pin it, as server/hotswap does). `store`
+is a Store on an empty database at the newest schema, made without running Alembic: migrated once
+per session, then copied (SQLite) or emptied (PostgreSQL) for each test. `db_url` names that same
+database when the test takes `store`; otherwise an empty, unmigrated one of the test's own
+(`sqlite_url`: a file not created yet; `postgres_url`: a new database, dropped after), for tests of
+migrations and of what starts on an empty database.
+"""
 
 from __future__ import annotations
 
@@ -9,62 +22,90 @@ from pathlib import Path
 
 import pytest
 
-POSTGRES_URL = os.environ.get(
-    "FLYWHEEL_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+from feedback_store import Store
+from tests import databases
+
+POSTGRES_URL = databases.POSTGRES_URL
 REDIS_URL = os.environ.get("FLYWHEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-
-def _postgres_reachable() -> str | None:
-    """None when PostgreSQL answers, else the reason it does not."""
-    try:
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
-        with engine.connect() as conn:
-            conn.execute(sa.text("select 1"))
-        engine.dispose()
-        return None
-    except Exception as exc:
-        return f"PostgreSQL at {POSTGRES_URL} is not reachable: {exc.__class__.__name__}: {exc}"
+_PG_REASON = databases.postgres_unreachable()
 
 
-_PG_REASON = _postgres_reachable()
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    databases.drop_migrated_postgres()
 
 
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite file of the test's own, not created yet."""
     return f"sqlite:///{tmp_path / 'flywheel.db'}"
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database, dropped afterwards."""
-    if _PG_REASON is not None:
-        if os.environ.get("CI"):
-            pytest.fail(_PG_REASON + " (on CI these tests must run)")
-        pytest.skip(_PG_REASON)
-    import sqlalchemy as sa
-
-    name = f"flywheel_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with databases.fresh_postgres() as url:
         yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to the newest schema, once per session (copied, never opened)."""
+    path = tmp_path_factory.mktemp("migrated") / "template.db"
+    databases.migrate_sqlite(path)
+    return path
+
+
+@pytest.fixture
+def migrated_sqlite_url(sqlite_url: str, migrated_sqlite_template: Path) -> str:
+    """`sqlite_url`, holding a copy of the migrated template."""
+    databases.copy_sqlite(migrated_sqlite_template, Path(sqlite_url.removeprefix("sqlite:///")))
+    return sqlite_url
+
+
+@pytest.fixture(scope="session")
+def migrated_postgres_url() -> str:
+    """The session's PostgreSQL database, migrated once (dropped at the end of the session).
+
+    Tests share it: take `store` (or call `databases.empty_postgres`) to find it empty.
+    """
+    return databases.migrated_postgres()
+
+
+@pytest.fixture
+def emptied_postgres_url(migrated_postgres_url: str) -> str:
+    """The session's migrated PostgreSQL database, emptied for this test."""
+    databases.empty_postgres(migrated_postgres_url)
+    return migrated_postgres_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest) -> str:
-    """Each test that takes it runs once on SQLite and once on PostgreSQL."""
-    if request.param == "postgres":
-        return request.getfixturevalue("postgres_url")
-    return request.getfixturevalue("sqlite_url")
+def database(request: pytest.FixtureRequest) -> str:
+    """Which database the test runs on: each test that takes it runs once on each."""
+    return str(request.param)
+
+
+_MIGRATED_FOR_STORE = {"sqlite": "migrated_sqlite_url", "postgres": "emptied_postgres_url"}
+_EMPTY = {"sqlite": "sqlite_url", "postgres": "postgres_url"}
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, database: str) -> str:
+    """The test's database: the store's (migrated, empty) when the test takes `store`, else an
+    empty one of its own, not migrated."""
+    fixtures = _MIGRATED_FOR_STORE if "store" in request.fixturenames else _EMPTY
+    return str(request.getfixturevalue(fixtures[database]))
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, db_url: str, database: str) -> Iterator[Store]:
+    """A Store on an empty database at the newest schema (`db_url`'s), on each database."""
+    if db_url != request.getfixturevalue(_MIGRATED_FOR_STORE[database]):
+        raise RuntimeError("db_url was set up before the test asked for `store`: take `store` "
+                           "as an argument rather than through request.getfixturevalue")
+    s = Store(db_url)
+    yield s
+    s.close()
 
 
 @pytest.fixture

@@ -1,70 +1,14 @@
-"""A migrated Store on each database, and helpers that store served completions."""
+"""Helpers that store served completions (`store`, `migrated_postgres_url`: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Iterator
-
-import pytest
 import sqlalchemy as sa
 
-from feedback_store import NewChoice, NewCompletion, Store, migrate
-from feedback_store.models import Base
-from tests.conftest import _PG_REASON, POSTGRES_URL
+from feedback_store import NewChoice, NewCompletion, Store
+from tests.conftest import migrated_postgres_url as migrated_postgres_url
+from tests.databases import empty_postgres as _empty_postgres
 
-
-@pytest.fixture(scope="session")
-def migrated_postgres_url() -> Iterator[str]:
-    """One PostgreSQL database for this folder, migrated once (CREATE DATABASE costs ~1 s)."""
-    if _PG_REASON is not None:
-        if os.environ.get("CI"):
-            pytest.fail(_PG_REASON + " (on CI these tests must run)")
-        pytest.skip(_PG_REASON)
-    name = f"flywheel_store_test_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, sqlite_url: str) -> Iterator[Store]:
-    """A Store on an empty, migrated database: SQLite, then PostgreSQL (emptied per test).
-
-    Migration tests use `db_url` (a fresh database each); the rest share one PostgreSQL
-    database and empty it, which keeps the folder fast.
-    """
-    if request.param == "postgres":
-        url = request.getfixturevalue("migrated_postgres_url")
-        _empty_postgres(url)
-    else:
-        url = sqlite_url
-        migrate.upgrade(url)
-    s = Store(url)
-    yield s
-    s.close()
-
-
-def _empty_postgres(url: str) -> None:
-    """Delete every row and restart the id sequences (10x faster than TRUNCATE here)."""
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        for table in reversed(Base.metadata.sorted_tables):
-            conn.execute(table.delete())
-        for table in Base.metadata.sorted_tables:
-            id_column = table.c.get("id")
-            if id_column is not None and isinstance(id_column.type, sa.Integer):
-                sequence = f"pg_get_serial_sequence('{table.name}', 'id')"
-                conn.execute(sa.text(f"SELECT setval({sequence}, 1, false)"))
-    engine.dispose()
+__all__ = ["_empty_postgres", "add_completion", "count", "migrated_postgres_url"]
 
 
 def add_completion(

@@ -34,14 +34,6 @@ def make_settings(tmp_path: Path, db_url: str, **overrides: object) -> Settings:
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[Store]:
-    s = Store(db_url)
-    s.upgrade()
-    yield s
-    s.close()
-
-
-@pytest.fixture
 def fake_engine() -> FakeEngine:
     return FakeEngine()
 
@@ -49,6 +41,8 @@ def fake_engine() -> FakeEngine:
 @pytest.fixture
 def client(tmp_path: Path, db_url: str, store: Store, fake_engine: FakeEngine
            ) -> Iterator[TestClient]:
+    """The app on the fake engine and `store` (tests/conftest.py: migrated once per session; the
+    app's start-up upgrade is the one Alembic run of the test, and finds nothing to do)."""
     settings = make_settings(tmp_path, db_url)
     app = create_app(settings, engine=fake_engine, store=store, watch=False)
     with TestClient(app) as c:

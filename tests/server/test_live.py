@@ -15,6 +15,7 @@ from server.engines.fake import FakeEngine
 from tests.server.conftest import ThreadServer, free_port, make_settings
 
 
+@pytest.mark.slow
 def test_200_concurrent_feedback_posts(tmp_path: Path, db_url: str, store: Store) -> None:
     settings = make_settings(tmp_path, db_url)
     app = create_app(settings, engine=FakeEngine(), store=store, watch=False)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
@@ -96,6 +97,7 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", 400, 401, 403, 404, 
 MAX_EXAMPLES = 25  # per operation and phase: about 15 s on two cores
 
 
+@pytest.mark.slow
 def test_schemathesis_all_checks_pass(tmp_path: Path, sqlite_url: str) -> None:
     """Keys set (so `ignored_auth` has something to check), docs and metrics exposed."""
     store = Store(sqlite_url)

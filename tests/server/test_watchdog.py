@@ -78,6 +78,7 @@ def test_stop_ends_the_thread_without_a_report() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.slow
 def test_a_server_whose_loop_hangs_exits_for_its_supervisor(tmp_path: Path) -> None:
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", HANGING_SERVER, str(tmp_path), str(port)],

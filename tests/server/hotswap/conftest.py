@@ -65,11 +65,9 @@ def base_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(sqlite_url: str) -> Iterator[Store]:
-    s = Store(sqlite_url)
-    s.upgrade()
-    yield s
-    s.close()
+def database() -> str:
+    """These tests run on SQLite only: `store` (tests/conftest.py) is on `sqlite_url`."""
+    return "sqlite"
 
 
 @pytest.fixture

@@ -106,6 +106,7 @@ def _judge(keyed: Settings, store: Store) -> tuple[str | None, dict]:
     return outcome, store.get_policy("policy-1")
 
 
+@pytest.mark.slow
 def test_minted_ids_under_one_key_decide_nothing(client: TestClient, keyed: Settings,
                                                  store: Store, tmp_path: Path) -> None:
     """One key sending 300 chats, each under a new `user`, thumbing the canary up and the
@@ -120,6 +121,7 @@ def test_minted_ids_under_one_key_decide_nothing(client: TestClient, keyed: Sett
     assert "one untrusted API key" in next(p for p in listed if p["id"] == "policy-1")["reason"]
 
 
+@pytest.mark.slow
 def test_a_trusted_front_end_decides_against_a_minting_key(
         client: TestClient, keyed: Settings, store: Store, tmp_path: Path) -> None:
     """A trusted front-end's 30 users find the canary worse; a key minting 300 ids thumbs it up
