@@ -168,7 +168,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     project = f"flywheeltest{os.getpid()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FLYWHEEL_", "COMPOSE_"))}
     port = free_port()
+    # The test's client is an app backend vouching for its users: alone, an untrusted key's
+    # feedback would count as nobody's (docs/raters.md).
     env.update(images, FLYWHEEL_API_KEYS=USER_KEY, FLYWHEEL_ADMIN_KEY=ADMIN_KEY,
+               FLYWHEEL_TRUSTED_KEYS=USER_KEY,
                FLYWHEEL_PUBLIC_PORT=str(port), FLYWHEEL_DEMO_PRESET="tiny")
     stack = Stack(project, port, [*command, "--env-file", str(env_file), "-p", project,
                                   "-f", str(COMPOSE_FILE), "-f", str(override),
