@@ -400,20 +400,17 @@ def _replace_earlier_votes(conn: sa.Connection, public_ids: set[str]) -> None:
         .where(new.c.public_id.in_(sorted(public_ids)), old.c.replaced_by.is_(None))
         .group_by(old.c.id, old.c.rating, Completion.policy_version)
     ).all()
-    if not replaced:
-        return
-    conn.execute(sa.update(Feedback.__table__)
-                 .where(Feedback.__table__.c.id == sa.bindparam("old_id"))
-                 .values(replaced_by=sa.bindparam("new_id")),
-                 [{"old_id": old_id, "new_id": new_id} for old_id, new_id, _, _ in replaced])
-    counters = PolicyRatings.__table__
-    conn.execute(counters.update()
-                 .where(counters.c.policy_version == sa.bindparam("version"))
-                 .values(up=counters.c.up - sa.bindparam("less_up"),
-                         down=counters.c.down - sa.bindparam("less_down")),
-                 [{"version": version, "less_up": int(rating == "up"),
-                   "less_down": int(rating == "down")}
-                  for _, _, rating, version in replaced])
+    table, counters = Feedback.__table__, PolicyRatings.__table__
+    replace = (sa.update(table).where(table.c.id == sa.bindparam("old_id"),
+                                      table.c.replaced_by.is_(None))
+               .values(replaced_by=sa.bindparam("new_id")))
+    for old_id, new_id, rating, version in replaced:
+        # Conditional: a concurrent batch that replaced this vote first (it waited on its row
+        # lock) leaves it to that batch, which took it off the counters already.
+        if not conn.execute(replace, {"old_id": old_id, "new_id": new_id}).rowcount:
+            continue
+        conn.execute(counters.update().where(counters.c.policy_version == version).values(
+            up=counters.c.up - int(rating == "up"), down=counters.c.down - int(rating == "down")))
 
 
 def _feedback_record(row: sa.Row[Any]) -> dict[str, Any]:

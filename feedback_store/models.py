@@ -118,7 +118,13 @@ class Feedback(Base):
     """A thumbs rating of one choice; the integer id orders events for watermarks."""
 
     __tablename__ = "feedback"
-    __table_args__ = (sa.CheckConstraint(_in("rating", ("up", "down")), name="rating"),)
+    __table_args__ = (
+        sa.CheckConstraint(_in("rating", ("up", "down")), name="rating"),
+        # The live votes of a choice: what a new vote looks up to replace (feedback.py).
+        sa.Index("ix_feedback_live_choice", "choice_id",
+                 sqlite_where=sa.text("replaced_by IS NULL"),
+                 postgresql_where=sa.text("replaced_by IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     public_id: Mapped[str] = mapped_column(sa.String(40), unique=True)

@@ -27,6 +27,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("replaced_by", sa.Integer(), nullable=True))
     with op.batch_alter_table("rankings") as batch:
         batch.add_column(sa.Column("key_scope", sa.String(16), nullable=True))
+    op.create_index("ix_feedback_live_choice", "feedback", ["choice_id"],
+                    sqlite_where=sa.text("replaced_by IS NULL"),
+                    postgresql_where=sa.text("replaced_by IS NULL"))
     with op.batch_alter_table("policy_versions") as batch:
         batch.add_column(sa.Column("canary_unit", sa.String(8), nullable=True))
     # Rows stored before keys were bound: a keyed row without `user` named its key's scope.
@@ -36,6 +39,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_feedback_live_choice", table_name="feedback")
     for table, columns in (("policy_versions", ("canary_unit",)), ("rankings", ("key_scope",)),
                            ("feedback", ("replaced_by", "key_scope")),
                            ("completions", ("key_scope",))):
