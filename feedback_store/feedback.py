@@ -157,26 +157,28 @@ class FeedbackMixin(StoreBase):
         """The public ids of the rows inserted; no row for an unknown choice or a taken key.
 
         Each inserted row also counts in `policy_ratings` (live approval per version), in the
-        same statement on PostgreSQL and the same transaction on SQLite.
+        same statement on PostgreSQL and the same transaction on SQLite, and replaces its
+        voter's earlier vote on the same answer (`_replace_earlier_votes`).
         """
         with self._statement() as conn:
             if self.dialect == "postgresql":
                 params = {name: [row[name] for row in rows]
                           for name in (*_ROW_COLUMNS, "owner_scope")}
-                inserted = set(conn.execute(_INSERT_FEEDBACK_ROWS, params).scalars())
+                votes = conn.execute(_INSERT_FEEDBACK_ROWS, params).all()
             else:
-                inserted = set()
+                votes = []
                 for row in rows:
-                    if conn.execute(self._insert_one_feedback, row).rowcount:
+                    vote = conn.execute(self._insert_one_feedback, row).first()
+                    if vote is not None:
+                        votes.append(vote)
                         conn.execute(_COUNT_ONE_RATING, {
                             "completion_id": row["completion_id"],
                             "up": int(row["rating"] == "up"),
                             "down": int(row["rating"] == "down"),
                         })
-                        inserted.add(row["public_id"])
-            if inserted:
-                _replace_earlier_votes(conn, inserted)
-            return inserted
+            if votes:
+                _replace_earlier_votes(conn, [(v.id, v.choice_id, v.voter) for v in votes])
+            return {vote.public_id for vote in votes}
 
     @cached_property
     def _insert_one_feedback(self) -> sa.Insert:
@@ -200,7 +202,7 @@ class FeedbackMixin(StoreBase):
             sqlite.insert(table)
             .from_select(["choice_id", *names], values)
             .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            .execution_options(preserve_rowcount=True)  # INSERT rowcounts are dropped otherwise
+            .returning(table.c.public_id, table.c.id, table.c.choice_id, table.c.voter)
         )
 
     def feedback_counts(self) -> dict[str, int]:
@@ -220,7 +222,8 @@ class FeedbackMixin(StoreBase):
 
 _HASHED = ("completion_id", "choice_index", "rating", "comment", "user")  # the request body
 _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment", "user",
-                "idempotency_key", "request_hash", "created_at", "identity", "key_scope")
+                "idempotency_key", "request_hash", "created_at", "identity", "key_scope",
+                "voter")
 
 # The rows as parallel arrays: the same SQL whatever their number, so psycopg prepares it once per
 # connection. Rows whose choice does not exist find nothing to join; rows whose key is taken, by
@@ -229,23 +232,23 @@ _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment
 _INSERT_FEEDBACK_ROWS = sa.text("""
 WITH inserted AS (
 INSERT INTO feedback (choice_id, public_id, rating, comment, "user", idempotency_key,
-                      request_hash, created_at, identity, key_scope)
+                      request_hash, created_at, identity, key_scope, voter)
 SELECT choices.id, v.public_id, v.rating, v.comment, v."user", v.idempotency_key,
-       v.request_hash, v.created_at, v.identity, v.key_scope
+       v.request_hash, v.created_at, v.identity, v.key_scope, v.voter
 FROM unnest(CAST(:completion_id AS varchar[]), CAST(:choice_index AS integer[]),
             CAST(:public_id AS varchar[]), CAST(:rating AS varchar[]), CAST(:comment AS text[]),
             CAST(:user AS text[]), CAST(:idempotency_key AS varchar[]),
             CAST(:request_hash AS varchar[]), CAST(:created_at AS timestamptz[]),
-            CAST(:identity AS text[]), CAST(:key_scope AS varchar[]),
+            CAST(:identity AS text[]), CAST(:key_scope AS varchar[]), CAST(:voter AS text[]),
             CAST(:owner_scope AS varchar[]))
      AS v(completion_id, choice_index, public_id, rating, comment, "user", idempotency_key,
-          request_hash, created_at, identity, key_scope, owner_scope)
+          request_hash, created_at, identity, key_scope, voter, owner_scope)
 JOIN choices ON choices.completion_id = v.completion_id AND choices.index = v.choice_index
 JOIN completions ON completions.id = v.completion_id
  AND (v.owner_scope IS NULL OR completions.key_scope IS NULL
       OR completions.key_scope = v.owner_scope)
 ON CONFLICT (idempotency_key) DO NOTHING
-RETURNING feedback.public_id, feedback.choice_id, feedback.rating
+RETURNING feedback.public_id, feedback.id, feedback.choice_id, feedback.voter, feedback.rating
 ), counted AS (
 INSERT INTO policy_ratings (policy_version, up, down)
 SELECT completions.policy_version,
@@ -259,7 +262,7 @@ ORDER BY completions.policy_version
 ON CONFLICT (policy_version) DO UPDATE
 SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
 )
-SELECT public_id FROM inserted
+SELECT public_id, id, choice_id, voter FROM inserted
 """)
 
 # SQLite: one stored row's thumb added to its version's counter.
@@ -318,6 +321,7 @@ def _feedback_row(request: dict[str, Any]) -> dict[str, Any]:
         **body,
         "identity": storable(rater.identity),
         "key_scope": rater.key_scope,
+        "voter": storable(rater.voter),
         "owner_scope": rater.owner_scope,
         "idempotency_key": key,
         "request_hash": request_hash(body),
@@ -386,31 +390,54 @@ def _check_owner(completion: Completion, owner_scope: str | None) -> None:
             "rate it", param="completion_id", code="not_your_completion")
 
 
-def _replace_earlier_votes(conn: sa.Connection, public_ids: set[str]) -> None:
-    """One vote per rater (key, user) per answer: the rows just inserted replace the same
-    rater's earlier live votes on the same choices, which leave their versions' counters."""
-    new, old = Feedback.__table__.alias("new"), Feedback.__table__.alias("old")
-    replaced = conn.execute(
-        sa.select(old.c.id, sa.func.max(new.c.id), old.c.rating, Completion.policy_version)
-        .join(new, sa.and_(new.c.choice_id == old.c.choice_id, new.c.id > old.c.id,
-                           new.c.key_scope.is_not_distinct_from(old.c.key_scope),
-                           new.c.user.is_not_distinct_from(old.c.user)))
-        .join(Choice, Choice.id == old.c.choice_id)
-        .join(Completion, Completion.id == Choice.completion_id)
-        .where(new.c.public_id.in_(sorted(public_ids)), old.c.replaced_by.is_(None))
-        .group_by(old.c.id, old.c.rating, Completion.policy_version)
-    ).all()
+# The live votes of some (choice id, voter) pairs, with their versions.
+_LIVE_VOTES = (
+    sa.select(Feedback.id, Feedback.choice_id, Feedback.voter, Feedback.rating,
+              Completion.policy_version)
+    .join(Choice, Choice.id == Feedback.choice_id)
+    .join(Completion, Completion.id == Choice.completion_id)
+    .where(sa.tuple_(Feedback.choice_id, Feedback.voter).in_(sa.bindparam("pairs", expanding=True)),
+           Feedback.replaced_by.is_(None))
+)
+
+
+def _replace_earlier_votes(conn: sa.Connection, votes: list[tuple[int, int, str]]) -> None:
+    """One vote per voter (key, user) per answer: the votes just inserted, (id, choice id,
+    voter) each, replace the same voters' earlier live votes on the same choices, which leave
+    their versions' counters.
+
+    The live votes are looked up by their (choice, voter) pairs alone, through the partial index
+    `ix_feedback_live_vote`: an index lookup whatever the planner's statistics say (a join of
+    new rows to old ones was planned from a stale estimate of the live votes, and scanned every
+    vote of an answer for each new one).
+    """
     table, counters = Feedback.__table__, PolicyRatings.__table__
-    replace = (sa.update(table).where(table.c.id == sa.bindparam("old_id"),
-                                      table.c.replaced_by.is_(None))
-               .values(replaced_by=sa.bindparam("new_id")))
-    for old_id, new_id, rating, version in replaced:
-        # Conditional: a concurrent batch that replaced this vote first (it waited on its row
-        # lock) leaves it to that batch, which took it off the counters already.
-        if not conn.execute(replace, {"old_id": old_id, "new_id": new_id}).rowcount:
-            continue
-        conn.execute(counters.update().where(counters.c.policy_version == version).values(
-            up=counters.c.up - int(rating == "up"), down=counters.c.down - int(rating == "down")))
+    latest: dict[tuple[int, str], int] = {}  # (choice, voter) -> the newest vote just inserted
+    for id_, choice_id, voter in votes:
+        latest[choice_id, voter] = max(id_, latest.get((choice_id, voter), id_))
+    live = conn.execute(_LIVE_VOTES, {"pairs": sorted(latest)}).all()
+    # Each live vote older than its voter's newest one is replaced by it; newer ones come from a
+    # batch committed meanwhile and stay.
+    replacing = {old_id: latest[choice_id, voter] for old_id, choice_id, voter, *_ in live
+                 if old_id < latest[choice_id, voter]}
+    if not replacing:
+        return
+    # Conditional: a concurrent batch that replaced a vote first (it waited on the row lock)
+    # leaves it to that batch, which took it off the counters already.
+    replaced = set(conn.scalars(
+        sa.update(table)
+        .where(table.c.id.in_(sorted(replacing)), table.c.replaced_by.is_(None))
+        .values(replaced_by=sa.case(replacing, value=table.c.id))
+        .returning(table.c.id)
+    ))
+    taken_off: dict[str, list[int]] = {}  # version -> [up, down] leaving its counters
+    for old_id, _, _, rating, version in live:
+        if old_id in replaced:
+            counts = taken_off.setdefault(version, [0, 0])
+            counts[rating == "down"] += 1
+    for version, (up, down) in sorted(taken_off.items()):
+        conn.execute(counters.update().where(counters.c.policy_version == version)
+                     .values(up=counters.c.up - up, down=counters.c.down - down))
 
 
 def _feedback_record(row: sa.Row[Any]) -> dict[str, Any]:

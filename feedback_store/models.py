@@ -120,8 +120,8 @@ class Feedback(Base):
     __tablename__ = "feedback"
     __table_args__ = (
         sa.CheckConstraint(_in("rating", ("up", "down")), name="rating"),
-        # The live votes of a choice: what a new vote looks up to replace (feedback.py).
-        sa.Index("ix_feedback_live_choice", "choice_id",
+        # A rater's live vote on a choice: what a new vote looks up to replace (feedback.py).
+        sa.Index("ix_feedback_live_vote", "choice_id", "voter",
                  sqlite_where=sa.text("replaced_by IS NULL"),
                  postgresql_where=sa.text("replaced_by IS NULL")),
     )
@@ -139,8 +139,10 @@ class Feedback(Base):
     # stored before identities were written with every row: "user:<user>" or anonymous.
     identity: Mapped[str | None] = mapped_column(sa.Text)
     key_scope: Mapped[str | None] = mapped_column(sa.String(16))  # the key that gave it
-    # A later vote of the same rater (key, user) on the same answer replaced this one: it stays
-    # as history and counts nowhere.
+    # Who has one vote per answer: the key with `user` (flywheel/raters.py `Rater.voter`).
+    voter: Mapped[str | None] = mapped_column(sa.Text)
+    # A later vote of the same voter on the same answer replaced this one: it stays as history
+    # and counts nowhere.
     replaced_by: Mapped[int | None] = mapped_column(default=None)
 
 

@@ -36,6 +36,13 @@ class Rater:
         return f"key:{self.key_scope}/" + (ANONYMOUS if self.user is None else f"user:{self.user}")
 
     @property
+    def voter(self) -> str:
+        """Who has one vote per answer: the key together with `user`, whatever the key's trust
+        (an untrusted key's users pool as one rater, but each keeps one vote per answer)."""
+        key = "" if self.key_scope is None else f"key:{self.key_scope}/"
+        return key + (ANONYMOUS if self.user is None else f"user:{self.user}")
+
+    @property
     def owner_scope(self) -> str | None:
         """The key an answer must have been served to for this rater to rate it (None: any)."""
         return None if self.admin else self.key_scope

@@ -12,6 +12,7 @@ from alembic.migration import MigrationContext
 import migrations
 from feedback_store import Store, migrate
 from feedback_store.models import Base
+from flywheel.raters import Rater
 
 from .conftest import add_completion, count
 
@@ -95,3 +96,23 @@ def test_concurrent_upgrades_serialize(db_url: str) -> None:
         p.join(60)
     assert [p.exitcode for p in procs] == [0, 0]
     assert _tables(db_url) == TABLES
+
+
+def test_voters_are_filled_in_for_earlier_thumbs(db_url: str) -> None:
+    """Thumbs stored before 0007v get the voter their key and `user` make (`Rater.voter`)."""
+    migrate.upgrade(db_url)
+    store = Store(db_url)
+    add_completion(store, "chatcmpl-1")
+    raters = [Rater(), Rater(user="alice"), Rater(key_scope="k1"),
+              Rater(key_scope="k1", user="bob"), Rater(key_scope="k2", user="", trusted=True)]
+    for rater in raters:
+        store.add_feedback(completion_id="chatcmpl-1", choice_index=0, rating="up", rater=rater)
+    store.close()
+    migrate.downgrade(db_url, "0006r")
+    migrate.upgrade(db_url)
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        voters = conn.scalars(sa.text("SELECT voter FROM feedback ORDER BY id")).all()
+    engine.dispose()
+    assert voters == [rater.voter for rater in raters]
+    assert len(set(voters)) == len(raters)
