@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -37,6 +38,9 @@ class CompletionJob:
     index_base: int = 0
     store_id: str = ""
     echo: str | None = None  # text the answers start with (`echo`: the prompt's)
+    # When it was made, to the microsecond (`created` is whole seconds, as OpenAI sends it):
+    # stored with the answer, which a canary started within the same second must count.
+    made_at: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         self.store_id = self.store_id or self.id

@@ -174,7 +174,7 @@ async def _store(state: AppState, job: CompletionJob, policy: str,
         id=job.store_id, kind=job.kind, prompt_text=job.prompt_text,
         prompt_token_ids=job.prompt_ids, messages=job.messages,
         model=state.settings.served_model_name, policy_version=policy,
-        params=job.request_params, user=job.user, created_at=float(job.created),
+        params=job.request_params, user=job.user, created_at=job.made_at,
         key_scope=job.rater.key_scope,
         choices=[NewChoice(index=i, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
                            finish_reason=c.finish_reason or "length")

@@ -5,16 +5,20 @@ engines, SQLite, a real Redis; the judge's own rules decide)."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
+from datetime import timezone
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
+from feedback_store.models import Completion
 from flywheel.hotswap import Publisher
 from flywheel.settings import Settings
-from tests.server.hotswap.conftest import CHAT, checkpoint, serving
+from tests.server.hotswap.conftest import CHAT, checkpoint, serving, wait_for
 from trainer_worker.promotion import Promotion
 
 KEYS = {"alice": "alice-key", "bob": "bob-key", "app": "app-key", "mint": "mint-key"}
@@ -83,6 +87,10 @@ def _canary(client: TestClient, keyed: Settings, store: Store, tmp_path: Path) -
                           headers=_auth(ADMIN))
     assert started.status_code == 201, started.text
     assert started.json()["canary"]["unit"] == "request"  # few raters: each sees both arms
+    # Rate only once the server splits requests: answers served before are the active's alone,
+    # and their raters would count on one arm only.
+    assert wait_for(lambda: client.get("/readyz").json().get("canary"),
+                    lambda version: version == "policy-1") == "policy-1"
 
 
 def _rate_arms(client: TestClient, key: str, users: list[str], answers: int, p_canary: float,
@@ -133,3 +141,22 @@ def test_a_trusted_front_end_decides_against_a_minting_key(
     outcome, row = _judge(keyed, store)
     assert outcome == "rejected", row["metrics"]
     assert row["status"] == "rejected"
+
+
+def test_a_canary_counts_answers_from_its_first_second(client: TestClient, keyed: Settings,
+                                                       store: Store, tmp_path: Path) -> None:
+    """Answers are stored at the time they were made, to the microsecond (`created` is whole
+    seconds): those served in the second the canary started are its evidence too."""
+    _canary(client, keyed, store, tmp_path)
+    before = time.time()
+    served: dict[str, str] = {}
+    while len(served) < 2:
+        completion, version = _answer(client, KEYS["app"], "erin")
+        served.setdefault(version, completion)
+    for completion in served.values():
+        assert _thumb(client, KEYS["app"], completion, "up", "erin") == 201
+    with store.engine.connect() as conn:
+        made = conn.scalar(sa.select(sa.func.min(Completion.created_at)))
+    assert made is not None and made.replace(tzinfo=timezone.utc).timestamp() >= before
+    evidence = store.canary_evidence() or {}
+    assert all(evidence[version] for version in ("policy-0", "policy-1")), evidence
