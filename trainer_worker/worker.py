@@ -40,6 +40,7 @@ from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cy
 from trainer_worker.judge import Judge
 from trainer_worker.leader import LeaderLock, LocalLock
 from trainer_worker.promotion import Promotion
+from trainer_worker.stopping import TrainingInterrupted
 
 if TYPE_CHECKING:
     from trainer_worker.ppo.rollout_engines import KeptRollouts
@@ -236,8 +237,7 @@ class Worker:
 
 
 def _describe(exc: BaseException) -> str:
-    name = type(exc).__name__
-    if name in ("TrainingInterrupted", "InterruptedError"):
+    if isinstance(exc, (TrainingInterrupted, InterruptedError)):
         return "interrupted: the worker was stopping or lost the leader lock"
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     return text[:2000]
