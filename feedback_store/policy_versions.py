@@ -144,30 +144,6 @@ class PoliciesMixin(StoreBase):
                 row.metrics = {**row.metrics, **metrics}
             return _policy_record(row)
 
-    def set_policy_status(
-        self, id: str, status: str, metrics: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Change a version's status (metrics are merged in); "active" means activate_policy."""
-        _check_status(status)
-        with self._tx() as s:
-            if status == "active":
-                row = _activate(s, id, force=True)
-            else:
-                row = _get_policy(s, id)
-                if row.status == "active":
-                    raise InvalidInputError(
-                        f"Policy '{id}' is active; activate another version instead",
-                        param="status",
-                        code="policy_active",
-                    )
-                if status != "candidate":
-                    _leave_candidacy(row)
-                row.status = status
-            if metrics:
-                row.metrics = {**row.metrics, **metrics}
-            s.flush()
-            return _policy_record(row)
-
     def activate_if(self, id: str, *, active: str | None, canary: str | None,
                     status: str | None = None, force: bool = False,
                     metrics: dict[str, Any] | None = None) -> Transition:
