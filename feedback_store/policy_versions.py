@@ -21,8 +21,9 @@ from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
 from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion, RewardModel
 from flywheel.rater_pooling import CANARY_UNITS
+from flywheel.versions import BASE_POLICY
 
-BASE_POLICY_ID = "policy-0"
+BASE_POLICY_ID = BASE_POLICY  # the older name, kept for callers outside the store
 # In a candidate's metrics while it waits for the running canary to end (unix time it began to
 # wait); removed when it leaves `candidate`. Only candidates carrying it are released by the judge.
 WAITING = "release/waiting_since"
@@ -60,10 +61,10 @@ class PoliciesMixin(StoreBase):
             active = _active(s)
             if active is not None:
                 return _policy_record(active)
-            base = s.get(PolicyVersion, BASE_POLICY_ID)
+            base = s.get(PolicyVersion, BASE_POLICY)
             if base is None:
                 base = PolicyVersion(
-                    id=BASE_POLICY_ID,
+                    id=BASE_POLICY,
                     parent=None,
                     path=path,
                     sha256=sha256,
@@ -249,7 +250,7 @@ class PoliciesMixin(StoreBase):
         newest `keep`, not in `protect` (the best version by live approval)."""
         with self._tx(write=False) as s:
             rows = _newest_first(s.scalars(sa.select(PolicyVersion)))
-        protected = {p.id for p in rows[: max(keep, 0)]} | {BASE_POLICY_ID} | (protect or set())
+        protected = {p.id for p in rows[: max(keep, 0)]} | {BASE_POLICY} | (protect or set())
         return [
             _policy_record(p)
             for p in rows

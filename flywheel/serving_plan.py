@@ -17,10 +17,9 @@ from feedback_store.errors import StoreError
 from flywheel.checkpoints import Manifest, digest_of, verify_servable
 from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, ServingPlan
 from flywheel.settings import Settings
+from flywheel.versions import BASE_POLICY as BASE_POLICY  # re-exported: its older home
 
 log = logging.getLogger(__name__)
-
-BASE_POLICY = "policy-0"
 
 Rows = tuple[dict[str, Any] | None, dict[str, Any] | None]  # (active, canary) rows of the store
 

@@ -36,14 +36,9 @@ from flywheel.hotswap import (
     RedisKeys,
     ServingPlan,
 )
-from flywheel.serving_plan import (
-    BASE_POLICY,
-    check_servable,
-    decide,
-    read_sql,
-    record_base_policy,
-)
+from flywheel.serving_plan import check_servable, decide, read_sql, record_base_policy
 from flywheel.settings import Settings
+from flywheel.versions import BASE_POLICY
 from server.canary_split import CanarySplit
 from server.engines.base import Engine, SwapError
 from server.metrics import ServerMetrics

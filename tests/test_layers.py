@@ -21,7 +21,7 @@ LEVELS: list[tuple[str, tuple[str, ...]]] = [
     ("flywheel core: pure settings, statistics and messages", (
         "flywheel", "flywheel.approval", "flywheel.checkpoints", "flywheel.demo_model",
         "flywheel.engine_types", "flywheel.hf_progress", "flywheel.hotswap", "flywheel.logs",
-        "flywheel.rater_pooling", "flywheel.raters", "flywheel.settings",
+        "flywheel.rater_pooling", "flywheel.raters", "flywheel.settings", "flywheel.versions",
     )),
     ("the store", ("feedback_store",)),
     ("flywheel services: on the store, shared by server and trainer", (
