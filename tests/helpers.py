@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from feedback_store import Store
 from feedback_store.models import Feedback, PolicyVersion, Ranking
 from flywheel.checkpoints import atomic_directory, seal
-from flywheel.hotswap import PolicyMessage
+from flywheel.serving_plan import PolicyMessage
 
 WEIGHTS = "model.safetensors"
 

@@ -33,8 +33,7 @@ import redis
 from feedback_store import Store
 from feedback_store.errors import StoreError, StoreUnavailableError
 from flywheel import logs
-from flywheel.hotswap import Publisher, RedisKeys
-from flywheel.serving_plan import record_base_policy
+from flywheel.serving_plan import Publisher, RedisKeys, record_base_policy
 from flywheel.settings import Settings
 from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cycle
 from trainer_worker.judge import Judge

@@ -19,7 +19,7 @@ import redis
 from feedback_store import Store, migrate
 from feedback_store.errors import InvalidInputError, NotFoundError, StoreError
 from feedback_store.policy_versions import WAITING
-from flywheel.hotswap import Publisher, RedisKeys
+from flywheel.serving_plan import Publisher, RedisKeys
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from tests.feedback_store.conftest import _empty_postgres
 from tests.feedback_store.conftest import migrated_postgres_url as migrated_postgres_url

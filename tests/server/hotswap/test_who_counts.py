@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
-from flywheel.hotswap import Publisher
+from flywheel.serving_plan import Publisher
 from flywheel.settings import Settings
 from tests.server.hotswap.conftest import CHAT, checkpoint, serving
 from trainer_worker.promotion import Promotion
