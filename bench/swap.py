@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from feedback_store import Store
 from flywheel.checkpoints import digest_of
 from flywheel.embedded_redis import EmbeddedRedis
-from flywheel.hotswap import PolicyMessage, Publisher, RedisKeys, ServingPlan
+from flywheel.serving_plan import PolicyMessage, Publisher, RedisKeys, ServingPlan
 from tests.helpers import make_checkpoint
 
 QUESTIONS = [

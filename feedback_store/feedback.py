@@ -205,20 +205,6 @@ class FeedbackMixin(StoreBase):
             .returning(table.c.public_id, table.c.id, table.c.choice_id, table.c.voter)
         )
 
-    def feedback_counts(self) -> dict[str, int]:
-        """Stored thumbs up, thumbs down and rankings."""
-        with self._tx(write=False) as s:
-            by_rating = dict(
-                s.execute(sa.select(Feedback.rating, sa.func.count()).group_by(Feedback.rating))
-                .all()
-            )
-            rankings = s.scalar(sa.select(sa.func.count()).select_from(Ranking)) or 0
-        return {
-            "up": by_rating.get("up", 0),
-            "down": by_rating.get("down", 0),
-            "rankings": rankings,
-        }
-
 
 _HASHED = ("completion_id", "choice_index", "rating", "comment", "user")  # the request body
 _ROW_COLUMNS = ("completion_id", "choice_index", "public_id", "rating", "comment", "user",

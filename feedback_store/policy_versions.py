@@ -21,8 +21,9 @@ from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
 from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion, RewardModel
 from flywheel.rater_pooling import CANARY_UNITS
+from flywheel.versions import BASE_POLICY
 
-BASE_POLICY_ID = "policy-0"
+BASE_POLICY_ID = BASE_POLICY  # the older name, kept for callers outside the store
 # In a candidate's metrics while it waits for the running canary to end (unix time it began to
 # wait); removed when it leaves `candidate`. Only candidates carrying it are released by the judge.
 WAITING = "release/waiting_since"
@@ -60,10 +61,10 @@ class PoliciesMixin(StoreBase):
             active = _active(s)
             if active is not None:
                 return _policy_record(active)
-            base = s.get(PolicyVersion, BASE_POLICY_ID)
+            base = s.get(PolicyVersion, BASE_POLICY)
             if base is None:
                 base = PolicyVersion(
-                    id=BASE_POLICY_ID,
+                    id=BASE_POLICY,
                     parent=None,
                     path=path,
                     sha256=sha256,
@@ -142,30 +143,6 @@ class PoliciesMixin(StoreBase):
             row = _activate(s, id, force=force)
             if metrics:
                 row.metrics = {**row.metrics, **metrics}
-            return _policy_record(row)
-
-    def set_policy_status(
-        self, id: str, status: str, metrics: dict[str, Any] | None = None
-    ) -> dict[str, Any]:
-        """Change a version's status (metrics are merged in); "active" means activate_policy."""
-        _check_status(status)
-        with self._tx() as s:
-            if status == "active":
-                row = _activate(s, id, force=True)
-            else:
-                row = _get_policy(s, id)
-                if row.status == "active":
-                    raise InvalidInputError(
-                        f"Policy '{id}' is active; activate another version instead",
-                        param="status",
-                        code="policy_active",
-                    )
-                if status != "candidate":
-                    _leave_candidacy(row)
-                row.status = status
-            if metrics:
-                row.metrics = {**row.metrics, **metrics}
-            s.flush()
             return _policy_record(row)
 
     def activate_if(self, id: str, *, active: str | None, canary: str | None,
@@ -273,7 +250,7 @@ class PoliciesMixin(StoreBase):
         newest `keep`, not in `protect` (the best version by live approval)."""
         with self._tx(write=False) as s:
             rows = _newest_first(s.scalars(sa.select(PolicyVersion)))
-        protected = {p.id for p in rows[: max(keep, 0)]} | {BASE_POLICY_ID} | (protect or set())
+        protected = {p.id for p in rows[: max(keep, 0)]} | {BASE_POLICY} | (protect or set())
         return [
             _policy_record(p)
             for p in rows

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from feedback_store import Store
 from feedback_store.errors import StoreUnavailableError
-from flywheel.hotswap import Publisher
+from flywheel.serving_plan import Publisher, initial_plan
 from flywheel.settings import Settings
 from server.admin.api_router import router as admin_router
 from server.admin.history import router as history_router
@@ -30,7 +30,7 @@ from server.errors import install_error_handlers
 from server.feedback.api_router import router as feedback_router
 from server.feedback.recording import feedback_writes
 from server.health import router as health_router
-from server.hotswap import PolicyWatcher, initial_plan
+from server.hotswap import PolicyWatcher
 from server.limits import BodyLimit
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi

@@ -1,10 +1,12 @@
-"""The server's side of the hot-swap protocol: follow the serving plan, swap the engine.
+"""The server's side of the hot swap: apply the serving plan to the engine.
 
-With Redis: subscribe to the policy channel, and read the plan's keys after every (re)connect, so
-a message lost while disconnected is never a lost swap. Without Redis, or while it is unreachable:
-poll SQL. Every one of these paths ends in ``refresh``, which decides the plan with
-``flywheel.serving_plan.decide`` (SQL first) and applies it. Every checkpoint is verified before it
-is loaded; a corrupt one is refused and logged, and the old weights keep serving.
+``flywheel.serving_plan`` publishes, reads and decides the plan; this watcher only listens and
+applies. With Redis: subscribe to the policy channel, and read the plan's keys
+(``serving_plan.read_announced``) after every (re)connect, so a message lost while disconnected is
+never a lost swap. Without Redis, or while it is unreachable: poll SQL. Every one of these paths
+ends in ``refresh``, which decides the plan with ``serving_plan.decide`` (SQL first) and applies
+it. Every checkpoint is verified before it is loaded; a corrupt one is refused and logged, and the
+old weights keep serving.
 """
 
 from __future__ import annotations
@@ -28,20 +30,16 @@ from redis.exceptions import RedisError
 
 from feedback_store import Store
 from flywheel.checkpoints import CheckpointError
-from flywheel.hotswap import (
+from flywheel.serving_plan import (
     REPLICA_REPORT_SECONDS,
     CanaryMessage,
     PolicyMessage,
-    Publisher,
     RedisKeys,
     ServingPlan,
-)
-from flywheel.serving_plan import (
-    BASE_POLICY,
     check_servable,
     decide,
+    read_announced,
     read_sql,
-    record_base_policy,
 )
 from flywheel.settings import Settings
 from server.canary_split import CanarySplit
@@ -179,12 +177,8 @@ class PolicyWatcher:
 
     async def _read_keys(self) -> ServingPlan | None:
         assert self.redis is not None
-        active, canary = await self.redis.mget(self.keys.active_policy, self.keys.canary_policy)
-        if active is None:
-            return None
         try:
-            return ServingPlan(PolicyMessage.from_json(active),
-                               None if canary is None else CanaryMessage.from_json(canary))
+            return await read_announced(self.redis, self.keys)
         except ValueError as exc:
             log.error("ignoring the policy keys: %s", exc)
             return None
@@ -234,26 +228,3 @@ class PolicyWatcher:
                     last_sql = time.monotonic()
                 if time.monotonic() - self._reported > REPLICA_REPORT_SECONDS:
                     await self.report()
-
-
-def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> ServingPlan:
-    """The plan a server starts on (blocking): decided like every later one, its active version
-    verified; the base model when nothing verifiable is recorded. The canary, if any, is loaded
-    by the watcher's first refresh, once the engine serves."""
-    record_base_policy(settings, store)
-    try:
-        announced = publisher.read()
-    except (RedisError, OSError, ValueError) as exc:
-        log.warning("serving plan not readable from Redis (%s); using SQL", exc)
-        announced = None
-    plan = decide(read_sql(store), announced)
-    if plan is not None and not (plan.active.version == BASE_POLICY
-                                 and plan.active.path == settings.model):
-        try:
-            check_servable(plan.active, settings)
-            return plan
-        except CheckpointError as exc:
-            log.error("cannot start on %s: %s; starting on the base model", plan.active.version,
-                      exc)
-    return ServingPlan(PolicyMessage(BASE_POLICY, settings.model, ""),
-                       None if plan is None else plan.canary)

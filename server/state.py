@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 from feedback_store import Store
-from flywheel.hotswap import Publisher
+from flywheel.serving_plan import Publisher
 from flywheel.settings import Settings
 from server.auth import Authenticator
 from server.canary_split import CanarySplit

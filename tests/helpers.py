@@ -1,13 +1,17 @@
-"""Helpers shared by tests and benchmarks: sealed policy checkpoints recorded in SQL."""
+"""Helpers shared by tests and benchmarks: sealed policy checkpoints recorded in SQL, and what
+tests read or change in the database behind the store's back."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import sqlalchemy as sa
+
 from feedback_store import Store
+from feedback_store.models import Feedback, PolicyVersion, Ranking
 from flywheel.checkpoints import atomic_directory, seal
-from flywheel.hotswap import PolicyMessage
+from flywheel.serving_plan import PolicyMessage
 
 WEIGHTS = "model.safetensors"
 
@@ -45,3 +49,20 @@ def make_checkpoint(base_dir: Path, out_dir: Path, version: str, parent: str | N
         store.add_policy(id=version, parent=parent, path=str(out_dir), sha256=manifest.sha256,
                          status=status)
     return PolicyMessage(version=version, path=str(out_dir), sha256=manifest.sha256)
+
+
+def feedback_counts(store: Store) -> dict[str, int]:
+    """Stored thumbs up, thumbs down and rankings (plain SQL on the store's engine, read as the
+    store reads: on SQLite a plain BEGIN, which a writer holding the lock does not block)."""
+    with store.engine.execution_options(flywheel_write=False).connect() as conn:
+        by_rating = dict(conn.execute(
+            sa.select(Feedback.rating, sa.func.count()).group_by(Feedback.rating)).all())
+        rankings = conn.scalar(sa.select(sa.func.count()).select_from(Ranking)) or 0
+    return {"up": by_rating.get("up", 0), "down": by_rating.get("down", 0), "rankings": rankings}
+
+
+def set_policy_status(store: Store, version: str, status: str) -> None:
+    """Change a version's status as an operator's SQL would, past the store's transitions."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.update(PolicyVersion).where(PolicyVersion.id == version)
+                     .values(status=status))

@@ -20,8 +20,8 @@ PACKAGES = ("flywheel", "feedback_store", "server", "trainer_worker")
 LEVELS: list[tuple[str, tuple[str, ...]]] = [
     ("flywheel core: pure settings, statistics and messages", (
         "flywheel", "flywheel.approval", "flywheel.checkpoints", "flywheel.demo_model",
-        "flywheel.engine_types", "flywheel.hf_progress", "flywheel.hotswap", "flywheel.logs",
-        "flywheel.rater_pooling", "flywheel.raters", "flywheel.settings",
+        "flywheel.engine_types", "flywheel.hf_progress", "flywheel.logs", "flywheel.rater_pooling",
+        "flywheel.raters", "flywheel.settings", "flywheel.versions",
     )),
     ("the store", ("feedback_store",)),
     ("flywheel services: on the store, shared by server and trainer", (
@@ -159,7 +159,7 @@ def test_the_check_sees_lazy_upward_and_cross_imports() -> None:
     assert from_trainer.target == "server.engines.base"
     assert "independent" in (violation(from_trainer) or "")
     relative = "from . import logs\nfrom .vllm import swap\n"
-    down = imports_of("flywheel.hotswap", relative, "flywheel/hotswap.py", known)
+    down = imports_of("flywheel.checkpoints", relative, "flywheel/checkpoints.py", known)
     assert [imp.target for imp in down] == ["flywheel.logs", "flywheel.vllm.swap"]
     assert violation(down[0]) is None and "upward" in (violation(down[1]) or "")
     assert placement("flywheel.vllm.params") == (2, "flywheel.vllm")

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from feedback_store import Store
-from flywheel.hotswap import Publisher, RedisKeys, ServingPlan
-from flywheel.serving_plan import BASE_POLICY
+from flywheel.serving_plan import Publisher, RedisKeys, ServingPlan
+from flywheel.versions import BASE_POLICY
 from tests.helpers import make_checkpoint
 from tests.server.conftest import free_port, spawn_server, stop_server, wait_ready
 

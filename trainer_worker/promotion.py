@@ -19,10 +19,9 @@ from typing import Any
 from feedback_store import Store
 from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
 from flywheel.approval import Arm, decide_canary, difference_sequence
-from flywheel.hotswap import Publisher
 from flywheel.live_approval import forgotten
 from flywheel.rater_pooling import pool_arm, pool_paired
-from flywheel.serving_plan import announce
+from flywheel.serving_plan import Publisher, announce
 from flywheel.settings import Settings
 from trainer_worker.rater_review import RaterReview
 from trainer_worker.waiting import canary_wait_reason

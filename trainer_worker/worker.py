@@ -33,13 +33,13 @@ import redis
 from feedback_store import Store
 from feedback_store.errors import StoreError, StoreUnavailableError
 from flywheel import logs
-from flywheel.hotswap import Publisher, RedisKeys
-from flywheel.serving_plan import record_base_policy
+from flywheel.serving_plan import Publisher, RedisKeys, record_base_policy
 from flywheel.settings import Settings
 from trainer_worker.cycle import CycleContext, prune, remove_temporaries, run_cycle
 from trainer_worker.judge import Judge
 from trainer_worker.leader import LeaderLock, LocalLock
 from trainer_worker.promotion import Promotion
+from trainer_worker.stopping import TrainingInterrupted
 
 if TYPE_CHECKING:
     from trainer_worker.ppo.rollout_engines import KeptRollouts
@@ -236,8 +236,7 @@ class Worker:
 
 
 def _describe(exc: BaseException) -> str:
-    name = type(exc).__name__
-    if name in ("TrainingInterrupted", "InterruptedError"):
+    if isinstance(exc, (TrainingInterrupted, InterruptedError)):
         return "interrupted: the worker was stopping or lost the leader lock"
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     return text[:2000]

@@ -9,9 +9,8 @@ from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from flywheel.checkpoints import CheckpointError
-from flywheel.hotswap import PolicyMessage
 from flywheel.live_approval import Pooled, best_version, forgotten, live_record
-from flywheel.serving_plan import announce, check_servable
+from flywheel.serving_plan import PolicyMessage, announce, check_servable
 from server.errors import APIError
 from server.state import AppState, require_admin, require_user
 

@@ -7,6 +7,7 @@ import runpy
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from flywheel.versions import BASE_POLICY
 from server.engines.base import Engine
 
 if TYPE_CHECKING:
@@ -50,7 +51,7 @@ def _torch_has_gpu_build() -> bool:
 
 
 def create_engine(
-    settings: Settings, *, model_path: str | None = None, policy_version: str = "policy-0"
+    settings: Settings, *, model_path: str | None = None, policy_version: str = BASE_POLICY
 ) -> Engine:
     """The engine ``settings.engine`` names, serving ``model_path`` (default: the base model)."""
     path = str(model_path or settings.model)

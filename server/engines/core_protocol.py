@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from flywheel.versions import BASE_POLICY
 from server.engines.base import ChoiceDelta
 
 Row = tuple[Any, ...]
@@ -31,7 +32,7 @@ class CoreConfig:
     dtype: str = "auto"
     max_batch_size: int = 32
     max_model_len: int | None = None
-    policy_version: str = "policy-0"
+    policy_version: str = BASE_POLICY
     stream_interval_ms: float = 0.0
     ignore_eos: bool = False
     cpu_threads: int | None = None

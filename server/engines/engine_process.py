@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from flywheel.versions import BASE_POLICY
 from server.engines.base import ChoiceDelta, EngineError, EngineStats, SamplingParams, SwapError
 from server.engines.bridge import Mailbox
 from server.engines.core_death import exit_soon, watch_engine_core
@@ -89,7 +90,7 @@ class TransformersProcessEngine:
         max_batch_size: int = 32,
         max_model_len: int | None = None,
         served_model_name: str = "flywheel",
-        policy_version: str = "policy-0",
+        policy_version: str = BASE_POLICY,
         stream_interval_ms: float = 0.0,
         ignore_eos: bool = False,
         cpu_threads: int | None = None,

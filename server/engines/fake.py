@@ -12,6 +12,7 @@ import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from flywheel.versions import BASE_POLICY
 from server.engines.base import (
     ChoiceDelta,
     EngineStats,
@@ -29,7 +30,7 @@ class FakeEngine:
     model_name = "fake"
     eos_token_ids = (EOS,)
 
-    def __init__(self, max_model_len: int = 512, policy_version: str = "policy-0",
+    def __init__(self, max_model_len: int = 512, policy_version: str = BASE_POLICY,
                  answer_words: int = 4) -> None:
         """``answer_words``: the length of every answer (long ones for slow-reader tests)."""
         self.max_model_len = max_model_len

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from flywheel.versions import BASE_POLICY
 from server.engines.base import (
     ChoiceDelta,
     EngineError,
@@ -83,7 +84,7 @@ class TransformersEngine:
         max_batch_size: int = 32,
         max_model_len: int | None = None,
         served_model_name: str = "flywheel",
-        policy_version: str = "policy-0",
+        policy_version: str = BASE_POLICY,
         stream_interval_ms: float = 0.0,
         ignore_eos: bool = False,
         cpu_threads: int | None = None,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.settings import Settings
+from flywheel.versions import BASE_POLICY
 from flywheel.vllm.bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
 from flywheel.vllm.params import engine_args
 from flywheel.vllm.swap import DegradedEngineError, add_adapter, swap_in_place
@@ -72,7 +73,7 @@ class VLLMEngine:
         settings: Settings,
         *,
         model_path: str | None = None,
-        policy_version: str = "policy-0",
+        policy_version: str = BASE_POLICY,
         bindings: VLLMBindings | None = None,
         tokenizer: Any | None = None,
         extra_engine_args: Mapping[str, Any] | None = None,

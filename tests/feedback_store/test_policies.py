@@ -73,18 +73,6 @@ def test_rejected_policy_needs_force(store: Store) -> None:
     assert store.activate_policy("policy-1", force=True)["status"] == "active"
 
 
-def test_set_status_merges_metrics(store: Store) -> None:
-    store.ensure_base_policy("/models/base", None)
-    _add(store, 1)
-    record = store.set_policy_status("policy-1", "rejected", {"eval/reward": -1.0})
-    assert record["status"] == "rejected"
-    assert record["metrics"] == {"ppo/kl": 0.1, "eval/reward": -1.0}
-    with pytest.raises(InvalidInputError):
-        store.set_policy_status("policy-0", "retired")  # the active one: activate another
-    assert store.set_policy_status("policy-1", "active")["status"] == "active"
-    assert _statuses(store)["policy-0"] == "retired"
-
-
 def test_concurrent_activations_leave_one_active(store: Store) -> None:
     store.ensure_base_policy("/models/base", None)
     for n in range(1, 5):

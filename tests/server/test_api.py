@@ -8,6 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
+from tests.helpers import feedback_counts
 
 CHAT = {"model": "flywheel", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 
@@ -19,7 +20,7 @@ def chat(client: TestClient, **overrides: object) -> dict:
 
 
 def rows(store: Store) -> dict[str, int]:
-    return store.feedback_counts()
+    return feedback_counts(store)
 
 
 def assert_error(response, status: int, param: str | None = None) -> dict:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from feedback_store import Store
 from server.app import create_app
 from server.engines.sampling import MASKED_LOGPROB, RowParams, RowSampler
+from tests.helpers import feedback_counts
 from tests.server.conftest import make_settings
 
 S = "@surrogate@"  # where a body gets "a\\ud800": a lone surrogate, which is no Unicode text
@@ -83,7 +84,7 @@ def test_invalid_unicode_in_feedback_is_400(client: TestClient, store: Store) ->
                 "completion_id")
     body = {"completion_id": cid, "ranking": [0, 1], "user": S}
     _assert_400(_post_raw(client, "/v1/rankings", body), "user")
-    assert store.feedback_counts()["up"] == 0
+    assert feedback_counts(store)["up"] == 0
 
 
 # -- temperature near zero ----------------------------------------------------------------------

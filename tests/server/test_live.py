@@ -12,6 +12,7 @@ import pytest
 from feedback_store import Store
 from server.app import create_app
 from server.engines.fake import FakeEngine
+from tests.helpers import feedback_counts
 from tests.server.conftest import ThreadServer, free_port, make_settings
 
 
@@ -35,7 +36,7 @@ def test_200_concurrent_feedback_posts(tmp_path: Path, db_url: str, store: Store
 
         statuses = asyncio.run(post_all())
     assert statuses == [201] * 200
-    counts = store.feedback_counts()
+    counts = feedback_counts(store)
     assert counts["up"] + counts["down"] == 200
     assert counts["down"] == len([i for i in range(200) if i % 3 == 0])
 

@@ -15,6 +15,7 @@ from feedback_store import Store
 from server.app import create_app
 from server.engines.fake import FakeEngine
 from tests.conftest import POSTGRES_URL
+from tests.helpers import feedback_counts
 from tests.server.conftest import make_settings
 
 
@@ -56,7 +57,7 @@ def test_feedback_503_while_completions_continue(tmp_path: Path, postgres_url: s
         assert c.get("/readyz").status_code == 200
         retry = c.post("/v1/feedback", json={"completion_id": served["id"], "rating": "up"})
         assert retry.status_code == 201
-    assert store.feedback_counts()["up"] == 1
+    assert feedback_counts(store)["up"] == 1
     store.close()
 
 
@@ -92,5 +93,5 @@ def test_sqlite_writable_again_after_a_read_only_spell(tmp_path: Path, sqlite_ur
             response = c.post("/v1/feedback", json={"completion_id": served["id"],
                                                      "choice_index": i, "rating": "down"})
             assert response.status_code == 201, response.text
-    assert store.feedback_counts() == {"up": 0, "down": 4, "rankings": 0}
+    assert feedback_counts(store) == {"up": 0, "down": 4, "rankings": 0}
     store.close()

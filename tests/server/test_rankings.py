@@ -8,6 +8,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
+from tests.helpers import feedback_counts
 from tests.server.test_api import assert_error, chat
 
 
@@ -51,7 +52,7 @@ def test_tied_ranking_by_items(client: TestClient, store: Store) -> None:
     body = response.json()
     assert body["items"] == items and body["user"] == "u1"
     assert "ranking" not in body
-    assert store.feedback_counts()["rankings"] == 1
+    assert feedback_counts(store)["rankings"] == 1
 
 
 def test_plain_rankings_still_work(client: TestClient) -> None:
@@ -97,7 +98,7 @@ def test_bad_tie_groups_store_nothing(client: TestClient, store: Store) -> None:
     ]
     for payload in malformed:
         assert_error(client.post("/v1/rankings", json=payload), 400)
-    assert store.feedback_counts()["rankings"] == 0
+    assert feedback_counts(store)["rankings"] == 0
     assert store.reward_data("all").groups == []
 
 
@@ -115,7 +116,7 @@ def test_tie_grouping_is_part_of_the_idempotent_request(client: TestClient,
         response = client.post("/v1/rankings", json={"completion_id": cid, "ranking": regrouped},
                                headers=headers)
         assert_error(response, status)
-    assert store.feedback_counts()["rankings"] == 1
+    assert feedback_counts(store)["rankings"] == 1
 
 
 def test_reward_data_follows_the_prompts_split(client: TestClient, store: Store) -> None:

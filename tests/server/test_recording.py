@@ -14,6 +14,7 @@ from feedback_store.errors import (
 )
 from server.completions.recording import completion_writes
 from server.feedback.recording import feedback_writes
+from tests.helpers import feedback_counts
 
 
 def _record(cid: str) -> NewCompletion:
@@ -88,4 +89,4 @@ async def test_ratings_arriving_during_a_write_wait_and_go_together(store: Store
     assert [record["completion_id"] for record, created in outcomes] == \
         [f"cmpl-{i}" for i in range(6)]
     assert isinstance(unknown, NotFoundError)
-    assert store.feedback_counts()["up"] == 6
+    assert feedback_counts(store)["up"] == 6

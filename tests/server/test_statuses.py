@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from feedback_store import Store
 from server.app import create_app
 from server.engines.fake import FakeEngine
+from tests.helpers import feedback_counts
 from tests.server.conftest import make_settings
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2}
@@ -110,7 +111,7 @@ def test_empty_idempotency_key_is_400(client: TestClient, store: Store) -> None:
         ranking = client.post("/v1/rankings", json={"completion_id": cid, "ranking": [0, 1]},
                               headers={"Idempotency-Key": key})
         assert ranking.status_code == 400, (key, ranking.text)
-    assert store.feedback_counts()["up"] == 0
+    assert feedback_counts(store)["up"] == 0
 
 
 def test_idempotency_keys_are_scoped_per_api_key(keyed: TestClient, store: Store) -> None:
@@ -126,7 +127,7 @@ def test_idempotency_keys_are_scoped_per_api_key(keyed: TestClient, store: Store
     again = keyed.post("/v1/feedback", json=body, headers={**same, **bearer("k1")})
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["id"] == first.json()["id"]
-    assert store.feedback_counts()["up"] == 2
+    assert feedback_counts(store)["up"] == 2
     # A different body under the key k2 already used: refused within k2's scope only.
     down = {**body, "rating": "down"}
     assert keyed.post("/v1/feedback", json={**body2, "rating": "down"},

@@ -19,10 +19,11 @@ import redis
 from feedback_store import Store, migrate
 from feedback_store.errors import InvalidInputError, NotFoundError, StoreError
 from feedback_store.policy_versions import WAITING
-from flywheel.hotswap import Publisher, RedisKeys
+from flywheel.serving_plan import Publisher, RedisKeys
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from tests.feedback_store.conftest import _empty_postgres
 from tests.feedback_store.conftest import migrated_postgres_url as migrated_postgres_url
+from tests.helpers import set_policy_status
 from tests.trainer_worker.test_promotion import rate
 from trainer_worker import worker as worker_module
 from trainer_worker.cycle import CycleResult
@@ -277,7 +278,7 @@ def test_operators_and_the_judge_at_full_speed(store: Store) -> None:
 
 def test_release_never_raises_on_a_race(store: Store) -> None:
     judge = make_judge(store, auto=False)
-    store.set_policy_status("policy-1", "retired")  # an operator retired it meanwhile
+    set_policy_status(store, "policy-1", "retired")  # an operator retired it meanwhile
     assert judge.promotion.release("policy-1").startswith("not released: policy-1 is retired")
     assert judge.promotion.release("policy-2") == "active"
     assert consistent(store)["policy-2"] == "active"

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from flywheel.hotswap import RedisKeys
+from flywheel.serving_plan import RedisKeys
 from trainer_worker.leader import LeaderLock
 
 TTL = 0.5

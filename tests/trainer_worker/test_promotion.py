@@ -12,8 +12,8 @@ import redis
 
 from feedback_store import NewChoice, NewCompletion, Store
 from flywheel.approval import Arm, decide_canary
-from flywheel.hotswap import CanaryMessage, PolicyMessage, Publisher, RedisKeys
 from flywheel.live_approval import best_version, forgotten, live_record
+from flywheel.serving_plan import CanaryMessage, PolicyMessage, Publisher, RedisKeys
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from trainer_worker.cycle import prune
 from trainer_worker.promotion import Promotion

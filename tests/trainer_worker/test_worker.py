@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 
 from feedback_store import NewChoice, NewCompletion, Store
 from flywheel.checkpoints import verify
-from flywheel.hotswap import RedisKeys
+from flywheel.serving_plan import RedisKeys
 from flywheel.settings import PPOConfig, RewardConfig, Settings, TrainSettings
 from tests.conftest import POSTGRES_URL
 from trainer_worker.leader import LeaderLock

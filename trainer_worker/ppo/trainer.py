@@ -54,7 +54,7 @@ from trainer_worker.ppo.rollout import (
 )
 from trainer_worker.ppo.rollout_engines import KeptRollouts, RolloutEngine, open_rollout_engine
 from trainer_worker.reward.model import RewardModel
-from trainer_worker.reward.stopping import TrainingInterrupted, check_stop
+from trainer_worker.stopping import TrainingInterrupted, check_stop
 
 StopFn = Callable[[], bool] | None
 KLController = AdaptiveKLController | FixedKLController

@@ -28,7 +28,7 @@ from trainer_worker.reward.losses import (
     pointwise_logistic_loss,
 )
 from trainer_worker.reward.model import RewardModel, is_reward_dir
-from trainer_worker.reward.stopping import check_stop
+from trainer_worker.stopping import check_stop
 
 
 def train_reward_model(

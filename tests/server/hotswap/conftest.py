@@ -15,10 +15,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
+from flywheel import serving_plan
 from flywheel.embedded_redis import EmbeddedRedis
-from flywheel.hotswap import PolicyMessage, Publisher, RedisKeys, ServingPlan
+from flywheel.serving_plan import PolicyMessage, Publisher, RedisKeys, ServingPlan
 from flywheel.settings import Settings
-from server import hotswap
 from server.app import create_app
 from server.engines.fake import FakeEngine
 from tests.helpers import make_checkpoint
@@ -80,7 +80,7 @@ def settings(tmp_path: Path, sqlite_url: str, redis_url: str, redis_namespace: s
 def initial_policy(settings: Settings, store: Store) -> tuple[str, str]:
     publisher = Publisher.from_url(settings.redis_url, settings.redis_namespace)
     try:
-        plan = hotswap.initial_plan(settings, store, publisher)
+        plan = serving_plan.initial_plan(settings, store, publisher)
     finally:
         publisher.close()
     return plan.active.path, plan.active.version

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from flywheel.embedded_redis import EmbeddedRedis
-from flywheel.hotswap import CanaryMessage, RedisKeys
+from flywheel.serving_plan import CanaryMessage, RedisKeys
 from flywheel.settings import Settings
 from tests.server.hotswap.conftest import (
     CHAT,

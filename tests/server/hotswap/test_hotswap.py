@@ -14,8 +14,7 @@ import redis
 
 from feedback_store import Store
 from flywheel.embedded_redis import EmbeddedRedis
-from flywheel.hotswap import PolicyMessage, RedisKeys
-from flywheel.serving_plan import record_base_policy
+from flywheel.serving_plan import PolicyMessage, RedisKeys, record_base_policy
 from flywheel.settings import Settings
 from server import hotswap
 from tests.helpers import make_checkpoint

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from feedback_store.models import Completion
-from flywheel.hotswap import Publisher
+from flywheel.serving_plan import Publisher
 from flywheel.settings import Settings
 from tests.server.hotswap.conftest import CHAT, checkpoint, serving, wait_for
 from trainer_worker.promotion import Promotion

@@ -1,4 +1,5 @@
-"""Cooperative cancellation shared by reward training, PPO and their callers."""
+"""Cooperative cancellation shared by reward training, PPO and the worker that runs them
+(torch-free, so the worker catches ``TrainingInterrupted`` by type without importing torch)."""
 
 from __future__ import annotations
 
