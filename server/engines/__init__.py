@@ -31,7 +31,7 @@ def own_process(settings: Settings) -> bool:
         return settings.engine_process
     if settings.device == "cpu" or (settings.device == "auto" and not _torch_has_gpu_build()):
         return True
-    from server.engines.transformers_engine import resolve_device
+    from server.engines.model_loading import resolve_device
 
     return resolve_device(settings.device).type == "cpu"
 

@@ -12,12 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from server.engines.base import (
     ChoiceDelta,
@@ -26,49 +22,12 @@ from server.engines.base import (
     SamplingParams,
     SwapError,
 )
+from server.engines.core_protocol import CoreConfig
+from server.engines.model_loading import open_scheduler
 from server.engines.prompts import PromptEncoder
 from server.engines.request import Request, admissible
-from server.engines.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU, bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def decode_threads(device: torch.device, requested: int | None) -> int | None:
-    """Intra-op threads for the decode thread on CPU (None: leave torch's setting alone).
-
-    The event loop, HTTP handling and database calls share the process with decoding. With as many
-    OpenMP threads as cores, every one of their turns stalls an OpenMP barrier in the forward pass;
-    on a 2-core machine we measured the HTTP throughput drop tenfold. One core stays theirs. The
-    same holds in an engine process of its own: there 2 threads on 2 cores gave 0.68x the tokens/s
-    of 1 at 16 streaming clients, for twice the CPU per token (bench/serving.py).
-    """
-    if device.type != "cpu":
-        return None
-    if requested is not None:
-        return max(1, requested)
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
-
 
 class TransformersEngine:
     """Serves a local Hugging Face causal LM directory (and optionally a canary beside it) with
@@ -94,27 +53,15 @@ class TransformersEngine:
         than the cores (at least 1) unless ``OMP_NUM_THREADS`` is set, see ``decode_threads``.
         """
         self.model_name = served_model_name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = self._load_model(model_path)
-        config = model.config
-        self.max_model_len = int(max_model_len or config.max_position_embeddings)
-        self.eos_token_ids = eos_token_ids(model_path, config, self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        pad_id = pad if pad is not None else (self.eos_token_ids or (0,))[0]
-        self._vocab_size = model.get_input_embeddings().num_embeddings
+        config = CoreConfig(model_path, device, dtype, max_batch_size, max_model_len,
+                            policy_version, stream_interval_ms, ignore_eos, cpu_threads)
+        self._scheduler, info, self._weights = open_scheduler(config)
+        self.device, self.dtype = self._weights.device, self._weights.dtype
+        self.tokenizer = info.tokenizer
+        self.max_model_len = info.max_model_len
+        self.eos_token_ids = info.eos_token_ids
+        self._vocab_size = info.vocab_size
         self._prompts = PromptEncoder(self.tokenizer, self.max_model_len)
-        self._scheduler = Scheduler(
-            model,
-            policy_version,
-            self.tokenizer,
-            eos_token_ids=frozenset(() if ignore_eos else self.eos_token_ids),
-            pad_token_id=pad_id,
-            max_batch_size=max_batch_size,
-            stream_interval_s=stream_interval_ms / 1000.0,
-            threads=decode_threads(self.device, cpu_threads),
-        )
         self._swap_lock: asyncio.Lock | None = None
         self._closing = False
 
@@ -226,7 +173,7 @@ class TransformersEngine:
 
     async def _load(self, path: str, version: str) -> Any:
         try:
-            return await asyncio.to_thread(self._load_checked, path)
+            return await asyncio.to_thread(self._weights.load_checked, path)
         except Exception as exc:
             raise SwapError(f"could not load policy {version} from {path}: {exc}") from exc
 
@@ -244,44 +191,3 @@ class TransformersEngine:
                 "requests_by_version": dict(s.requests_by_version),
             },
         )
-
-    def _load_model(self, path: str) -> Any:
-        return load_model(path, self.device, self.dtype)
-
-    def _load_checked(self, path: str) -> Any:
-        return load_checked(path, self.device, self.dtype, self._vocab_size, self.eos_token_ids)
-
-
-def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_checked(path: str, device: torch.device, dtype: torch.dtype, vocab_size: int,
-                 eos_token_ids: tuple[int, ...]) -> Any:
-    """Load new weights and prove they run before anything is handed to the decode thread."""
-    model = load_model(path, device, dtype)
-    vocab = model.get_input_embeddings().num_embeddings
-    if vocab != vocab_size:
-        raise ValueError(f"vocabulary size {vocab} differs from the served {vocab_size}")
-    with torch.inference_mode():
-        probe = torch.tensor([[eos_token_ids[0] if eos_token_ids else 0]])
-        logits = model(input_ids=probe.to(device)).logits
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("the new weights produce non-finite logits")
-    return model
-
-
-def eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """Every end-of-sequence id named by the generation config, model config or tokenizer."""
-    ids: list[int] = []
-    try:
-        sources: list[Any] = [GenerationConfig.from_pretrained(path).eos_token_id]
-    except OSError:
-        sources = []
-    sources += [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
-    for source in sources:
-        for token in source if isinstance(source, list | tuple) else [source]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
-    return tuple(ids)
