@@ -23,7 +23,7 @@ def unavailable(settings: Settings) -> str | None:
 
 
 def own_process(settings: Settings) -> bool:
-    """Whether the transformers engine runs in a process of its own (``engine_process.py``):
+    """Whether the transformers engine runs in a process of its own (``process_core.py``):
     as ``settings.engine_process`` says, by default on CPU. Told without importing torch when
     the device is ``cpu``, or ``auto`` with a torch built for no GPU: that API process stays
     torch-free."""

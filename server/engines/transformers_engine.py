@@ -1,10 +1,12 @@
-"""The Hugging Face ``transformers`` engine: continuous batching on one decode thread, CPU or GPU.
+"""The Hugging Face ``transformers`` engine: continuous batching on one decode loop, CPU or GPU.
 
-The event loop side (this module) validates and tokenises, hands requests to the decode thread
-(``scheduler.py``) and streams back the deltas it posts; weights for a hot swap or a canary are
-loaded on a worker thread and handed over between decode steps (``groups.py``). A canary is a
-second model beside the active one: both decode every iteration, each in its own batch.
-``engine_process.py`` runs the same scheduler in a process of its own (``FLYWHEEL_ENGINE_PROCESS``).
+The event loop side (this module) validates and tokenises, hands requests to the core and
+streams back the deltas it posts; it serialises weight changes (a hot swap, a canary, its
+promotion or end). A canary is a second model beside the active one: both decode every
+iteration, each in its own batch. The core (model, ``scheduler.py``) runs on a decode thread in
+this process or in an engine process of its own (``own_process``, ``FLYWHEEL_ENGINE_PROCESS``),
+behind one interface (``core_transport.py``). Torch-free: the in-process core brings torch when
+chosen.
 """
 
 from __future__ import annotations
@@ -15,19 +17,15 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.engines.base import (
-    ChoiceDelta,
-    EngineError,
-    EngineStats,
-    SamplingParams,
-    SwapError,
-)
+from server.engines.base import ChoiceDelta, EngineError, EngineStats, SamplingParams, SwapError
+from server.engines.core_death import exit_soon
 from server.engines.core_protocol import CoreConfig
-from server.engines.model_loading import open_scheduler
+from server.engines.core_transport import CoreTransport, open_core
 from server.engines.prompts import PromptEncoder
-from server.engines.request import Request, admissible
+from server.engines.request import admissible
 
 logger = logging.getLogger(__name__)
+
 
 class TransformersEngine:
     """Serves a local Hugging Face causal LM directory (and optionally a canary beside it) with
@@ -46,17 +44,22 @@ class TransformersEngine:
         stream_interval_ms: float = 0.0,
         ignore_eos: bool = False,
         cpu_threads: int | None = None,
+        own_process: bool = False,
     ) -> None:
-        """``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed lengths).
+        """Load the model (blocking); ``EngineError`` when an engine process cannot.
 
+        ``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed lengths).
         ``cpu_threads``: torch intra-op threads of the decode thread on CPU; default one less
-        than the cores (at least 1) unless ``OMP_NUM_THREADS`` is set, see ``decode_threads``.
+        than the cores (at least 1) unless ``OMP_NUM_THREADS`` is set, see
+        ``model_loading.decode_threads``. ``own_process``: the model runs in an engine process
+        of its own (``process_core.py``), else on a decode thread here (``thread_core.py``).
         """
         self.model_name = served_model_name
         config = CoreConfig(model_path, device, dtype, max_batch_size, max_model_len,
-                            policy_version, stream_interval_ms, ignore_eos, cpu_threads)
-        self._scheduler, info, self._weights = open_scheduler(config)
-        self.device, self.dtype = self._weights.device, self._weights.dtype
+                            policy_version, stream_interval_ms, ignore_eos, cpu_threads,
+                            logging.getLogger().getEffectiveLevel())
+        self._core: CoreTransport = open_core(config, own_process)
+        info = self._core.info
         self.tokenizer = info.tokenizer
         self.max_model_len = info.max_model_len
         self.eos_token_ids = info.eos_token_ids
@@ -67,35 +70,42 @@ class TransformersEngine:
 
     @property
     def policy_version(self) -> str:
-        return self._scheduler.version
+        return self._core.version
 
     @property
     def canary_version(self) -> str | None:
-        return self._scheduler.canary_version
+        return self._core.canary_version
 
     @property
     def model(self) -> Any:
-        """The model new requests run on (tests and benchmarks use it for reference passes)."""
-        return self._scheduler.model
+        """The model new requests run on (tests and benchmarks use it for reference passes);
+        in-process only."""
+        return self._core.model
 
     @property
     def canary_model(self) -> Any:
-        """The model new canary requests run on (None without a canary)."""
-        return self._scheduler.canary_model
+        """The model new canary requests run on (None without a canary); in-process only."""
+        return self._core.canary_model
 
     async def start(self) -> None:
         self._closing = False
-        self._scheduler.start()
+        await self._core.start(self._died)
+
+    def _died(self, reason: str) -> None:
+        self.on_death()
+
+    def on_death(self) -> None:
+        """What a dead engine process does to this one (``core_death.exit_soon``)."""
+        exit_soon()
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new requests, let running ones finish in ``drain_timeout_s``, abort the rest."""
         self._closing = True
-        deadline = asyncio.get_running_loop().time() + drain_timeout_s
-        while self._scheduler.running_sequences or self._scheduler.waiting:
-            if asyncio.get_running_loop().time() >= deadline:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        while self._core.busy() and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(self._scheduler.stop)
+        await self._core.stop()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._prompts.encode_chat(messages)
@@ -113,56 +123,54 @@ class TransformersEngine:
         """Validate now (``PromptTooLongError`` before any streaming starts), then stream."""
         prompt = list(prompt_token_ids)
         max_new = admissible(prompt, params, self.max_model_len, self._vocab_size)
-        if self._closing:
-            raise EngineError("The engine is shutting down.")
+        refusal = self._core.refusal()
+        if refusal is None and self._closing:
+            refusal = "The engine is shutting down."
+        if refusal is not None:
+            raise EngineError(refusal)
         return self._stream(request_id, prompt, params, max_new, canary)
 
     async def _stream(
         self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
         canary: bool,
     ) -> AsyncIterator[ChoiceDelta]:
-        loop = asyncio.get_running_loop()
-        request = Request(request_id, prompt, params, max_new, loop, canary=canary)
-        self._scheduler.start()
-        self._scheduler.submit(request)
+        request = self._core.submit(request_id, prompt, params, max_new, canary)
         try:
             async with contextlib.aclosing(request.deltas()) as deltas:
                 async for delta in deltas:
                     yield delta
         finally:
             if request.unfinished:  # the client went away: free the slots at the next step
-                self._scheduler.cancel(request)
+                self._core.cancel(request)
 
     async def swap_weights(self, path: str, version: str) -> None:
         """A new active version; the loaded canary's weights when ``version`` is the canary's."""
         async with self._lock():
-            if version == self._scheduler.canary_version:
-                await asyncio.wrap_future(self._scheduler.change("promote"))
+            if version == self.canary_version:
+                await self._core.switch("promote")
                 logger.info("canary %s promoted to active", version)
                 return
-            model = await self._load(path, version)
-            await asyncio.wrap_future(self._scheduler.install(model, version))
+            await self._core.load("activate", path, version)
         logger.info("now serving policy %s from %s", version, path)
 
     async def set_canary(self, path: str, version: str) -> None:
         """Load ``path`` beside the active weights for requests that ask for the canary."""
         async with self._lock():
-            if version == self._scheduler.canary_version:
+            if version == self.canary_version:
                 return
-            if version == self._scheduler.version:
+            if version == self.policy_version:
                 raise SwapError(f"{version} is the active version; it cannot be its own canary")
-            model = await self._load(path, version)
-            await asyncio.wrap_future(self._scheduler.change("canary", model, version))
+            await self._core.load("canary", path, version)
         logger.info("serving canary %s from %s beside %s", version, path, self.policy_version)
 
     async def end_canary(self) -> None:
         """Canary requests go to the active version from now; running ones finish on the canary,
-        whose weights the decode thread frees after the last one."""
+        whose weights the core frees after the last one."""
         async with self._lock():
-            ended = self._scheduler.canary_version
+            ended = self.canary_version
             if ended is None:
                 return
-            await asyncio.wrap_future(self._scheduler.change("end_canary"))
+            await self._core.switch("end_canary")
         logger.info("canary %s ended", ended)
 
     def _lock(self) -> asyncio.Lock:
@@ -171,23 +179,5 @@ class TransformersEngine:
             self._swap_lock = asyncio.Lock()
         return self._swap_lock
 
-    async def _load(self, path: str, version: str) -> Any:
-        try:
-            return await asyncio.to_thread(self._weights.load_checked, path)
-        except Exception as exc:
-            raise SwapError(f"could not load policy {version} from {path}: {exc}") from exc
-
     def stats(self) -> EngineStats:
-        s = self._scheduler
-        return EngineStats(
-            running=s.running_requests,
-            waiting=s.waiting,
-            extra={
-                "running_sequences": s.running_sequences,
-                "decode_steps": s.steps,
-                "policy_versions": s.group_versions(),  # loaded, oldest first (draining too)
-                "active_version": s.version,
-                "canary_version": s.canary_version,
-                "requests_by_version": dict(s.requests_by_version),
-            },
-        )
+        return self._core.stats()
