@@ -124,10 +124,7 @@ class Core:
             self._send(("step", rows, stats, acks))
 
     def _stats(self) -> CoreStats:
-        s = self._scheduler
-        return CoreStats(s.running_requests, s.running_sequences, s.waiting, self._received,
-                         tuple(s.group_versions()), s.version, s.canary_version,
-                         tuple(s.requests_by_version.items()), s.steps)
+        return self._scheduler.counts(self._received)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         # OSError: the API process is gone (the command reader ends this one)

@@ -34,7 +34,14 @@ from typing import Any
 from server.engines.base import EngineError, EngineStats, SamplingParams, SwapError
 from server.engines.bridge import Mailbox
 from server.engines.core_death import watch_engine_core
-from server.engines.core_protocol import CoreConfig, CoreInfo, CoreStats, Row, row_delta
+from server.engines.core_protocol import (
+    CoreConfig,
+    CoreInfo,
+    CoreStats,
+    Row,
+    engine_stats,
+    row_delta,
+)
 from server.engines.core_transport import LoadKind, SwitchKind, load_failed
 from server.engines.request import DeltaOrError, Request
 
@@ -217,21 +224,9 @@ class ProcessCore:
 
     def stats(self) -> EngineStats:
         s = self._stats
-        return EngineStats(
-            running=s.running_requests,
-            waiting=s.waiting + max(0, self._submitted - s.received),  # some still in the pipe
-            extra={
-                "engine_process": self._process.pid,
-                "running_sequences": s.running_sequences,
-                "decode_steps": s.steps,
-                "policy_versions": list(s.versions),  # loaded, oldest first (draining too)
-                "active_version": s.active,
-                "canary_version": s.canary,
-                "requests_by_version": dict(s.requests_by_version),
-                "degraded": self._dead,
-                "dead": self._dead,
-            },
-        )
+        in_pipe = max(0, self._submitted - s.received)  # submits the core has not read yet
+        return engine_stats(s, in_pipe, engine_process=self._process.pid, degraded=self._dead,
+                            dead=self._dead)
 
     # -- the reader thread ----------------------------------------------------------------------
 

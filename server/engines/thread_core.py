@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server.engines.base import EngineStats, SamplingParams
-from server.engines.core_protocol import CoreConfig
+from server.engines.core_protocol import CoreConfig, engine_stats
 from server.engines.core_transport import LoadKind, SwitchKind, load_failed
 from server.engines.model_loading import open_scheduler
 from server.engines.request import Request
@@ -74,16 +74,4 @@ class ThreadCore:
         await asyncio.wrap_future(self._scheduler.change(kind))
 
     def stats(self) -> EngineStats:
-        s = self._scheduler
-        return EngineStats(
-            running=s.running_requests,
-            waiting=s.waiting,
-            extra={
-                "running_sequences": s.running_sequences,
-                "decode_steps": s.steps,
-                "policy_versions": s.group_versions(),  # loaded, oldest first (draining too)
-                "active_version": s.version,
-                "canary_version": s.canary_version,
-                "requests_by_version": dict(s.requests_by_version),
-            },
-        )
+        return engine_stats(self._scheduler.counts())
