@@ -53,7 +53,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.engines.base import SamplingParams
-from server.engines.transformers_engine import TransformersEngine, decode_threads
+from server.engines.model_loading import decode_threads
+from server.engines.transformers_engine import TransformersEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

@@ -24,7 +24,7 @@ def unavailable(settings: Settings) -> str | None:
 
 
 def own_process(settings: Settings) -> bool:
-    """Whether the transformers engine runs in a process of its own (``engine_process.py``):
+    """Whether the transformers engine runs in a process of its own (``process_core.py``):
     as ``settings.engine_process`` says, by default on CPU. Told without importing torch when
     the device is ``cpu``, or ``auto`` with a torch built for no GPU: that API process stays
     torch-free."""
@@ -32,7 +32,7 @@ def own_process(settings: Settings) -> bool:
         return settings.engine_process
     if settings.device == "cpu" or (settings.device == "auto" and not _torch_has_gpu_build()):
         return True
-    from server.engines.transformers_engine import resolve_device
+    from server.engines.model_loading import resolve_device
 
     return resolve_device(settings.device).type == "cpu"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from flywheel.versions import BASE_POLICY
-from server.engines.base import ChoiceDelta
+from server.engines.base import ChoiceDelta, EngineStats
 
 Row = tuple[Any, ...]
 Ack = tuple[int, str | None]  # a weight change's key and why it failed (None: applied)
@@ -63,6 +63,23 @@ class CoreStats(NamedTuple):
     canary: str | None = None
     requests_by_version: tuple[tuple[str, int], ...] = ()
     steps: int = 0
+
+
+def engine_stats(s: CoreStats, in_pipe: int = 0, **extra: Any) -> EngineStats:
+    """``Engine.stats()`` of a core's counts; ``in_pipe``: submits on their way to the core."""
+    return EngineStats(
+        running=s.running_requests,
+        waiting=s.waiting + in_pipe,
+        extra={
+            "running_sequences": s.running_sequences,
+            "decode_steps": s.steps,
+            "policy_versions": list(s.versions),  # loaded, oldest first (draining too)
+            "active_version": s.active,
+            "canary_version": s.canary,
+            "requests_by_version": dict(s.requests_by_version),
+            **extra,
+        },
+    )
 
 
 def delta_row(key: int, delta: ChoiceDelta) -> Row:

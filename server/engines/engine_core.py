@@ -23,21 +23,13 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from flywheel import logs
-from server.engines.core_protocol import Ack, CoreConfig, CoreInfo, CoreStats, Row, delta_row
+from server.engines.core_protocol import Ack, CoreConfig, CoreStats, Row, delta_row
 from server.engines.groups import ChangeKind
+from server.engines.model_loading import open_scheduler
 from server.engines.request import Request
-from server.engines.scheduler import Outgoing, Scheduler
-from server.engines.transformers_engine import (
-    decode_threads,
-    eos_token_ids,
-    load_checked,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-)
+from server.engines.scheduler import Outgoing
 
 logger = logging.getLogger(__name__)
 
@@ -48,30 +40,7 @@ class Core:
     def __init__(self, config: CoreConfig, events: Connection) -> None:
         self._events = events
         self._send_lock = threading.Lock()
-        device = resolve_device(config.device)
-        self._device, self._dtype = device, resolve_dtype(config.dtype, device)
-        tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        model = load_model(config.model_path, device, self._dtype)
-        eos = eos_token_ids(config.model_path, model.config, tokenizer)
-        pad = tokenizer.pad_token_id
-        self.info = CoreInfo(
-            max_model_len=int(config.max_model_len or model.config.max_position_embeddings),
-            eos_token_ids=eos,
-            vocab_size=model.get_input_embeddings().num_embeddings,
-            pad_token_id=pad if pad is not None else (eos or (0,))[0],
-            tokenizer=tokenizer,
-        )
-        self._scheduler = Scheduler(
-            model,
-            config.policy_version,
-            tokenizer,
-            eos_token_ids=frozenset(() if config.ignore_eos else eos),
-            pad_token_id=self.info.pad_token_id,
-            max_batch_size=config.max_batch_size,
-            stream_interval_s=config.stream_interval_ms / 1000.0,
-            threads=decode_threads(device, config.cpu_threads),
-            deliver=self._deliver,
-        )
+        self._scheduler, self.info, self._weights = open_scheduler(config, deliver=self._deliver)
         self._requests: dict[int, tuple[Request, list[int]]] = {}  # key: request, [unfinished]
         self._received = 0
         self._acks: list[Ack] = []
@@ -121,8 +90,7 @@ class Core:
     def _load(self, key: int, kind: ChangeKind, path: str, version: str) -> None:
         """Load and probe weights beside the served ones (own thread: commands keep flowing)."""
         try:
-            model = load_checked(path, self._device, self._dtype, self.info.vocab_size,
-                                 self.info.eos_token_ids)
+            model = self._weights.load_checked(path)
         except Exception as exc:
             self._send(("acks", [(key, f"{type(exc).__name__}: {exc}")], self._stats()))
             return
@@ -156,10 +124,7 @@ class Core:
             self._send(("step", rows, stats, acks))
 
     def _stats(self) -> CoreStats:
-        s = self._scheduler
-        return CoreStats(s.running_requests, s.running_sequences, s.waiting, self._received,
-                         tuple(s.group_versions()), s.version, s.canary_version,
-                         tuple(s.requests_by_version.items()), s.steps)
+        return self._scheduler.counts(self._received)
 
     def _send(self, message: tuple[Any, ...]) -> None:
         # OSError: the API process is gone (the command reader ends this one)

@@ -27,6 +27,7 @@ import torch
 from server.engines.base import ChoiceDelta, EngineError
 from server.engines.batch import PaddedBatch
 from server.engines.bridge import Mailbox
+from server.engines.core_protocol import CoreStats
 from server.engines.groups import Change, ChangeKind, Group, Groups
 from server.engines.request import DeltaOrError, Request
 from server.engines.sampling import RowSampler, Sampled
@@ -108,6 +109,12 @@ class Scheduler:
 
     def group_versions(self) -> list[str]:
         return self._groups.versions()
+
+    def counts(self, received: int = 0) -> CoreStats:
+        """What ``Engine.stats()`` reports (``received``: submits the engine process has read)."""
+        return CoreStats(self.running_requests, self.running_sequences, self.waiting, received,
+                         tuple(self.group_versions()), self.version, self.canary_version,
+                         tuple(self.requests_by_version.items()), self.steps)
 
     # -- called from the event loop ------------------------------------------------------------
 

@@ -1,10 +1,12 @@
-"""The Hugging Face ``transformers`` engine: continuous batching on one decode thread, CPU or GPU.
+"""The Hugging Face ``transformers`` engine: continuous batching on one decode loop, CPU or GPU.
 
-The event loop side (this module) validates and tokenises, hands requests to the decode thread
-(``scheduler.py``) and streams back the deltas it posts; weights for a hot swap or a canary are
-loaded on a worker thread and handed over between decode steps (``groups.py``). A canary is a
-second model beside the active one: both decode every iteration, each in its own batch.
-``engine_process.py`` runs the same scheduler in a process of its own (``FLYWHEEL_ENGINE_PROCESS``).
+The event loop side (this module) validates and tokenises, hands requests to the core and
+streams back the deltas it posts; it serialises weight changes (a hot swap, a canary, its
+promotion or end). A canary is a second model beside the active one: both decode every
+iteration, each in its own batch. The core (model, ``scheduler.py``) runs on a decode thread in
+this process or in an engine process of its own (``own_process``, ``FLYWHEEL_ENGINE_PROCESS``),
+behind one interface (``core_transport.py``). Torch-free: the in-process core brings torch when
+chosen.
 """
 
 from __future__ import annotations
@@ -12,63 +14,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
 from flywheel.versions import BASE_POLICY
-from server.engines.base import (
-    ChoiceDelta,
-    EngineError,
-    EngineStats,
-    SamplingParams,
-    SwapError,
-)
+from server.engines.base import ChoiceDelta, EngineError, EngineStats, SamplingParams, SwapError
+from server.engines.core_death import exit_soon
+from server.engines.core_protocol import CoreConfig
+from server.engines.core_transport import CoreTransport, open_core
 from server.engines.prompts import PromptEncoder
-from server.engines.request import Request, admissible
-from server.engines.scheduler import Scheduler
+from server.engines.request import admissible
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: CUDA when available, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: float32 on CPU, bfloat16 on CUDA."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
-
-
-def decode_threads(device: torch.device, requested: int | None) -> int | None:
-    """Intra-op threads for the decode thread on CPU (None: leave torch's setting alone).
-
-    The event loop, HTTP handling and database calls share the process with decoding. With as many
-    OpenMP threads as cores, every one of their turns stalls an OpenMP barrier in the forward pass;
-    on a 2-core machine we measured the HTTP throughput drop tenfold. One core stays theirs. The
-    same holds in an engine process of its own: there 2 threads on 2 cores gave 0.68x the tokens/s
-    of 1 at 16 streaming clients, for twice the CPU per token (bench/serving.py).
-    """
-    if device.type != "cpu":
-        return None
-    if requested is not None:
-        return max(1, requested)
-    if os.environ.get("OMP_NUM_THREADS"):
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
 
 
 class TransformersEngine:
@@ -88,68 +45,68 @@ class TransformersEngine:
         stream_interval_ms: float = 0.0,
         ignore_eos: bool = False,
         cpu_threads: int | None = None,
+        own_process: bool = False,
     ) -> None:
-        """``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed lengths).
+        """Load the model (blocking); ``EngineError`` when an engine process cannot.
 
+        ``ignore_eos`` decodes past EOS up to ``max_tokens`` (benchmarks: fixed lengths).
         ``cpu_threads``: torch intra-op threads of the decode thread on CPU; default one less
-        than the cores (at least 1) unless ``OMP_NUM_THREADS`` is set, see ``decode_threads``.
+        than the cores (at least 1) unless ``OMP_NUM_THREADS`` is set, see
+        ``model_loading.decode_threads``. ``own_process``: the model runs in an engine process
+        of its own (``process_core.py``), else on a decode thread here (``thread_core.py``).
         """
         self.model_name = served_model_name
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        model = self._load_model(model_path)
-        config = model.config
-        self.max_model_len = int(max_model_len or config.max_position_embeddings)
-        self.eos_token_ids = eos_token_ids(model_path, config, self.tokenizer)
-        pad = self.tokenizer.pad_token_id
-        pad_id = pad if pad is not None else (self.eos_token_ids or (0,))[0]
-        self._vocab_size = model.get_input_embeddings().num_embeddings
+        config = CoreConfig(model_path, device, dtype, max_batch_size, max_model_len,
+                            policy_version, stream_interval_ms, ignore_eos, cpu_threads,
+                            logging.getLogger().getEffectiveLevel())
+        self._core: CoreTransport = open_core(config, own_process)
+        info = self._core.info
+        self.tokenizer = info.tokenizer
+        self.max_model_len = info.max_model_len
+        self.eos_token_ids = info.eos_token_ids
+        self._vocab_size = info.vocab_size
         self._prompts = PromptEncoder(self.tokenizer, self.max_model_len)
-        self._scheduler = Scheduler(
-            model,
-            policy_version,
-            self.tokenizer,
-            eos_token_ids=frozenset(() if ignore_eos else self.eos_token_ids),
-            pad_token_id=pad_id,
-            max_batch_size=max_batch_size,
-            stream_interval_s=stream_interval_ms / 1000.0,
-            threads=decode_threads(self.device, cpu_threads),
-        )
         self._swap_lock: asyncio.Lock | None = None
         self._closing = False
 
     @property
     def policy_version(self) -> str:
-        return self._scheduler.version
+        return self._core.version
 
     @property
     def canary_version(self) -> str | None:
-        return self._scheduler.canary_version
+        return self._core.canary_version
 
     @property
     def model(self) -> Any:
-        """The model new requests run on (tests and benchmarks use it for reference passes)."""
-        return self._scheduler.model
+        """The model new requests run on (tests and benchmarks use it for reference passes);
+        in-process only."""
+        return self._core.model
 
     @property
     def canary_model(self) -> Any:
-        """The model new canary requests run on (None without a canary)."""
-        return self._scheduler.canary_model
+        """The model new canary requests run on (None without a canary); in-process only."""
+        return self._core.canary_model
 
     async def start(self) -> None:
         self._closing = False
-        self._scheduler.start()
+        await self._core.start(self._died)
+
+    def _died(self, reason: str) -> None:
+        self.on_death()
+
+    def on_death(self) -> None:
+        """What a dead engine process does to this one (``core_death.exit_soon``)."""
+        exit_soon()
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new requests, let running ones finish in ``drain_timeout_s``, abort the rest."""
         self._closing = True
-        deadline = asyncio.get_running_loop().time() + drain_timeout_s
-        while self._scheduler.running_sequences or self._scheduler.waiting:
-            if asyncio.get_running_loop().time() >= deadline:
-                break
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_timeout_s
+        while self._core.busy() and loop.time() < deadline:
             await asyncio.sleep(0.01)
-        await asyncio.to_thread(self._scheduler.stop)
+        await self._core.stop()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._prompts.encode_chat(messages)
@@ -167,56 +124,54 @@ class TransformersEngine:
         """Validate now (``PromptTooLongError`` before any streaming starts), then stream."""
         prompt = list(prompt_token_ids)
         max_new = admissible(prompt, params, self.max_model_len, self._vocab_size)
-        if self._closing:
-            raise EngineError("The engine is shutting down.")
+        refusal = self._core.refusal()
+        if refusal is None and self._closing:
+            refusal = "The engine is shutting down."
+        if refusal is not None:
+            raise EngineError(refusal)
         return self._stream(request_id, prompt, params, max_new, canary)
 
     async def _stream(
         self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
         canary: bool,
     ) -> AsyncIterator[ChoiceDelta]:
-        loop = asyncio.get_running_loop()
-        request = Request(request_id, prompt, params, max_new, loop, canary=canary)
-        self._scheduler.start()
-        self._scheduler.submit(request)
+        request = self._core.submit(request_id, prompt, params, max_new, canary)
         try:
             async with contextlib.aclosing(request.deltas()) as deltas:
                 async for delta in deltas:
                     yield delta
         finally:
             if request.unfinished:  # the client went away: free the slots at the next step
-                self._scheduler.cancel(request)
+                self._core.cancel(request)
 
     async def swap_weights(self, path: str, version: str) -> None:
         """A new active version; the loaded canary's weights when ``version`` is the canary's."""
         async with self._lock():
-            if version == self._scheduler.canary_version:
-                await asyncio.wrap_future(self._scheduler.change("promote"))
+            if version == self.canary_version:
+                await self._core.switch("promote")
                 logger.info("canary %s promoted to active", version)
                 return
-            model = await self._load(path, version)
-            await asyncio.wrap_future(self._scheduler.install(model, version))
+            await self._core.load("activate", path, version)
         logger.info("now serving policy %s from %s", version, path)
 
     async def set_canary(self, path: str, version: str) -> None:
         """Load ``path`` beside the active weights for requests that ask for the canary."""
         async with self._lock():
-            if version == self._scheduler.canary_version:
+            if version == self.canary_version:
                 return
-            if version == self._scheduler.version:
+            if version == self.policy_version:
                 raise SwapError(f"{version} is the active version; it cannot be its own canary")
-            model = await self._load(path, version)
-            await asyncio.wrap_future(self._scheduler.change("canary", model, version))
+            await self._core.load("canary", path, version)
         logger.info("serving canary %s from %s beside %s", version, path, self.policy_version)
 
     async def end_canary(self) -> None:
         """Canary requests go to the active version from now; running ones finish on the canary,
-        whose weights the decode thread frees after the last one."""
+        whose weights the core frees after the last one."""
         async with self._lock():
-            ended = self._scheduler.canary_version
+            ended = self.canary_version
             if ended is None:
                 return
-            await asyncio.wrap_future(self._scheduler.change("end_canary"))
+            await self._core.switch("end_canary")
         logger.info("canary %s ended", ended)
 
     def _lock(self) -> asyncio.Lock:
@@ -225,64 +180,5 @@ class TransformersEngine:
             self._swap_lock = asyncio.Lock()
         return self._swap_lock
 
-    async def _load(self, path: str, version: str) -> Any:
-        try:
-            return await asyncio.to_thread(self._load_checked, path)
-        except Exception as exc:
-            raise SwapError(f"could not load policy {version} from {path}: {exc}") from exc
-
     def stats(self) -> EngineStats:
-        s = self._scheduler
-        return EngineStats(
-            running=s.running_requests,
-            waiting=s.waiting,
-            extra={
-                "running_sequences": s.running_sequences,
-                "decode_steps": s.steps,
-                "policy_versions": s.group_versions(),  # loaded, oldest first (draining too)
-                "active_version": s.version,
-                "canary_version": s.canary_version,
-                "requests_by_version": dict(s.requests_by_version),
-            },
-        )
-
-    def _load_model(self, path: str) -> Any:
-        return load_model(path, self.device, self.dtype)
-
-    def _load_checked(self, path: str) -> Any:
-        return load_checked(path, self.device, self.dtype, self._vocab_size, self.eos_token_ids)
-
-
-def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()
-
-
-def load_checked(path: str, device: torch.device, dtype: torch.dtype, vocab_size: int,
-                 eos_token_ids: tuple[int, ...]) -> Any:
-    """Load new weights and prove they run before anything is handed to the decode thread."""
-    model = load_model(path, device, dtype)
-    vocab = model.get_input_embeddings().num_embeddings
-    if vocab != vocab_size:
-        raise ValueError(f"vocabulary size {vocab} differs from the served {vocab_size}")
-    with torch.inference_mode():
-        probe = torch.tensor([[eos_token_ids[0] if eos_token_ids else 0]])
-        logits = model(input_ids=probe.to(device)).logits
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError("the new weights produce non-finite logits")
-    return model
-
-
-def eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
-    """Every end-of-sequence id named by the generation config, model config or tokenizer."""
-    ids: list[int] = []
-    try:
-        sources: list[Any] = [GenerationConfig.from_pretrained(path).eos_token_id]
-    except OSError:
-        sources = []
-    sources += [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
-    for source in sources:
-        for token in source if isinstance(source, list | tuple) else [source]:
-            if token is not None and int(token) not in ids:
-                ids.append(int(token))
-    return tuple(ids)
+        return self._core.stats()

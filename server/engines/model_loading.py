@@ -1,0 +1,134 @@
+"""The transformers engine's model, loaded (torch): device and dtype, the served model with its
+tokenizer and scheduler, and checked weights for a hot swap or a canary.
+
+One loader for both places the model runs: the decode thread in the API process
+(``thread_core.py``) and the engine process (``engine_core.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from server.engines.core_protocol import CoreConfig, CoreInfo
+from server.engines.scheduler import Deliver, Scheduler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU, bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def decode_threads(device: torch.device, requested: int | None) -> int | None:
+    """Intra-op threads for the decode thread on CPU (None: leave torch's setting alone).
+
+    The event loop, HTTP handling and database calls share the process with decoding. With as many
+    OpenMP threads as cores, every one of their turns stalls an OpenMP barrier in the forward pass;
+    on a 2-core machine we measured the HTTP throughput drop tenfold. One core stays theirs. The
+    same holds in an engine process of its own: there 2 threads on 2 cores gave 0.68x the tokens/s
+    of 1 at 16 streaming clients, for twice the CPU per token (bench/serving.py).
+    """
+    if device.type != "cpu":
+        return None
+    if requested is not None:
+        return max(1, requested)
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)
+
+
+@dataclass(frozen=True)
+class WeightLoader:
+    """Loads checkpoints as the served model was loaded, checked against it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+
+    def load_checked(self, path: str) -> Any:
+        return load_checked(path, self.device, self.dtype, self.vocab_size, self.eos_token_ids)
+
+
+def open_scheduler(config: CoreConfig,
+                   deliver: Deliver | None = None) -> tuple[Scheduler, CoreInfo, WeightLoader]:
+    """Load ``config.model_path`` and its tokenizer into a scheduler (not yet started), with what
+    the serving side must know of the model and the loader of later weights."""
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+    model = load_model(config.model_path, device, dtype)
+    eos = eos_token_ids(config.model_path, model.config, tokenizer)
+    pad = tokenizer.pad_token_id
+    info = CoreInfo(
+        max_model_len=int(config.max_model_len or model.config.max_position_embeddings),
+        eos_token_ids=eos,
+        vocab_size=model.get_input_embeddings().num_embeddings,
+        pad_token_id=pad if pad is not None else (eos or (0,))[0],
+        tokenizer=tokenizer,
+    )
+    scheduler = Scheduler(
+        model,
+        config.policy_version,
+        tokenizer,
+        eos_token_ids=frozenset(() if config.ignore_eos else eos),
+        pad_token_id=info.pad_token_id,
+        max_batch_size=config.max_batch_size,
+        stream_interval_s=config.stream_interval_ms / 1000.0,
+        threads=decode_threads(device, config.cpu_threads),
+        deliver=deliver,
+    )
+    return scheduler, info, WeightLoader(device, dtype, info.vocab_size, eos)
+
+
+def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_checked(path: str, device: torch.device, dtype: torch.dtype, vocab_size: int,
+                 eos_token_ids: tuple[int, ...]) -> Any:
+    """Load new weights and prove they run before anything is handed to the decode thread."""
+    model = load_model(path, device, dtype)
+    vocab = model.get_input_embeddings().num_embeddings
+    if vocab != vocab_size:
+        raise ValueError(f"vocabulary size {vocab} differs from the served {vocab_size}")
+    with torch.inference_mode():
+        probe = torch.tensor([[eos_token_ids[0] if eos_token_ids else 0]])
+        logits = model(input_ids=probe.to(device)).logits
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the new weights produce non-finite logits")
+    return model
+
+
+def eos_token_ids(path: str, config: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every end-of-sequence id named by the generation config, model config or tokenizer."""
+    ids: list[int] = []
+    try:
+        sources: list[Any] = [GenerationConfig.from_pretrained(path).eos_token_id]
+    except OSError:
+        sources = []
+    sources += [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
+    for source in sources:
+        for token in source if isinstance(source, list | tuple) else [source]:
+            if token is not None and int(token) not in ids:
+                ids.append(int(token))
+    return tuple(ids)
