@@ -21,7 +21,8 @@ MAX_HOURS = 24 * 14  # the widest page: two weeks of hourly buckets
 def _hour(session_dialect: str, column: Any) -> Any:
     """Unix hour number (seconds // 3600) of a timestamp column, in SQL."""
     if session_dialect == "sqlite":  # stored as naive UTC text (models.UTCDateTime)
-        return sa.cast(sa.func.strftime("%s", column), sa.Integer) / HOUR_S
+        # `//`: SQLAlchemy 2.1 renders `/` as true division (3600 + 0.0) on SQLite
+        return sa.cast(sa.func.strftime("%s", column), sa.Integer) // HOUR_S
     return sa.cast(sa.func.floor(sa.extract("epoch", column) / HOUR_S), sa.BigInteger)
 
 

@@ -64,6 +64,19 @@ def test_history_per_hour_and_version(client: TestClient, store: Store) -> None:
         (hour(5), 1, 3, 4), (hour(2), 6, 1, 7)]
 
 
+def test_history_buckets_whole_hours(client: TestClient, store: Store) -> None:
+    """Thumbs given at different minutes of one hour are one row (SQLite divided by 3600 as a
+    float, and made a row of every second)."""
+    start = (time.time() // HOUR) * HOUR - 3 * HOUR
+    for minute, (up, down) in ((1, (1, 0)), (20, (0, 1)), (59, (2, 0))):
+        seed_thumbs(store, "policy-0", up=up, down=down, hours_ago=0, now=start + minute * 60)
+    end = int(start) + 2 * HOUR
+    volume = client.get("/v1/history/feedback", params={"hours": 2, "before": end}).json()
+    assert [(r["hour"], r["up"], r["down"]) for r in volume["data"]] == [(int(start), 3, 1)]
+    page = client.get("/v1/history/approval", params={"hours": 2, "before": end}).json()
+    assert [(r["version"], r["approval"]) for r in page["data"]] == [("policy-0", 0.75)]
+
+
 def test_history_defaults_to_now_and_bounds_its_page(client: TestClient, store: Store) -> None:
     seed_thumbs(store, "policy-0", up=2, down=1, hours_ago=0)
     page = client.get("/v1/history/feedback").json()
