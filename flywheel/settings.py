@@ -197,6 +197,11 @@ class Settings(BaseSettings):
     max_request_bytes: int = 2 * 1024 * 1024  # request bodies above this get 413, unread
     max_waiting_requests: int = 256  # admitted but not yet decoding; beyond it 429 + Retry-After
     stream_write_timeout_s: float = 30.0  # a stream reader this slow to take a chunk is dropped
+    # Host names answered (server/browser_guard.py); "": the loopback names and the bind address
+    # without keys, any with keys; "*": any (behind a proxy that checks them).
+    allowed_hosts: str = ""
+    # Origins besides the server's own from which a browser may change anything; "*": any.
+    allowed_origins: str = ""
     expose_docs: bool | None = None  # /docs, /openapi.json; None: open only when no keys are set
     expose_metrics: bool | None = None  # /metrics; None: open only when no keys are set
     log_level: str = "info"

@@ -21,6 +21,7 @@ from server.admin.api_router import router as admin_router
 from server.admin.history import router as history_router
 from server.admin.identities import router as identities_router
 from server.auth import Authenticator, exposed
+from server.browser_guard import BrowserGuard
 from server.canary_split import CanarySplit
 from server.completions.api_router import router as completions_router
 from server.completions.recording import completion_writes
@@ -122,6 +123,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
                    health_router, console_router, identities_router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BrowserGuard.for_settings, settings=settings)  # outermost: first to look
     install_openapi(app, settings)
     _count_requests(app)
     return app

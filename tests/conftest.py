@@ -26,6 +26,9 @@ from feedback_store import Store
 from tests import databases
 
 POSTGRES_URL = databases.POSTGRES_URL
+# Starlette's TestClient names its host "testserver": answered like the loopback names (the
+# defaults themselves are tested with explicit settings, tests/server/test_browser_guard.py).
+os.environ.setdefault("FLYWHEEL_ALLOWED_HOSTS", "testserver,localhost,127.0.0.1,::1")
 REDIS_URL = os.environ.get("FLYWHEEL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 _PG_REASON = databases.postgres_unreachable()
