@@ -192,6 +192,7 @@ class Publisher:
 
     def __init__(self, client: redis.Redis | None, keys: RedisKeys) -> None:
         self.client, self.keys = client, keys
+        self._malformed: set[str] = set()  # replica ids whose report did not parse, logged once
 
     @classmethod
     def from_url(cls, url: str, namespace: str) -> Publisher:
@@ -235,18 +236,34 @@ class Publisher:
             return []
         now, found = time.time(), []
         for replica, report in raw.items():
-            try:
-                data = json.loads(report)
-            except ValueError:
-                continue
-            if isinstance(data, dict) and now - float(data.get("at", 0)) <= max_age_s:
-                found.append({"id": replica.decode() if isinstance(replica, bytes) else replica,
-                              **data})
+            name = replica.decode(errors="replace") if isinstance(replica, bytes) else replica
+            data = replica_report(report)
+            if data is None:
+                if name not in self._malformed:  # once per replica id, not on every poll
+                    self._malformed.add(name)
+                    log.warning("skipping replica report %r that does not parse: %.200r",
+                                name, report)
+            elif now - data["at"] <= max_age_s:
+                found.append({"id": name, **data})
         return sorted(found, key=lambda r: r["id"])
 
     def close(self) -> None:
         if self.client is not None:
             self.client.close()
+
+
+def replica_report(raw: bytes | str) -> dict[str, Any] | None:
+    """A replica's report (`server/hotswap.py` `report`) as {active, canary, at}; None unless
+    it has that shape: anyone who can write Redis can write this hash."""
+    try:
+        data = json.loads(raw)
+        report = {"active": data["active"], "canary": data.get("canary"),
+                  "at": float(data["at"])}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if not isinstance(report["active"], str) or not isinstance(report["canary"], str | None):
+        return None
+    return report
 
 
 Rows = tuple[dict[str, Any] | None, dict[str, Any] | None]  # (active, canary) rows of the store
