@@ -17,6 +17,8 @@ from pydantic_core import PydanticCustomError
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
 MAX_STOP = 4
+MAX_STOP_CHARS = 1024  # each stop string: stored with every answer (`completions.params`)
+MAX_MESSAGES = 2048  # messages in one chat: each costs parsing and templating whatever its length
 MAX_PROMPTS = 16  # prompts in one /v1/completions request, each answered n times
 # A seed fits int64 (vLLM checks the same); the bound is the largest double below 2**63, so
 # that JSON tools reading numbers as doubles (schema validators) agree with it.
@@ -55,6 +57,7 @@ def _integral(value: Any) -> Any:
 # After an int's constraints in `Annotated[int, Field(...), Integral]`, so that the schema has them.
 Integral = BeforeValidator(_integral)
 NonEmpty = Annotated[str, Field(min_length=1)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 def _requires(field: str, minimum: int | None, needs: str) -> dict[str, Any]:
@@ -118,7 +121,7 @@ class SamplingFields(OpenAIModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: Annotated[int, Field(ge=1, le=MAX_N), Integral] = 1
-    stop: NonEmpty | Annotated[list[NonEmpty], Field(max_length=MAX_STOP)] | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
     seed: Annotated[int, Field(ge=-MAX_SEED, le=MAX_SEED), Integral] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -144,7 +147,7 @@ class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"allOf": [
         _requires("stream_options", None, "stream"), _requires("top_logprobs", 1, "logprobs")]})
 
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral] | None = None

@@ -82,6 +82,9 @@ def _request_params(req: ChatCompletionRequest | CompletionRequest) -> dict[str,
 # as much again; longer ones on a worker thread: megabytes took the tokenizer seconds, during
 # which every route stalled.
 INLINE_TOKENIZE_CHARS = 4096
+# What a chat message costs the template beyond its content (role markers, separators): many
+# empty messages are rendered off the loop too.
+TEMPLATE_CHARS_PER_MESSAGE = 32
 
 
 async def _encode(param: str, encode: Any, prompt: Any, chars: int) -> list[int]:
@@ -99,7 +102,7 @@ async def prepare_chat(state: AppState, req: ChatCompletionRequest,
     _check_model(state, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     admit(state)
-    chars = sum(len(m["content"]) for m in messages)
+    chars = sum(len(m["content"]) + TEMPLATE_CHARS_PER_MESSAGE for m in messages)
     prompt_ids = await _encode("messages", state.engine.encode_chat, messages, chars)
     max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens())
     top = (req.top_logprobs or 0) if req.logprobs else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from fastapi.testclient import TestClient
 
 from feedback_store import Store
 from server.app import create_app
+from server.completions.protocol import MAX_MESSAGES, MAX_STOP_CHARS
+from server.engines.fake import FakeEngine
 from server.engines.sampling import MASKED_LOGPROB, RowParams, RowSampler
 from tests.helpers import feedback_counts
 from tests.server.conftest import make_settings
@@ -179,3 +182,45 @@ def test_nan_and_infinity_in_a_request_are_400(client: TestClient) -> None:
         _assert_400(_post_raw(client, "/v1/chat/completions", body), "temperature")
         _assert_400(_post_raw(client, "/v1/completions", {"prompt": "hi", "top_p": value}),
                     "top_p")
+
+
+# -- bodies that cost what they weigh -----------------------------------------------------------
+
+
+def test_long_stop_strings_are_refused(client: TestClient, store: Store) -> None:
+    """A stop string is stored with every answer: four of 500 kB grew the database by 2 MB a
+    request."""
+    long = "x" * (MAX_STOP_CHARS + 1)
+    for path, body in (("/v1/chat/completions", {"messages": HI, "stop": long}),
+                       ("/v1/chat/completions", {"messages": HI, "stop": ["a", long]}),
+                       ("/v1/completions", {"prompt": "hi", "stop": [long]})):
+        _assert_400(client.post(path, json=body), "stop")
+    ok = client.post("/v1/completions", json={"prompt": "hi", "stop": ["x" * MAX_STOP_CHARS]})
+    assert ok.status_code == 200, ok.text
+
+
+def test_too_many_messages_are_refused(client: TestClient) -> None:
+    empty = [{"role": "user", "content": ""}] * (MAX_MESSAGES + 1)
+    _assert_400(client.post("/v1/chat/completions", json={"messages": empty}), "messages")
+
+
+def test_many_short_messages_are_templated_off_the_loop(
+        client: TestClient, fake_engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Empty messages cost the chat template as much as long ones: 63k of them stalled every
+    route for seconds when their character count (0) kept the rendering on the event loop."""
+    threads: list[str] = []
+    encode = fake_engine.encode_chat
+
+    def spy(messages: list[dict[str, str]]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return encode(messages)
+
+    monkeypatch.setattr(fake_engine, "encode_chat", spy)
+    monkeypatch.setattr(fake_engine, "max_model_len", 4096)  # room for 200 role markers
+    short = [{"role": "user", "content": ""}] * 200
+    assert client.post("/v1/chat/completions", json={"messages": short, "max_tokens": 1}
+                       ).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 1}
+                       ).status_code == 200
+    loop_thread = threads[1]  # one short message: rendered inline, on the loop
+    assert threads[0] != loop_thread
