@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SQL_POLL_SECONDS = 2.0  # while Redis is down or absent
 SQL_RECHECK_SECONDS = 30.0  # while Redis is up: SQL stays the record of truth
 REFUSED_RETRY_SECONDS = 60.0  # a refused checkpoint is not retried more often than this
+IGNORED_LOG_SECONDS = 60.0  # malformed policy messages are logged, counted, this often at most
 
 
 class Backoff:
@@ -90,6 +91,7 @@ class PolicyWatcher:
         self._reported = 0.0
         self._lock = asyncio.Lock()
         self._refused: dict[tuple[str, str], float] = {}
+        self._ignored, self._ignored_logged = 0, -IGNORED_LOG_SECONDS
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -114,9 +116,25 @@ class PolicyWatcher:
     async def apply(self, plan: ServingPlan) -> None:
         """Bring the engine to ``plan``: the active version first, then the canary."""
         async with self._lock:
+            before = self._serving()
             await self._apply_active(plan.active)
             await self._apply_canary(plan.canary)
-        await self.report()
+            changed = self._serving() != before
+        if changed:
+            await self.report()
+
+    def _serving(self) -> tuple[str, str | None, float, str]:
+        return (self.engine.policy_version, self.engine.canary_version, self.split.fraction,
+                self.split.unit)
+
+    def _changes_nothing(self, plan: ServingPlan) -> bool:
+        """Whether ``plan`` is what this replica serves already."""
+        canary = plan.canary
+        if canary is None or canary.version == plan.active.version:
+            wanted = (plan.active.version, None, 0.0, "user")
+        else:
+            wanted = (plan.active.version, canary.version, canary.fraction, canary.unit)
+        return self._serving() == wanted
 
     async def report(self) -> None:
         """Tell Redis what this replica serves (shown per replica in ``GET /v1/policies``)."""
@@ -184,12 +202,20 @@ class PolicyWatcher:
             return None
 
     async def _on_message(self, raw: str | bytes) -> None:
+        """Refresh on a message that would change what this replica serves; one that would not
+        costs no SQL read, and malformed ones are logged at most once a minute (anyone who can
+        publish on Redis can send thousands)."""
         try:
             plan = ServingPlan.from_json(raw)
         except ValueError as exc:
-            log.error("ignoring policy message: %s", exc)
+            self._ignored += 1
+            if time.monotonic() - self._ignored_logged >= IGNORED_LOG_SECONDS:
+                log.error("ignoring %d malformed policy message(s), the last: %s",
+                          self._ignored, exc)
+                self._ignored, self._ignored_logged = 0, time.monotonic()
             return
-        await self.refresh(plan)
+        if not self._changes_nothing(plan):
+            await self.refresh(plan)
 
     async def _run(self) -> None:
         if self.redis is None:
@@ -220,6 +246,10 @@ class PolicyWatcher:
             last_sql = time.monotonic()
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                # A burst is one refresh: only the newest plan matters.
+                while message is not None and (newer := await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=0)) is not None:
+                    message = newer
                 if message is not None and message.get("type") == "message":
                     await self._on_message(message["data"])
                     last_sql = time.monotonic()
