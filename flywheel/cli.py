@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flywheel")
 
+PRIVATE_UMASK = 0o077
 UP_MIN_NEW_FEEDBACK = "16"  # `flywheel up` trains after a handful of feedback events
 UP_CANARY_FRACTION = "0.5"  # under `up`: half the requests while a canary runs
 
@@ -45,7 +47,16 @@ def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    return load_settings(**overrides)
+    settings = load_settings(**overrides)
+    _make_private(settings.data_dir)
+    return settings
+
+
+def _make_private(folder: Path) -> None:
+    """A data folder made before files were private: closed to other users, when it is ours."""
+    with contextlib.suppress(OSError):
+        if folder.is_dir() and folder.stat().st_uid == os.getuid():
+            folder.chmod(folder.stat().st_mode & 0o700)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -257,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What Flywheel writes (the database and its WAL, checkpoints, models, logs) is readable by
+    # the user running it alone: files 0600, folders 0700.
+    os.umask(PRIVATE_UMASK)
     return int(args.func(args) or 0)
 
 

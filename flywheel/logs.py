@@ -53,6 +53,17 @@ class _NoAlembicChatter(logging.Filter):
                     str(record.msg).startswith(_ALEMBIC_CHATTER))
 
 
+class _NoQueryStrings(logging.Filter):
+    """Access lines without query strings: a key sent as `?api_key=...` (refused, but sent) must
+    not reach the logs. uvicorn's access records carry (client, method, path, version, status)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (args[0], args[1], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log shippers."""
 
@@ -99,6 +110,9 @@ def configure(level: str, fmt: str = "text", process: str | None = None,
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, _NoQueryStrings) for f in access.filters):
+        access.addFilter(_NoQueryStrings())
     _quiet_libraries(debug=level.lower() == "debug", terminal=is_terminal(stream))
 
 

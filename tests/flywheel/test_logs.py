@@ -88,3 +88,37 @@ upgrade("sqlite:///{tmp_path / 'f.db'}")
     assert "Running upgrade" in text
     for chatter in ("setup plugin", "Context impl", "Will assume"):
         assert chatter not in text, text
+
+
+def test_access_lines_leave_out_query_strings(tmp_path: Path) -> None:
+    """A key sent in a query string is refused, and must not be written down either: uvicorn's
+    own access line, at debug level, for a real request."""
+    code = """
+import threading, time, urllib.request
+import uvicorn
+from flywheel import logs
+logs.configure("debug", "text", "server:8002")
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 401, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+server = uvicorn.Server(uvicorn.Config(app, port=0, log_config=None, access_log=True,
+                                       log_level="debug", lifespan="off"))
+thread = threading.Thread(target=server.run)
+thread.start()
+while not server.started:
+    time.sleep(0.01)
+port = server.servers[0].sockets[0].getsockname()[1]
+try:
+    urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/policies?api_key=sekrit-admin-key")
+except Exception:
+    pass
+server.should_exit = True
+thread.join()
+"""
+    log = _run(code, tmp_path / "access.log")
+    assert "GET /v1/policies HTTP/1.1" in log and "401" in log
+    assert "sekrit" not in log
