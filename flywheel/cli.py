@@ -78,8 +78,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.set_policy(lambda: _serving(app))
     # No access log line per request unless debugging (/metrics counts requests by route and
     # status); uvicorn already picks httptools and uvloop when installed (uvicorn[standard]).
+    from server.slow_clients import header_timeout_protocol
+
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=settings.log_level.lower() == "debug", timeout_graceful_shutdown=30,
+                http=header_timeout_protocol(settings.header_timeout_s),
                 log_config=None)  # uvicorn's lines in our format (flywheel/logs.py)
     return 0
 

@@ -196,6 +196,10 @@ class Settings(BaseSettings):
     vllm_enforce_eager: bool = False  # no torch.compile: starts in seconds, not a minute (CPU)
     max_request_bytes: int = 2 * 1024 * 1024  # request bodies above this get 413, unread
     max_waiting_requests: int = 256  # admitted but not yet decoding; beyond it 429 + Retry-After
+    # A request's line and headers must arrive within this of the connection's start (or of its
+    # previous response), its body within this between chunks: slow senders hold no sockets.
+    header_timeout_s: float = Field(default=10.0, gt=0.0)
+    body_timeout_s: float = Field(default=30.0, gt=0.0)
     stream_write_timeout_s: float = 30.0  # a stream reader this slow to take a chunk is dropped
     # Host names answered (server/browser_guard.py); "": the loopback names and the bind address
     # without keys, any with keys; "*": any (behind a proxy that checks them).

@@ -122,7 +122,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
     for router in (completions_router, feedback_router, admin_router, history_router,
                    health_router, console_router, identities_router):
         app.include_router(router)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
+                       timeout_s=settings.body_timeout_s)
     app.add_middleware(BrowserGuard.for_settings, settings=settings)  # outermost: first to look
     install_openapi(app, settings)
     _count_requests(app)

@@ -26,16 +26,18 @@ CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the
 
 
 class BodyLimit:
-    """Pure ASGI middleware: a body over ``max_bytes`` gets 413 and is not read further.
+    """Pure ASGI middleware: a body over ``max_bytes`` gets 413 and is not read further; a body
+    that stops arriving for ``timeout_s`` gets 408.
 
     A declared ``Content-Length`` is refused before any of the body is read; a chunked or
     under-declared body is counted as it arrives and refused once past the limit (the app then
-    sees the client as gone). The 413 closes the connection, so the rest is never read either.
+    sees the client as gone). The refusal closes the connection, so the rest is never read.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,39 +45,52 @@ class BodyLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(send, *self._too_large())
             return
         received = 0
-        refused = started = False
+        refused = started = complete = False
 
         async def counting_receive() -> Message:
-            nonlocal received, refused
+            nonlocal received, refused, complete
             if refused:
                 return {"type": "http.disconnect"}
-            message = await receive()
+            try:
+                # Only the body is timed: after it, the app waits on receive() to hear the
+                # client leave, for as long as it streams.
+                message = await (receive() if complete or self.timeout_s is None
+                                 else asyncio.wait_for(receive(), self.timeout_s))
+            except TimeoutError:
+                refused = True
+                if not started:
+                    await self._refuse(send, 408, "The request body stopped arriving.",
+                                       "request_timeout")
+                return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
                 if received > self.max_bytes:
                     refused = True
                     if not started:
-                        await self._refuse(send)
+                        await self._refuse(send, *self._too_large())
                     return {"type": "http.disconnect"}
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
-                return  # the 413 went out in place of whatever the app answers now
+                return  # the refusal went out in place of whatever the app answers now
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         await self.app(scope, counting_receive, guarded_send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(error_body(
-            413, f"The request body exceeds the limit of {self.max_bytes} bytes.",
-            code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
+    def _too_large(self) -> tuple[int, str, str]:
+        return (413, f"The request body exceeds the limit of {self.max_bytes} bytes.",
+                "request_too_large")
+
+    async def _refuse(self, send: Send, status: int, message: str, code: str) -> None:
+        body = json.dumps(error_body(status, message, code=code)).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
