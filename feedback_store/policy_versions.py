@@ -1,4 +1,4 @@
-"""Policy versions (the served checkpoints, one active) and reward model checkpoints.
+"""Policy versions: the served checkpoints, one active.
 
 Every change of a version's state the worker makes on its own (promote, reject, time out, roll
 back, release) is conditional: it applies only while the state it was decided on still holds, and
@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
-from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion, RewardModel
+from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion
 from flywheel.rater_pooling import CANARY_UNITS
 from flywheel.versions import BASE_POLICY
 
@@ -47,7 +47,7 @@ class Transition:
 
 
 class PoliciesMixin(StoreBase):
-    """Policy and reward model bookkeeping for the worker, the server and operators."""
+    """Policy bookkeeping for the worker, the server and operators."""
 
     def ensure_base_policy(self, path: str, sha256: str | None) -> dict[str, Any]:
         """Return the active policy; with none, make `policy-0` (the base model) active."""
@@ -270,43 +270,6 @@ class PoliciesMixin(StoreBase):
             s.flush()
             return _policy_record(row)
 
-    def next_reward_model_id(self) -> str:
-        """`rm-N`, numbered from 1."""
-        with self._tx(write=False) as s:
-            return f"rm-{max(_max_number(s.scalars(sa.select(RewardModel.id))), 0) + 1}"
-
-    def add_reward_model(
-        self,
-        *,
-        id: str,
-        parent: str | None,
-        path: str | None,
-        sha256: str | None,
-        metrics: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        try:
-            with self._tx() as s:
-                row = RewardModel(
-                    id=id,
-                    parent=parent,
-                    path=path,
-                    sha256=sha256,
-                    metrics=dict(metrics or {}),
-                    created_at=utcnow(),
-                )
-                s.add(row)
-                s.flush()
-                return _reward_model_record(row)
-        except exc.IntegrityError as error:
-            raise InvalidInputError(
-                f"Reward model '{id}' already exists", param="id", code="reward_model_exists"
-            ) from error
-
-    def latest_reward_model(self) -> dict[str, Any] | None:
-        with self._tx(write=False) as s:
-            rows = _newest_first(s.scalars(sa.select(RewardModel)))
-            return _reward_model_record(rows[0]) if rows else None
-
 
 def _activate(s: Session, id: str, *, force: bool) -> PolicyVersion:
     # Lock every version row, so two concurrent activations run one after the other (the
@@ -495,14 +458,3 @@ def _waiting_reason(p: PolicyVersion) -> str | None:
         return ("passed the offline gate; waits for the running canary to end (the newest "
                 "waiting candidate goes on canary next, older ones are retired)")
     return None
-
-
-def _reward_model_record(r: RewardModel) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "parent": r.parent,
-        "created_at": unix(r.created_at),
-        "metrics": dict(r.metrics or {}),
-        "path": r.path,
-        "sha256": r.sha256,
-    }
