@@ -84,6 +84,14 @@ class PoliciesMixin(StoreBase):
         with self._tx(write=False) as s:
             return [_policy_record(p) for p in _newest_first(s.scalars(sa.select(PolicyVersion)))]
 
+    def latest_kl_coef(self) -> float | None:
+        """The coefficient the newest version's adaptive KL controller ended PPO with: the
+        controller's state, carried from cycle to cycle. None while no version has one."""
+        with self._tx(write=False) as s:
+            rows = _newest_first(s.scalars(
+                sa.select(PolicyVersion).where(PolicyVersion.kl_coef.is_not(None))))
+            return rows[0].kl_coef if rows else None
+
     def get_policy(self, id: str) -> dict[str, Any]:
         with self._tx(write=False) as s:
             return _policy_record(_get_policy(s, id))
@@ -107,8 +115,10 @@ class PoliciesMixin(StoreBase):
         sha256: str | None,
         status: str = "candidate",
         metrics: dict[str, Any] | None = None,
+        kl_coef: float | None = None,
     ) -> dict[str, Any]:
-        """Record a new policy checkpoint; status "active" also retires the active one."""
+        """Record a new policy checkpoint; status "active" also retires the active one.
+        `kl_coef`: the one its adaptive KL controller ended PPO with (None: a fixed one)."""
         _check_status(status)
         try:
             with self._tx() as s:
@@ -121,6 +131,7 @@ class PoliciesMixin(StoreBase):
                     metrics=dict(metrics or {}),
                     created_at=utcnow(),
                     activated_at=None,
+                    kl_coef=kl_coef,
                 )
                 s.add(row)
                 s.flush()
