@@ -233,6 +233,8 @@ class PolicyVersion(Base):
     # The coefficient its adaptive KL controller ended PPO with, where the next cycle's
     # controller starts (trainer_worker/cycle.py); None when PPO ran with a fixed one.
     kl_coef: Mapped[float | None] = mapped_column(sa.Float)
+    # A candidate waiting for the running canary to end, since when (policy_versions.py).
+    waiting_since: Mapped[datetime | None]
 
 
 class Watermarked:

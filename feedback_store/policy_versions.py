@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,7 +26,8 @@ from flywheel.versions import BASE_POLICY
 
 BASE_POLICY_ID = BASE_POLICY  # the older name, kept for callers outside the store
 # In a candidate's metrics while it waits for the running canary to end (unix time it began to
-# wait); removed when it leaves `candidate`. Only candidates carrying it are released by the judge.
+# wait), beside its `waiting_since`; both cleared when it leaves `candidate`. Only candidates
+# waiting are released by the judge.
 WAITING = "release/waiting_since"
 
 
@@ -208,7 +210,7 @@ class PoliciesMixin(StoreBase):
         """Release candidate `id` (it passed the offline gate) to a canary of `fraction`,
         assigned per `unit` ("request", "user", or "auto": see `canary_unit`).
 
-        While a canary runs it waits instead (outcome "waiting", `WAITING` in its metrics). With
+        While a canary runs it waits instead (outcome "waiting", `waiting_since` set). With
         none running, the newest waiting candidate starts its canary (this one, normally) and
         every older waiting one is retired (outcome "retired" if a newer one went first). Not
         applied when `id` is no longer a candidate (an operator retired or served it)."""
@@ -220,7 +222,9 @@ class PoliciesMixin(StoreBase):
                 return Transition(False, record=_record_of(target),
                                   reason=f"{id} is not a candidate" if target is None else
                                   f"{id} is {target.status}, not a candidate")
-            target.metrics = {**target.metrics, WAITING: time.time()}
+            now = time.time()
+            target.metrics = {**target.metrics, WAITING: now}
+            target.waiting_since = datetime.fromtimestamp(now, timezone.utc)
             _, running = _serving(rows)
             if running is not None:
                 s.flush()
@@ -239,9 +243,10 @@ class PoliciesMixin(StoreBase):
         older waiting ones (each with `release/retired` saying why); None when nothing waits or
         a canary runs. Cheap when nothing waits: one read, no write lock."""
         with self._tx(write=False) as s:
-            candidates = s.scalars(sa.select(PolicyVersion)
-                                   .where(PolicyVersion.status == "candidate")).all()
-            if not any(WAITING in (row.metrics or {}) for row in candidates):
+            waiting = s.scalar(sa.select(PolicyVersion.id).where(
+                PolicyVersion.status == "candidate", PolicyVersion.waiting_since.is_not(None))
+                .limit(1))
+            if waiting is None:
                 return None
         unit = self.canary_unit(unit, sticky_raters)  # type: ignore[attr-defined]
         with self._tx() as s:
@@ -353,6 +358,7 @@ def _begin_canary(s: Session, target: PolicyVersion, fraction: float, unit: str)
 
 def _leave_candidacy(row: PolicyVersion) -> None:
     """A version leaving `candidate` waits no more."""
+    row.waiting_since = None
     if WAITING in (row.metrics or {}):
         row.metrics = {k: v for k, v in row.metrics.items() if k != WAITING}
 
@@ -362,7 +368,7 @@ def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction
     """The newest waiting candidate with stored files goes on canary; the other waiting ones are
     retired. Call with the rows locked and no canary running."""
     waiting = [r for r in _newest_first(rows.values())
-               if r.status == "candidate" and WAITING in (r.metrics or {})]
+               if r.status == "candidate" and r.waiting_since is not None]
     started = next((r for r in waiting if r.path is not None), None)
     retired = []
     for row in waiting:
@@ -375,7 +381,8 @@ def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction
         row.metrics = {**row.metrics, "release/retired": why}
         retired.append(row.id)
     if started is not None:
-        waited = time.time() - float(started.metrics[WAITING])
+        since = started.waiting_since
+        waited = time.time() - since.timestamp() if since is not None else 0.0
         _begin_canary(s, started, fraction, unit)
         started.metrics = {**started.metrics, "release/waited_seconds": round(waited, 3)}
     s.flush()
@@ -465,7 +472,7 @@ def _waiting_reason(p: PolicyVersion) -> str | None:
     metrics = p.metrics or {}
     if p.status == "canary":
         return str(metrics.get("canary/reason") or "canary: waiting for its first thumbs")
-    if p.status == "candidate" and WAITING in metrics:
+    if p.status == "candidate" and p.waiting_since is not None:
         return ("passed the offline gate; waits for the running canary to end (the newest "
                 "waiting candidate goes on canary next, older ones are retired)")
     return None

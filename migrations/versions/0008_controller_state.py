@@ -1,5 +1,6 @@
-"""Controller state in columns: the KL coefficient a version's PPO ended with, and a reward
-model's watermarks and split mark, filled in from the metrics they were read back from.
+"""Controller state in columns: the KL coefficient a version's PPO ended with, since when a
+candidate waits for release, and a reward model's watermarks and split mark, filled in from the
+metrics they were read back from.
 
 Revision ID: 0008c
 Revises: 0007v
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,8 +24,10 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 JSON = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-# The metrics keys each column was read back from (trainer_worker/cycle.py before 0008c).
+# The metrics keys each column was read back from before 0008c (trainer_worker/cycle.py,
+# feedback_store/policy_versions.py).
 KL_COEF, KL_TARGET = "ppo/kl_coef", "ppo/kl_target"
+WAITING = "release/waiting_since"  # unix seconds (feedback_store/policy_versions.py)
 WATERMARKS = {"feedback_watermark": "reward/feedback_watermark",
               "rankings_watermark": "reward/rankings_watermark"}
 SPLIT_MARK = "reward/trained_on_train_split"
@@ -32,6 +36,7 @@ SPLIT_MARK = "reward/trained_on_train_split"
 def upgrade() -> None:
     with op.batch_alter_table("policy_versions") as batch:
         batch.add_column(sa.Column("kl_coef", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("waiting_since", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("reward_models") as batch:
         batch.add_column(sa.Column("trained_on_train_split", sa.Boolean(), nullable=False,
                                    server_default=sa.false()))
@@ -39,7 +44,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("rankings_watermark", sa.Integer(), nullable=True))
     # In Python over the rows: SQLite and PostgreSQL read JSON keys with different functions.
     _fill(sa.table("policy_versions", sa.column("id", sa.String()), sa.column("metrics", JSON),
-                   sa.column("kl_coef", sa.Float())), _policy_state)
+                   sa.column("kl_coef", sa.Float()),
+                   sa.column("waiting_since", sa.DateTime(timezone=True))), _policy_state)
     _fill(sa.table("reward_models", sa.column("id", sa.String()), sa.column("metrics", JSON),
                    sa.column("trained_on_train_split", sa.Boolean()),
                    *(sa.column(name, sa.Integer()) for name in WATERMARKS)), _reward_model_state)
@@ -50,6 +56,7 @@ def downgrade() -> None:
         for name in ("rankings_watermark", "feedback_watermark", "trained_on_train_split"):
             batch.drop_column(name)
     with op.batch_alter_table("policy_versions") as batch:
+        batch.drop_column("waiting_since")
         batch.drop_column("kl_coef")
 
 
@@ -63,9 +70,16 @@ def _fill(table: sa.TableClause, state: Callable[[dict[str, Any]], dict[str, Any
 
 
 def _policy_state(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The coefficient an adaptive controller (one that wrote its target) ended PPO with."""
+    """The coefficient an adaptive controller (one that wrote its target) ended PPO with, and
+    since when a candidate waits (the key is dropped when it leaves `candidate`)."""
+    values: dict[str, Any] = {}
     coef = _number(metrics.get(KL_COEF)) if KL_TARGET in metrics else None
-    return {"kl_coef": coef} if coef is not None else {}
+    if coef is not None:
+        values["kl_coef"] = coef
+    since = _number(metrics.get(WAITING))
+    if since is not None:
+        values["waiting_since"] = datetime.fromtimestamp(since, timezone.utc)
+    return values
 
 
 def _reward_model_state(metrics: dict[str, Any]) -> dict[str, Any]:
