@@ -104,7 +104,7 @@ def install_reward_model(url: str, model: Path, checkpoints: Path, new_events: i
     """An RM in service whose watermark leaves the newest `new_events` thumbs (and a tenth as
     many rankings) new, as after a cycle a while ago."""
     from flywheel.checkpoints import seal
-    from trainer_worker.cycle import SPLIT_MARK, WATERMARKS
+    from trainer_worker.cycle import SPLIT_MARK
     from trainer_worker.reward import RewardModel
 
     store = Store(url)
@@ -112,11 +112,11 @@ def install_reward_model(url: str, model: Path, checkpoints: Path, new_events: i
     out = checkpoints / "reward" / "rm-1"
     RewardModel.from_base(model).save_pretrained(out)
     manifest = seal(out, "rm-1", parent=None)
-    metrics = {SPLIT_MARK: 1.0,
-               WATERMARKS["feedback"]: marks["feedback"] - new_events,
-               WATERMARKS["rankings"]: marks["rankings"] - new_events // (2 * RANK_EVERY)}
+    watermark = {"feedback": marks["feedback"] - new_events,
+                 "rankings": marks["rankings"] - new_events // (2 * RANK_EVERY)}
     store.add_reward_model(id="rm-1", parent=None, path=str(out), sha256=manifest.sha256,
-                           metrics=metrics)
+                           metrics={SPLIT_MARK: 1.0}, watermark=watermark,
+                           trained_on_train_split=True)
     store.close()
 
 

@@ -10,6 +10,8 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from feedback_store.types import Marks
+
 # Deterministic constraint names, so that migrations can refer to them (Alembic "naming
 # conventions" recipe).
 NAMING_CONVENTION = {
@@ -228,10 +230,35 @@ class PolicyVersion(Base):
     canary_feedback_after: Mapped[int | None]  # feedback ids above this are canary evidence
     # What the canary assigns to an arm: "request" (each rater sees both) or "user" (sticky).
     canary_unit: Mapped[str | None] = mapped_column(sa.String(8))
+    # The coefficient its adaptive KL controller ended PPO with, where the next cycle's
+    # controller starts (trainer_worker/cycle.py); None when PPO ran with a fixed one.
+    kl_coef: Mapped[float | None] = mapped_column(sa.Float)
+    # A candidate waiting for the running canary to end, since when (policy_versions.py).
+    waiting_since: Mapped[datetime | None]
 
 
-class RewardModel(Base):
-    """A reward model checkpoint."""
+class Watermarked:
+    """The last feedback and ranking ids a window of training data reached, the one owner of
+    both watermarks: a training run's (what it consumed; new feedback counts from the newest
+    finished run's) and a reward model's (the next RM's "new" examples lie above it)."""
+
+    feedback_watermark: Mapped[int | None]
+    rankings_watermark: Mapped[int | None]
+
+    @property
+    def watermark(self) -> Marks:
+        """{"feedback": id, "rankings": id}, 0 where none is recorded."""
+        return {"feedback": self.feedback_watermark or 0,
+                "rankings": self.rankings_watermark or 0}
+
+    @watermark.setter
+    def watermark(self, marks: Marks) -> None:
+        self.feedback_watermark = int(marks.get("feedback", 0))
+        self.rankings_watermark = int(marks.get("rankings", 0))
+
+
+class RewardModel(Watermarked, Base):
+    """A reward model checkpoint, with the watermarks of the window it was trained on."""
 
     __tablename__ = "reward_models"
 
@@ -241,10 +268,14 @@ class RewardModel(Base):
     sha256: Mapped[str | None] = mapped_column(sa.String(64))
     metrics: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    # Trained on the train split only (feedback on held-out prompts never reached it, as
+    # training_data.py splits them): the next RM may start from its weights.
+    trained_on_train_split: Mapped[bool] = mapped_column(server_default=sa.false(),
+                                                         default=False)
 
 
-class TrainingRun(Base):
-    """One training cycle; the watermark columns record the last feedback ids it consumed."""
+class TrainingRun(Watermarked, Base):
+    """One training cycle; its watermark records the last feedback ids it consumed."""
 
     __tablename__ = "training_runs"
     __table_args__ = (
@@ -264,8 +295,6 @@ class TrainingRun(Base):
     reward_model_id: Mapped[str | None] = mapped_column(sa.ForeignKey("reward_models.id"))
     metrics: Mapped[dict[str, Any]]
     error: Mapped[str | None] = mapped_column(sa.Text)
-    feedback_watermark: Mapped[int | None]
-    rankings_watermark: Mapped[int | None]
 
 
 class Identity(Base):

@@ -1,4 +1,4 @@
-"""Policy versions (the served checkpoints, one active) and reward model checkpoints.
+"""Policy versions: the served checkpoints, one active.
 
 Every change of a version's state the worker makes on its own (promote, reject, time out, roll
 back, release) is conditional: it applies only while the state it was decided on still holds, and
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,13 +20,14 @@ from sqlalchemy.orm import Session
 
 from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
-from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion, RewardModel
+from feedback_store.models import POLICY_STATUSES, Feedback, PolicyVersion
 from flywheel.rater_pooling import CANARY_UNITS
 from flywheel.versions import BASE_POLICY
 
 BASE_POLICY_ID = BASE_POLICY  # the older name, kept for callers outside the store
 # In a candidate's metrics while it waits for the running canary to end (unix time it began to
-# wait); removed when it leaves `candidate`. Only candidates carrying it are released by the judge.
+# wait), beside its `waiting_since`; both cleared when it leaves `candidate`. Only candidates
+# waiting are released by the judge.
 WAITING = "release/waiting_since"
 
 
@@ -47,7 +49,7 @@ class Transition:
 
 
 class PoliciesMixin(StoreBase):
-    """Policy and reward model bookkeeping for the worker, the server and operators."""
+    """Policy bookkeeping for the worker, the server and operators."""
 
     def ensure_base_policy(self, path: str, sha256: str | None) -> dict[str, Any]:
         """Return the active policy; with none, make `policy-0` (the base model) active."""
@@ -84,6 +86,14 @@ class PoliciesMixin(StoreBase):
         with self._tx(write=False) as s:
             return [_policy_record(p) for p in _newest_first(s.scalars(sa.select(PolicyVersion)))]
 
+    def latest_kl_coef(self) -> float | None:
+        """The coefficient the newest version's adaptive KL controller ended PPO with: the
+        controller's state, carried from cycle to cycle. None while no version has one."""
+        with self._tx(write=False) as s:
+            rows = _newest_first(s.scalars(
+                sa.select(PolicyVersion).where(PolicyVersion.kl_coef.is_not(None))))
+            return rows[0].kl_coef if rows else None
+
     def get_policy(self, id: str) -> dict[str, Any]:
         with self._tx(write=False) as s:
             return _policy_record(_get_policy(s, id))
@@ -107,8 +117,10 @@ class PoliciesMixin(StoreBase):
         sha256: str | None,
         status: str = "candidate",
         metrics: dict[str, Any] | None = None,
+        kl_coef: float | None = None,
     ) -> dict[str, Any]:
-        """Record a new policy checkpoint; status "active" also retires the active one."""
+        """Record a new policy checkpoint; status "active" also retires the active one.
+        `kl_coef`: the one its adaptive KL controller ended PPO with (None: a fixed one)."""
         _check_status(status)
         try:
             with self._tx() as s:
@@ -121,6 +133,7 @@ class PoliciesMixin(StoreBase):
                     metrics=dict(metrics or {}),
                     created_at=utcnow(),
                     activated_at=None,
+                    kl_coef=kl_coef,
                 )
                 s.add(row)
                 s.flush()
@@ -197,7 +210,7 @@ class PoliciesMixin(StoreBase):
         """Release candidate `id` (it passed the offline gate) to a canary of `fraction`,
         assigned per `unit` ("request", "user", or "auto": see `canary_unit`).
 
-        While a canary runs it waits instead (outcome "waiting", `WAITING` in its metrics). With
+        While a canary runs it waits instead (outcome "waiting", `waiting_since` set). With
         none running, the newest waiting candidate starts its canary (this one, normally) and
         every older waiting one is retired (outcome "retired" if a newer one went first). Not
         applied when `id` is no longer a candidate (an operator retired or served it)."""
@@ -209,7 +222,9 @@ class PoliciesMixin(StoreBase):
                 return Transition(False, record=_record_of(target),
                                   reason=f"{id} is not a candidate" if target is None else
                                   f"{id} is {target.status}, not a candidate")
-            target.metrics = {**target.metrics, WAITING: time.time()}
+            now = time.time()
+            target.metrics = {**target.metrics, WAITING: now}
+            target.waiting_since = datetime.fromtimestamp(now, timezone.utc)
             _, running = _serving(rows)
             if running is not None:
                 s.flush()
@@ -228,9 +243,10 @@ class PoliciesMixin(StoreBase):
         older waiting ones (each with `release/retired` saying why); None when nothing waits or
         a canary runs. Cheap when nothing waits: one read, no write lock."""
         with self._tx(write=False) as s:
-            candidates = s.scalars(sa.select(PolicyVersion)
-                                   .where(PolicyVersion.status == "candidate")).all()
-            if not any(WAITING in (row.metrics or {}) for row in candidates):
+            waiting = s.scalar(sa.select(PolicyVersion.id).where(
+                PolicyVersion.status == "candidate", PolicyVersion.waiting_since.is_not(None))
+                .limit(1))
+            if waiting is None:
                 return None
         unit = self.canary_unit(unit, sticky_raters)  # type: ignore[attr-defined]
         with self._tx() as s:
@@ -269,43 +285,6 @@ class PoliciesMixin(StoreBase):
             row.path = None
             s.flush()
             return _policy_record(row)
-
-    def next_reward_model_id(self) -> str:
-        """`rm-N`, numbered from 1."""
-        with self._tx(write=False) as s:
-            return f"rm-{max(_max_number(s.scalars(sa.select(RewardModel.id))), 0) + 1}"
-
-    def add_reward_model(
-        self,
-        *,
-        id: str,
-        parent: str | None,
-        path: str | None,
-        sha256: str | None,
-        metrics: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        try:
-            with self._tx() as s:
-                row = RewardModel(
-                    id=id,
-                    parent=parent,
-                    path=path,
-                    sha256=sha256,
-                    metrics=dict(metrics or {}),
-                    created_at=utcnow(),
-                )
-                s.add(row)
-                s.flush()
-                return _reward_model_record(row)
-        except exc.IntegrityError as error:
-            raise InvalidInputError(
-                f"Reward model '{id}' already exists", param="id", code="reward_model_exists"
-            ) from error
-
-    def latest_reward_model(self) -> dict[str, Any] | None:
-        with self._tx(write=False) as s:
-            rows = _newest_first(s.scalars(sa.select(RewardModel)))
-            return _reward_model_record(rows[0]) if rows else None
 
 
 def _activate(s: Session, id: str, *, force: bool) -> PolicyVersion:
@@ -379,6 +358,7 @@ def _begin_canary(s: Session, target: PolicyVersion, fraction: float, unit: str)
 
 def _leave_candidacy(row: PolicyVersion) -> None:
     """A version leaving `candidate` waits no more."""
+    row.waiting_since = None
     if WAITING in (row.metrics or {}):
         row.metrics = {k: v for k, v in row.metrics.items() if k != WAITING}
 
@@ -388,7 +368,7 @@ def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction
     """The newest waiting candidate with stored files goes on canary; the other waiting ones are
     retired. Call with the rows locked and no canary running."""
     waiting = [r for r in _newest_first(rows.values())
-               if r.status == "candidate" and WAITING in (r.metrics or {})]
+               if r.status == "candidate" and r.waiting_since is not None]
     started = next((r for r in waiting if r.path is not None), None)
     retired = []
     for row in waiting:
@@ -401,7 +381,8 @@ def _release_newest_waiting(s: Session, rows: dict[str, PolicyVersion], fraction
         row.metrics = {**row.metrics, "release/retired": why}
         retired.append(row.id)
     if started is not None:
-        waited = time.time() - float(started.metrics[WAITING])
+        since = started.waiting_since
+        waited = time.time() - since.timestamp() if since is not None else 0.0
         _begin_canary(s, started, fraction, unit)
         started.metrics = {**started.metrics, "release/waited_seconds": round(waited, 3)}
     s.flush()
@@ -491,18 +472,7 @@ def _waiting_reason(p: PolicyVersion) -> str | None:
     metrics = p.metrics or {}
     if p.status == "canary":
         return str(metrics.get("canary/reason") or "canary: waiting for its first thumbs")
-    if p.status == "candidate" and WAITING in metrics:
+    if p.status == "candidate" and p.waiting_since is not None:
         return ("passed the offline gate; waits for the running canary to end (the newest "
                 "waiting candidate goes on canary next, older ones are retired)")
     return None
-
-
-def _reward_model_record(r: RewardModel) -> dict[str, Any]:
-    return {
-        "id": r.id,
-        "parent": r.parent,
-        "created_at": unix(r.created_at),
-        "metrics": dict(r.metrics or {}),
-        "path": r.path,
-        "sha256": r.sha256,
-    }

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.errors import InvalidInputError, NotFoundError
 from feedback_store.models import RUN_FINISHED, RUN_STATUSES, RUN_TRIGGERS, TrainingRun
+from feedback_store.types import Marks
 
 MAX_RUN_ID = 2**31 - 1  # an INTEGER key: a larger id names no run (PostgreSQL refuses to compare)
 
@@ -64,7 +65,7 @@ class RunsMixin(StoreBase):
         error: str | None = None,
         policy_id: str | None = None,
         reward_model_id: str | None = None,
-        watermark: dict[str, int] | None = None,
+        watermark: Marks | None = None,
     ) -> dict[str, Any]:
         """Change the given fields; metrics are merged in, a finished status stamps finished_at."""
         if status is not None and status not in RUN_STATUSES:
@@ -85,8 +86,7 @@ class RunsMixin(StoreBase):
                 if reward_model_id is not None:
                     row.reward_model_id = reward_model_id
                 if watermark is not None:
-                    row.feedback_watermark = int(watermark.get("feedback", 0))
-                    row.rankings_watermark = int(watermark.get("rankings", 0))
+                    row.watermark = watermark
                 s.flush()
                 return run_record(row)
         except exc.IntegrityError as err:

@@ -12,13 +12,14 @@ from feedback_store.history import HistoryMixin
 from feedback_store.identities import IdentitiesMixin
 from feedback_store.policy_versions import PoliciesMixin
 from feedback_store.rankings import RankingsMixin
+from feedback_store.reward_models import RewardModelsMixin
 from feedback_store.rollout import RolloutMixin
 from feedback_store.runs import RunsMixin
 from feedback_store.training_data import TrainingDataMixin
 
 
 class Store(IdentitiesMixin, CompletionsMixin, FeedbackMixin, RankingsMixin, PoliciesMixin,
-            RolloutMixin, RunsMixin, TrainingDataMixin, HistoryMixin):
+            RewardModelsMixin, RolloutMixin, RunsMixin, TrainingDataMixin, HistoryMixin):
     """Synchronous and thread-safe; records come back as plain dicts, timestamps as unix seconds.
 
     Connection failures raise StoreUnavailableError; a failed call writes nothing.

@@ -36,12 +36,11 @@ from feedback_store.models import (
     Ranking,
     TrainingRun,
 )
-from feedback_store.types import PreferenceGroup, PromptRecord, RewardData, ThumbExample
+from feedback_store.types import Marks, PreferenceGroup, PromptRecord, RewardData, ThumbExample
 
 HOLDOUT_PERCENT = 20  # share of prompts kept out of training, to evaluate candidates on
 Split = Literal["train", "holdout", "all"]
 _SPLITS: dict[str, bool | None] = {"train": False, "holdout": True, "all": None}
-Marks = dict[str, int]  # {"feedback": id, "rankings": id}, as feedback_watermark() returns
 
 
 @dataclass(frozen=True)

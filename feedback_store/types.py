@@ -10,6 +10,7 @@ from flywheel.raters import ANONYMOUS, Rater, is_untrusted_key
 __all__ = ["ANONYMOUS", "Rater", "is_untrusted_key"]
 
 RaterThumbs = dict[str, tuple[int, int]]  # identity of the rater -> (thumbs up, thumbs down)
+Marks = dict[str, int]  # {"feedback": id, "rankings": id}: the last ids a window reached
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,16 @@ class PooledLive:
     variance: float
     raters: int
     at: float
+
+
+@dataclass(frozen=True)
+class RewardModelState:
+    """What the next cycle carries on from a stored reward model."""
+
+    id: str
+    path: str | None
+    watermark: Marks  # the last ids its window reached: the next window's "new" lies above
+    trained_on_train_split: bool  # never saw a held-out prompt: the next RM may start from it
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from feedback_store import Store
 from feedback_store.identities import Tally, limit_identities
 from feedback_store.training_data import Marks, balance_thumbs
-from feedback_store.types import RewardData
+from feedback_store.types import RewardData, RewardModelState
 from flywheel.checkpoints import atomic_directory, seal
 from flywheel.live_approval import best_version
 from flywheel.settings import Settings
@@ -48,9 +48,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KL_LIMIT_SHARE = 0.9  # PPO keeps the newest weights within 0.9 x budget: room for the estimate
+# Shown with an RM's metrics; the store keeps both in reward_models' columns, read from there.
 SPLIT_MARK = "reward/trained_on_train_split"  # RMs that never saw a held-out prompt carry it
 # The last feedback and ranking ids an RM's window reached: the next one's "new" starts above.
-WATERMARKS = {"feedback": "reward/feedback_watermark", "rankings": "reward/rankings_watermark"}
+WATERMARK_METRICS = {"feedback": "reward/feedback_watermark",
+                     "rankings": "reward/rankings_watermark"}
 
 
 class CycleError(RuntimeError):
@@ -113,21 +115,20 @@ def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     return holdout
 
 
-def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: int,
+def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: Marks, seed: int,
                   holdout: RewardData) -> tuple[RewardData, dict[str, Tally], dict[str, Any]]:
     """Step 1a: the RM's bounded data, capped per identity and weighted; the new events'
     agreement tallies (stored only if the new RM is kept) and metrics."""
     from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
 
     limits = ctx.settings.feedback
-    metrics_of = previous["metrics"] if previous is not None else {}
-    since = {table: int(metrics_of.get(key, 0)) for table, key in WATERMARKS.items()}
+    since = previous.watermark if previous is not None else {"feedback": 0, "rankings": 0}
     data = ctx.store.cycle_reward_data(since=since, until=until, new=limits.new_examples,
                                        replay=limits.replay_examples, seed=seed)
     if not data.groups and not data.thumbs:
         raise Skip("no feedback outside the held-out prompts to train on yet")
     if previous is not None:
-        tallies = agreement_tallies(Path(previous["path"]), data, ctx.settings.reward.max_length,
+        tallies = agreement_tallies(Path(previous.path), data, ctx.settings.reward.max_length,
                                     ctx.device)
     else:  # no RM in service yet: RMs fitted on the other raters judge each one
         tallies = cross_fitted_tallies(Path(ctx.settings.model), data, ctx.settings.reward,
@@ -141,7 +142,7 @@ def reward_window(ctx: CycleContext, previous: dict | None, until: Marks, seed: 
     metrics: dict[str, Any] = {
         "reward/new_examples": float(sum(item.new for item in items)),
         "reward/replay_examples": float(sum(not item.new for item in items)),
-        **{key: float(until[table]) for table, key in WATERMARKS.items()},
+        **{key: float(until[table]) for table, key in WATERMARK_METRICS.items()},
     }
     data, capped = limit_identities(data, limits.user_share, weights, seed=seed)
     return RewardData(data.groups, balance_thumbs(data.thumbs)), tallies, metrics | capped
@@ -154,16 +155,16 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
 
     Warm-starting from the RM in service is honest because no RM trained here sees a held-out
     prompt (the split hashes the prompt text, so it never moves); an RM from before the split
-    (no ``SPLIT_MARK``) may have, so the base model is the start then.
+    (not ``trained_on_train_split``) may have, so the base model is the start then.
     """
     from trainer_worker.reward.train import train_reward_model
 
     floor = ctx.settings.train.reward_accuracy_floor
-    previous = ctx.store.latest_reward_model()
+    previous = ctx.store.latest_reward_model_state()
     data, tallies, window = reward_window(ctx, previous, until, seed, holdout)
-    warm = previous is not None and bool(previous["metrics"].get(SPLIT_MARK))
-    init_dir = Path(previous["path"]) if warm else Path(ctx.settings.model)
-    parent = previous["id"] if warm and previous else None
+    warm = previous is not None and previous.trained_on_train_split
+    init_dir = Path(previous.path) if warm and previous else Path(ctx.settings.model)
+    parent = previous.id if warm and previous else None
     rm_id = ctx.store.next_reward_model_id()
     out = _dirs(ctx.settings)[1] / rm_id
     log.info("reward model %s: %d groups, %d lone thumbs, from %s", rm_id, len(data.groups),
@@ -180,8 +181,8 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
                        f"floor {floor:.0%}): more feedback, or raters who agree more, needed"
                        f"{cap_note(window)}", metrics)  # atomic_directory deletes what was written
         manifest = seal(tmp, rm_id, parent=parent)
-    ctx.store.add_reward_model(id=rm_id, parent=parent,
-                               path=str(out), sha256=manifest.sha256, metrics=metrics)
+    ctx.store.add_reward_model(id=rm_id, parent=parent, path=str(out), sha256=manifest.sha256,
+                               metrics=metrics, watermark=until, trained_on_train_split=True)
     # Counted once: the next window starts above this RM's watermarks.
     ctx.store.record_tallies(tallies, ctx.settings.feedback.disagreeing_weight)
     return rm_id, out, metrics
@@ -194,30 +195,29 @@ def _prompts(ctx: CycleContext, n: int, seed: int, holdout: bool) -> list[list[i
 def _carried_kl_coef(ctx: CycleContext) -> float:
     """The budget controller's last coefficient (newest policy PPO made with it), else the
     configured one: the controller's state carries from cycle to cycle."""
-    for policy in ctx.store.list_policies():
-        if "ppo/kl_target" in policy["metrics"] and "ppo/kl_coef" in policy["metrics"]:
-            return float(policy["metrics"]["ppo/kl_coef"])
-    return ctx.settings.ppo.kl_coef
+    carried = ctx.store.latest_kl_coef()
+    return ctx.settings.ppo.kl_coef if carried is None else carried
 
 
 def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
-                 ) -> tuple[str, Path, str, dict[str, float]]:
-    """Step 2: PPO from the active policy; returns (id, dir, sha256, metrics)."""
+                 ) -> tuple[str, Path, str, dict[str, float], float | None]:
+    """Step 2: PPO from the active policy; returns (id, dir, sha256, metrics, the coefficient
+    its adaptive KL controller ended with, None for a fixed one)."""
     import torch
 
-    from trainer_worker.ppo.core import kl_budget_controller
+    from trainer_worker.ppo.core import AdaptiveKLController, kl_budget_controller
     from trainer_worker.ppo.defaults import autocast_dtype
-    from trainer_worker.ppo.trainer import run_ppo
+    from trainer_worker.ppo.trainer import KLController, make_kl_controller, run_ppo
 
     cfg, budget = ctx.settings.ppo, ctx.settings.train.kl_budget
     prompts = _prompts(ctx, cfg.rollout_batch_size * cfg.steps, seed=run_id, holdout=False)
     if not prompts:
         raise Skip("no stored user prompts outside the held-out split to train on")
-    budgeted = {}
+    kl_ctl: KLController = make_kl_controller(cfg)
+    kl_limit: float | None = None
     if budget > 0:  # a budget of 0 or less rejects every candidate: nothing to steer to
-        budgeted = {"kl_ctl": kl_budget_controller(budget, _carried_kl_coef(ctx),
-                                                   cfg.rollout_batch_size),
-                    "kl_limit": KL_LIMIT_SHARE * budget}
+        kl_ctl = kl_budget_controller(budget, _carried_kl_coef(ctx), cfg.rollout_batch_size)
+        kl_limit = KL_LIMIT_SHARE * budget
     policy_id = ctx.store.next_policy_id()
     out = _dirs(ctx.settings)[0] / policy_id
     log.info("PPO %s from %s on %d prompts", policy_id, active["id"], len(prompts))
@@ -227,9 +227,10 @@ def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
         metrics = run_ppo(Path(active["path"]), Path(ctx.settings.model), rm_dir, prompts, cfg,
                           tmp, device=ctx.device, progress=ctx.progress,
                           should_stop=ctx.should_stop, settings=ctx.settings,
-                          kept=ctx.rollouts, **budgeted)
+                          kept=ctx.rollouts, kl_ctl=kl_ctl, kl_limit=kl_limit)
         manifest = seal(tmp, policy_id, parent=active["id"], base_model=ctx.settings.model)
-    return policy_id, out, manifest.sha256, metrics
+    carried = kl_ctl.value if isinstance(kl_ctl, AdaptiveKLController) else None
+    return policy_id, out, manifest.sha256, metrics, carried
 
 
 def gate(ctx: CycleContext, candidate: Path, active: dict, rm_dir: Path, run_id: int
@@ -270,7 +271,8 @@ def run_cycle(ctx: CycleContext, run_id: int) -> CycleResult:
         until = ctx.store.feedback_watermark()  # what this cycle may read, fixed at its start
         holdout = check_evidence(ctx, until)
         rm_id, rm_dir, rm_metrics = train_reward(ctx, holdout, until, seed=run_id)
-        policy_id, policy_dir, sha, ppo_metrics = train_policy(ctx, active, rm_dir, run_id)
+        policy_id, policy_dir, sha, ppo_metrics, kl_coef = train_policy(ctx, active, rm_dir,
+                                                                         run_id)
         try:
             gate_metrics = gate(ctx, policy_dir, active, rm_dir, run_id)
             if ctx.should_stop():
@@ -280,7 +282,7 @@ def run_cycle(ctx: CycleContext, run_id: int) -> CycleResult:
             passed = not gate_metrics["gate/reasons"]
             ctx.store.add_policy(id=policy_id, parent=active["id"], path=str(policy_dir),
                                  sha256=sha, status="candidate" if passed else "rejected",
-                                 metrics=metrics)
+                                 metrics=metrics, kl_coef=kl_coef)
         except BaseException:
             shutil.rmtree(policy_dir, ignore_errors=True)  # nothing half-done stays behind
             raise

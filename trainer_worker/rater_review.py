@@ -19,8 +19,8 @@ from pathlib import Path
 from feedback_store import Store
 from feedback_store.errors import StoreError
 from feedback_store.identities import Tally
+from feedback_store.types import Marks, RewardModelState
 from flywheel.settings import Settings
-from trainer_worker.cycle import WATERMARKS
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,13 @@ class RaterReview:
                                        self.settings.feedback.disagreeing_weight)
 
     def _refresh(self, device: str) -> None:
-        rm = self.store.latest_reward_model()
+        rm = self.store.latest_reward_model_state()
         if rm is None:
             self._key, self._tallies = None, {}
             return
         until = self.store.feedback_watermark()
         events = until["feedback"] + until["rankings"]
-        if (self._key is not None and self._key[0] == rm["id"]
+        if (self._key is not None and self._key[0] == rm.id
                 and events - self._key[1] < max(self.settings.train.min_new_feedback,
                                                 REVIEW_EVENTS // 4)):
             return
@@ -63,20 +63,19 @@ class RaterReview:
             log.warning("rater review skipped (weights stay as stored and last reviewed): %s",
                         exc)
             return
-        self._key = (rm["id"], events)
+        self._key = (rm.id, events)
         low = sorted(name for name, weight in self._combined(set(self._tallies)).items()
                      if weight < 1.0)
         log.info("rater review against %s: %d raters with new events, %d down-weighted%s",
-                 rm["id"], len(self._tallies), len(low), f" ({', '.join(low[:5])})" if low else "")
+                 rm.id, len(self._tallies), len(low), f" ({', '.join(low[:5])})" if low else "")
 
-    def _score(self, rm: dict, until: dict[str, int], device: str) -> dict[str, Tally]:
+    def _score(self, rm: RewardModelState, until: Marks, device: str) -> dict[str, Tally]:
         from trainer_worker.reward.consensus import agreement_tallies
 
-        since = {table: int(rm["metrics"].get(key, 0)) for table, key in WATERMARKS.items()}
-        data = self.store.cycle_reward_data(since=since, until=until,
+        data = self.store.cycle_reward_data(since=rm.watermark, until=until,
                                             new=min(REVIEW_EVENTS,
                                                     self.settings.feedback.new_examples),
                                             replay=0, seed=0)
         if not data.groups and not data.thumbs:
             return {}
-        return agreement_tallies(Path(rm["path"]), data, self.settings.reward.max_length, device)
+        return agreement_tallies(Path(rm.path), data, self.settings.reward.max_length, device)

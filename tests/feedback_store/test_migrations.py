@@ -116,3 +116,52 @@ def test_voters_are_filled_in_for_earlier_thumbs(db_url: str) -> None:
     engine.dispose()
     assert voters == [rater.voter for rater in raters]
     assert len(set(voters)) == len(raters)
+
+
+def test_controller_state_is_filled_in_from_metrics(db_url: str) -> None:
+    """Versions and reward models stored before 0008c get the controller state their metrics
+    held: a KL coefficient only where an adaptive controller wrote its target, since when a
+    candidate waits, watermarks and the split mark only where recorded."""
+    migrate.upgrade(db_url)
+    store = Store(db_url)
+    for n, metrics in enumerate([{"ppo/kl_coef": 0.07, "ppo/kl_target": 4.0},
+                                 {"ppo/kl_coef": 0.05},  # a fixed coefficient
+                                 {"ppo/kl_target": 4.0, "ppo/kl_coef": None}, {}], start=1):
+        store.add_policy(id=f"policy-{n}", parent=None, path=None, sha256=None,
+                         status="rejected", metrics=metrics)
+    store.add_policy(id="policy-5", parent=None, path=None, sha256=None,
+                     metrics={"release/waiting_since": 1_700_000_000.25})
+    for n, metrics in enumerate([{"reward/accuracy": 0.8},  # from before the split
+                                 {"reward/trained_on_train_split": 1.0,
+                                  "reward/feedback_watermark": 12.0,
+                                  "reward/rankings_watermark": 3.0},
+                                 {"reward/trained_on_train_split": 0.0,
+                                  "reward/feedback_watermark": 20.0,
+                                  "reward/rankings_watermark": None}], start=1):
+        store.add_reward_model(id=f"rm-{n}", parent=None, path=None, sha256=None,
+                               metrics=metrics)
+    store.close()
+    migrate.downgrade(db_url, "0007v")
+    migrate.upgrade(db_url)
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        coefs = conn.execute(sa.text("SELECT id, kl_coef FROM policy_versions ORDER BY id")).all()
+        waiting = conn.scalars(sa.text("SELECT id FROM policy_versions "
+                                       "WHERE waiting_since IS NOT NULL")).all()
+        states = conn.execute(sa.text(
+            "SELECT id, trained_on_train_split, feedback_watermark, rankings_watermark "
+            "FROM reward_models ORDER BY id")).all()
+    engine.dispose()
+    assert [tuple(row) for row in coefs] == [("policy-1", 0.07), ("policy-2", None),
+                                             ("policy-3", None), ("policy-4", None),
+                                             ("policy-5", None)]
+    assert waiting == ["policy-5"]
+    assert [(id, bool(split), f, r) for id, split, f, r in states] == [
+        ("rm-1", False, None, None), ("rm-2", True, 12, 3), ("rm-3", False, 20, None)]
+    store = Store(db_url)
+    assert store.latest_kl_coef() == 0.07
+    assert store.get_policy("policy-5")["reason"].startswith("passed the offline gate")
+    state = store.latest_reward_model_state()
+    assert state is not None and state.id == "rm-3"
+    assert state.watermark == {"feedback": 20, "rankings": 0} and not state.trained_on_train_split
+    store.close()

@@ -120,3 +120,30 @@ def test_reward_models(store: Store) -> None:
     assert store.latest_reward_model() == record
     assert record["metrics"] == {"reward/accuracy": 0.7} and record["parent"] == "rm-1"
     assert store.next_reward_model_id() == "rm-3"
+
+
+def test_reward_model_state(store: Store) -> None:
+    """What the next cycle starts from: the newest RM's watermark (0 where none) and split mark,
+    from their columns, whatever its metrics say."""
+    assert store.latest_reward_model_state() is None
+    store.add_reward_model(id="rm-1", parent=None, path="/rm/1", sha256=None,
+                           watermark={"feedback": 7, "rankings": 2}, trained_on_train_split=True)
+    state = store.latest_reward_model_state()
+    assert state is not None and (state.id, state.path) == ("rm-1", "/rm/1")
+    assert state.watermark == {"feedback": 7, "rankings": 2} and state.trained_on_train_split
+    store.add_reward_model(id="rm-2", parent="rm-1", path="/rm/2", sha256=None,
+                           metrics={"reward/feedback_watermark": 9.0})
+    state = store.latest_reward_model_state()
+    assert state is not None and state.id == "rm-2"
+    assert state.watermark == {"feedback": 0, "rankings": 0} and not state.trained_on_train_split
+
+
+def test_latest_kl_coef_skips_versions_without_one(store: Store) -> None:
+    store.ensure_base_policy("/base", None)
+    assert store.latest_kl_coef() is None
+    store.add_policy(id="policy-1", parent="policy-0", path=None, sha256=None, kl_coef=0.08)
+    store.add_policy(id="policy-2", parent="policy-1", path=None, sha256=None, kl_coef=0.03,
+                     status="rejected")
+    store.add_policy(id="policy-3", parent="policy-2", path=None, sha256=None,
+                     metrics={"ppo/kl_coef": 0.5})  # a fixed coefficient: nothing carried
+    assert store.latest_kl_coef() == 0.03

@@ -15,7 +15,7 @@ from feedback_store.training_data import is_holdout_hash
 from flywheel.checkpoints import seal
 from flywheel.serving_plan import record_base_policy
 from flywheel.settings import PPOConfig, RewardConfig, Settings, TrainSettings
-from trainer_worker.cycle import CycleContext, Skip, gate, run_cycle
+from trainer_worker.cycle import CycleContext, Skip, _carried_kl_coef, gate, run_cycle
 from trainer_worker.reward import RewardModel
 
 GOOD, BAD = "Sure! Here is a kind and clear answer.", "Ugh. Look it up yourself."
@@ -102,6 +102,15 @@ def test_no_held_out_prompts_skips(tmp_path: Path, store: Store, tiny_model_dir:
     assert not reward_root(ctx).exists()
 
 
+def test_the_kl_controller_starts_where_the_last_one_ended(tmp_path: Path, store: Store,
+                                                           tiny_model_dir: Path) -> None:
+    ctx = make_ctx(tmp_path, store, tiny_model_dir)
+    assert _carried_kl_coef(ctx) == ctx.settings.ppo.kl_coef  # none ended yet: configured
+    store.add_policy(id="policy-1", parent="policy-0", path=None, sha256=None, kl_coef=0.3)
+    store.add_policy(id="policy-2", parent="policy-1", path=None, sha256=None)  # a fixed one
+    assert _carried_kl_coef(ctx) == 0.3
+
+
 def test_gate_waits_without_held_out_prompts(tmp_path: Path, store: Store,
                                              tiny_model_dir: Path) -> None:
     """The gate never decides on no held-out answers (nor on training prompts instead)."""
@@ -150,6 +159,11 @@ def test_gate_pairs_many_answers_from_few_prompts(tmp_path: Path, store: Store,
     assert m["reward/holdout_pairs"] == 4 and m["reward/pairs"] == 4
     assert m["reward/trained_on_train_split"] == 1.0 and m["ppo/kl_limit"] > 0
     json.dumps(m)
+    state = store.latest_reward_model_state()  # where the next cycle starts: in columns
+    assert state is not None and state.id == "rm-1" and state.trained_on_train_split
+    assert state.watermark == {"feedback": m["reward/feedback_watermark"],
+                               "rankings": m["reward/rankings_watermark"]}
+    assert store.latest_kl_coef() == m["ppo/kl_coef"]  # the budget controller's last
     # Stored for release, not released: publication is the worker's.
     assert store.get_policy(result.policy_id)["status"] == "candidate"
     assert store.active_policy()["id"] == "policy-0"
