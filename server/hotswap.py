@@ -91,6 +91,7 @@ class PolicyWatcher:
         self._reported = 0.0
         self._lock = asyncio.Lock()
         self._refused: dict[tuple[str, str], float] = {}
+        self._verified: set[tuple[str, str]] = set()  # (version, digest) SQL showed as served
         self._ignored, self._ignored_logged = 0, -IGNORED_LOG_SECONDS
         self._task: asyncio.Task[None] | None = None
 
@@ -109,9 +110,37 @@ class PolicyWatcher:
 
     async def refresh(self, announced: ServingPlan | None = None) -> None:
         """Decide the plan (SQL's rows first, ``announced`` while SQL is away) and apply it."""
-        plan = decide(await to_thread.run_sync(read_sql, self.store), announced)
+        sql = await to_thread.run_sync(read_sql, self.store)
+        if sql is not None:
+            self._verified.update((PolicyMessage.from_row(row).version,
+                                   PolicyMessage.from_row(row).sha256)
+                                  for row in sql if row is not None and row.get("path"))
+        elif announced is not None and not self._known(announced):
+            return
+        plan = decide(sql, announced)
         if plan is not None:
             await self.apply(plan)
+
+    def _known(self, plan: ServingPlan) -> bool:
+        """While SQL cannot be read, Redis alone moves this replica only between versions it
+        serves or that SQL showed it before, with the same digest: anyone who can write Redis
+        could otherwise have any sealed directory served. Refusals count and log as swaps'."""
+        for message in (plan.active, plan.canary):
+            if message is None or message.version in (self.engine.policy_version,
+                                                      self.engine.canary_version):
+                continue
+            key = (message.version, message.sha256)
+            if key in self._verified:
+                continue
+            refused_at = self._refused.get(key)
+            if refused_at is None or time.monotonic() - refused_at >= REFUSED_RETRY_SECONDS:
+                self._refused[key] = time.monotonic()
+                self.metrics.swaps.labels("refused").inc()
+                log.error("refused policy %s from %s: announced on Redis while SQL cannot be "
+                          "read, and not recorded in SQL as seen before; still serving %s",
+                          message.version, message.path, self.engine.policy_version)
+            return False
+        return True
 
     async def apply(self, plan: ServingPlan) -> None:
         """Bring the engine to ``plan``: the active version first, then the canary."""

@@ -161,15 +161,21 @@ def test_redis_restart_key_read_on_reconnect(
 ) -> None:
     """The message is lost while Redis restarts; the key, read on reconnect, is not.
 
-    SQL reads are switched off, so only the key can bring the server to the new version.
+    SQL reads are switched off once the server has seen policy-1 there (on canary: a version
+    SQL never showed it is not loaded on Redis's word alone), so only the key can promote it.
     ``outage_s`` 0: Redis is back before a client retrying on its own would have given up.
     """
-    monkeypatch.setattr(hotswap, "read_sql", lambda store: None)  # as if SQL were unreachable
     settings = _settings_on(settings, own_redis)
     keys = RedisKeys(settings.redis_namespace)
-    with serving(settings, store) as (client, _):
+    record_base_policy(settings, store)
+    with serving(settings, store) as (client, engine):
         assert redis_followed(client)
-        message = checkpoint(settings, store, tmp_path, "policy-1", status="active")
+        checkpoint(settings, store, tmp_path, "policy-1")
+        assert client.post("/v1/policies/policy-1/canary", json={"fraction": 0.5}
+                           ).status_code == 201
+        assert wait_for(lambda: engine.canary_version, lambda v: v == "policy-1") == "policy-1"
+        monkeypatch.setattr(hotswap, "read_sql", lambda store: None)  # SQL unreachable
+        message = PolicyMessage.from_row(store.get_policy("policy-1"))
         own_redis.stop()  # the publish that would follow cannot happen
         _preload_key(own_redis, keys, message.to_json())
         time.sleep(outage_s)
@@ -252,14 +258,19 @@ def _without_digest(message: PolicyMessage) -> PolicyMessage:
     return PolicyMessage(message.version, message.path, "")
 
 
-@pytest.mark.parametrize("forge", [_outside_the_root, _climbing_out, _without_digest])
+def _as_sealed(message: PolicyMessage) -> PolicyMessage:
+    return message  # sealed and in place, but SQL never showed it to this server
+
+
+@pytest.mark.parametrize("forge", [_outside_the_root, _climbing_out, _without_digest,
+                                   _as_sealed])
 def test_while_sql_is_away_redis_is_still_checked(
     settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
     forge: Callable[[PolicyMessage], PolicyMessage],
 ) -> None:
-    """Without SQL, an announcement decides, but only a sealed checkpoint inside the
-    checkpoint directory, with its digest, is loaded."""
+    """Without SQL, an announcement alone loads nothing new: not a forged message, and not a
+    sealed checkpoint that SQL never showed this server (whoever writes Redis can seal one)."""
     caplog.set_level(logging.ERROR, logger="server.hotswap")
     monkeypatch.setattr(hotswap, "read_sql", lambda store: None)
     with serving(settings, store) as (client, engine):
