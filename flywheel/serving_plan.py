@@ -22,6 +22,7 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -335,7 +336,9 @@ def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> Serv
     except (redis.RedisError, OSError, ValueError) as exc:
         log.warning("serving plan not readable from Redis (%s); using SQL", exc)
         announced = None
-    plan = decide(read_sql(store), announced)
+    sql = read_sql(store)
+    # While SQL cannot be read, nothing is started on Redis's word (as server/hotswap.py follows).
+    plan = decide(sql, announced if sql is not None else None)
     if plan is not None and not (plan.active.version == BASE_POLICY
                                  and plan.active.path == settings.model):
         try:
@@ -344,5 +347,16 @@ def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> Serv
         except CheckpointError as exc:
             log.error("cannot start on %s: %s; starting on the base model", plan.active.version,
                       exc)
-    return ServingPlan(PolicyMessage(BASE_POLICY, settings.model, ""),
-                       None if plan is None else plan.canary)
+    return ServingPlan(verified_base(settings, store), None if plan is None else plan.canary)
+
+
+def verified_base(settings: Settings, store: Store) -> PolicyMessage:
+    """The base model, checked like any version against the digest recorded on its first start
+    (raises ``CheckpointError`` when its files changed). A base model at another path than the
+    recorded one (the operator moved it) is checked by its contents only when it is served."""
+    row = store.get_policy(BASE_POLICY)
+    message = PolicyMessage(BASE_POLICY, settings.model, row.get("sha256") or "")
+    recorded = row.get("path")
+    if message.sha256 and recorded and Path(recorded).resolve() == Path(settings.model).resolve():
+        check_servable(message, settings)
+    return message

@@ -13,6 +13,8 @@ import pytest
 import redis
 
 from feedback_store import Store
+from flywheel import serving_plan
+from flywheel.checkpoints import CheckpointError
 from flywheel.embedded_redis import EmbeddedRedis
 from flywheel.serving_plan import PolicyMessage, RedisKeys, record_base_policy
 from flywheel.settings import Settings
@@ -133,6 +135,25 @@ def test_initial_policy_ignores_a_key_sql_does_not_know(
     message = make_checkpoint(Path(settings.model), tmp_path / "elsewhere", "policy-7")
     publish(message)
     assert initial_policy(settings, store) == (settings.model, "policy-0")
+
+
+def test_initial_policy_follows_no_key_while_sql_cannot_be_read(
+    settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    record_base_policy(settings, store)
+    publish(checkpoint(settings, store, tmp_path, "policy-1", status="active"))
+    monkeypatch.setattr(serving_plan, "read_sql", lambda store: None)
+    assert initial_policy(settings, store) == (settings.model, "policy-0")
+
+
+def test_a_changed_base_model_is_refused_at_start(settings: Settings, store: Store) -> None:
+    """The base model is checked like any version, against the digest its first start recorded."""
+    record_base_policy(settings, store)
+    assert initial_policy(settings, store) == (settings.model, "policy-0")
+    (Path(settings.model) / "model.safetensors").write_bytes(b"swapped weights")
+    with pytest.raises(CheckpointError, match="recorded digest"):
+        initial_policy(settings, store)
 
 
 def test_redis_down_then_back(settings: Settings, store: Store, tmp_path: Path,
