@@ -9,8 +9,9 @@ want=$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -d' ' -f1)
 if [ -x .venv/bin/flywheel ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   . .venv/bin/activate
 else
+  echo "up.sh: installing Flywheel into .venv (a first install takes a few minutes)" >&2
   . scripts/venv.sh
-  python -m pip install -q -e .
+  quiet_pip install -q -e .
   echo "$want" > "$stamp"
 fi
 exec flywheel up "$@"

@@ -31,24 +31,26 @@ logs.set_policy("policy-3")
 hf_progress.LOG_INTERVAL_S = 0.25
 for _ in hf_progress.tqdm(range(40), desc="ppo", leave=False):
     time.sleep(0.025)
-bar = hf_progress.tqdm(total=7, desc="reward")
-bar.update(7)
-bar.close()
+for _ in range(50):  # a cycle's many short bars: too short to show progress, silent
+    bar = hf_progress.tqdm(total=7, desc="reward")
+    bar.update(7)
+    bar.close()
 """
     text = _run(code, tmp_path / "progress.log")
     assert "\r" not in text
     lines = [line for line in text.splitlines() if "flywheel.progress" in line]
-    assert 2 <= len(lines) <= 12, text  # one a quarter second at most, not one a step
+    assert 2 <= len(lines) <= 5, text  # one a quarter second at most, not one a step
     assert all(" INFO worker[policy-3] flywheel.progress: " in line for line in lines)
-    assert "ppo: 40/40 (100%)" in lines[-2] and "it/s" in lines[-2]
+    assert "ppo: 40/40 (100%)" in lines[-1] and "it/s" in lines[-1]
     assert "<" in lines[0]  # elapsed<remaining, the ETA
-    assert lines[-1].split("flywheel.progress: ")[1].startswith("reward: 7/7 (100%)")
+    assert not any("reward" in line for line in lines)
 
 
 @pytest.mark.slow
 def test_demo_model_build_log_has_no_carriage_returns(tmp_path: Path) -> None:
     """The real thing: the demo model's training bar and transformers' save bars, to a file."""
-    code = ("import sys; from flywheel.cli import main; "
+    code = ("import sys; from flywheel import hf_progress; from flywheel.cli import main; "
+            "hf_progress.LOG_INTERVAL_S = 0.5; "  # the tiny build is over in seconds
             f"sys.exit(main(['demo-model', '--out', {str(tmp_path / 'model')!r}, "
             "'--preset', 'tiny']))")
     text = _run(code, tmp_path / "build.log")
