@@ -200,6 +200,20 @@ class Settings(BaseSettings):
     # previous response), its body within this between chunks: slow senders hold no sockets.
     header_timeout_s: float = Field(default=10.0, gt=0.0)
     body_timeout_s: float = Field(default=30.0, gt=0.0)
+    # Most tokens one request may ask for: prompts x n x max_tokens (as resolved); costlier
+    # requests get 400. 64k: a full 32k-context answer twice over, or 16 prompts x n=8 x 512.
+    max_request_tokens: int = Field(default=65_536, ge=1)
+    # Each key (each client address without keys) gets a share of the queue and of the batch,
+    # and waiting requests are taken round robin by key (server/shares.py,
+    # server/engines/fair_queue.py); off: one FIFO queue, as before.
+    fair_share: bool = True
+    # Requests one key may have waiting; None: max_waiting_requests less an eighth kept for
+    # newcomers, split between the keys with requests waiting (at least 1 each): 224 for a key
+    # alone by default, 112 each for two.
+    max_waiting_per_key: int | None = Field(default=None, ge=1)
+    # Transformers engine: most of the batch one key's rows may take while other keys are active
+    # (a newcomer's request joins within a few steps, not after a flood's longest answer).
+    max_batch_share: float = Field(default=0.75, gt=0.0, le=1.0)
     stream_write_timeout_s: float = 30.0  # a stream reader this slow to take a chunk is dropped
     # Host names answered (server/browser_guard.py); "": the loopback names and the bind address
     # without keys, any with keys; "*": any (behind a proxy that checks them).

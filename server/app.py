@@ -35,6 +35,7 @@ from server.hotswap import PolicyWatcher
 from server.limits import BodyLimit
 from server.metrics import ServerMetrics
 from server.openapi import install_openapi
+from server.shares import KeyShares
 from server.state import AppState
 from server.watchdog import LoopWatchdog
 
@@ -82,7 +83,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
         state = AppState(settings=settings, engine=eng, store=db, metrics=metrics,
                          auth=Authenticator(settings), split=split, publisher=publisher,
                          completion_writes=completion_writes(db),
-                         feedback_writes=feedback_writes(db))
+                         feedback_writes=feedback_writes(db),
+                         shares=KeyShares(settings.max_waiting_requests,
+                                          settings.max_waiting_per_key, settings.fair_share))
         if watch:
             state.watcher = PolicyWatcher(settings, eng, db, metrics, split)
             await state.watcher.start()

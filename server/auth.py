@@ -93,6 +93,14 @@ class Authenticator:
         return Rater(key_scope=scope, user=user, trusted=admin or scope in self._trusted_scopes,
                      admin=admin)
 
+    def tenant(self, request: Request) -> str:
+        """Whom the fair shares of the queue and the batch count this request to: its key's
+        scope, or on a server without user keys (or a keyless request) the client's address."""
+        scope = self.idempotency_scope(request)
+        if scope is not None:
+            return f"key:{scope}"
+        return f"addr:{request.client.host if request.client else ''}"
+
     def idempotency_scope(self, request: Request) -> str | None:
         """The caller's share of the idempotency-key space: a digest prefix of its key, so that
         two keys never replay each other's answers; None on a server without user keys."""

@@ -1,5 +1,6 @@
-"""Resource limits of the HTTP layer: body size, the admission queue, abandoned requests and slow
-stream readers (settings ``max_request_bytes``, ``max_waiting_requests``,
+"""Resource limits of the HTTP layer: body size, the admission queue and each key's share of it,
+a request's cost, abandoned requests and slow stream readers (settings ``max_request_bytes``,
+``max_waiting_requests``, ``max_waiting_per_key``, ``max_request_tokens``,
 ``stream_write_timeout_s``)."""
 
 from __future__ import annotations
@@ -107,15 +108,27 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-def admit(state: AppState) -> None:
-    """429 with ``Retry-After`` while the engine already holds ``max_waiting_requests`` waiting.
+def admit(state: AppState, tenant: str) -> None:
+    """429 with ``Retry-After`` while the engine already holds ``max_waiting_requests`` waiting
+    (``queue_full``), or ``tenant`` its share of them (``key_queue_full``, ``shares.py``).
 
     Called before tokenising (no work spent on a request that cannot queue) and again right
-    before the engine takes the request, with no await in between, so the bound holds exactly.
+    before the engine takes the request, with no await in between, so the bounds hold exactly.
     """
     if state.engine.stats().waiting >= state.settings.max_waiting_requests:
         raise APIError(429, "The server has too many requests waiting; retry shortly.",
                        code="queue_full", retry_after=1)
+    state.shares.admit(tenant)
+
+
+def bound_cost(state: AppState, cost: int, detail: str, param: str) -> None:
+    """400 for a request that may generate more than ``max_request_tokens`` tokens in all
+    (``cost``: prompts x n x max_tokens; ``detail`` spells that product out)."""
+    limit = state.settings.max_request_tokens
+    if cost > limit:
+        raise APIError(400, f"This request may generate up to {cost} tokens ({detail}), more "
+                       f"than the limit of {limit} per request. Lower max_tokens or n, or send "
+                       "fewer prompts per request.", param=param, code="request_too_costly")
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:

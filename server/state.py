@@ -16,6 +16,7 @@ from server.completions.recording import CompletionWrites
 from server.engines.base import Engine
 from server.feedback.recording import FeedbackWrites
 from server.metrics import ServerMetrics
+from server.shares import KeyShares
 
 if TYPE_CHECKING:
     from server.hotswap import PolicyWatcher
@@ -32,6 +33,7 @@ class AppState:
     publisher: Publisher
     completion_writes: CompletionWrites
     feedback_writes: FeedbackWrites
+    shares: KeyShares
     watcher: PolicyWatcher | None = None
 
 

@@ -32,12 +32,14 @@ async def _respond(state: AppState, jobs: list[CompletionJob], stream: bool, rou
 
 
 async def _chat(state: AppState, request: ChatCompletionRequest, http: Request):
-    job = await serving.prepare_chat(state, request, state.auth.rater(http, request.user))
+    job = await serving.prepare_chat(state, request, state.auth.rater(http, request.user),
+                                     state.auth.tenant(http))
     return await _respond(state, [job], request.stream, "chat")
 
 
 async def _text(state: AppState, request: CompletionRequest, http: Request):
-    jobs = await serving.prepare_text(state, request, state.auth.rater(http, request.user))
+    jobs = await serving.prepare_text(state, request, state.auth.rater(http, request.user),
+                                      state.auth.tenant(http))
     return await _respond(state, jobs, request.stream, "text")
 
 

@@ -35,6 +35,7 @@ class CompletionJob:
     user: str | None
     request_params: dict[str, Any]
     rater: Rater = field(default_factory=Rater)  # who asked: its key owns the answer
+    tenant: str = ""  # whose share of the queue and the batch it takes (``Authenticator.tenant``)
     index_base: int = 0
     store_id: str = ""
     echo: str | None = None  # text the answers start with (`echo`: the prompt's)

@@ -15,6 +15,7 @@ from anyio import to_thread
 from feedback_store import NewChoice, NewCompletion
 from feedback_store.errors import StoreError
 from feedback_store.types import Rater
+from server.completions.budget import bound_request_cost, default_budget
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.completions.responses import (
     ChoiceState,
@@ -98,13 +99,19 @@ async def _encode(param: str, encode: Any, prompt: Any, chars: int) -> list[int]
 
 
 async def prepare_chat(state: AppState, req: ChatCompletionRequest,
-                       rater: Rater | None = None) -> CompletionJob:
+                       rater: Rater | None = None, tenant: str = "") -> CompletionJob:
     _check_model(state, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    admit(state)
+    requested = req.requested_max_tokens()
+    if requested is not None:  # refused before tokenising: the resolved value is no larger
+        bound_request_cost(state, req, 1, requested)
+    admit(state, tenant)
     chars = sum(len(m["content"]) + TEMPLATE_CHARS_PER_MESSAGE for m in messages)
     prompt_ids = await _encode("messages", state.engine.encode_chat, messages, chars)
-    max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens())
+    max_tokens = _max_tokens(state, len(prompt_ids), requested)
+    if requested is None:
+        max_tokens = min(max_tokens, default_budget(state, 1, req.n))
+    bound_request_cost(state, req, 1, max_tokens)
     top = (req.top_logprobs or 0) if req.logprobs else 0
     return CompletionJob(
         kind="chat", id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
@@ -113,18 +120,21 @@ async def prepare_chat(state: AppState, req: ChatCompletionRequest,
         messages=messages, params=_sampling(req, max_tokens, top), logprobs=req.logprobs,
         include_usage=bool(req.stream_options and req.stream_options.include_usage),
         user=req.user, request_params=_request_params(req), rater=rater or Rater(user=req.user),
+        tenant=tenant,
     )
 
 
 async def prepare_text(state: AppState, req: CompletionRequest,
-                       rater: Rater | None = None) -> list[CompletionJob]:
+                       rater: Rater | None = None, tenant: str = "") -> list[CompletionJob]:
     """One job per prompt (see ``CompletionJob``), all checked before any runs."""
     _check_model(state, req.model)
     prompts = req.prompts()
+    if req.max_tokens is not None:  # refused before tokenising: resolved values are no larger
+        bound_request_cost(state, req, len(prompts), req.max_tokens)
     job_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     jobs = []
     for i, prompt in enumerate(prompts):
-        admit(state)
+        admit(state, tenant)
         param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
         if isinstance(prompt, str):
             text = prompt
@@ -135,18 +145,19 @@ async def prepare_text(state: AppState, req: CompletionRequest,
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param=param, code="invalid_value")
         max_tokens = _max_tokens(state, len(prompt_ids), req.requested_max_tokens(), param)
-        if req.max_tokens is None:
-            max_tokens = min(max_tokens, 16)  # OpenAI's default for text completions
+        if req.max_tokens is None:  # OpenAI's default for text completions, within the budget
+            max_tokens = min(max_tokens, 16, default_budget(state, len(prompts), req.n))
         jobs.append(CompletionJob(
             kind="text", id=job_id, created=created, prompt_ids=prompt_ids, prompt_text=text,
             messages=None, params=_sampling(req, max_tokens, req.logprobs or 0),
             logprobs=req.logprobs is not None,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             user=req.user, request_params=_request_params(req), index_base=i * req.n,
-            rater=rater or Rater(user=req.user),
+            rater=rater or Rater(user=req.user), tenant=tenant,
             store_id=job_id if len(prompts) == 1 else f"{job_id}-{i}",
             echo=text if req.echo else None,
         ))
+    bound_request_cost(state, req, len(jobs), max(j.params.max_tokens for j in jobs))
     return jobs
 
 
@@ -197,13 +208,16 @@ class Run:
     """One engine request, with metrics; iterate it for deltas."""
 
     def __init__(self, state: AppState, job: CompletionJob, route: str) -> None:
-        admit(state)  # the queue bound, checked where the engine takes the request (no await)
+        admit(state, job.tenant)  # the queue bounds, checked where the engine takes it (no await)
         self.state, self.job, self.route = state, job, route
         self.started = time.perf_counter()
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}
         self.policy = state.engine.policy_version
         self._it = state.engine.generate(job.prompt_ids, job.params, job.store_id,
-                                         canary=state.split.to_canary(job.rater))
+                                         canary=state.split.to_canary(job.rater),
+                                         tenant=job.tenant)
+        state.shares.enter(job.tenant)
+        self._waiting = True  # counted in its key's share until its first token
         self._tokens: Any = None  # the generation-token counter of its policy, from the first
         state.metrics.in_flight.inc()
         state.metrics.prompt_tokens.inc(len(job.prompt_ids))
@@ -214,6 +228,7 @@ class Run:
         except StopAsyncIteration:
             return None
         if self._tokens is None:
+            self._started()
             self.policy = delta.policy_version
             self.state.metrics.ttft.labels(self.route).observe(time.perf_counter() - self.started)
             self._tokens = self.state.metrics.generation_tokens.labels(self.policy)
@@ -222,7 +237,13 @@ class Run:
             self._tokens.inc(len(delta.token_ids))
         return delta
 
+    def _started(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self.state.shares.leave(self.job.tenant)
+
     async def close(self) -> None:
+        self._started()
         self.state.metrics.in_flight.dec()
         self.state.metrics.latency.labels(self.route).observe(time.perf_counter() - self.started)
         aclose = getattr(self._it, "aclose", None)

@@ -70,6 +70,8 @@ def create_engine(
             served_model_name=settings.served_model_name,
             policy_version=policy_version,
             stream_interval_ms=settings.stream_interval_ms,
+            fair_share=settings.fair_share,
+            max_batch_share=settings.max_batch_share,
         )
     if settings.engine == "vllm":
         from server.engines.vllm_engine import VLLMEngine  # imports vLLM (an extra) on start

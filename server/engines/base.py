@@ -109,9 +109,11 @@ class Engine(Protocol):
 
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
-        canary: bool = False,
+        canary: bool = False, tenant: str = "",
     ) -> AsyncIterator[ChoiceDelta]:
-        """``canary=True`` runs on the canary when one is loaded, else on the active version."""
+        """``canary=True`` runs on the canary when one is loaded, else on the active version.
+        ``tenant`` names the caller (its key, or its address): an engine that schedules may share
+        its batch out by it (the transformers engine does; vLLM and the fake engine ignore it)."""
         ...
 
     async def swap_weights(self, path: str, version: str) -> None:

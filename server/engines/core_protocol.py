@@ -3,7 +3,7 @@
 Torch-free, as the API side that imports it: the engine process's model, tokenizer and scheduler
 stay on its side of the pipes.
 
-Commands (tuples, pickled): ``submit key prompt params max_new canary``, ``cancel key``,
+Commands (tuples, pickled): ``submit key prompt params max_new canary tenant``, ``cancel key``,
 ``load key kind path version`` (kind ``activate`` or ``canary``), ``change key kind`` (``promote``
 or ``end_canary``), ``stop``. Events: ``ready info``, ``failed reason``, ``step rows stats acks``,
 ``acks acks stats``, ``stopped``. A row is ``(key, index, text, token_ids, logprobs, version,
@@ -37,6 +37,8 @@ class CoreConfig:
     ignore_eos: bool = False
     cpu_threads: int | None = None
     log_level: int = logging.WARNING
+    fair_share: bool = True  # round robin by key and a share of the batch (``fair_queue.py``)
+    max_batch_share: float = 0.75  # of the batch, one key's most while other keys are active
 
 
 class CoreInfo(NamedTuple):

@@ -60,9 +60,10 @@ class CoreTransport(Protocol):
         ...
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
-               canary: bool) -> Request:
+               canary: bool, tenant: str = "") -> Request:
         """Queue a validated request (on the running loop); its deltas reach ``Request.deltas``.
-        ``EngineError`` when the core is gone."""
+        ``tenant``: whose it is (the scheduler's fair share). ``EngineError`` when the core is
+        gone."""
         ...
 
     def cancel(self, request: Request) -> None:

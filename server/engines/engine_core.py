@@ -69,9 +69,10 @@ class Core:
     def _obey(self, command: tuple[Any, ...]) -> None:
         kind, key = command[0], command[1]
         if kind == "submit":
-            _, _, prompt, params, max_new, canary = command
+            _, _, prompt, params, max_new, canary, tenant = command
             loop: Any = None  # no event loop here: the scheduler hands items to ``deliver``
-            request = Request(str(key), prompt, params, max_new, loop, canary=canary)
+            request = Request(str(key), prompt, params, max_new, loop, canary=canary,
+                              tenant=tenant)
             self._requests[key] = (request, [request.params.n])
             self._scheduler.submit(request)
             self._received += 1

@@ -67,7 +67,8 @@ class FakeEngine:
         return "".join(chr(t) for t in token_ids if t != EOS)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str, *, canary: bool = False) -> AsyncIterator[ChoiceDelta]:
+                       request_id: str, *, canary: bool = False,
+                       tenant: str = "") -> AsyncIterator[ChoiceDelta]:
         version = self._canary if canary and self._canary is not None else self._version
         self.running[version] = self.running.get(version, 0) + 1
         try:

@@ -95,6 +95,8 @@ def open_scheduler(config: CoreConfig,
         stream_interval_s=config.stream_interval_ms / 1000.0,
         threads=decode_threads(device, config.cpu_threads),
         deliver=deliver,
+        fair_share=config.fair_share,
+        max_batch_share=config.max_batch_share,
     )
     return scheduler, info, WeightLoader(device, dtype, info.vocab_size, eos)
 

@@ -183,17 +183,18 @@ class ProcessCore:
         self._events.close()
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
-               canary: bool) -> Request:
-        """The request goes by a key of this side's (``request_id`` stays with the engine)."""
+               canary: bool, tenant: str = "") -> Request:
+        """The request goes by a key of this side's (``request_id`` stays with the engine);
+        ``tenant`` travels with it, for the scheduler's fair share."""
         key = next(self._keys)
         request = Request(str(key), prompt, params, max_new, asyncio.get_running_loop(),
-                          canary=canary)
+                          canary=canary, tenant=tenant)
         self._pending[key] = _Pending(request, params.n)
         if self._gone:  # checked after registering: ``_end`` fails what it finds registered
             self._pending.pop(key, None)
             raise EngineError(f"The engine is not serving: {self._dead or 'stopped'}.")
         self._submitted += 1
-        self._send(("submit", key, prompt, params, max_new, canary))
+        self._send(("submit", key, prompt, params, max_new, canary, tenant))
         return request
 
     def cancel(self, request: Request) -> None:

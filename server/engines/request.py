@@ -44,6 +44,7 @@ class Request:
         max_new_tokens: int,
         loop: asyncio.AbstractEventLoop,
         canary: bool = False,
+        tenant: str = "",
     ) -> None:
         self.id = request_id
         self.prompt = prompt
@@ -55,6 +56,7 @@ class Request:
         self.inbox: Inbox[DeltaOrError] = Inbox(coalesce, limit=2 * (params.n + 1))
         self.cancelled = False
         self.canary = canary  # asks for the canary arm (the active one while none is loaded)
+        self.tenant = tenant  # whose request: the scheduler shares the batch out by it
         self.policy_version = ""  # set by the decode thread when it admits the request
         self.submitted_step = 0  # the decode step count when it was queued
         self.unfinished = params.n  # choices whose final delta the reader has not taken yet

@@ -1,7 +1,8 @@
 """The decode thread: continuous batching over the model groups of ``groups.py``.
 
 Each loop iteration (1) applies queued weight changes, (2) admits waiting requests up to
-``max_batch_size`` sequences (once a few have gathered, see ``_join_due``), each to its arm's
+``max_batch_size`` sequences (once a few have gathered, see ``_join_due``), taking the keys'
+queues in turn and holding each key to its share of the batch (``fair_queue.py``), each to its arm's
 group (the active policy, or the canary when it asked for one and one is loaded), then for every
 group (3) prefills the joiners and merges them into the running batch, (4) runs one decode step
 for all rows and (5) drops finished and cancelled rows. A group that lost its role (after a hot
@@ -17,7 +18,6 @@ import math
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -28,6 +28,7 @@ from server.engines.base import ChoiceDelta, EngineError
 from server.engines.batch import PaddedBatch
 from server.engines.bridge import Mailbox
 from server.engines.core_protocol import CoreStats
+from server.engines.fair_queue import BatchShare, FairQueue
 from server.engines.groups import Change, ChangeKind, Group, Groups
 from server.engines.request import DeltaOrError, Request
 from server.engines.sampling import RowSampler, Sampled
@@ -57,10 +58,14 @@ class Scheduler:
         stream_interval_s: float,
         threads: int | None = None,
         deliver: Deliver | None = None,
+        fair_share: bool = True,
+        max_batch_share: float = 1.0,
     ) -> None:
         """``deliver``: where each step's items go instead of their requests' event loops (the
         engine process sends them to the API process); also called, maybe with no items, after
-        every iteration, so that it can pass on changed counts."""
+        every iteration, so that it can pass on changed counts. ``fair_share``: waiting requests
+        are taken round robin by key, each key held to ``max_batch_share`` of the batch while
+        others are active (``fair_queue.py``); off, one FIFO queue and no share."""
         self._groups = Groups(model, version)
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
@@ -69,7 +74,8 @@ class Scheduler:
         self._interval = stream_interval_s
         self._threads = threads
         self._cond = threading.Condition()
-        self._waiting: deque[Request] = deque()
+        self._waiting: FairQueue[Request] = FairQueue(fair_share)
+        self._share = BatchShare(max_batch_size, max_batch_share if fair_share else 1.0)
         self._changes: list[Change] = []
         self._stopping = False
         self._cancelled = False  # some request was cancelled since the last iteration
@@ -127,6 +133,7 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         with self._cond:
             request.submitted_step = self.steps
+            self._share.saw(request.tenant)
             self._waiting.append(request)
             self._cond.notify()
 
@@ -192,7 +199,7 @@ class Scheduler:
                 self._apply(change)
             if self._cancelled:  # abandoned requests leave the queue (and ``stats()``) now
                 self._cancelled = False
-                self._waiting = deque(r for r in self._waiting if not r.cancelled)
+                self._waiting.drop_cancelled()
             self._admit()
         return True
 
@@ -205,22 +212,35 @@ class Scheduler:
         if not self._waiting or (self.running_sequences and not self._join_due()):
             return
         free = self._max_batch - self.running_sequences
+        held = self._rows_by_tenant()
+        limit = self._share.limit(set(held) | set(self._waiting.keys()))
+
+        def allowed(request: Request) -> bool:
+            return BatchShare.fits(held.get(request.tenant, 0), request.params.n, limit)
+
         joined = False
-        while self._waiting:
-            request = self._waiting[0]
-            if request.cancelled:
-                self._waiting.popleft()
-                continue
+        while (request := self._waiting.peek_next(allowed)) is not None:
             n = request.params.n
             if n > free and (free < self._max_batch or joined):
                 break  # full; a request wider than the whole batch runs alone
-            self._waiting.popleft()
+            self._waiting.take(request)
             group = self._groups.for_request(request)
             request.policy_version = group.version  # the weights it will actually run on
             group.joining.append(request)
             joined = True
             free -= n
+            held[request.tenant] = held.get(request.tenant, 0) + n
             self.running_sequences += n
+
+    def _rows_by_tenant(self) -> dict[str, int]:
+        """The running batch's rows (joining ones included) by key."""
+        held: dict[str, int] = {}
+        for group in self._groups.all:
+            for seq in group.seqs:
+                held[seq.request.tenant] = held.get(seq.request.tenant, 0) + 1
+            for request in group.joining:
+                held[request.tenant] = held.get(request.tenant, 0) + request.params.n
+        return held
 
     def _join_due(self) -> bool:
         """Whether to prefill waiting requests into a running batch now.
@@ -232,7 +252,7 @@ class Scheduler:
         steps of time to first token (demo model, 16 closed-loop clients on 2 CPU cores: +25 to
         +65% tokens/s, +10 ms TTFT p50, against joining at once).
         """
-        waited = self.steps - self._waiting[0].submitted_step
+        waited = self.steps - self._waiting.oldest_step()
         gathered = len(self._waiting) >= math.ceil(self.running_sequences * JOIN_RATIO)
         return gathered or waited >= MAX_JOIN_WAIT_STEPS
 
@@ -343,7 +363,7 @@ class Scheduler:
         for group in list(self._groups.all):
             self._fail(group, error)
         with self._cond:
-            waiting, self._waiting = list(self._waiting), deque()
+            waiting = self._waiting.drain()
             changes, self._changes = self._changes, []
         for change in changes:  # nothing runs any more: apply them right away
             self._apply(change)

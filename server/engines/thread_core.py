@@ -53,9 +53,9 @@ class ThreadCore:
         await asyncio.to_thread(self._scheduler.stop)
 
     def submit(self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
-               canary: bool) -> Request:
+               canary: bool, tenant: str = "") -> Request:
         request = Request(request_id, prompt, params, max_new, asyncio.get_running_loop(),
-                          canary=canary)
+                          canary=canary, tenant=tenant)
         self._scheduler.start()
         self._scheduler.submit(request)
         return request

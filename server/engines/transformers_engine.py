@@ -46,6 +46,8 @@ class TransformersEngine:
         ignore_eos: bool = False,
         cpu_threads: int | None = None,
         own_process: bool = False,
+        fair_share: bool = True,
+        max_batch_share: float = 0.75,
     ) -> None:
         """Load the model (blocking); ``EngineError`` when an engine process cannot.
 
@@ -54,11 +56,14 @@ class TransformersEngine:
         than the cores (at least 1) unless ``OMP_NUM_THREADS`` is set, see
         ``model_loading.decode_threads``. ``own_process``: the model runs in an engine process
         of its own (``process_core.py``), else on a decode thread here (``thread_core.py``).
+        ``fair_share``, ``max_batch_share``: how the scheduler shares the batch between keys
+        (``fair_queue.py``).
         """
         self.model_name = served_model_name
         config = CoreConfig(model_path, device, dtype, max_batch_size, max_model_len,
                             policy_version, stream_interval_ms, ignore_eos, cpu_threads,
-                            logging.getLogger().getEffectiveLevel())
+                            logging.getLogger().getEffectiveLevel(), fair_share,
+                            max_batch_share)
         self._core: CoreTransport = open_core(config, own_process)
         info = self._core.info
         self.tokenizer = info.tokenizer
@@ -119,9 +124,10 @@ class TransformersEngine:
 
     def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
-        canary: bool = False,
+        canary: bool = False, tenant: str = "",
     ) -> AsyncIterator[ChoiceDelta]:
-        """Validate now (``PromptTooLongError`` before any streaming starts), then stream."""
+        """Validate now (``PromptTooLongError`` before any streaming starts), then stream;
+        ``tenant``: whose request, for the scheduler's round robin and batch share."""
         prompt = list(prompt_token_ids)
         max_new = admissible(prompt, params, self.max_model_len, self._vocab_size)
         refusal = self._core.refusal()
@@ -129,13 +135,13 @@ class TransformersEngine:
             refusal = "The engine is shutting down."
         if refusal is not None:
             raise EngineError(refusal)
-        return self._stream(request_id, prompt, params, max_new, canary)
+        return self._stream(request_id, prompt, params, max_new, canary, tenant)
 
     async def _stream(
         self, request_id: str, prompt: list[int], params: SamplingParams, max_new: int,
-        canary: bool,
+        canary: bool, tenant: str,
     ) -> AsyncIterator[ChoiceDelta]:
-        request = self._core.submit(request_id, prompt, params, max_new, canary)
+        request = self._core.submit(request_id, prompt, params, max_new, canary, tenant)
         try:
             async with contextlib.aclosing(request.deltas()) as deltas:
                 async for delta in deltas:

@@ -199,8 +199,9 @@ class VLLMEngine:
 
     async def generate(
         self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
-        canary: bool = False,
+        canary: bool = False, tenant: str = "",
     ) -> AsyncIterator[ChoiceDelta]:
+        # ``tenant`` is unused: vLLM's scheduler is its own; the API's admission shares apply.
         api = self._require_started()[1]
         self._waiting += 1
         try:

@@ -281,7 +281,9 @@ def test_stream_reader_that_never_reads_is_dropped(tmp_path: Path,
     engine = FakeEngine(max_model_len=10_000_000, answer_words=200_000)
     body = json.dumps({"prompt": "Hello", "stream": True, "n": 2,
                        "max_tokens": 5_000_000}).encode()
-    with _server(tmp_path, sqlite_store, engine, stream_write_timeout_s=0.5) as server:
+    # 10M tokens: far past the cost bound, which this endless answer is not about.
+    with _server(tmp_path, sqlite_store, engine, stream_write_timeout_s=0.5,
+                 max_request_tokens=10**8) as server:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
         try:
