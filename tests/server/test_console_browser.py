@@ -69,6 +69,8 @@ def seeded(tmp_path: Path, sqlite_url: str, redis_url: str) -> Iterator[tuple[Se
          "reward/holdout_pairs": 61, "ppo/kl_ref_final": 0.59, "gate/score_gain": 0.41,
          "gate/score_gain_low": 0.22, "gate/reasons": [], "cycle/seconds": 71,
          "cycle/release": "canary"}),
+        *[("skipped", None, None, {"cycle/skip_reason": "too little evidence: 9 held-out "
+                                   "pairs, need 12"})] * 2,
         ("skipped", None, None, {"cycle/skip_reason": "reward model held-out accuracy 0.61, "
                                  "lower bound 0.48 < 0.55", "reward/accuracy": 0.61,
                                  "reward/accuracy_low": 0.48}),
@@ -138,8 +140,9 @@ def test_console_shows_versions_and_rolls_back(seeded: tuple[Settings, Store],
                 else:
                     assert approval == "no thumbs yet"
             assert page.locator("#summary #served .value").inner_text() == "policy-2"
-            assert page.locator("#runs tbody tr").count() == 3
-            assert "lower bound 0.48" in page.locator("#runs tbody").inner_text()
+            assert page.locator("#runs tbody tr").count() == 3  # three skips in a row: one
+            assert "3 cycles skipped; the last: reward model held-out accuracy 0.61, lower bound " \
+                   "0.48" in page.locator("#runs tbody").inner_text()
             assert "rm-1" in page.locator("#reward-models tbody").inner_text()
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)

@@ -189,8 +189,29 @@ function gateDecision(r) {
   if (!Array.isArray(reasons)) return "—";
   return reasons.length ? "rejected" : "passed";
 }
+// Consecutive skipped cycles, one item: [run] for any other, [newest, ..., oldest] for skips.
+function groupSkips(runs) {
+  const items = [];
+  for (const r of runs) {
+    const last = items[items.length - 1];
+    if (r.status === "skipped" && last && last[0].status === "skipped") last.push(r);
+    else items.push([r]);
+  }
+  return items;
+}
+function skipsRow(group) {
+  const newest = group[0], oldest = group[group.length - 1];
+  return el("tr", { "data-run": `${oldest.id}-${newest.id}`, class: "skips" },
+    el("td", {}, `${oldest.id}–${newest.id}`), el("td", {}, badge("skipped")),
+    el("td", {}, [...new Set(group.map((r) => r.trigger))].join(", ")),
+    el("td", {}, when(newest.started_at || newest.created_at)),
+    ...Array.from({ length: 6 }, () => el("td", { class: "num" }, "—")),
+    el("td", { class: "reason" }, `${group.length} cycles skipped; the last: ${runReason(newest)}`));
+}
 function renderRuns(runs) {
-  const rows = runs.map((r) => {
+  const rows = groupSkips(runs).map((group) => {
+    if (group.length > 1) return skipsRow(group);
+    const r = group[0];
     const m = r.metrics || {};
     const seconds = m["cycle/seconds"] ?? (r.finished_at && r.started_at ? r.finished_at - r.started_at : null);
     return el("tr", { "data-run": r.id },
