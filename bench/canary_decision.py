@@ -41,20 +41,19 @@ from tests.flywheel.test_approval import (
     REJECT,
     simulate_canary,
 )
-from tests.flywheel.test_rater_pooling import Population, rate, simulate_raters
 from tests.simulated_raters import Crowd, simulate, thumbs_to
 from tests.simulated_raters import rate as crowd_rate
 
-RATER_SCENARIOS = (
-    ("equal, raters differ", Population(0.5, 0.5, honest=60, spread=0.2, activity_sd=1.5)),
-    ("equal, 300 raters", Population(0.5, 0.5, honest=300, spread=0.2, activity_sd=1.5)),
-    ("10 pts worse, differ", Population(0.5, 0.4, honest=60, spread=0.2, activity_sd=1.5)),
-    ("+25, 2 hostile, caught", Population(0.3, 0.55, honest=10, spread=0.05, activity_sd=0.3,
-                                         hostile=2, hostile_volume=1.0, hostile_weight=0.1)),
-    ("+25, 2 hostile, uncaught", Population(0.3, 0.55, honest=10, spread=0.05, activity_sd=0.3,
-                                           hostile=2, hostile_volume=1.0)),
-    ("-20, 2 hostile, uncaught", Population(0.5, 0.3, honest=10, spread=0.05, activity_sd=0.3,
-                                           hostile=2, hostile_volume=1.0)),
+RATER_SCENARIOS = (  # (label, crowd, p_active, p_canary): raters sticky to an arm
+    ("equal, raters differ", Crowd(60, spread=0.2, taste_sd=0.0, activity_sd=1.5), 0.5, 0.5),
+    ("equal, 300 raters", Crowd(300, spread=0.2, taste_sd=0.0, activity_sd=1.5), 0.5, 0.5),
+    ("10 pts worse, differ", Crowd(60, spread=0.2, taste_sd=0.0, activity_sd=1.5), 0.5, 0.4),
+    ("+25, 2 hostile, caught", Crowd(10, spread=0.05, taste_sd=0.0, activity_sd=0.3, hostile=2,
+                                     hostile_volume=1.0, hostile_weight=0.1), 0.3, 0.55),
+    ("+25, 2 hostile, uncaught", Crowd(10, spread=0.05, taste_sd=0.0, activity_sd=0.3,
+                                       hostile=2, hostile_volume=1.0), 0.3, 0.55),
+    ("-20, 2 hostile, uncaught", Crowd(10, spread=0.05, taste_sd=0.0, activity_sd=0.3,
+                                       hostile=2, hostile_volume=1.0), 0.5, 0.3),
 )
 
 
@@ -62,12 +61,12 @@ def _rater_rows(runs: int, seed: int) -> None:
     print(f"\nwith raters (sticky, 3000 canary thumbs at most, {runs} runs):")
     print(f"{'scenario':<26} {'p_a':>4} {'p_c':>4} {'plain: promote':>15} {'reject':>7}"
           f" {'pooled: promote':>16} {'reject':>7}")
-    for label, pop in RATER_SCENARIOS:
-        plain = simulate_raters(pop, runs, seed, pooled=False)
-        pooled = simulate_raters(pop, runs, seed)
-        print(f"{label:<26} {pop.p_active:>4.2f} {pop.p_canary:>4.2f} "
-              f"{rate(plain, PROMOTE):>15.1%} {rate(plain, REJECT):>7.1%} "
-              f"{rate(pooled, PROMOTE):>16.1%} {rate(pooled, REJECT):>7.1%}")
+    for label, crowd, p_a, p_c in RATER_SCENARIOS:
+        plain = simulate(crowd, p_a, p_c, runs, seed, unit="user", pooled=False)
+        pooled = simulate(crowd, p_a, p_c, runs, seed, unit="user")
+        print(f"{label:<26} {p_a:>4.2f} {p_c:>4.2f} "
+              f"{crowd_rate(plain, PROMOTE):>15.1%} {crowd_rate(plain, REJECT):>7.1%} "
+              f"{crowd_rate(pooled, PROMOTE):>16.1%} {crowd_rate(pooled, REJECT):>7.1%}")
 
 
 WHO_COUNTS = [  # (label, crowd): 1 to 1,000 honest raters, hostile ones, minted identities

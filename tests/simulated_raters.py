@@ -3,8 +3,8 @@ thumb against their taste, and one untrusted API key minting `user` ids.
 
 Thumbs reach a canary and the active version one at a time; the judge's own rules decide
 (`flywheel.rater_pooling`, `flywheel.approval.decide_canary`, with the settings' defaults). The
-tests in tests/flywheel/test_rater_scenarios.py check the rates at sizes that take seconds;
-bench/canary_decision.py prints them for 1 to 1,000 raters.
+tests in tests/flywheel/test_rater_scenarios.py and tests/flywheel/test_rater_pooling.py check the
+rates at sizes that take seconds; bench/canary_decision.py prints them for 1 to 1,000 raters.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flywheel.approval import decide_canary
+from flywheel.approval import Arm, decide_canary
 from flywheel.rater_pooling import canary_unit, pool_arm, pool_paired
 
 FRACTION = 0.2  # the settings' defaults (flywheel/settings.py, CanarySettings)
@@ -60,17 +60,20 @@ class Outcome:
 
 
 def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: int, *,
-             unit: str = "auto", cap: int = 3000, growth: float = 1.03) -> list[Outcome]:
+             unit: str = "auto", cap: int = 3000, growth: float = 1.03,
+             pooled: bool = True) -> list[Outcome]:
     """The first verdict of each simulated canary, checked each time the thumbs grew by
     `growth` (checking less often than the judge can only lower the error rates), until `cap`
-    canary thumbs."""
+    canary thumbs. `pooled=False`: each arm's plain counts, every thumb independent evidence
+    (what the rules replaced, for comparison)."""
     rng = np.random.default_rng(seed)
     unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
-    return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, rng) for _ in range(runs)]
+    return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, rng)
+            for _ in range(runs)]
 
 
 def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
-                growth: float, rng: np.random.Generator) -> Outcome:
+                growth: float, pooled: bool, rng: np.random.Generator) -> Outcome:
     names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
     weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
     total = len(names)
@@ -89,12 +92,16 @@ def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: 
         np.add.at(counts, (arm, who, 1), 1)
         start = stop
         arms = _thumbs(counts, names)
-        if unit == "request":
-            pooled = pool_paired(arms[0], arms[1], share=SHARE, weights=weights)
+        if not pooled:
+            compared = tuple(Arm(int(counts[arm, :, 0].sum()),
+                                 int((counts[arm, :, 1] - counts[arm, :, 0]).sum()))
+                             for arm in (0, 1))
+        elif unit == "request":
+            compared = pool_paired(arms[0], arms[1], share=SHARE, weights=weights)
         else:
-            pooled = (pool_arm(arms[0], share=SHARE, weights=weights),
-                      pool_arm(arms[1], share=SHARE, weights=weights))
-        decision = decide_canary(*pooled, min_ratings=MIN_RATINGS, margin=MARGIN, alpha=ALPHA)
+            compared = (pool_arm(arms[0], share=SHARE, weights=weights),
+                        pool_arm(arms[1], share=SHARE, weights=weights))
+        decision = decide_canary(*compared, min_ratings=MIN_RATINGS, margin=MARGIN, alpha=ALPHA)
         canary_thumbs = int(counts[1, :, 1].sum())
         if decision.verdict != "wait" or canary_thumbs >= cap:
             verdict = {"wait": WAIT, "promote": PROMOTE, "reject": REJECT}[decision.verdict]

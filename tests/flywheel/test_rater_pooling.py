@@ -2,29 +2,20 @@
 and the canary's error rates with users who differ in taste, are sticky to an arm, rate at very
 different volumes, or rate against their own taste on purpose.
 
-`simulate_raters` is imported by bench/canary_decision.py, which prints the same rates at larger
-sizes; the tests below run it at sizes that take seconds.
+The simulated raters are tests/simulated_raters.py's, which bench/canary_decision.py runs at
+larger sizes; the tests below run them at sizes that take seconds, sticky to an arm.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
-import numpy as np
 import pytest
 
-from flywheel.approval import Arm, decide_canary
+from flywheel.approval import Arm
 from flywheel.rater_pooling import identity_cap, pool_arm
-from tests.flywheel.test_approval import (
-    ALPHA,
-    FRACTION,
-    MARGIN,
-    MIN_RATINGS,
-    PROMOTE,
-    REJECT,
-    WAIT,
-)
+from tests.simulated_raters import ALPHA, PROMOTE, REJECT, Crowd, Outcome, rate, simulate
 
 
 def test_one_thumb_per_rater_is_the_binomial_arm() -> None:
@@ -69,83 +60,14 @@ def test_nothing_to_pool() -> None:
     assert pool_arm({"user:a": (3, 1)}, share=0.1, weights={"user:a": 0.0}) == Arm(0, 0)
 
 
-@dataclass(frozen=True)
-class Population:
-    """Simulated raters: honest ones whose approval of each arm varies around the arm's by their
-    leniency (sd `spread`), with activity drawn log-normal (sd `activity_sd`); and `hostile`
-    raters who thumb against their taste, together giving `hostile_volume` times the honest
-    volume, with trust weight `hostile_weight` (1: the trainer has not caught them yet)."""
-
-    p_active: float
-    p_canary: float
-    honest: int = 60
-    spread: float = 0.15
-    activity_sd: float = 1.0
-    hostile: int = 0
-    hostile_volume: float = 1.0
-    hostile_weight: float = 1.0
-
-
-
-def simulate_raters(pop: Population, runs: int, seed: int, *, pooled: bool = True,
-                    growth: float = 1.03, cap: int = 3000) -> np.ndarray:
-    """First verdict of each run (WAIT, PROMOTE, REJECT): thumbs arrive one rater at a time,
-    each rater sticky to an arm (canary with probability FRACTION), `decide_canary` checked on
-    the pooled arms (or on plain counts, `pooled=False`) each time the thumbs grew by `growth`
-    (checking less often than the worker does can only lower the error rates), until `cap`
-    canary thumbs."""
-    rng = np.random.default_rng(seed)
-    verdicts = np.zeros(runs, dtype=np.int64)
-    total = pop.honest + pop.hostile
-    for run in range(runs):
-        lenient = rng.normal(0.0, pop.spread, pop.honest)
-        activity = rng.lognormal(0.0, pop.activity_sd, pop.honest)
-        if pop.hostile:
-            activity = np.concatenate(
-                [activity, np.full(pop.hostile, activity.sum() * pop.hostile_volume / pop.hostile)])
-            lenient = np.concatenate([lenient, np.zeros(pop.hostile)])
-        on_canary = rng.random(total) < FRACTION
-        p_up = np.clip(np.where(on_canary, pop.p_canary, pop.p_active) + lenient, 0.02, 0.98)
-        p_up[pop.honest:] = 1.0 - p_up[pop.honest:]  # hostile: against their own taste
-        weights = {f"r{i}": pop.hostile_weight for i in range(pop.honest, total)}
-        up, n = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=np.int64)
-        order = rng.choice(total, size=cap * 8, p=activity / activity.sum())
-        thumbs = rng.random(order.size) < p_up[order]
-        start = 0
-        while start < order.size:
-            stop = max(start + 20, int(start * growth))
-            np.add.at(n, order[start:stop], 1)
-            np.add.at(up, order[start:stop], thumbs[start:stop])
-            start = stop
-            arms = [_arm(up, n, on_canary == side, weights, pooled) for side in (False, True)]
-            decision = decide_canary(*arms, min_ratings=MIN_RATINGS, margin=MARGIN, alpha=ALPHA)
-            if decision.verdict != "wait" or n[on_canary].sum() >= cap:
-                verdicts[run] = {"wait": WAIT, "promote": PROMOTE, "reject": REJECT}[
-                    decision.verdict]
-                break
-    return verdicts
-
-
-def _arm(up: np.ndarray, n: np.ndarray, members: np.ndarray, weights: dict[str, float],
-         pooled: bool) -> Arm:
-    if not pooled:
-        return Arm(int(up[members].sum()), int((n - up)[members].sum()))
-    raters = {f"r{i}": (int(up[i]), int(n[i] - up[i])) for i in np.flatnonzero(members & (n > 0))}
-    return pool_arm(raters, share=0.1, weights=weights)
-
-
-def rate(verdicts: np.ndarray, code: int) -> float:
-    return float(np.mean(verdicts == code))
-
-
 def test_raters_who_differ_keep_false_rejections_within_alpha() -> None:
     """Equal arms, raters who differ in taste and volume: plain counts treat a lenient heavy
     rater's thumbs as independent evidence and reject the equal canary far more often than
     alpha; pooled across raters, the rate stays within it."""
-    pop = Population(0.5, 0.5, honest=60, spread=0.2, activity_sd=1.5)
+    crowd = Crowd(60, spread=0.2, taste_sd=0.0, activity_sd=1.5)
     runs = 150
-    plain = rate(simulate_raters(pop, runs, seed=1, pooled=False), REJECT)
-    pooled = rate(simulate_raters(pop, runs, seed=1), REJECT)
+    plain = rate(simulate(crowd, 0.5, 0.5, runs, seed=1, unit="user", pooled=False), REJECT)
+    pooled = rate(simulate(crowd, 0.5, 0.5, runs, seed=1, unit="user"), REJECT)
     slack = 2 * math.sqrt(ALPHA * (1 - ALPHA) / runs)
     assert pooled <= ALPHA + slack, (pooled, plain)
     assert plain > pooled
@@ -156,14 +78,18 @@ def test_hostile_raters_do_not_decide_the_canary() -> None:
     canary ten honest raters find 25 points better: plain counts reject it more often than
     alpha; pooled, each hostile rater weighs at most its share and the canary is rejected in
     under alpha / 2 of runs; once the trainer has down-weighted them, it is promoted far more
-    often as well (94% against 60% within 3000 canary thumbs)."""
-    caught = Population(0.3, 0.55, honest=10, spread=0.05, activity_sd=0.3, hostile=2,
-                        hostile_volume=1.0, hostile_weight=0.1)
-    uncaught = Population(**{**caught.__dict__, "hostile_weight": 1.0})
+    often as well (92% against 57% within 3000 canary thumbs; plain counts reject 12%)."""
+    uncaught = Crowd(10, spread=0.05, taste_sd=0.0, activity_sd=0.3, hostile=2,
+                     hostile_volume=1.0)
+    caught = replace(uncaught, hostile_weight=0.1)
     runs = 120
-    plain = simulate_raters(uncaught, 400, seed=2, pooled=False)  # 7% rejected, 60% promoted
-    capped = simulate_raters(uncaught, runs, seed=2)
-    weighted = simulate_raters(caught, runs, seed=2)
+
+    def sticky(crowd: Crowd, runs: int, pooled: bool = True) -> list[Outcome]:
+        return simulate(crowd, 0.3, 0.55, runs, seed=2, unit="user", pooled=pooled)
+
+    plain = sticky(uncaught, 400, pooled=False)
+    capped = sticky(uncaught, runs)
+    weighted = sticky(caught, runs)
     assert rate(plain, REJECT) > ALPHA, rate(plain, REJECT)
     assert rate(capped, REJECT) <= ALPHA / 2, rate(capped, REJECT)
     assert rate(weighted, REJECT) <= ALPHA, rate(weighted, REJECT)
