@@ -3,6 +3,7 @@ tests read or change in the database behind the store's back."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -66,3 +67,14 @@ def set_policy_status(store: Store, version: str, status: str) -> None:
     with store.engine.begin() as conn:
         conn.execute(sa.update(PolicyVersion).where(PolicyVersion.id == version)
                      .values(status=status))
+
+
+def up_env(model_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of a `flywheel up` test: this one, less what would point it at another
+    database, Redis, data directory, address or keys, with the model, the CPU, quick polls,
+    info logs and `settings` (FLYWHEEL_* names)."""
+    env = {name: value for name, value in os.environ.items() if name not in (
+        "FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR", "FLYWHEEL_PORT",
+        "FLYWHEEL_HOST", "FLYWHEEL_API_KEYS", "FLYWHEEL_ADMIN_KEY")}
+    return {**env, "FLYWHEEL_MODEL": str(model_dir), "FLYWHEEL_TRAIN__DEVICE": "cpu",
+            "FLYWHEEL_TRAIN__POLL_SECONDS": "0.5", "FLYWHEEL_LOG_LEVEL": "info", **settings}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.helpers import up_env
 from tests.server.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -30,18 +30,13 @@ def close_the_loop(tmp_path: Path, model: Path, *, ready_s: float = 180, train_s
     """Run `flywheel up` on ``model``: feedback, a cycle, policy-1 served, a clean Ctrl-C with no
     child left; returns its log."""
     port = free_port()
-    env = dict(os.environ, FLYWHEEL_MODEL=str(model),
-               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="8", FLYWHEEL_TRAIN__POLL_SECONDS="0.5",
-               FLYWHEEL_TRAIN__EVAL_PROMPTS="4", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
-               FLYWHEEL_TRAIN__KL_BUDGET="1e9", FLYWHEEL_TRAIN__DEVICE="cpu",
-               FLYWHEEL_TRAIN__MIN_HOLDOUT_PAIRS="1", FLYWHEEL_TRAIN__REWARD_ACCURACY_FLOOR="0",
-               FLYWHEEL_TRAIN__GATE_SAMPLES="8",
-               FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="4",
-               FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
-               FLYWHEEL_PPO__MAX_NEW_TOKENS="8", FLYWHEEL_REWARD__EPOCHS="1",
-               FLYWHEEL_LOG_LEVEL="info", **env_overrides)
-    for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR"):
-        env.pop(name, None)
+    env = up_env(model, FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="8",
+                 FLYWHEEL_TRAIN__EVAL_PROMPTS="4", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
+                 FLYWHEEL_TRAIN__KL_BUDGET="1e9", FLYWHEEL_TRAIN__MIN_HOLDOUT_PAIRS="1",
+                 FLYWHEEL_TRAIN__REWARD_ACCURACY_FLOOR="0", FLYWHEEL_TRAIN__GATE_SAMPLES="8",
+                 FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="4",
+                 FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
+                 FLYWHEEL_PPO__MAX_NEW_TOKENS="8", FLYWHEEL_REWARD__EPOCHS="1", **env_overrides)
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flywheel.cli", "up", "--port", str(port),

@@ -10,7 +10,6 @@ about 40%, scale 3: about 3%, measured on the tiny preset).
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from feedback_store import Store
-from tests.helpers import make_checkpoint
+from tests.helpers import make_checkpoint, up_env
 from tests.server.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -67,12 +66,8 @@ def test_up_rejects_a_worse_canary_and_promotes_a_better_one(tmp_path: Path,
                                                              tiny_model_dir: Path) -> None:
     port = free_port()
     data = tmp_path / "data"
-    env = dict(os.environ, FLYWHEEL_MODEL=str(tiny_model_dir),
-               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="1000000",  # no training: only the rollout
-               FLYWHEEL_TRAIN__POLL_SECONDS="0.5", FLYWHEEL_CANARY__MIN_RATINGS="40",
-               FLYWHEEL_TRAIN__DEVICE="cpu", FLYWHEEL_LOG_LEVEL="info")
-    for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR"):
-        env.pop(name, None)
+    env = up_env(tiny_model_dir, FLYWHEEL_CANARY__MIN_RATINGS="40",
+                 FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="1000000")  # no training: only the rollout
     versions = {"policy-1": 0.6, "policy-2": 3.0, "policy-3": None}  # None: the base weights
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(

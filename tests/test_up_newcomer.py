@@ -12,7 +12,6 @@ answers differ gives that user's pair."""
 from __future__ import annotations
 
 import itertools
-import os
 import random
 import signal
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.helpers import up_env
 from tests.server.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -38,16 +38,11 @@ BATCH = 50  # rated answers between looks at the trainer
 
 def test_three_users_reach_a_first_policy(tmp_path: Path, tiny_model_dir: Path) -> None:
     port = free_port()
-    env = dict(os.environ, FLYWHEEL_MODEL=str(tiny_model_dir),
-               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="1000000", FLYWHEEL_TRAIN__POLL_SECONDS="0.5",
-               FLYWHEEL_TRAIN__DEVICE="cpu", FLYWHEEL_TRAIN__EVAL_PROMPTS="8",
-               FLYWHEEL_TRAIN__GATE_SAMPLES="16", FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9",
-               FLYWHEEL_PPO__STEPS="1", FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="8",
-               FLYWHEEL_PPO__PPO_EPOCHS="1", FLYWHEEL_PPO__NUM_MINIBATCHES="1",
-               FLYWHEEL_PPO__MAX_NEW_TOKENS="16", FLYWHEEL_LOG_LEVEL="info")
-    for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR",
-                 "FLYWHEEL_API_KEYS", "FLYWHEEL_ADMIN_KEY"):
-        env.pop(name, None)
+    env = up_env(tiny_model_dir, FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK="1000000",
+                 FLYWHEEL_TRAIN__EVAL_PROMPTS="8", FLYWHEEL_TRAIN__GATE_SAMPLES="16",
+                 FLYWHEEL_TRAIN__MIN_IMPROVEMENT="-1e9", FLYWHEEL_PPO__STEPS="1",
+                 FLYWHEEL_PPO__ROLLOUT_BATCH_SIZE="8", FLYWHEEL_PPO__PPO_EPOCHS="1",
+                 FLYWHEEL_PPO__NUM_MINIBATCHES="1", FLYWHEEL_PPO__MAX_NEW_TOKENS="16")
     log = (tmp_path / "up.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "flywheel.cli", "up", "--port", str(port), "--data-dir",

@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from flywheel.supervisor import DataDirLock, RestartPolicy, describe_exit
+from tests.helpers import up_env
 
 
 def _free_port() -> int:
@@ -31,12 +32,7 @@ def _free_port() -> int:
 
 
 def _up_env(model_dir: Path) -> dict[str, str]:
-    env = dict(os.environ, FLYWHEEL_MODEL=str(model_dir), FLYWHEEL_TRAIN__DEVICE="cpu",
-               FLYWHEEL_LOG_LEVEL="info")
-    for name in ("FLYWHEEL_REDIS_URL", "FLYWHEEL_DATABASE_URL", "FLYWHEEL_DATA_DIR",
-                 "FLYWHEEL_PORT", "FLYWHEEL_HOST"):
-        env.pop(name, None)
-    return env
+    return up_env(model_dir)
 
 
 def _up(port: int, data_dir: Path, env: dict[str, str], **kwargs: object) -> subprocess.Popen:
