@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from feedback_store.types import Marks
+from feedback_store.types import IMPLICIT_SIGNALS, Marks
 
 # Deterministic constraint names, so that migrations can refer to them (Alembic "naming
 # conventions" recipe).
@@ -146,6 +146,23 @@ class Feedback(Base):
     # A later vote of the same voter on the same answer replaced this one: it stays as history
     # and counts nowhere.
     replaced_by: Mapped[int | None] = mapped_column(default=None)
+
+
+class ImplicitFeedback(Base):
+    """What a user did with an answer without rating it: asked again (`regenerate`), edited
+    the question and sent it again (`edit`), or copied the answer (`copy`)."""
+
+    __tablename__ = "implicit_feedback"
+    __table_args__ = (sa.CheckConstraint(_in("signal", IMPLICIT_SIGNALS), name="signal"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[str] = mapped_column(sa.String(40), unique=True)
+    choice_id: Mapped[int] = mapped_column(sa.ForeignKey("choices.id"), index=True)
+    signal: Mapped[str] = mapped_column(sa.String(16))
+    user: Mapped[str | None] = mapped_column(sa.Text)
+    identity: Mapped[str | None] = mapped_column(sa.Text)  # as Feedback.identity
+    key_scope: Mapped[str | None] = mapped_column(sa.String(16))  # the key that sent it
+    created_at: Mapped[datetime]
 
 
 class Ranking(Base):

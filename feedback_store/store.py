@@ -10,6 +10,7 @@ from feedback_store.errors import StoreUnavailableError
 from feedback_store.feedback import FeedbackMixin
 from feedback_store.history import HistoryMixin
 from feedback_store.identities import IdentitiesMixin
+from feedback_store.implicit import ImplicitFeedbackMixin
 from feedback_store.policy_versions import PoliciesMixin
 from feedback_store.rankings import RankingsMixin
 from feedback_store.reward_models import RewardModelsMixin
@@ -19,7 +20,8 @@ from feedback_store.training_data import TrainingDataMixin
 
 
 class Store(IdentitiesMixin, CompletionsMixin, FeedbackMixin, RankingsMixin, PoliciesMixin,
-            RewardModelsMixin, RolloutMixin, RunsMixin, TrainingDataMixin, HistoryMixin):
+            RewardModelsMixin, RolloutMixin, RunsMixin, TrainingDataMixin, HistoryMixin,
+            ImplicitFeedbackMixin):
     """Synchronous and thread-safe; records come back as plain dicts, timestamps as unix seconds.
 
     Connection failures raise StoreUnavailableError; a failed call writes nothing.

@@ -11,6 +11,8 @@ __all__ = ["ANONYMOUS", "Rater", "is_untrusted_key"]
 
 RaterThumbs = dict[str, tuple[int, int]]  # identity of the rater -> (thumbs up, thumbs down)
 Marks = dict[str, int]  # {"feedback": id, "rankings": id}: the last ids a window reached
+# What a user did with an answer besides rating it (feedback_store/implicit.py).
+IMPLICIT_SIGNALS = ("regenerate", "edit", "copy")
 
 
 @dataclass(frozen=True)

@@ -229,7 +229,8 @@ def _announce_when_ready(settings: Settings, supervisor: Supervisor) -> None:
             time.sleep(0.5)
         else:
             return
-        line = f"Flywheel is ready: API {base}/v1, console {base}/console (Ctrl-C stops everything)"
+        line = (f"Flywheel is ready: chat {base}/, API {base}/v1, console {base}/console "
+                "(Ctrl-C stops everything)")
         if settings.log_format == "json":
             log.info("%s", line)  # a log shipper reads JSON lines only
         else:

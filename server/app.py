@@ -23,6 +23,7 @@ from server.admin.identities import router as identities_router
 from server.auth import Authenticator, exposed
 from server.browser_guard import BrowserGuard
 from server.canary_split import CanarySplit
+from server.chat.api_router import router as chat_router
 from server.completions.api_router import router as completions_router
 from server.completions.recording import completion_writes
 from server.console.api_router import router as console_router
@@ -123,7 +124,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
                   openapi_url="/openapi.json" if docs else None)
     install_error_handlers(app)
     for router in (completions_router, feedback_router, admin_router, history_router,
-                   health_router, console_router, identities_router):
+                   health_router, console_router, chat_router, identities_router):
         app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes,
                        timeout_s=settings.body_timeout_s)

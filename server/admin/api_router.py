@@ -8,6 +8,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Body, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from feedback_store.types import IMPLICIT_SIGNALS
 from flywheel.checkpoints import CheckpointError
 from flywheel.live_approval import Pooled, best_version, forgotten, live_record
 from flywheel.serving_plan import PolicyMessage, announce, check_servable
@@ -33,20 +34,23 @@ class CanaryRequest(BaseModel):
     unit: Literal["auto", "request", "user"] | None = None
 
 
-def _policy(row: dict, ratings: dict[str, tuple[int, int]], pooled: Pooled) -> dict:
+def _policy(row: dict, ratings: dict[str, tuple[int, int]], pooled: Pooled,
+            implicit: dict[str, dict[str, int]]) -> dict:
     body = {k: row.get(k) for k in _PUBLIC_POLICY_FIELDS}
     body["object"] = "policy"
     body["live"] = live_record(*ratings.get(row["id"], (0, 0)), pooled.get(row["id"]))
+    body["implicit"] = implicit.get(row["id"], dict.fromkeys(IMPLICIT_SIGNALS, 0))
     return body
 
 
 def _policies_view(state: AppState) -> dict[str, Any]:
     rows = state.store.list_policies()
     ratings, pooled = state.store.live_ratings(), state.store.pooled_live()
+    implicit = state.store.implicit_counts()
     cfg = state.settings.canary
     return {
         "object": "list",
-        "data": [_policy(r, ratings, pooled) for r in rows],
+        "data": [_policy(r, ratings, pooled, implicit) for r in rows],
         "served": state.engine.policy_version,
         "canary": state.split.version,
         "best": best_version(rows, ratings, cfg.min_rollback_ratings, pooled),
@@ -77,7 +81,8 @@ async def _check_files(state: AppState, policy_id: str, *, force: bool) -> None:
 
 def _one_view(state: AppState, policy_id: str) -> dict:
     row = state.store.get_policy(policy_id)
-    return _policy(row, state.store.live_ratings(), state.store.pooled_live())
+    return _policy(row, state.store.live_ratings(), state.store.pooled_live(),
+                   state.store.implicit_counts())
 
 
 async def _one(state: AppState, policy_id: str, published: bool) -> dict:

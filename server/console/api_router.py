@@ -11,39 +11,25 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, RedirectResponse
 
-from server.errors import APIError
+from server.static_pages import CSP, PageFiles
 
 router = APIRouter(include_in_schema=False)
 
-STATIC = Path(__file__).parent / "static"
-# name -> media type; only these files are served (no path from the URL reaches the disk)
-FILES = {
+# Only these files are served; uPlot sizes its elements with inline styles, and draws on
+# canvases the page may export as data: images.
+FILES = PageFiles("console", Path(__file__).parent / "static", {
     "index.html": "text/html; charset=utf-8",
     "console.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
     "uPlot.iife.min.js": "text/javascript; charset=utf-8",
     "uPlot.min.css": "text/css; charset=utf-8",
     "uPlot.LICENSE": "text/plain; charset=utf-8",
-}
-HEADERS = {
-    # Scripts and data from this origin only; uPlot sizes its elements with inline styles.
-    "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
-                               "img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cache-Control": "no-cache",  # revalidated by ETag: a new release shows at once
-}
-
-
-def _file(name: str) -> FileResponse:
-    if name not in FILES:
-        raise APIError(404, f"No console file '{name}'", code="not_found")
-    return FileResponse(STATIC / name, media_type=FILES[name], headers=HEADERS)
+}, csp=CSP + "; style-src 'self' 'unsafe-inline'; img-src 'self' data:")
 
 
 @router.get("/console")
 async def console() -> FileResponse:
-    return _file("index.html")
+    return FILES.response("index.html")
 
 
 @router.get("/console/")
@@ -53,4 +39,4 @@ async def console_slash() -> RedirectResponse:
 
 @router.get("/console/static/{name}")
 async def static(name: str) -> FileResponse:
-    return _file(name)
+    return FILES.response(name)

@@ -1,1 +1,1 @@
-"""`/v1/feedback`, `/v1/rankings` and `/v1/feedback/export`."""
+"""`/v1/feedback`, `/v1/feedback/implicit`, `/v1/rankings` and `/v1/feedback/export`."""

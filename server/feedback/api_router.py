@@ -1,4 +1,4 @@
-"""Routes that store what users think of the answers."""
+"""Routes that store what users think of the answers, and what they did with them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from feedback_store.errors import InvalidInputError, StoreError
 from feedback_store.feedback import MAX_CLIENT_KEY_LENGTH
 from server.errors import ErrorResponse
-from server.feedback.protocol import FeedbackRequest, RankingRequest
+from server.feedback.protocol import FeedbackRequest, ImplicitRequest, RankingRequest
 from server.ratelimit import check_feedback_rate
 from server.state import AppState, require_admin, require_user
 
@@ -101,6 +101,22 @@ async def post_ranking(body: RankingRequest, request: Request,
     if created:
         state.metrics.feedback.labels("ranking").inc()
     return _created(record, created)
+
+
+@router.post("/v1/feedback/implicit", status_code=201, responses={
+    404: WRITE_RESPONSES[404],
+    403: {"model": ErrorResponse, "description": "The answer was served to another API key"}})
+async def post_implicit(body: ImplicitRequest, request: Request,
+                        state: Annotated[AppState, Depends(require_user)]) -> JSONResponse:
+    """What a user did with an answer besides rating it (regenerate, edit, copy): stored as its
+    own kind of feedback, never as a thumb."""
+    rater = state.auth.rater(request, body.user)
+    check_feedback_rate(request, state, rater)
+    record = await _in_store_thread(lambda: state.store.add_implicit(
+        completion_id=body.completion_id, choice_index=body.choice_index, signal=body.signal,
+        user=body.user, rater=rater))
+    state.metrics.feedback.labels(f"implicit_{body.signal}").inc()
+    return JSONResponse(record, status_code=201)
 
 
 def _indices(entry: dict[str, Any] | list[dict[str, Any]]) -> int | list[int]:

@@ -22,6 +22,21 @@ class FeedbackRequest(RequestModel):
     user: str | None = Field(default=None, max_length=256)
 
 
+Signal = Literal["regenerate", "edit", "copy"]  # feedback_store.types.IMPLICIT_SIGNALS
+
+
+class ImplicitRequest(RequestModel):
+    """What a user did with an answer besides rating it: asked again for the same conversation,
+    edited the question and sent it again, or copied the answer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    completion_id: str = Field(min_length=1, max_length=128)
+    choice_index: Index = 0
+    signal: Signal
+    user: str | None = Field(default=None, max_length=256)
+
+
 class RankedItem(RequestModel):
     completion_id: str = Field(min_length=1, max_length=128)
     choice_index: Index = 0

@@ -22,6 +22,7 @@ TABLES = {
     "choices",
     "feedback",
     "identities",
+    "implicit_feedback",
     "rankings",
     "ranking_items",
     "policy_versions",

@@ -162,6 +162,11 @@ function canaryText(m) {
   if (m["canary/reason"]) parts.push(m["canary/reason"]);
   return parts.join(" · ");
 }
+// Regenerations, edits and copies of the version's answers (the chat page sends them).
+function implicitText(counts) {
+  const c = counts || {};
+  return `${c.regenerate ?? 0} / ${c.edit ?? 0} / ${c.copy ?? 0}`;
+}
 function renderVersions(p) {
   const rows = p.data.map((v) => el("tr", { "data-version": v.id },
     el("td", {}, el("span", { class: "swatch", style: `background:${colour(v.id)}` }), v.id,
@@ -169,6 +174,7 @@ function renderVersions(p) {
     el("td", {}, badge(v.status)),
     el("td", { class: "num approval" }, approvalText(v.live)),
     el("td", { class: "num" }, v.live?.ratings ?? 0),
+    el("td", { class: "num implicit" }, implicitText(v.implicit)),
     el("td", { class: "num" }, gateText(v.metrics)),
     el("td", { class: "reason" }, canaryText(v.metrics)),
     el("td", {}, when(v.created_at)),
