@@ -75,7 +75,9 @@ def read_thumbs(s: Session, held: bool | None, where: sa.ColumnElement[bool],
 
 def read_rankings(s: Session, held: bool | None, where: sa.ColumnElement[bool],
                   newest: int | None = None) -> list[list[RankedRow]]:
-    """Rankings matching `where`, each as its rows best first; the `newest` N only, if given."""
+    """Live rankings (not replaced by a later one of the same voter) matching `where`, each as
+    its rows best first; the `newest` N only, if given."""
+    where = sa.and_(where, Ranking.replaced_by.is_(None))
     if newest is not None:  # pick the rankings first: LIMIT counts rankings, not their items
         ids = sa.select(Ranking.id).where(where)
         if held is not None:
@@ -106,7 +108,8 @@ def rankings_of_choices(s: Session, choice_ids: Sequence[int]) -> dict[int, set[
     for start in range(0, len(wanted), IN_CHUNK):
         query = (sa.select(RankingItem.choice_id, Ranking.id, identity_column(Ranking))
                  .join(Ranking, Ranking.id == RankingItem.ranking_id)
-                 .where(RankingItem.choice_id.in_(wanted[start:start + IN_CHUNK])))
+                 .where(RankingItem.choice_id.in_(wanted[start:start + IN_CHUNK]),
+                        Ranking.replaced_by.is_(None)))
         for choice, rid, identity in _stream(s, query):
             found.setdefault(choice, set()).add((rid, identity))
     return found

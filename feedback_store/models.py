@@ -169,6 +169,12 @@ class Ranking(Base):
     """An ordering, best first, of answers to one prompt."""
 
     __tablename__ = "rankings"
+    __table_args__ = (
+        # A voter's live ranking of a prompt's answers: what a new one looks up to replace.
+        sa.Index("ix_rankings_live_vote", "prompt_id", "voter",
+                 sqlite_where=sa.text("replaced_by IS NULL"),
+                 postgresql_where=sa.text("replaced_by IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     public_id: Mapped[str] = mapped_column(sa.String(40), unique=True)
@@ -179,6 +185,10 @@ class Ranking(Base):
     created_at: Mapped[datetime]
     identity: Mapped[str | None] = mapped_column(sa.Text)  # as Feedback.identity
     key_scope: Mapped[str | None] = mapped_column(sa.String(16))
+    voter: Mapped[str | None] = mapped_column(sa.Text)  # as Feedback.voter
+    # A later ranking by the same voter of any of the same answers replaced this one: kept as
+    # history, it trains nothing.
+    replaced_by: Mapped[int | None] = mapped_column(default=None)
 
 
 class RankingItem(Base):

@@ -70,6 +70,7 @@ class RankingsMixin(StoreBase):
                 created_at=utcnow(),
                 identity=storable(rater.identity),
                 key_scope=rater.key_scope,
+                voter=storable(rater.voter),
             )
             s.add(row)
             s.flush()
@@ -79,6 +80,7 @@ class RankingsMixin(StoreBase):
                 for pos, (tier, choice) in enumerate(flat)
             )
             s.flush()
+            _replace_earlier_rankings(s, row, [choice.id for _, choice in flat])
             return _ranking_record(s, row), True
 
         return self._idempotent(attempt, keyed=key is not None)
@@ -93,6 +95,17 @@ class RankingsMixin(StoreBase):
                 raise
         with self._tx() as s:
             return attempt(s)
+
+
+def _replace_earlier_rankings(s: Session, row: Ranking, choice_ids: list[int]) -> None:
+    """One vote per voter per answer: a ranking replaces the same voter's live rankings that
+    ranked any of its answers (kept as history, they train nothing). Rankings of other answers
+    to the same prompt stay: they are other votes."""
+    ranked_here = sa.select(RankingItem.ranking_id).where(RankingItem.choice_id.in_(choice_ids))
+    s.execute(sa.update(Ranking).where(
+        Ranking.prompt_id == row.prompt_id, Ranking.voter == row.voter,
+        Ranking.replaced_by.is_(None), Ranking.id < row.id, Ranking.id.in_(ranked_here),
+    ).values(replaced_by=row.id))
 
 
 def _tie_groups(items: Sequence[RankedEntry]) -> list[list[tuple[str, int]]]:

@@ -13,6 +13,7 @@ from feedback_store import Store
 from feedback_store.base import request_hash
 from feedback_store.errors import IdempotencyMismatchError, InvalidInputError, NotFoundError
 from feedback_store.models import Choice, RankingItem
+from feedback_store.types import Rater
 from tests.helpers import feedback_counts
 
 from .conftest import add_completion, count
@@ -233,3 +234,20 @@ def test_untied_ranking_keeps_its_request_hash(store: Store) -> None:
         stored = conn.scalar(sa.text("SELECT request_hash FROM rankings"))
     assert stored == request_hash({"items": [[A, 0], [A, 1]], "user": "u"})
     assert _stored_tiers(store) == [(0, 0, 0), (1, 1, 1)]
+
+
+def test_a_new_ranking_replaces_the_voters_earlier_one(store: Store) -> None:
+    """One vote per voter on a prompt's answers: a re-ranking replaces the earlier ranking (kept,
+    training nothing); another voter's, or the same user's under another key, stays."""
+    add_completion(store, "chatcmpl-a", texts=("A", "B", "C"))
+    first = [("chatcmpl-a", 0), ("chatcmpl-a", 1), ("chatcmpl-a", 2)]
+    store.add_ranking(items=first, user="u")
+    store.add_ranking(items=first, user="v")
+    store.add_ranking(items=first, rater=Rater(key_scope="k1", user="u"))
+    store.add_ranking(items=list(reversed(first)), user="u")  # u changed its mind
+    assert count(store, "rankings") == 4
+    groups = [g for g in store.reward_data().groups if g.source == "ranking"]
+    orders = sorted((g.identity, tuple(tuple(a) for a in g.answers)) for g in groups)
+    tokens = [[ord(ch) for ch in text] for text in ("A", "B", "C")]
+    assert [identity for identity, _ in orders] == ["key:k1", "user:u", "user:v"]
+    assert dict(orders)["user:u"] == tuple(tuple(t) for t in reversed(tokens))

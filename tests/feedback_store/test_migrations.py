@@ -100,7 +100,8 @@ def test_concurrent_upgrades_serialize(db_url: str) -> None:
 
 
 def test_voters_are_filled_in_for_earlier_thumbs(db_url: str) -> None:
-    """Thumbs stored before 0007v get the voter their key and `user` make (`Rater.voter`)."""
+    """Thumbs stored before 0007v, and rankings before 0010k, get the voter their key and `user`
+    make (`Rater.voter`)."""
     migrate.upgrade(db_url)
     store = Store(db_url)
     add_completion(store, "chatcmpl-1")
@@ -108,14 +109,16 @@ def test_voters_are_filled_in_for_earlier_thumbs(db_url: str) -> None:
               Rater(key_scope="k1", user="bob"), Rater(key_scope="k2", user="", trusted=True)]
     for rater in raters:
         store.add_feedback(completion_id="chatcmpl-1", choice_index=0, rating="up", rater=rater)
+        store.add_ranking(items=[("chatcmpl-1", 0), ("chatcmpl-1", 1)], rater=rater)
     store.close()
     migrate.downgrade(db_url, "0006r")
     migrate.upgrade(db_url)
     engine = sa.create_engine(db_url)
     with engine.connect() as conn:
         voters = conn.scalars(sa.text("SELECT voter FROM feedback ORDER BY id")).all()
+        ranked = conn.scalars(sa.text("SELECT voter FROM rankings ORDER BY id")).all()
     engine.dispose()
-    assert voters == [rater.voter for rater in raters]
+    assert voters == ranked == [rater.voter for rater in raters]
     assert len(set(voters)) == len(raters)
 
 

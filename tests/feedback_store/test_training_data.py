@@ -182,13 +182,15 @@ def test_export_covers_both_splits(store: Store) -> None:
 
 def test_tied_answers_form_no_pair(store: Store) -> None:
     add_completion(store, "cmpl-1", prompt="Q1", texts=("a", "b", "c", "d"), kind="text")
-    store.add_ranking(items=[[("cmpl-1", 0), ("cmpl-1", 2)], ("cmpl-1", 1), ("cmpl-1", 3)])
-    store.add_ranking(items=[("cmpl-1", 3), ("cmpl-1", 0)])
+    store.add_ranking(items=[[("cmpl-1", 0), ("cmpl-1", 2)], ("cmpl-1", 1), ("cmpl-1", 3)],
+                      user="u1")
+    store.add_ranking(items=[("cmpl-1", 3), ("cmpl-1", 0)], user="u2")  # one vote per voter
     (tied, strict) = store.reward_data().groups
     assert tied == PreferenceGroup(
-        _ids("Q1"), [_ids("a"), _ids("c"), _ids("b"), _ids("d")], "ranking", [0, 0, 1, 2]
-    )
-    assert strict == PreferenceGroup(_ids("Q1"), [_ids("d"), _ids("a")], "ranking", None)
+        _ids("Q1"), [_ids("a"), _ids("c"), _ids("b"), _ids("d")], "ranking", [0, 0, 1, 2],
+        identity="user:u1")
+    assert strict == PreferenceGroup(_ids("Q1"), [_ids("d"), _ids("a")], "ranking", None,
+                                     identity="user:u2")
     pairs = [(r["chosen"], r["rejected"]) for r in store.export_preferences()]
     assert pairs == [
         ("a", "b"), ("a", "d"), ("c", "b"), ("c", "d"), ("b", "d"),  # no ("a", "c")
@@ -202,10 +204,13 @@ def test_equal_texts_are_never_a_pair(store: Store) -> None:
     add_completion(store, "cmpl-1", prompt="Q1", texts=("same", "other", "same", "last"),
                    kind="text")
     add_completion(store, "cmpl-2", prompt="Q1", texts=("same",), kind="text")
-    store.add_ranking(items=[("cmpl-1", 0), ("cmpl-1", 1), ("cmpl-1", 2), ("cmpl-1", 3)])
-    store.add_ranking(items=[[("cmpl-1", 1), ("cmpl-1", 3)], ("cmpl-1", 0), ("cmpl-2", 0)])
-    store.add_ranking(items=[("cmpl-1", 0), ("cmpl-2", 0)])  # only equal texts: no group at all
-    store.add_ranking(items=[("cmpl-1", 0), [("cmpl-2", 0), ("cmpl-1", 2)]])  # likewise
+    # Four voters: one voter's later ranking of the same answers would replace its earlier one.
+    store.add_ranking(items=[("cmpl-1", 0), ("cmpl-1", 1), ("cmpl-1", 2), ("cmpl-1", 3)],
+                      user="u1")
+    store.add_ranking(items=[[("cmpl-1", 1), ("cmpl-1", 3)], ("cmpl-1", 0), ("cmpl-2", 0)],
+                      user="u2")
+    store.add_ranking(items=[("cmpl-1", 0), ("cmpl-2", 0)], user="u3")  # only equal texts
+    store.add_ranking(items=[("cmpl-1", 0), [("cmpl-2", 0), ("cmpl-1", 2)]], user="u4")
     _rate(store, "cmpl-1", 0, "up")
     _rate(store, "cmpl-2", 0, "down")  # same text as the up: no pair
     data = store.reward_data()
