@@ -1,7 +1,7 @@
 """Implicit feedback: what users did with an answer besides rating it (regenerate, edit, copy).
 
-Stored as its own kind of event, never as a thumb: it counts in no approval and trains nothing
-unless the trainer is told to read it (`FLYWHEEL_TRAIN__IMPLICIT_WEIGHT`, docs/operations.md).
+Stored as its own kind of event, never as a thumb: it counts in no approval and, for now, trains
+nothing (shown per version in `/v1/policies` and the console).
 """
 
 from __future__ import annotations

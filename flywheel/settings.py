@@ -97,10 +97,6 @@ class TrainSettings(BaseModel):
     keep_checkpoints: int = 3  # newest checkpoints kept on disk besides the active one
     lock_ttl_seconds: float = 30.0  # leader lock lifetime, renewed at a third of it
     device: str = "auto"  # "cpu", "cuda" or "auto"
-    # Reserved, not read yet: the loss weight a regenerated answer would get as a weak thumbs-down
-    # (docs/operations.md). 0 keeps implicit signals (regenerate, edit, copy) out of training;
-    # they are stored and shown either way.
-    implicit_weight: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class FeedbackLimits(BaseModel):
