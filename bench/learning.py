@@ -2,6 +2,7 @@
 
     python bench/learning.py --taste terse --minutes 10
     python bench/learning.py --taste foodie --minutes 10 --set CANARY__MIN_RATINGS=60
+    python bench/learning.py --taste terse --users 3 --paced 50 --max-rated 700 --minutes 20
 
 A pool of simulated users (the `user` field, so the canary split is sticky) asks the demo
 model's kinds of questions, gives thumbs to every answer by a taste from bench/tastes.py (never
@@ -13,6 +14,10 @@ on the answers each version served and by the server (`live` in GET /v1/policies
 version, the final (active at the end) one and the gap between them; each version's status,
 canary decision and evidence (`canary/*`) and KL to the base; every training cycle with its
 outcome and reasons (GET /v1/training/runs); failed requests. Plot: docs/learning-<taste>.png.
+
+`--paced 50` (bench/_pacing.py): the users stop after every 50 rated answers until a cycle queued
+on them has finished, and the run prints the rated answers at the first policy, the first canary
+and the first promotion: counts that do not depend on this machine's speed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _pacing import (
+    FEEDBACK_TRIGGER_OFF,
+    Milestones,
+    Pacer,
+    RatedLedger,
+    print_paced,
+    watch_milestones,
+)
 from tastes import TASTES, RankKey, Taste
 
 from feedback_store.training_data import is_holdout_hash
@@ -75,6 +88,7 @@ class SimulatedUsers:
     prompts: dict[str, bool] = field(default_factory=dict)  # stored text -> held out
     failed: Counter[str] = field(default_factory=Counter)
     rankings: Counter[str] = field(default_factory=Counter)
+    ledger: RatedLedger = field(default_factory=RatedLedger)  # thumbs the server accepted
 
     async def turn(self) -> None:
         prompt, user = sample_user_prompt(self.rng), self.rng.choice(self.users)
@@ -98,9 +112,10 @@ class SimulatedUsers:
             cell = record.openings[(answer.split() or [""])[0]]
             cell[0], cell[1] = cell[0] + 1, cell[1] + up
         for index, up in enumerate(verdicts):
-            await self._post("feedback", "/v1/feedback", {
-                "completion_id": body["id"], "choice_index": index,
-                "rating": "up" if up else "down", "user": user})
+            if await self._post("feedback", "/v1/feedback", {
+                    "completion_id": body["id"], "choice_index": index,
+                    "rating": "up" if up else "down", "user": user}):
+                self.ledger.add()
         ranking = ranking_with_ties([self.taste.rank_key(prompt, a) for a in answers])
         if ranking is not None:
             self.rankings["with ties" if any(isinstance(e, list) for e in ranking)
@@ -108,9 +123,11 @@ class SimulatedUsers:
             await self._post("ranking", "/v1/rankings", {
                 "completion_id": body["id"], "ranking": ranking, "user": user})
 
-    async def _post(self, kind: str, path: str, payload: dict[str, Any]) -> None:
+    async def _post(self, kind: str, path: str, payload: dict[str, Any]) -> bool:
         if (await self.client.post(path, json=payload)).status_code != 201:
             self.failed[kind] += 1
+            return False
+        return True
 
 
 def ranking_with_ties(keys: list[RankKey]) -> list[int | list[int]] | None:
@@ -128,10 +145,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def flywheel_env(model_dir: Path, min_feedback: int, overrides: list[str]) -> dict[str, str]:
-    """The environment of `flywheel up`: ours plus `--set KEY=VALUE` (as FLYWHEEL_KEY)."""
+def flywheel_env(model_dir: Path, min_feedback: int, overrides: list[str], paced: bool = False
+                 ) -> dict[str, str]:
+    """The environment of `flywheel up`: ours plus `--set KEY=VALUE` (as FLYWHEEL_KEY). Paced:
+    no cycle on feedback (the bench queues them), and the worker looks for one twice a second."""
     env = dict(os.environ, FLYWHEEL_MODEL=str(model_dir),
-               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK=str(min_feedback))
+               FLYWHEEL_TRAIN__MIN_NEW_FEEDBACK=FEEDBACK_TRIGGER_OFF if paced
+               else str(min_feedback))
+    if paced:
+        env["FLYWHEEL_TRAIN__POLL_SECONDS"] = "0.5"
     env.pop("FLYWHEEL_REDIS_URL", None)
     for item in overrides:
         key, _, value = item.partition("=")
@@ -169,9 +191,13 @@ class Watch:
     status: dict[str, str] = field(default_factory=dict)
     runs_seen: set[int] = field(default_factory=set)
     warned: bool = False
+    waiting: list[str] = field(default_factory=list)  # what each waiting version waits for
 
     async def poll(self, client: httpx.AsyncClient, now: float) -> None:
-        for p in (await client.get("/v1/policies")).json()["data"]:
+        policies = (await client.get("/v1/policies")).json()["data"]
+        self.waiting = [f"{p['id']} ({p['status']}) waits: {p['reason']}"
+                        for p in policies if p.get("reason")]
+        for p in policies:
             if self.status.get(p["id"]) != p["status"]:
                 self.status[p["id"]] = p["status"]
                 self.events.append((now, p["id"], p["status"]))
@@ -211,23 +237,35 @@ def run_reason(run: dict[str, Any]) -> str:
 
 
 async def simulate(url: str, taste: Taste, args: argparse.Namespace
-                   ) -> tuple[SimulatedUsers, Watch]:
+                   ) -> tuple[SimulatedUsers, Watch, Milestones]:
     users = [f"user-{i:03d}" for i in range(args.users)]
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         sim = SimulatedUsers(client, taste, random.Random(args.seed), args.n, users)
         watch, deadline = Watch(), sim.started + args.minutes * 60
+        milestones = Milestones()
+        pacer = Pacer(args.paced or 10**9, args.max_rated or 10**9)
+
+        def going() -> bool:  # paced, the pacer ends the run after the last batch's cycle
+            return (time.monotonic() < deadline and not pacer.finished and (
+                args.paced or sim.ledger.rated < (args.max_rated or 10**9)))
 
         async def loop() -> None:
-            while time.monotonic() < deadline:
+            while going():
+                if args.paced and not await pacer.admit(args.n):
+                    return
                 try:
                     await sim.turn()
                 except httpx.HTTPError:
                     sim.failed["http error"] += 1
                     await asyncio.sleep(0.5)
+                finally:
+                    if args.paced:
+                        await pacer.leave()
+            await pacer.end()
 
         async def monitor() -> None:
             last = 0.0
-            while time.monotonic() < deadline:
+            while going():
                 now = time.monotonic() - sim.started
                 with contextlib.suppress(httpx.HTTPError, KeyError, ValueError):
                     await watch.poll(client, now)  # a missed poll is caught up by the next
@@ -237,14 +275,23 @@ async def simulate(url: str, taste: Taste, args: argparse.Namespace
                                      for v, s in sim.stats.items())
                     held = sum(sim.prompts.values())
                     print(f"[{now:5.0f}s] approval {line}; prompts {len(sim.prompts)} distinct, "
-                          f"{held} held out", flush=True)
+                          f"{held} held out; {sim.ledger.rated} rated answers", flush=True)
+                    for p in watch.waiting:
+                        print(f"[{now:5.0f}s]   {p}", flush=True)
                 await asyncio.sleep(5)
 
-        reporter = asyncio.create_task(monitor())
+        helpers = [asyncio.create_task(monitor())]
+        if args.paced:
+            helpers += [asyncio.create_task(pacer.pace(client, sim.ledger, milestones, deadline)),
+                        asyncio.create_task(watch_milestones(client, sim.ledger, milestones,
+                                                             pacer))]
         await asyncio.gather(*(loop() for _ in range(args.concurrency)))
-        reporter.cancel()
+        await pacer.end()
+        await asyncio.gather(*helpers[1:])
+        helpers[0].cancel()
         await watch.poll(client, time.monotonic() - sim.started)
-        return sim, watch
+        milestones.observe((await client.get("/v1/policies")).json()["data"], sim.ledger)
+        return sim, watch, milestones
 
 
 async def fetch_final(url: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -389,6 +436,10 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a Flywheel setting for `flywheel up`, e.g. CANARY__FRACTION=0.3")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--paced", type=int, default=0, metavar="N",
+                        help="stop after every N rated answers until a cycle on them finished")
+    parser.add_argument("--max-rated", type=int, default=0,
+                        help="end the run at this many rated answers (0: by --minutes only)")
     args = parser.parse_args()
 
     taste = TASTES[args.taste]
@@ -396,7 +447,8 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         print(f"building the demo model into {model_dir}", flush=True)
         build_demo_model(model_dir)
-    env = flywheel_env(model_dir, args.min_feedback, args.set)
+    env = flywheel_env(model_dir, args.min_feedback, args.set, paced=bool(args.paced))
+    name = f"learning-{taste.name}" + (f"-paced{args.paced}-u{args.users}" if args.paced else "")
     settings = {k: v for k, v in env.items() if k.startswith("FLYWHEEL_")}
     print(f"taste {taste.name}: {taste.summary}\nsettings: {settings}", flush=True)
     port, began = _free_port(), time.monotonic()
@@ -405,21 +457,30 @@ def main() -> int:
         proc = start_system(Path(tmp), env, port)
         try:
             asyncio.run(wait_ready(url, proc))
-            sim, watch = asyncio.run(simulate(url, taste, args))
+            sim, watch, milestones = asyncio.run(simulate(url, taste, args))
             policies, runs = asyncio.run(fetch_final(url))
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=60)
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            shutil.copy(Path(tmp) / "flywheel-up.log", out / f"learning-{taste.name}.log")
+            shutil.copy(Path(tmp) / "flywheel-up.log", out / f"{name}.log")
         summary = summarize(sim, policies, runs)
         print_summary(summary, taste, settings, time.monotonic() - began)
-        (out / f"learning-{taste.name}.json").write_text(json.dumps(
-            {**summary, "taste": taste.name, "settings": settings, "events": watch.events},
+        if args.paced:
+            print_paced(summary, milestones, args.paced, args.users, sim.ledger.rated)
+        (out / f"{name}.json").write_text(json.dumps(
+            {**summary, "taste": taste.name, "settings": settings, "events": watch.events,
+             "users": args.users, "rated": sim.ledger.rated, "wall_s": time.monotonic() - began,
+             "timeline": sim.timeline,
+             "milestones": {"first_policy": milestones.first_policy,
+                            "first_candidate": milestones.first_candidate,
+                            "first_canary": milestones.first_canary,
+                            "first_promotion": milestones.first_promotion,
+                            "reasons": milestones.reasons}},
             indent=1, default=str))
-        image = plot(sim, watch, summary, taste,
-                     Path(args.plot or ROOT / "docs" / f"learning-{taste.name}.png"))
+        default_plot = (out if args.paced else ROOT / "docs") / f"{name}.png"
+        image = plot(sim, watch, summary, taste, Path(args.plot or default_plot))
         print(f"plot: {image}")
     return 0
 
