@@ -167,11 +167,12 @@ def test_rankings(client: TestClient, store: Store) -> None:
     first = chat(client, n=3, seed=3)
     second = chat(client, seed=4)
     response = client.post("/v1/rankings", json={"completion_id": first["id"],
-                                                   "ranking": [2, 0, 1]})
+                                                   "ranking": [2, 0, 1], "user": "u1"})
     assert response.status_code == 201, response.text
     items = [{"completion_id": first["id"], "choice_index": 1},
              {"completion_id": second["id"], "choice_index": 0}]
-    assert client.post("/v1/rankings", json={"items": items}).status_code == 201
+    # Another rater: u1 ranking answer 1 again would replace its first ranking (one vote each).
+    assert client.post("/v1/rankings", json={"items": items, "user": "u2"}).status_code == 201
     assert rows(store)["rankings"] == 2
     export = client.get("/v1/feedback/export")
     lines = [json.loads(line) for line in export.text.splitlines()]
