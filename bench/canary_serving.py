@@ -1,13 +1,15 @@
 """Serving with a canary beside the active policy, against serving the active policy alone.
 
     python bench/canary_serving.py [--model DIR] [--clients 16] [--fraction 0.2]
-                                   [--max-tokens 64] [--seconds 10] [--rounds 2]
+                                   [--max-tokens 64] [--seconds 10] [--rounds 2] [--own-process]
 
-One in-process ``TransformersEngine`` on one model; ``--clients`` closed-loop streaming clients
+One ``TransformersEngine`` on one model (its core in this process, or in an engine process of its
+own with ``--own-process``); ``--clients`` closed-loop streaming clients
 send requests back to back. Rounds alternate between (A) no canary and (B) a canary (a perturbed
 copy of the model, loaded with ``set_canary`` before the round and ended after it) receiving
 ``--fraction`` of the requests, chosen per request with a seeded generator, so that background
-load hits both alike. Prints tokens/s, the process's resident memory (RSS, sampled during each
+load hits both alike. Prints tokens/s, CPU per token (this process and the engine process: what
+holds however much CPU other jobs leave), the process's resident memory (RSS, sampled during each
 round; (A)'s from the first round, before any canary was loaded) and the ratios B/A.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import shutil
 import sys
@@ -27,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import QUESTIONS, Run, conversations, ensure_model, report
+from serving import QUESTIONS, Run, conversations, cpu_per_token, cpu_seconds, ensure_model, report
 
 from server.engines.base import SamplingParams
 from server.engines.transformers_engine import TransformersEngine
@@ -62,6 +65,7 @@ async def clients_round(engine: TransformersEngine, prompts: list[list[int]], cl
     params = SamplingParams(max_tokens=max_new, temperature=1.0)
     rng = random.Random(seed)
     run, peak, by_version = Run(), rss_mib(), {}
+    cpu = cpu_seconds(os.getpid())
     start = time.perf_counter()
 
     async def client(c: int) -> None:
@@ -88,12 +92,15 @@ async def clients_round(engine: TransformersEngine, prompts: list[list[int]], cl
     sampler = asyncio.create_task(sample_rss())
     await asyncio.gather(*(client(c) for c in range(clients)))
     run.seconds = time.perf_counter() - start
+    run.cpu, run.cpu_api = (after - before for after, before in
+                            zip(cpu_seconds(os.getpid()), cpu, strict=True))
     sampler.cancel()
     return run, max(peak, rss_mib()), by_version
 
 
 async def bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None:
-    engine = TransformersEngine(str(model), max_batch_size=max(32, args.clients))
+    engine = TransformersEngine(str(model), max_batch_size=max(32, args.clients),
+                                own_process=args.own_process)
     await engine.start()
     prompts = [engine.encode_chat(c) for c in conversations(len(QUESTIONS))]
     await clients_round(engine, prompts, args.clients, 0.0, args.max_tokens, 1.0, 0)  # warm-up
@@ -124,6 +131,9 @@ async def bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None
     canary_share = tokens_by_version.get("canary", 0) / max(1, shared.tokens)
     print(f"    the canary produced {canary_share:.1%} of (B)'s tokens")
     print(f"    (B)/(A) tokens/s = {shared.rate / alone.rate:.2f}x")
+    print(f"CPU: (A) {cpu_per_token(alone)}, (B) {cpu_per_token(shared)}")
+    print(f"    (A)/(B) tokens per CPU second = "
+          f"{(alone.cpu / alone.tokens) / (shared.cpu / shared.tokens):.2f}x")
     print(f"RSS: {rss_before:.0f} MiB before the first canary, {rss_loaded:.0f} MiB with it "
           f"loaded; peak during (A) {peaks['A']:.0f} MiB, during (B) {peaks['B']:.0f} MiB")
     print(f"    (B)/(A) peak RSS = {peaks['B'] / peaks['A']:.2f}x")
@@ -137,10 +147,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0, help="per round and arm")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--own-process", action="store_true",
+                        help="the engine's core in a process of its own (RSS: this one's only)")
     args = parser.parse_args()
     model = ensure_model(args.model.resolve())
     print(f"model {model}, max_tokens {args.max_tokens}, {args.rounds} rounds of "
-          f"{args.seconds:.0f}s per arm")
+          f"{args.seconds:.0f}s per arm, core {'in its own' if args.own_process else 'in this'} "
+          "process")
     with tempfile.TemporaryDirectory(prefix="flywheel-canary-") as tmp:
         canary_dir = perturbed_copy(model, Path(tmp) / "canary")
         asyncio.run(bench(model, canary_dir, args))

@@ -81,18 +81,25 @@ class PaddedBatch:
             self.tokens = self.tokens.index_select(0, index)
         self._trim_left()
 
-    def merge(self, other: PaddedBatch) -> None:
-        """Append ``other``'s rows, left-padding whichever side is shorter in time."""
+    def merge(self, other: PaddedBatch, order: list[int] | None = None) -> None:
+        """Append ``other``'s rows, left-padding whichever side is shorter in time; ``order``:
+        the merged rows in that order instead (indices into this batch's rows, then other's),
+        in the same copy."""
         length = max(self.mask.shape[1], other.mask.shape[1])
+        runs = _runs(order, self.size) if order is not None else [(0, 0, self.size),
+                                                                  (1, 0, other.size)]
+
+        def join(mine: torch.Tensor, theirs: torch.Tensor, pad: bool = True) -> torch.Tensor:
+            sides = (_pad_left(mine, length), _pad_left(theirs, length)) if pad else (mine, theirs)
+            return torch.cat([sides[side][start:stop] for side, start, stop in runs])
+
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, length), _pad_left(theirs.keys, length)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, length), _pad_left(theirs.values, length)]
-            )
-        self.mask = torch.cat([_pad_left(self.mask, length), _pad_left(other.mask, length)])
-        self.positions = torch.cat([self.positions, other.positions])
+            mine.keys = join(mine.keys, theirs.keys)
+            mine.values = join(mine.values, theirs.values)
+        self.mask = join(self.mask, other.mask)
+        self.positions = join(self.positions, other.positions, pad=False)
         if self.tokens is not None and other.tokens is not None:
-            self.tokens = torch.cat([self.tokens, other.tokens])
+            self.tokens = join(self.tokens, other.tokens, pad=False)
 
     def _trim_left(self) -> None:
         used = self.mask.any(dim=0).nonzero()
@@ -109,6 +116,19 @@ class PaddedBatch:
         for layer in self.cache.layers:
             layer.keys = layer.keys.masked_fill(padded, 0.0)
             layer.values = layer.values.masked_fill(padded, 0.0)
+
+
+def _runs(order: list[int], size: int) -> list[tuple[int, int, int]]:
+    """``order`` (indices into ``size`` rows, then another batch's) as runs of consecutive rows:
+    (0 for the first batch or 1, start, stop)."""
+    runs: list[tuple[int, int, int]] = []
+    for index in order:
+        side, row = (0, index) if index < size else (1, index - size)
+        if runs and runs[-1][0] == side and runs[-1][2] == row:
+            runs[-1] = (side, runs[-1][1], row + 1)
+        else:
+            runs.append((side, row, row + 1))
+    return runs
 
 
 def _pad_left(x: torch.Tensor, length: int) -> torch.Tensor:

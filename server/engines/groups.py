@@ -1,6 +1,7 @@
 """The model groups the decode thread serves: the active policy, an optional canary, draining ones.
 
-A group is one model with its policy version, its running rows and its joining requests. Changes
+A group is one model with its policy version, its running sequences and its joining requests
+(their batch is its lane's, ``lanes.py``, shared with the groups of the same architecture). Changes
 of weights (a new active version, a new canary, a promotion, the end of a canary) are queued from
 the event loop as ``Change``s and applied by the decode thread between steps, so a step never
 sees a half-applied change. A group that loses its role admits nothing more and is freed once its
@@ -17,9 +18,7 @@ from typing import Any, Literal
 import torch
 
 from server.engines.base import SwapError
-from server.engines.batch import PaddedBatch
 from server.engines.request import Request
-from server.engines.sampling import RowSampler
 from server.engines.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -31,10 +30,8 @@ ChangeKind = Literal["activate", "canary", "promote", "end_canary"]
 class Group:
     model: Any
     version: str
-    seqs: list[Sequence] = field(default_factory=list)
+    seqs: list[Sequence] = field(default_factory=list)  # in the order of their rows in the lane
     joining: list[Request] = field(default_factory=list)
-    batch: PaddedBatch | None = None
-    sampler: RowSampler | None = None  # None: rebuild before the next step
 
     def requests(self) -> list[Request]:
         unique = {id(s.request): s.request for s in self.seqs}

@@ -4,10 +4,12 @@ Each loop iteration (1) applies queued weight changes, (2) admits waiting reques
 ``max_batch_size`` sequences (once a few have gathered, see ``_join_due``), taking the keys'
 queues in turn and holding each key to its share of the batch (``fair_queue.py``), each to its arm's
 group (the active policy, or the canary when it asked for one and one is loaded), then for every
-group (3) prefills the joiners and merges them into the running batch, (4) runs one decode step
-for all rows and (5) drops finished and cancelled rows. A group that lost its role (after a hot
-swap, a promotion or the end of a canary) admits nothing and is dropped once its last sequence
-finishes, so in-flight requests end on the weights they started with.
+lane (``lanes.py``: the groups whose models share an architecture, usually all) (3) prefills the
+joiners and merges them into the running batch, (4) runs one decode step for all rows, in one
+forward pass however many groups have rows (``routing.py``), and (5) drops finished and
+cancelled rows. A group that lost its role (after a hot swap, a promotion or the end of a canary)
+admits nothing and is dropped once its last sequence finishes, so in-flight requests end on the
+weights they started with.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from server.engines.bridge import Mailbox
 from server.engines.core_protocol import CoreStats
 from server.engines.fair_queue import BatchShare, FairQueue
 from server.engines.groups import Change, ChangeKind, Group, Groups
+from server.engines.lanes import Lane, Lanes
 from server.engines.request import DeltaOrError, Request
 from server.engines.sampling import RowSampler, Sampled
 from server.engines.sequence import Sequence
@@ -67,6 +70,7 @@ class Scheduler:
         are taken round robin by key, each key held to ``max_batch_share`` of the batch while
         others are active (``fair_queue.py``); off, one FIFO queue and no share."""
         self._groups = Groups(model, version)
+        self._lanes = Lanes()
         self._tokenizer = tokenizer
         self._eos = eos_token_ids
         self._pad_id = pad_token_id
@@ -177,9 +181,12 @@ class Scheduler:
         try:
             with torch.inference_mode():
                 while self._next_iteration():
-                    for group in list(self._groups.all):
-                        self._step(group)
-                    self._groups.retire()
+                    for group in self._groups.all:
+                        if group.joining:
+                            self._lanes.place(group)
+                    for lane in self._lanes:
+                        self._step(lane)
+                    self._retire()
                     self._count()
                     if self._deliver is not None:
                         self._flush()  # counts changed by the iteration, maybe with no items
@@ -205,8 +212,12 @@ class Scheduler:
 
     def _apply(self, change: Change) -> None:
         self._groups.apply(change)
-        self._groups.retire()
+        self._retire()
         self._count()
+
+    def _retire(self) -> None:
+        self._groups.retire()
+        self._lanes.prune(self._groups.all)
 
     def _admit(self) -> None:
         if not self._waiting or (self.running_sequences and not self._join_due()):
@@ -256,55 +267,63 @@ class Scheduler:
         gathered = len(self._waiting) >= math.ceil(self.running_sequences * JOIN_RATIO)
         return gathered or waited >= MAX_JOIN_WAIT_STEPS
 
-    def _step(self, group: Group) -> None:
+    def _step(self, lane: Lane) -> None:
         try:
-            if group.joining:
-                self._prefill(group)
-                self._drop_done(group)
+            if any(g.joining for g in lane.members):
+                self._prefill(lane)
+                self._drop_done(lane)
                 self._flush()  # first tokens go out before the decode step
-            if group.batch is not None:
-                self._decode(group)
-                self._drop_done(group)
+            if lane.batch is not None:
+                self._decode(lane)
+                self._drop_done(lane)
                 self._flush()
         except Exception as exc:  # a failed step fails its requests, never the thread
-            logger.exception("decode step failed for policy %s", group.version)
-            self._fail(group, EngineError(f"Generation failed: {exc}"))
+            versions = ", ".join(g.version for g in lane.members)
+            logger.exception("decode step failed for policy %s", versions)
+            for group in lane.members:  # their rows shared the failed forward pass
+                self._fail(group, EngineError(f"Generation failed: {exc}"))
+            lane.reset()
 
-    def _prefill(self, group: Group) -> None:
-        requests = [r for r in group.joining if not r.cancelled]
+    def _prefill(self, lane: Lane) -> None:
+        """Prefill every member's joining requests in one forward pass and merge their rows."""
+        joining = [[r for r in g.joining if not r.cancelled] for g in lane.members]
+        requests = [r for rs in joining for r in rs]
         if not requests:
-            group.joining = []
+            for group in lane.members:
+                group.joining = []
             return
-        batch, logits = PaddedBatch.prefill(group.model, [r.prompt for r in requests], self._pad_id)
-        seqs: list[Sequence] = []
+        model = lane.model_for([len(rs) for rs in joining])
+        batch, logits = PaddedBatch.prefill(model, [r.prompt for r in requests], self._pad_id)
+        new: list[list[Sequence]] = [[] for _ in joining]  # per member, in member order
         rows: list[int] = []
-        for row, request in enumerate(requests):
-            for index in range(request.params.n):
-                seqs.append(Sequence(request, index, self._tokenizer, self._eos))
-                rows.append(row)
+        row = 0
+        for added, group_requests in zip(new, joining, strict=True):
+            for request in group_requests:
+                for index in range(request.params.n):
+                    added.append(Sequence(request, index, self._tokenizer, self._eos))
+                    rows.append(row)
+                row += 1
         if len(rows) > len(requests):  # n > 1: the choices share the prompt's cache
             batch.select(rows)
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        seqs = [s for added in new for s in added]
         sampled = RowSampler([s.row for s in seqs], logits.device).sample(logits, self._shared_gen)
         batch.tokens = sampled.device_tokens[:, None]
         self._record(seqs, sampled)
-        if group.batch is None:
-            group.batch, group.seqs = batch, seqs
-        else:
-            group.batch.merge(batch)
-            group.seqs.extend(seqs)
-        group.joining = []  # only now: a failure above must still reach these requests
-        group.sampler = None
+        lane.merge(batch, new)
+        for group in lane.members:  # only now: a failure above must still reach these requests
+            group.joining = []
         self._count()
 
-    def _decode(self, group: Group) -> None:
-        assert group.batch is not None
-        logits = group.batch.decode(group.model)
-        if group.sampler is None:
-            group.sampler = RowSampler([s.row for s in group.seqs], logits.device)
-        sampled = group.sampler.sample(logits, self._shared_gen)
-        group.batch.tokens = sampled.device_tokens[:, None]
-        self._record(group.seqs, sampled)
+    def _decode(self, lane: Lane) -> None:
+        assert lane.batch is not None
+        seqs = lane.seqs()
+        logits = lane.batch.decode(lane.model_for([len(g.seqs) for g in lane.members]))
+        if lane.sampler is None:
+            lane.sampler = RowSampler([s.row for s in seqs], logits.device)
+        sampled = lane.sampler.sample(logits, self._shared_gen)
+        lane.batch.tokens = sampled.device_tokens[:, None]
+        self._record(seqs, sampled)
         self.steps += 1
 
     def _record(self, seqs: list[Sequence], sampled: Sampled) -> None:
@@ -329,19 +348,15 @@ class Scheduler:
             text = self._token_text[token_id] = self._tokenizer.decode([token_id])
         return text
 
-    def _drop_done(self, group: Group) -> None:
-        if group.batch is None:
+    def _drop_done(self, lane: Lane) -> None:
+        if lane.batch is None:
             return
-        keep = [i for i, s in enumerate(group.seqs) if s.finish_reason is None
+        seqs = lane.seqs()
+        keep = [i for i, s in enumerate(seqs) if s.finish_reason is None
                 and not s.request.cancelled]
-        if len(keep) == len(group.seqs):
+        if len(keep) == len(seqs):
             return
-        group.seqs = [group.seqs[i] for i in keep]
-        if keep:
-            group.batch.select(keep)
-        else:
-            group.batch = None
-        group.sampler = None
+        lane.drop(keep)
         self._count()
 
     def _count(self) -> None:
@@ -355,13 +370,14 @@ class Scheduler:
     def _fail(self, group: Group, error: BaseException) -> None:
         for request in group.requests():
             self._post(request, type(error)(*error.args))  # one exception object per consumer
-        group.seqs, group.joining, group.batch, group.sampler = [], [], None, None
+        group.seqs, group.joining = [], []
         self._flush()
         self._count()
 
     def _abort_all(self, error: BaseException) -> None:
         for group in list(self._groups.all):
             self._fail(group, error)
+        self._lanes.clear()
         with self._cond:
             waiting = self._waiting.drain()
             changes, self._changes = self._changes, []

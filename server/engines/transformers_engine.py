@@ -3,7 +3,8 @@
 The event loop side (this module) validates and tokenises, hands requests to the core and
 streams back the deltas it posts; it serialises weight changes (a hot swap, a canary, its
 promotion or end). A canary is a second model beside the active one: both decode every
-iteration, each in its own batch. The core (model, ``scheduler.py``) runs on a decode thread in
+iteration, in one batch and one forward pass, each row on its own version's weights
+(``lanes.py``, ``routing.py``). The core (model, ``scheduler.py``) runs on a decode thread in
 this process or in an engine process of its own (``own_process``, ``FLYWHEEL_ENGINE_PROCESS``),
 behind one interface (``core_transport.py``). Torch-free: the in-process core brings torch when
 chosen.

@@ -1,0 +1,147 @@
+"""Lanes: the groups (``groups.py``) whose models decode together, in one batch and one forward.
+
+A lane holds one ``PaddedBatch`` for the rows of its member groups, group after group in member
+order (each group's ``seqs`` in row order), and runs it through the one group's model when only
+one has rows, else through a routed model over the members' models (``routing.py``). Groups
+whose models share an architecture share a lane, so a canary, or a version draining after a
+swap, costs no forward pass of its own; a model that cannot be routed with the others gets a
+lane of its own and its own forward, as every group had before lanes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Iterator
+from typing import Any
+
+from server.engines.batch import PaddedBatch
+from server.engines.groups import Group
+from server.engines.routing import RowRuns, fusion_key, routed, routes_alike
+from server.engines.sampling import RowSampler
+from server.engines.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+class Lane:
+    """Member groups, their rows' batch and sampler, and the routed model over their models."""
+
+    def __init__(self, key: Hashable | None, group: Group) -> None:
+        self.key = key  # None: this lane admits no other group
+        self.members: list[Group] = [group]
+        self.batch: PaddedBatch | None = None
+        self.sampler: RowSampler | None = None  # None: rebuild before the next step
+        self._runs: RowRuns | None = None
+        self._routed: Any = None  # over ``members``; built when two groups first share a step
+
+    def seqs(self) -> list[Sequence]:
+        """The batch's sequences in row order."""
+        return [s for g in self.members for s in g.seqs]
+
+    def model_for(self, sizes: list[int]) -> Any:
+        """The model for a forward pass whose rows are ``sizes[i]`` rows of member ``i``, in
+        member order: the member's own model when only one has rows."""
+        busy = [g for g, n in zip(self.members, sizes, strict=True) if n]
+        if len(busy) == 1:
+            return busy[0].model
+        if self._routed is None or self._runs is None:
+            self._runs = RowRuns(len(self.members), self.members[0].model.device)
+            self._routed = routed([g.model for g in self.members], self._runs)
+        self._runs.set(sizes)
+        return self._routed
+
+    def admits(self, group: Group, key: Hashable | None) -> bool:
+        """Whether ``group`` (its model's ``fusion_key`` ``key``) can decode in this lane."""
+        if key is None or key != self.key:
+            return False
+        models = [g.model for g in self.members] + [group.model]
+        runs = RowRuns(len(models), group.model.device)
+        return routes_alike(routed(models, runs), runs, models)
+
+    def join(self, group: Group) -> None:
+        self.members.append(group)
+        self._routed = None
+
+    def leave(self, group: Group) -> None:
+        """Drop ``group`` (idle: none of the batch's rows is its; maybe freed, without a model)
+        from the members."""
+        self.members = [g for g in self.members if g is not group]  # by identity, not fields
+        self._routed = None  # it holds the group's modules: they must be freed with the group
+
+    def merge(self, batch: PaddedBatch, new: list[list[Sequence]]) -> None:
+        """Add ``batch``, the rows of ``new[i]`` for member ``i`` in member order, keeping each
+        member's rows together (a join, or cancelled rows, change the runs' sizes only)."""
+        old = [len(g.seqs) for g in self.members]
+        if self.batch is None:
+            self.batch = batch
+        else:
+            order, mine, theirs = [], 0, sum(old)
+            for count, added in zip(old, new, strict=True):
+                order += [*range(mine, mine + count), *range(theirs, theirs + len(added))]
+                mine, theirs = mine + count, theirs + len(added)
+            self.batch.merge(batch, order)
+        for group, added in zip(self.members, new, strict=True):
+            group.seqs.extend(added)
+        self.sampler = None
+
+    def drop(self, keep: list[int]) -> None:
+        """Keep only the batch's rows ``keep`` (ascending), and those groups' sequences."""
+        kept = set(keep)
+        row = 0
+        for group in self.members:
+            rows = range(row, row + len(group.seqs))
+            group.seqs = [s for r, s in zip(rows, group.seqs, strict=True) if r in kept]
+            row = rows.stop
+        if keep:
+            assert self.batch is not None
+            self.batch.select(keep)
+        else:
+            self.batch = None
+        self.sampler = None
+
+    def reset(self) -> None:
+        """After a failure: no rows, every member's sequences already failed and cleared."""
+        self.batch, self.sampler = None, None
+
+
+class Lanes:
+    """The lanes of the groups that have joined one, in the order they were opened."""
+
+    def __init__(self) -> None:
+        self._lanes: list[Lane] = []
+        self._of: dict[int, Lane] = {}
+
+    def __iter__(self) -> Iterator[Lane]:
+        return iter(list(self._lanes))
+
+    def place(self, group: Group) -> Lane:
+        """``group``'s lane: the one it is in, else the first that routes its model alike, else
+        a new one (on the decode thread, when the group first has rows to prefill)."""
+        lane = self._of.get(id(group))
+        if lane is not None:
+            return lane
+        key = fusion_key(group.model)
+        lane = next((lane for lane in self._lanes if lane.admits(group, key)), None)
+        if lane is None:
+            lane = Lane(key, group)
+            self._lanes.append(lane)
+            if key is None or len(self._lanes) > 1:
+                logger.info("policy %s decodes in a forward pass of its own", group.version)
+        else:
+            lane.join(group)
+        self._of[id(group)] = lane
+        return lane
+
+    def prune(self, alive: list[Group]) -> None:
+        """Forget groups that were freed (``Groups.retire``) and lanes left without members."""
+        ids = {id(g) for g in alive}
+        for lane in self:
+            for group in list(lane.members):
+                if id(group) not in ids:
+                    lane.leave(group)
+                    del self._of[id(group)]
+            if not lane.members:
+                self._lanes.remove(lane)
+
+    def clear(self) -> None:
+        self._lanes, self._of = [], {}

@@ -1,0 +1,183 @@
+"""One forward pass over several models of one architecture, each row on its own model's weights.
+
+A routed model is a copy of the first model's module tree (sharing its tensors) in which every
+module that holds weights (``Linear``, ``Embedding``) is a ``_Routed`` module: the batch's rows
+come in runs, one run per model in order, and it calls each model's own module on its run (a
+norm, whose weights are vectors, runs once over all rows, each with its own model's vectors:
+``_RowScaled``). Everything without weights (attention over the cache, masks, RoPE) runs once
+for all rows, so a canary beside the active policy costs one forward pass per step instead of
+two (multi-LoRA serving does the same with adapters: S-LoRA, vLLM's punica kernels). No weight
+is copied: the routed model holds the models' modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Hashable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+NAME_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version"})
+
+
+class RowRuns:
+    """How many rows, in order, belong to each model in the next forward pass."""
+
+    def __init__(self, count: int, device: torch.device) -> None:
+        self.count = count
+        self.device = device
+        self.total = 0
+        self.busy: list[int] = []  # the models with rows
+        self.models = torch.zeros(0, dtype=torch.long, device=device)  # (B,) each row's model
+        self.sizes: list[int] = []
+        self.version = 0  # changes with ``sizes``: what modules derived from them is stale
+        self._last: tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] = (None, ())
+
+    def set(self, sizes: list[int]) -> None:
+        assert len(sizes) == self.count
+        if sizes == self.sizes:
+            return  # most steps: only a join or a finished row changes the runs
+        self.sizes, self.version = list(sizes), self.version + 1
+        self.busy = [index for index, size in enumerate(sizes) if size]
+        self.total = sum(sizes)
+        self.models = torch.repeat_interleave(torch.arange(self.count), torch.tensor(sizes)).to(
+            self.device)
+        self._last = (None, ())
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``x``'s runs of rows (views), one per model; the same views for the same ``x``, which
+        the query, key and value projections (or gate and up) all get."""
+        last, runs = self._last
+        if x is not last:
+            runs = x.split(self.sizes)
+            self._last = (x, runs)
+        return runs
+
+
+class NotRoutableError(RuntimeError):
+    """A weight module got input whose first axis is not the batch's rows."""
+
+
+class _Routed(torch.nn.Module):
+    """Each run of rows through its own model's module (parameters as ``parts``' own)."""
+
+    def __init__(self, parts: list[torch.nn.Module], runs: RowRuns) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+        self._runs = [runs]  # in a list: a plain attribute, not a submodule
+        # nn.Linear's forward is F.linear: called directly, one Python frame less per call.
+        self._forwards = [functools.partial(F.linear, weight=part.weight, bias=part.bias)
+                          if type(part) is torch.nn.Linear else part.forward for part in parts]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runs = self._runs[0]
+        if x.shape[0] != runs.total:
+            raise NotRoutableError(f"{type(self.parts[0]).__name__} got {x.shape[0]} rows, "
+                                   f"not the batch's {runs.total}")
+        forwards, rows = self._forwards, runs.split(x)
+        return torch.cat([forwards[index](rows[index]) for index in runs.busy])
+
+    # Called once per weight module and step, each call one small matmul on CPU: the hooks of
+    # ``Module.__call__`` (none are set on these modules) would cost as much again.
+    __call__ = forward
+
+
+class _RowScaled(torch.nn.Module):
+    """A module whose weights are vectors over the last axis (a norm's scale and shift): run once
+    over all rows with each row's own model's vectors, (B, 1, H), in place of its parameters."""
+
+    def __init__(self, parts: list[torch.nn.Module], runs: RowRuns) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+        self._runs = [runs]
+        self._names = [name for name, _ in parts[0].named_parameters(recurse=False)]
+        self._stacked = {name: torch.stack([p._parameters[name] for p in parts])[:, None]
+                         for name in self._names}  # (G, 1, H) each: copies of small vectors
+        self._shadow = copy.copy(parts[0])  # the module without parameters, given rows' vectors
+        self._shadow.__dict__ = {**parts[0].__dict__, "_parameters": {}}
+        self._version = -1  # of the runs the shadow's vectors were gathered for
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runs = self._runs[0]
+        if x.shape[0] != runs.total:
+            raise NotRoutableError(f"{type(self.parts[0]).__name__} got {x.shape[0]} rows, "
+                                   f"not the batch's {runs.total}")
+        if self._version != runs.version:
+            self._version = runs.version
+            for name in self._names:  # plain attributes: found before ``Module.__getattr__``
+                self._shadow.__dict__[name] = self._stacked[name].index_select(0, runs.models)
+        return self._shadow.forward(x)
+
+    __call__ = forward
+
+
+def _routed_leaf(parts: list[torch.nn.Module], runs: RowRuns) -> torch.nn.Module:
+    """``_RowScaled`` where it computes what ``_Routed`` does (tried on random rows), else
+    ``_Routed``."""
+    params = [p for _, p in parts[0].named_parameters(recurse=False)]
+    if len(parts) < 2 or any(p.dim() != 1 or p.shape != params[0].shape for p in params):
+        return _Routed(parts, runs)
+    probe = RowRuns(len(parts), runs.device)
+    probe.set([1] * len(parts))
+    x = torch.randn(len(parts), 3, params[0].shape[0], dtype=params[0].dtype,
+                    device=runs.device)
+    try:
+        alike = torch.allclose(_RowScaled(parts, probe)(x), _Routed(parts, probe)(x))
+    except Exception:  # any failure: the scales are not plain per-feature vectors
+        alike = False
+    return _RowScaled(parts, runs) if alike else _Routed(parts, runs)
+
+
+def fusion_key(model: Any) -> Hashable | None:
+    """Models with equal keys can share a routed forward (same class, configuration and
+    parameter shapes); None for a model whose weight modules are not all leaves, or without a
+    Hugging Face configuration."""
+    if getattr(model, "config", None) is None:
+        return None
+    for module in model.modules():
+        if next(module.children(), None) is not None and next(
+                module.parameters(recurse=False), None) is not None:
+            return None
+    config = {k: v for k, v in model.config.to_dict().items() if k not in NAME_KEYS}
+    shapes = tuple((name, tuple(p.shape), str(p.dtype), str(p.device))
+                   for name, p in model.named_parameters())
+    return type(model), json.dumps(config, sort_keys=True, default=str), shapes
+
+
+def routed(models: list[Any], runs: RowRuns) -> Any:
+    """The routed model over ``models`` (equal ``fusion_key``s), its row runs set in ``runs``."""
+    return _route([*models], runs)
+
+
+def _route(modules: list[torch.nn.Module], runs: RowRuns) -> torch.nn.Module:
+    head = modules[0]
+    if next(head.parameters(recurse=False), None) is not None:
+        return _routed_leaf(modules, runs)
+    clone = copy.copy(head)
+    clone.__dict__ = head.__dict__.copy()
+    clone._modules = {
+        name: None if child is None else _route([m._modules[name] for m in modules], runs)
+        for name, child in head._modules.items()
+    }
+    return clone
+
+
+def routes_alike(model: Any, runs: RowRuns, parts: list[Any]) -> bool:
+    """Whether ``model`` (routed over ``parts``) gives each row its own part's logits: a probe
+    of one short row per part, against each part alone; False for an architecture whose weight
+    modules see other than the batch's rows (a broadcast position embedding, mixtures of
+    experts)."""
+    ids = torch.tensor([[1, 2, 3, 4]], device=parts[0].device)
+    try:
+        alone = torch.cat([part(input_ids=ids, use_cache=False).logits for part in parts])
+        runs.set([1] * len(parts))
+        together = model(input_ids=ids.expand(len(parts), -1), use_cache=False).logits
+    except Exception:  # any failure to route is a reason not to
+        return False
+    scale = float(alone.abs().max()) or 1.0
+    tolerance = 1e-4 if alone.dtype == torch.float32 else 2e-2
+    return bool(((together - alone).abs().max() <= tolerance * scale).item())

@@ -1,0 +1,165 @@
+"""Groups decoding together: one forward pass for the active policy and its canary (``lanes.py``,
+``routing.py``), and a forward of its own for a model that cannot share one."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import shutil
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engines.base import SamplingParams
+from server.engines.batch import PaddedBatch
+from server.engines.groups import Group
+from server.engines.lanes import Lanes
+from server.engines.routing import RowRuns, fusion_key, routed
+from tests.server.test_engine_canary import ask, engine_on, rest, started_stream, until
+from tests.server.test_transformers_engine import chat, greedy_reference, perturbed_checkpoint
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+def load(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def shallower_checkpoint(src: Path, dst: Path) -> Path:
+    """The model with one layer less: same vocabulary, another architecture."""
+    shutil.copytree(src, dst)
+    model = load(src)
+    del model.model.layers[-1]
+    model.config.num_hidden_layers -= 1
+    model.save_pretrained(dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lanes")
+    torch.manual_seed(2)
+    return {"policy-1": perturbed_checkpoint(tiny_model_dir, root / "policy-1"),
+            "policy-2": perturbed_checkpoint(tiny_model_dir, root / "policy-2"),
+            "shallow": shallower_checkpoint(tiny_model_dir, root / "shallow")}
+
+
+@torch.inference_mode()
+def test_a_routed_model_gives_each_run_of_rows_its_own_models_logits(
+        tiny_model_dir: Path, models: dict[str, Path]) -> None:
+    parts = [load(tiny_model_dir), load(models["policy-1"]), load(models["policy-2"])]
+    runs = RowRuns(len(parts), parts[0].device)
+    model = routed(parts, runs)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18], [19, 20, 21, 22, 23]]
+    for sizes in ([2, 1, 2], [3, 0, 2], [0, 5, 0]):
+        runs.set(sizes)
+        batch, logits = PaddedBatch.prefill(model, prompts, pad_id=0)
+        alone, row = [], 0
+        for part, size in zip(parts, sizes, strict=True):
+            if size:
+                alone.append(PaddedBatch.prefill(part, prompts[row:row + size], pad_id=0))
+            row += size
+        assert torch.allclose(logits, torch.cat([lg for _, lg in alone]), atol=1e-5)
+        busy = [part for part, size in zip(parts, sizes, strict=True) if size]
+        for _ in range(3):  # decode steps over the shared cache, each row on its own weights
+            tokens = logits.argmax(-1, keepdim=True)  # (B, 1)
+            batch.tokens, row = tokens, 0
+            for own, _ in alone:
+                own.tokens = tokens[row:row + own.size]
+                row += own.size
+            logits = batch.decode(model)
+            own_logits = torch.cat([own.decode(part) for part, (own, _) in
+                                    zip(busy, alone, strict=True)])
+            assert torch.allclose(logits, own_logits, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_only_models_of_one_architecture_share_a_lane(
+        tiny_model_dir: Path, models: dict[str, Path]) -> None:
+    active, canary, shallow = (Group(load(p), v) for p, v in (
+        (tiny_model_dir, "policy-0"), (models["policy-1"], "policy-1"), (models["shallow"], "s")))
+    assert fusion_key(active.model) == fusion_key(canary.model) != fusion_key(shallow.model)
+    lanes = Lanes()
+    first = lanes.place(active)
+    assert lanes.place(canary) is first and first.members == [active, canary]
+    assert lanes.place(shallow) is not first
+    assert lanes.place(canary) is first  # placed once
+    lanes.prune([active, shallow])  # the canary was freed
+    assert first.members == [active] and len(list(lanes)) == 2
+
+
+@pytest.mark.slow
+async def test_active_and_canary_decode_in_one_forward_pass_per_step(
+        tiny_model_dir: Path, models: dict[str, Path]) -> None:
+    eng = await engine_on(tiny_model_dir, ignore_eos=True)
+    try:
+        await eng.set_canary(str(models["policy-1"]), "policy-1")
+        arms = [False] * 6 + [True]  # a small canary group beside a large active one
+        params = SamplingParams(max_tokens=40, temperature=0.0)
+        steps = eng.stats().extra["decode_steps"]
+        results = await asyncio.gather(*(ask(eng, "Hello!", params, f"r{i}", canary)
+                                         for i, canary in enumerate(arms)))
+        steps = eng.stats().extra["decode_steps"] - steps
+        for canary, result in zip(arms, results, strict=True):
+            assert result["versions"] == {"policy-1" if canary else "policy-0"}
+            assert len(result["ids"]) == params.max_tokens  # the small group is not starved
+        model = eng.canary_model  # type: ignore[attr-defined]
+        assert results[-1]["ids"] == greedy_reference(model, chat(eng, "Hello!"), 40, frozenset())
+        # Every step decodes both groups: separate forwards would take two steps per token.
+        assert steps < 1.5 * params.max_tokens
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("canary", ["policy-1", "shallow"])
+async def test_joins_and_leaves_keep_every_row_on_its_own_weights(
+        tiny_model_dir: Path, models: dict[str, Path], canary: str) -> None:
+    """Requests of both arms join and finish at different steps (a join reorders the shared
+    batch); a canary of another architecture decodes in a forward of its own."""
+    eng = await engine_on(tiny_model_dir)
+    try:
+        await eng.set_canary(str(models[canary]), canary)
+        questions = ["What is 7 plus 5?", "Hello!", "What is the capital of France?"]
+        jobs = []
+        for i in range(8):
+            jobs.append(asyncio.ensure_future(ask(eng, questions[i % 3], GREEDY, f"r{i}",
+                                                  canary=i % 3 == 1)))
+            await asyncio.sleep(0.01 * (i % 2))
+        results = await asyncio.gather(*jobs)
+        for i, result in enumerate(results):
+            arm = i % 3 == 1
+            model = eng.canary_model if arm else eng.model  # type: ignore[attr-defined]
+            assert result["versions"] == {canary if arm else "policy-0"}
+            assert result["ids"] == greedy_reference(model, chat(eng, questions[i % 3]), 12,
+                                                     eng.eos_token_ids)
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.slow
+async def test_an_ended_canary_leaves_its_lane_and_its_weights_are_freed(
+        tiny_model_dir: Path, models: dict[str, Path]) -> None:
+    eng = await engine_on(tiny_model_dir, ignore_eos=True)
+    long, short = (SamplingParams(max_tokens=n, temperature=0.0) for n in (300, 20))
+    try:
+        await eng.set_canary(str(models["policy-2"]), "policy-2")
+        weights = weakref.ref(eng.canary_model)  # type: ignore[attr-defined]
+        first, active = await started_stream(eng, long, "a")  # the active group joins first
+        on_canary = await started_stream(eng, short, "c", canary=True)
+        await eng.end_canary()
+        assert {d.policy_version for d in await rest(*on_canary)} == {"policy-2"}
+        await until(lambda: eng.stats().extra["policy_versions"] == ["policy-0"])
+        deltas = [first] + [d async for d in active]  # its lane lost a member meanwhile
+        assert sum(len(d.token_ids) for d in deltas) == long.max_tokens
+        assert {d.policy_version for d in deltas} == {"policy-0"}
+        after = await ask(eng, "Hello!", GREEDY, "after", canary=True)
+        assert after["versions"] == {"policy-0"}
+        gc.collect()
+        assert weights() is None
+    finally:
+        await eng.stop()
