@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 from feedback_store import Store
 from flywheel.settings import Settings
 from server.app import create_app
+from server.engines.base import Engine
 from server.engines.fake import FakeEngine
 
 
@@ -124,3 +125,20 @@ def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         yield url
     finally:
         stop_server(proc)
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url: str) -> Iterator[Store]:
+    """A migrated store on SQLite alone, for tests that serve over real sockets."""
+    store = Store(sqlite_url)
+    store.upgrade()
+    yield store
+    store.close()
+
+
+def live_app(tmp_path: Path, store: Store, engine: Engine, **settings: object
+             ) -> ThreadServer:
+    """The app on ``engine`` and ``store`` served on a free port (enter it to start)."""
+    settings_ = make_settings(tmp_path, f"sqlite:///{tmp_path / 'flywheel.db'}", **settings)
+    return ThreadServer(create_app(settings_, engine=engine, store=store, watch=False),
+                        free_port())

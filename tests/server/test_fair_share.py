@@ -4,7 +4,7 @@ the queue and of the batch, the scheduler takes keys in turn, and a request's co
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,15 +15,7 @@ from feedback_store import Store
 from server.app import create_app
 from server.engines.base import ChoiceDelta, SamplingParams
 from server.engines.fake import FakeEngine
-from tests.server.conftest import ThreadServer, free_port, make_settings
-
-
-@pytest.fixture
-def sqlite_store(sqlite_url: str) -> Iterator[Store]:
-    s = Store(sqlite_url)
-    s.upgrade()
-    yield s
-    s.close()
+from tests.server.conftest import live_app, make_settings
 
 
 class HoldingEngine(FakeEngine):
@@ -72,17 +64,11 @@ async def _flood_then_chat(url: str, flood: httpx.AsyncClient, other: httpx.Asyn
     assert [r.status_code for r in await asyncio.gather(*held)] == [200] * share
 
 
-def _live(tmp_path: Path, store: Store, engine: FakeEngine, **settings: object) -> ThreadServer:
-    settings_ = make_settings(tmp_path, f"sqlite:///{tmp_path / 'flywheel.db'}", **settings)
-    return ThreadServer(create_app(settings_, engine=engine, store=store, watch=False),
-                        free_port())
-
-
 def test_a_flooding_key_gets_429_while_another_key_is_served(tmp_path: Path,
                                                               sqlite_store: Store) -> None:
     engine = HoldingEngine()
     # 8 waiting in all: a key alone may fill 7, one place is kept for a newcomer.
-    with _live(tmp_path, sqlite_store, engine, api_keys="key-a,key-b",
+    with live_app(tmp_path, sqlite_store, engine, api_keys="key-a,key-b",
                max_waiting_requests=8) as server:
         async def run() -> None:
             async with httpx.AsyncClient(headers={"Authorization": "Bearer key-a"},
@@ -97,7 +83,7 @@ def test_a_flooding_key_gets_429_while_another_key_is_served(tmp_path: Path,
 def test_without_keys_each_client_address_has_its_share(tmp_path: Path,
                                                          sqlite_store: Store) -> None:
     engine = HoldingEngine()
-    with _live(tmp_path, sqlite_store, engine, max_waiting_requests=6) as server:  # 5 each
+    with live_app(tmp_path, sqlite_store, engine, max_waiting_requests=6) as server:  # 5 each
         async def run() -> None:
             async with httpx.AsyncClient(timeout=30) as a, httpx.AsyncClient(
                     timeout=30,

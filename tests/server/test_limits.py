@@ -9,7 +9,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -22,24 +21,9 @@ from server.completions.serving import INLINE_TOKENIZE_CHARS
 from server.engines.base import ChoiceDelta, EngineStats, SamplingParams
 from server.engines.fake import FakeEngine
 from server.engines.request import Request, coalesce
-from tests.server.conftest import ThreadServer, free_port, make_settings
+from tests.server.conftest import live_app, make_settings
 
 BIG = 20 * 1024 * 1024
-
-
-@pytest.fixture
-def sqlite_store(sqlite_url: str) -> Iterator[Store]:
-    s = Store(sqlite_url)
-    s.upgrade()
-    yield s
-    s.close()
-
-
-def _server(tmp_path: Path, store: Store, engine, **settings: object) -> ThreadServer:
-    """A live server on ``engine``; ``store`` is on the database ``sqlite_url`` names."""
-    settings_ = make_settings(tmp_path, f"sqlite:///{tmp_path / 'flywheel.db'}", **settings)
-    return ThreadServer(create_app(settings_, engine=engine, store=store, watch=False),
-                        free_port())
 
 
 def _head(path: str, port: int, extra: str) -> bytes:
@@ -71,7 +55,7 @@ def _read_response(sock: socket.socket, timeout: float = 30.0) -> tuple[int, dic
 
 def test_declared_oversized_body_is_refused_unread(tmp_path: Path,
                                                    sqlite_store: Store) -> None:
-    with _server(tmp_path, sqlite_store, FakeEngine()) as server, \
+    with live_app(tmp_path, sqlite_store, FakeEngine()) as server, \
             socket.create_connection(("127.0.0.1", server.port)) as sock:
         # Only the headers go out: the answer cannot depend on reading the 20 MB.
         sock.sendall(_head("/v1/chat/completions", server.port, f"Content-Length: {BIG}\r\n"))
@@ -109,7 +93,7 @@ def test_chunked_20mb_upload_is_refused_while_healthz_answers(tmp_path: Path,
             outcome["sent"] = sent
             outcome["response"] = _read_response(sock, timeout=30)
 
-    with _server(tmp_path, sqlite_store, FakeEngine()) as server:
+    with live_app(tmp_path, sqlite_store, FakeEngine()) as server:
         thread = threading.Thread(target=upload, args=(server.port,))
         thread.start()
         assert paused.wait(30), "the upload did not start"
@@ -242,7 +226,7 @@ def test_abandoned_requests_free_their_slots(tmp_path: Path, sqlite_store: Store
     max_tokens = 400
     body = json.dumps({"messages": [{"role": "user", "content": "Hello!"}], "n": 8,
                        "max_tokens": max_tokens}).encode()
-    with _server(tmp_path, sqlite_store, tiny_engine) as server:
+    with live_app(tmp_path, sqlite_store, tiny_engine) as server:
         head = _head("/v1/chat/completions", server.port, f"Content-Length: {len(body)}\r\n")
         socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(150)]
         for sock in socks:
@@ -282,7 +266,7 @@ def test_stream_reader_that_never_reads_is_dropped(tmp_path: Path,
     body = json.dumps({"prompt": "Hello", "stream": True, "n": 2,
                        "max_tokens": 5_000_000}).encode()
     # 10M tokens: far past the cost bound, which this endless answer is not about.
-    with _server(tmp_path, sqlite_store, engine, stream_write_timeout_s=0.5,
+    with live_app(tmp_path, sqlite_store, engine, stream_write_timeout_s=0.5,
                  max_request_tokens=10**8) as server:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
