@@ -175,12 +175,8 @@ def _up(settings: Settings, data_dir: Path, lock: DataDirLock) -> int:
         if os.environ.get("FLYWHEEL_MODEL"):
             print(f"FLYWHEEL_MODEL={model_dir} has no config.json", file=sys.stderr)
             return 1
-        from flywheel.demo_model.cache import cache_root, cached_demo_model, recipe
+        from flywheel.demo_model.cache import cached_demo_model
 
-        cached = cache_root() / "demo-models"
-        if not any(cached.glob(f"demo-{recipe('demo', 0)}/config.json")):
-            log.info("first start on this machine: building the demo model into %s (a few "
-                     "minutes, once per user: later data directories copy it)", cached)
         cached_demo_model(model_dir, progress=True)
         log.info("demo model in %s", model_dir)
 

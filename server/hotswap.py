@@ -112,9 +112,10 @@ class PolicyWatcher:
         """Decide the plan (SQL's rows first, ``announced`` while SQL is away) and apply it."""
         sql = await to_thread.run_sync(read_sql, self.store)
         if sql is not None:
-            self._verified.update((PolicyMessage.from_row(row).version,
-                                   PolicyMessage.from_row(row).sha256)
-                                  for row in sql if row is not None and row.get("path"))
+            for row in sql:
+                if row is not None and row.get("path"):
+                    message = PolicyMessage.from_row(row)
+                    self._verified.add((message.version, message.sha256))
         elif announced is not None and not self._known(announced):
             return
         plan = decide(sql, announced)

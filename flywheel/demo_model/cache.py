@@ -10,6 +10,7 @@ recorded digest never changes under it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from flywheel.demo_model.build import build_demo_model
 from flywheel.demo_model.train import PRESETS, resolve_steps
+
+log = logging.getLogger(__name__)
 
 CACHE_ENV = "FLYWHEEL_CACHE_DIR"
 
@@ -43,6 +46,8 @@ def cached_demo_model(out_dir: str | Path, *, preset: str = "demo", seed: int = 
     cached = cache_root() / "demo-models" / f"{preset}-{recipe(preset, seed)}"
     built = not (cached / "config.json").exists()
     if built:
+        log.info("first start on this machine: building the demo model into %s (a few "
+                 "minutes, once per user: later data directories copy it)", cached)
         build_demo_model(cached, preset=preset, seed=seed, progress=progress)
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
