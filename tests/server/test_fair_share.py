@@ -184,6 +184,8 @@ def test_the_scheduler_takes_another_keys_request_before_the_flood(tiny_model_di
 
         orders[fair] = asyncio.run(run())
     # Fair: b's request is taken at the first free row, ahead of the flood's queued ones (the
-    # key travels to the engine process too); one FIFO queue: behind all twelve.
-    assert orders[True].index("b0") <= 4, orders[True]
+    # key travels to the engine process too); one FIFO queue: behind all twelve. A flood request
+    # admitted in the same step may report its first token just before b's (seen once in CI,
+    # under load, in the engine process): one place of slack.
+    assert orders[True].index("b0") <= 5, orders[True]
     assert orders[False].index("b0") == 12, orders[False]
