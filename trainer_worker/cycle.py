@@ -1,15 +1,18 @@
 """One training cycle: reward model, PPO, evaluation gate; the worker releases what passes.
 
-0. Evidence first: at least one held-out prompt and ``train.min_holdout_pairs`` held-out
-   preference pairs, else the cycle is skipped before any training.
+0. Evidence first: at least one held-out prompt and ``train.min_holdout_pairs`` preference
+   pairs to judge an RM by, else the cycle is skipped before any training. An RM warm-started
+   from the one in service is judged on held-out pairs; one trained from the base model (the
+   first) also on pairs of the other prompts, by cross-validation over prompts
+   (``trainer_worker/reward/cross_validation.py``).
 1. Reward model on the train split (feedback on held-out prompts never trains it), continuing
    from the RM in service, on a bounded window: the feedback given since that RM was trained
    (at most ``feedback.new_examples`` events) and a uniform sample of ``feedback.replay_examples``
    older ones. Each identity keeps at most ``feedback.user_share`` of it, and identities that
    persistently disagree with the RM in service weigh less (feedback_store/identities.py). It is
    kept only when the lower 95% bound of its accuracy on a sample of held-out pairs
-   (``feedback.holdout_examples``) reaches ``train.reward_accuracy_floor``; else the cycle is
-   skipped and the RM in service stays.
+   (``feedback.holdout_examples``), and for a first RM the cross-validated pairs, reaches
+   ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in service stays.
 2. PPO from the active policy against the frozen base, its KL coefficient steered so that the
    candidate's KL to the base stays within ``train.kl_budget`` across cycles (``ppo.budget``).
 3. Gate: candidate and active policy answer the same held-out prompts at least
@@ -91,9 +94,19 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     return root / "policies", root / "reward"
 
 
-def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
+def warm_start(store: Store) -> RewardModelState | None:
+    """The RM in service a new RM continues from, if any: one trained on the train split only
+    (an RM from before the split may have seen held-out prompts, so the base model is the
+    start then)."""
+    previous = store.latest_reward_model_state()
+    return previous if previous is not None and previous.trained_on_train_split else None
+
+
+def check_evidence(ctx: CycleContext, until: Marks, *, cold: bool) -> RewardData:
     """Step 0: the held-out feedback, when there is enough of it to judge an RM and a policy:
-    a bounded sample, without identities whose ratings lost weight, each capped at its share."""
+    a bounded sample, without identities whose ratings lost weight, each capped at its share.
+    A ``cold`` RM (from the base model) counts its cross-validated pairs too: the count is
+    checked once the window is read (`reward_window`)."""
     from trainer_worker.reward.data import holdout_pairs
 
     if ctx.store.holdout_prompt_count() == 0:
@@ -107,7 +120,7 @@ def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
                          [t for t in sample.thumbs if weights[t.identity] >= 1.0])
     holdout, capped = limit_identities(trusted, limits.user_share, {}, seed=0)
     n, need = holdout_pairs(holdout), ctx.settings.train.min_holdout_pairs
-    if n < need:
+    if n < need and not cold:
         raise Skip(f"need {need} held-out pairs to judge a reward model, have {n}: more distinct "
                    "prompts rated (a pair is a ranking, or one rater's thumb up and thumb down "
                    f"on answers to held-out prompts){cap_note(capped)}",
@@ -115,10 +128,37 @@ def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     return holdout
 
 
+@dataclass
+class RewardWindow:
+    """What a new RM trains on, and what was learned about its raters on the way."""
+
+    data: RewardData  # capped per identity and weighted
+    tallies: dict[str, Tally]  # the new events' agreement (stored only if the new RM is kept)
+    weights: dict[str, float]  # each identity's weight with the tallies counted
+    metrics: dict[str, Any]
+
+
+def _check_cold_evidence(ctx: CycleContext, data: RewardData, holdout: RewardData,
+                         metrics: dict[str, Any]) -> None:
+    """A first RM is judged on held-out pairs and cross-validated ones: enough of both?"""
+    from trainer_worker.reward.cross_validation import cross_validated_pair_count
+    from trainer_worker.reward.data import holdout_pairs
+
+    held_out, folded = holdout_pairs(holdout), cross_validated_pair_count(data)
+    need = ctx.settings.train.min_holdout_pairs
+    if held_out + folded < need:
+        raise Skip(f"need {need} pairs to judge a first reward model, have {held_out + folded} "
+                   f"({held_out} on held-out prompts, {folded} by cross-validation over the "
+                   "other rated prompts): more answers rated (a pair is a ranking, or one "
+                   f"rater's thumb up and thumb down){cap_note(metrics)}",
+                   {"reward/holdout_pairs": float(held_out),
+                    "reward/cross_validated_pairs": float(folded), **metrics})
+
+
 def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: Marks, seed: int,
-                  holdout: RewardData) -> tuple[RewardData, dict[str, Tally], dict[str, Any]]:
-    """Step 1a: the RM's bounded data, capped per identity and weighted; the new events'
-    agreement tallies (stored only if the new RM is kept) and metrics."""
+                  holdout: RewardData, *, cold: bool) -> RewardWindow:
+    """Step 1a: the RM's bounded data, capped per identity and weighted. A ``cold`` RM (from
+    the base model) is skipped here when it could not be judged."""
     from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
 
     limits = ctx.settings.feedback
@@ -127,6 +167,8 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
                                        replay=limits.replay_examples, seed=seed)
     if not data.groups and not data.thumbs:
         raise Skip("no feedback outside the held-out prompts to train on yet")
+    if cold:  # before the cross-fitted RMs: an upper bound of what the caps will keep
+        _check_cold_evidence(ctx, data, holdout, {})
     if previous is not None:
         tallies = agreement_tallies(Path(previous.path), data, ctx.settings.reward.max_length,
                                     ctx.device)
@@ -145,47 +187,76 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
         **{key: float(until[table]) for table, key in WATERMARK_METRICS.items()},
     }
     data, capped = limit_identities(data, limits.user_share, weights, seed=seed)
-    return RewardData(data.groups, balance_thumbs(data.thumbs)), tallies, metrics | capped
+    data = RewardData(data.groups, balance_thumbs(data.thumbs))
+    if cold:
+        _check_cold_evidence(ctx, _judging(data, weights), holdout, capped)
+    return RewardWindow(data, tallies, weights, metrics | capped)
+
+
+def _judging(data: RewardData, weights: dict[str, float]) -> RewardData:
+    """The feedback of identities whose ratings kept their weight: only they judge an RM."""
+    return RewardData([g for g in data.groups if weights.get(g.identity, 1.0) >= 1.0],
+                      [t for t in data.thumbs if weights.get(t.identity, 1.0) >= 1.0])
 
 
 def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int = 0
                  ) -> tuple[str, Path, dict[str, Any]]:
     """Step 1: a new reward-model version from the train split's bounded window, judged on the
-    held-out sample.
+    held-out sample (and, for one trained from the base model, by cross-validation).
 
     Warm-starting from the RM in service is honest because no RM trained here sees a held-out
-    prompt (the split hashes the prompt text, so it never moves); an RM from before the split
-    (not ``trained_on_train_split``) may have, so the base model is the start then.
+    prompt (the split hashes the prompt text, so it never moves).
     """
+    from trainer_worker.reward.cross_validation import cross_validated_verdicts
     from trainer_worker.reward.train import train_reward_model
 
     floor = ctx.settings.train.reward_accuracy_floor
     previous = ctx.store.latest_reward_model_state()
-    data, tallies, window = reward_window(ctx, previous, until, seed, holdout)
-    warm = previous is not None and previous.trained_on_train_split
-    init_dir = Path(previous.path) if warm and previous else Path(ctx.settings.model)
-    parent = previous.id if warm and previous else None
+    warm = warm_start(ctx.store)
+    window = reward_window(ctx, previous, until, seed, holdout, cold=warm is None)
+    init_dir = Path(warm.path) if warm else Path(ctx.settings.model)
+    parent = warm.id if warm else None
+    cross_validated = None
+    if warm is None:
+        judges = {name for name, weight in window.weights.items() if weight >= 1.0}
+        log.info("judging a first reward model: cross-validating over prompts")
+        cross_validated = cross_validated_verdicts(init_dir, window.data, ctx.settings.reward,
+                                                   judges=judges, device=ctx.device,
+                                                   should_stop=ctx.should_stop)
+    data = window.data
     rm_id = ctx.store.next_reward_model_id()
     out = _dirs(ctx.settings)[1] / rm_id
     log.info("reward model %s: %d groups, %d lone thumbs, from %s", rm_id, len(data.groups),
              len(data.thumbs), init_dir)
     with atomic_directory(out) as tmp:
         metrics: dict[str, Any] = train_reward_model(
-            init_dir, data, ctx.settings.reward, tmp, holdout=holdout, device=ctx.device,
-            progress=ctx.progress, should_stop=ctx.should_stop)
-        metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm), **window}
+            init_dir, data, ctx.settings.reward, tmp, holdout=holdout,
+            cross_validated=cross_validated, device=ctx.device, progress=ctx.progress,
+            should_stop=ctx.should_stop)
+        metrics |= {SPLIT_MARK: 1.0, "reward/warm_start": float(warm is not None),
+                    **window.metrics}
         if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) below the floor
             raise Skip(f"reward model under the accuracy floor: it agrees with users on "
-                       f"{metrics['reward/accuracy']:.1%} of {metrics['reward/holdout_pairs']:.0f}"
-                       f" held-out pairs (95% lower bound {metrics['reward/accuracy_low']:.1%}, "
-                       f"floor {floor:.0%}): more feedback, or raters who agree more, needed"
-                       f"{cap_note(window)}", metrics)  # atomic_directory deletes what was written
+                       f"{metrics['reward/accuracy']:.1%} of {_judged(metrics)} (95% lower "
+                       f"bound {metrics['reward/accuracy_low']:.1%}, floor {floor:.0%}): more "
+                       f"feedback, or raters who agree more, needed{cap_note(window.metrics)}",
+                       metrics)  # atomic_directory deletes what was written
         manifest = seal(tmp, rm_id, parent=parent)
     ctx.store.add_reward_model(id=rm_id, parent=parent, path=str(out), sha256=manifest.sha256,
                                metrics=metrics, watermark=until, trained_on_train_split=True)
     # Counted once: the next window starts above this RM's watermarks.
-    ctx.store.record_tallies(tallies, ctx.settings.feedback.disagreeing_weight)
+    ctx.store.record_tallies(window.tallies, ctx.settings.feedback.disagreeing_weight)
     return rm_id, out, metrics
+
+
+def _judged(metrics: dict[str, Any]) -> str:
+    """"N held-out pairs", or for a cross-validated RM "N pairs (H held-out, C cross-validated)"."""
+    held_out = metrics["reward/holdout_pairs"]
+    if "reward/cross_validated_pairs" not in metrics:
+        return f"{held_out:.0f} held-out pairs"
+    folded = metrics["reward/cross_validated_pairs"]
+    return (f"{metrics['reward/judged_pairs']:.0f} pairs ({held_out:.0f} held-out, "
+            f"{folded:.0f} cross-validated over the other prompts)")
 
 
 def _prompts(ctx: CycleContext, n: int, seed: int, holdout: bool) -> list[list[int]]:
@@ -269,7 +340,7 @@ def run_cycle(ctx: CycleContext, run_id: int) -> CycleResult:
     rm_id: str | None = None
     try:
         until = ctx.store.feedback_watermark()  # what this cycle may read, fixed at its start
-        holdout = check_evidence(ctx, until)
+        holdout = check_evidence(ctx, until, cold=warm_start(ctx.store) is None)
         rm_id, rm_dir, rm_metrics = train_reward(ctx, holdout, until, seed=run_id)
         policy_id, policy_dir, sha, ppo_metrics, kl_coef = train_policy(ctx, active, rm_dir,
                                                                          run_id)

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.training_data import is_holdout_hash
+from flywheel.approval import wilson_interval
 from flywheel.checkpoints import seal
 from flywheel.serving_plan import record_base_policy
 from flywheel.settings import PPOConfig, RewardConfig, Settings, TrainSettings
@@ -54,14 +55,16 @@ def seed(store: Store, model: Path, texts: list[str], rounds: int) -> None:
             store.add_ranking(items=[(cid, 0), (cid, 1)])
 
 
-def make_ctx(tmp_path: Path, store: Store, model: Path, **train: object) -> CycleContext:
+def make_ctx(tmp_path: Path, store: Store, model: Path, *,
+             reward: RewardConfig = RewardConfig(epochs=1, batch_size=4),
+             **train: object) -> CycleContext:
     settings = Settings(
         data_dir=tmp_path, database_url=str(store.engine.url), model=str(model),
         train=TrainSettings(**{"eval_prompts": 4, "device": "cpu", "min_holdout_pairs": 4,
                                "reward_accuracy_floor": 0.0, **train}),  # type: ignore[arg-type]
         ppo=PPOConfig(steps=1, rollout_batch_size=4, num_minibatches=1, ppo_epochs=1,
                       max_new_tokens=8),
-        reward=RewardConfig(epochs=1, batch_size=4),
+        reward=reward,
     )
     record_base_policy(settings, store)
     return CycleContext(settings, store, "cpu", should_stop=lambda: False, progress=False)
@@ -79,17 +82,60 @@ def reward_root(ctx: CycleContext) -> Path:
     return Path(ctx.settings.checkpoint_dir) / "reward"
 
 
-def test_too_few_held_out_pairs_skips_before_training(tmp_path: Path, store: Store,
-                                                      tiny_model_dir: Path) -> None:
+def test_too_few_pairs_skips_a_first_rm_before_training(tmp_path: Path, store: Store,
+                                                         tiny_model_dir: Path) -> None:
+    """A first RM counts held-out pairs and those cross-validation over the other prompts would
+    judge; too few of both skip the cycle before any RM is fitted."""
     seed(store, tiny_model_dir, prompts_on_side(True, 2) + prompts_on_side(False, 2), rounds=2)
     ctx = make_ctx(tmp_path, store, tiny_model_dir, min_holdout_pairs=50)
     result = run_cycle(ctx, run_id=1)
     assert result.status == "skipped" and result.policy_id is None
     assert result.reward_model_id is None  # no RM in service yet
-    assert result.metrics["cycle/skip_reason"].startswith(
-        "need 50 held-out pairs to judge a reward model, have 4: more distinct prompts rated")
+    reason = result.metrics["cycle/skip_reason"]
+    assert reason.startswith("need 50 pairs to judge a first reward model, have ")
+    held_out = int(result.metrics["reward/holdout_pairs"])
+    folded = int(result.metrics["reward/cross_validated_pairs"])
+    assert held_out > 0 and folded > 0
+    assert f"have {held_out + folded} ({held_out} on held-out prompts, {folded} by " in reason
     assert store.latest_reward_model() is None and not reward_root(ctx).exists()
     json.dumps(result.metrics)
+
+
+def test_a_first_rm_is_judged_by_cross_validation_too(tmp_path: Path, store: Store,
+                                                      tiny_model_dir: Path) -> None:
+    """Too few held-out pairs for any RM to pass the floor on them alone; the pairs on the other
+    prompts, each judged by an RM fitted without its prompt, keep a first RM that learned."""
+    seed(store, tiny_model_dir, prompts_on_side(True, 1) + prompts_on_side(False, 10), rounds=2)
+    floor = 0.55
+    ctx = make_ctx(tmp_path, store, tiny_model_dir, min_holdout_pairs=12,
+                   reward_accuracy_floor=floor,
+                   reward=RewardConfig(epochs=4, batch_size=4, lr=1e-3))
+    result = run_cycle(ctx, run_id=1)
+    held_out = int(result.metrics["reward/holdout_pairs"])
+    folded = int(result.metrics["reward/cross_validated_pairs"])
+    assert wilson_interval(held_out, held_out)[0] < floor  # all right: still under the floor
+    assert folded > 2 * held_out
+    assert result.metrics["reward/judged_pairs"] == held_out + folded
+    assert result.metrics["reward/accuracy_low"] >= floor, result.metrics.get("cycle/skip_reason")
+    kept = store.latest_reward_model()
+    assert kept is not None and result.reward_model_id == kept["id"]
+
+
+def test_too_few_held_out_pairs_skips_a_warm_rm_before_training(tmp_path: Path, store: Store,
+                                                                tiny_model_dir: Path) -> None:
+    """An RM continued from the one in service is judged on held-out pairs alone."""
+    seed(store, tiny_model_dir, prompts_on_side(True, 2) + prompts_on_side(False, 2), rounds=2)
+    ctx = make_ctx(tmp_path, store, tiny_model_dir, min_holdout_pairs=50)
+    in_service = reward_root(ctx) / "rm-1"
+    RewardModel.from_base(tiny_model_dir).save_pretrained(in_service)
+    store.add_reward_model(id="rm-1", parent=None, path=str(in_service), sha256=None,
+                           metrics={}, watermark={"feedback": 0, "rankings": 0},
+                           trained_on_train_split=True)
+    result = run_cycle(ctx, run_id=1)
+    assert result.status == "skipped" and result.reward_model_id == "rm-1"
+    assert result.metrics["cycle/skip_reason"].startswith(
+        "need 50 held-out pairs to judge a reward model, have 4: more distinct prompts rated")
+    assert sorted(p.name for p in reward_root(ctx).iterdir()) == ["rm-1"]
 
 
 def test_no_held_out_prompts_skips(tmp_path: Path, store: Store, tiny_model_dir: Path) -> None:

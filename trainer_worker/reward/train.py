@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from feedback_store.identities import Tally
 from flywheel.approval import wilson_interval
 from flywheel.hf_progress import tqdm, transformers_bars
 from flywheel.settings import RewardConfig
@@ -38,6 +39,7 @@ def train_reward_model(
     out_dir: Path,
     *,
     holdout: RewardDataLike | None = None,
+    cross_validated: Mapping[str, Tally] | None = None,
     device: str = "cpu",
     progress: bool = True,
     should_stop: Callable[[], bool] | None = None,
@@ -46,37 +48,34 @@ def train_reward_model(
 
     ``reward/accuracy`` is the pairwise accuracy on every pair of ``holdout`` (feedback on prompts
     the RM never trains on: its groups, and one rater's lone up and down thumbs paired across
-    prompts), with its Wilson 95% interval ``reward/accuracy_low`` / ``_high``.
+    prompts), with its Wilson 95% interval ``reward/accuracy_low`` / ``_high``. With
+    ``cross_validated`` (per rater, the pairs RMs fitted the same way on other prompts ordered,
+    `trainer_worker.reward.cross_validation`) the accuracy is over both sets of pairs, and
+    ``reward/cross_validated_pairs`` counts the second.
     Without ``holdout`` it is the training accuracy and ``reward/holdout_pairs`` is 0: a number to
     watch a fit, not evidence. Raises ``TrainingInterrupted`` (writing nothing) when
     ``should_stop()`` turns true.
     """
-    if not data.groups and not data.thumbs:
-        raise ValueError("no reward data: need at least one preference group or thumb")
-    # 1. Model: continue the previous reward model, or put a fresh head on the base policy.
-    with transformers_bars(progress):
-        if is_reward_dir(Path(init_dir)):
-            model = RewardModel.from_pretrained(init_dir, device=device)
-        else:
-            model = RewardModel.from_base(init_dir, device=device, seed=cfg.seed)
+    model, train_loss, train_metrics = fit_reward_model(init_dir, data, cfg, device=device,
+                                                        progress=progress,
+                                                        should_stop=should_stop)
     eos, max_len = model.eos_token_ids, cfg.max_length
-    train = [group_example(g, eos, max_len) for g in data.groups]
-    train += [thumb_example(t, eos, max_len) for t in data.thumbs]
-    # 2. Epochs of shuffled minibatches of groups and thumbs.
-    train_loss = _fit(model, train, cfg, device, progress, should_stop)
-    # 3. Normalisation statistics of the scores on the training answers; training accuracy.
-    train_metrics = _evaluate(model, train, device)
-    model.score_mean, model.score_std = _score_stats(model, train, device)
-    # 4. Held-out accuracy: every pair of the held-out feedback of the raters who judge (all but
-    # a minority the new RM finds inverted), with its interval.
+    # Held-out accuracy: every pair of the held-out feedback of the raters who judge (all but a
+    # minority the new RM finds inverted), with its interval.
     if holdout is not None:
         pairs = _holdout_pairs(holdout, eos, max_len)
-        left_out = _left_out_raters(model, pairs, device)
+        verdicts = merge_verdicts(rater_verdicts(model, pairs, device), cross_validated or {})
+        left_out = left_out_raters(verdicts)
         examples = [example for rater, example in pairs if rater not in left_out]
         paired = {id(t) for pair in thumb_pairs(holdout.thumbs) for t in pair}
         examples += [thumb_example(t, eos, max_len) for t in holdout.thumbs
                      if t.identity not in left_out and id(t) not in paired]
         metrics = _evaluate(model, examples, device)
+        if cross_validated is not None:
+            metrics |= judged_accuracy(verdicts, left_out)
+            metrics["reward/cross_validated_pairs"] = float(sum(
+                tally.scored for rater, tally in cross_validated.items()
+                if rater not in left_out))
         metrics["reward/holdout_groups"] = float(len(holdout.groups))
         metrics["reward/holdout_left_out_raters"] = float(len(left_out))
     else:
@@ -95,6 +94,31 @@ def train_reward_model(
         "reward/score_std": model.score_std,
     })
     return metrics
+
+
+def fit_reward_model(init_dir: Path, data: RewardDataLike, cfg: RewardConfig, *,
+                     device: str = "cpu", progress: bool = True,
+                     should_stop: Callable[[], bool] | None = None
+                     ) -> tuple[RewardModel, float, dict[str, float]]:
+    """The fitted RM in memory, normalised on its training answers; its last epoch's mean loss
+    and its training accuracy."""
+    if not data.groups and not data.thumbs:
+        raise ValueError("no reward data: need at least one preference group or thumb")
+    # 1. Model: continue the previous reward model, or put a fresh head on the base policy.
+    with transformers_bars(progress):
+        if is_reward_dir(Path(init_dir)):
+            model = RewardModel.from_pretrained(init_dir, device=device)
+        else:
+            model = RewardModel.from_base(init_dir, device=device, seed=cfg.seed)
+    eos, max_len = model.eos_token_ids, cfg.max_length
+    train = [group_example(g, eos, max_len) for g in data.groups]
+    train += [thumb_example(t, eos, max_len) for t in data.thumbs]
+    # 2. Epochs of shuffled minibatches of groups and thumbs.
+    train_loss = _fit(model, train, cfg, device, progress, should_stop)
+    # 3. Normalisation statistics of the scores on the training answers; training accuracy.
+    train_metrics = _evaluate(model, train, device)
+    model.score_mean, model.score_std = _score_stats(model, train, device)
+    return model, train_loss, train_metrics
 
 
 def _fit(model: RewardModel, train: list[Example], cfg: RewardConfig, device: str,
@@ -172,8 +196,37 @@ def _holdout_pairs(holdout: RewardDataLike, eos: Sequence[int], max_len: int
     return pairs
 
 
-def _left_out_raters(model: RewardModel, pairs: list[tuple[str, Example]], device: str
-                     ) -> set[str]:
+def judged_pairs(model: RewardModel, data: RewardDataLike, cfg: RewardConfig, device: str
+                 ) -> dict[str, Tally]:
+    """Per rater: the pairs of ``data`` (groups, and lone thumbs paired across prompts) the RM
+    judged (``scored``) and ordered the rater's way (``agreed``)."""
+    return rater_verdicts(model, _holdout_pairs(data, model.eos_token_ids, cfg.max_length),
+                          device)
+
+
+def rater_verdicts(model: RewardModel, pairs: list[tuple[str, Example]], device: str
+                   ) -> dict[str, Tally]:
+    """Per rater, its pairs the RM judged and of those how many it ordered the rater's way."""
+    scores = score_sequences(model, [s for _, ex in pairs for s in ex.sequences], device)
+    verdicts: dict[str, Tally] = {}
+    start = 0
+    for rater, example in pairs:
+        size = len(example.sequences)
+        accuracy, n = pairwise_accuracy(scores[start:start + size], [size], [example.tiers])
+        start += size
+        verdicts[rater] = verdicts.get(rater, Tally()) + Tally(0, n, round(accuracy * n))
+    return verdicts
+
+
+def merge_verdicts(*parts: Mapping[str, Tally]) -> dict[str, Tally]:
+    merged: dict[str, Tally] = {}
+    for part in parts:
+        for rater, tally in part.items():
+            merged[rater] = merged.get(rater, Tally()) + tally
+    return merged
+
+
+def left_out_raters(verdicts: Mapping[str, Tally]) -> set[str]:
     """Raters whose held-out pairs do not judge the RM.
 
     A majority rule, so that held-out judging cannot be held hostage by the raters it judges:
@@ -183,24 +236,23 @@ def _left_out_raters(model: RewardModel, pairs: list[tuple[str, Example]], devic
     minority's taste is judged by the majority it inverts, and fails; one that learned the
     majority's is not failed by the minority that rates against it.
     """
-    scores = score_sequences(model, [s for _, ex in pairs for s in ex.sequences], device)
-    correct: dict[str, float] = {}
-    counted: dict[str, int] = {}
-    start = 0
-    for rater, example in pairs:
-        size = len(example.sequences)
-        accuracy, n = pairwise_accuracy(scores[start:start + size], [size], [example.tiers])
-        start += size
-        correct[rater] = correct.get(rater, 0.0) + accuracy * n
-        counted[rater] = counted.get(rater, 0) + n
     inverted = set()
-    for rater, n in counted.items():
-        interval = wilson_interval(round(correct[rater]), n)
+    for rater, tally in verdicts.items():
+        interval = wilson_interval(tally.agreed, tally.scored)
         if interval is not None and interval[1] < 0.5:
             inverted.add(rater)
-    if 2 * sum(counted[r] for r in inverted) >= sum(counted.values()):
+    if 2 * sum(verdicts[r].scored for r in inverted) >= sum(t.scored for t in verdicts.values()):
         return set()  # a majority the RM inverts: it judges, and the RM fails
     return inverted
+
+
+def judged_accuracy(verdicts: Mapping[str, Tally], left_out: set[str]) -> dict[str, float]:
+    """Accuracy over the pairs of the raters who judge, with its Wilson 95% interval."""
+    agreed = sum(t.agreed for rater, t in verdicts.items() if rater not in left_out)
+    scored = sum(t.scored for rater, t in verdicts.items() if rater not in left_out)
+    low, high = wilson_interval(agreed, scored) or (0.0, 1.0)
+    return {"reward/accuracy": agreed / scored if scored else 0.0, "reward/accuracy_low": low,
+            "reward/accuracy_high": high, "reward/judged_pairs": float(scored)}
 
 
 def _evaluate(model: RewardModel, examples: list[Example], device: str) -> dict[str, float]:
