@@ -66,7 +66,8 @@ def seeded(tmp_path: Path, sqlite_url: str, redis_url: str) -> Iterator[tuple[Se
     store.add_reward_model(id="rm-1", parent=None, path=None, sha256=None)
     runs = [
         ("succeeded", "policy-1", "rm-1", {"reward/accuracy": 0.78, "reward/accuracy_low": 0.66,
-         "reward/holdout_pairs": 61, "ppo/kl_ref_final": 0.59, "gate/score_gain": 0.41,
+         "reward/holdout_pairs": 13, "reward/cross_validated_pairs": 48,
+         "reward/judged_pairs": 61, "ppo/kl_ref_final": 0.59, "gate/score_gain": 0.41,
          "gate/score_gain_low": 0.22, "gate/reasons": [], "cycle/seconds": 71,
          "cycle/release": "canary"}),
         *[("skipped", None, None, {"cycle/skip_reason": "too little evidence: 9 held-out "
@@ -143,7 +144,9 @@ def test_console_shows_versions_and_rolls_back(seeded: tuple[Settings, Store],
             assert page.locator("#runs tbody tr").count() == 3  # three skips in a row: one
             assert "3 cycles skipped; the last: reward model held-out accuracy 0.61, lower bound " \
                    "0.48" in page.locator("#runs tbody").inner_text()
-            assert "rm-1" in page.locator("#reward-models tbody").inner_text()
+            reward_models = page.locator("#reward-models tbody").inner_text()
+            assert "rm-1" in reward_models
+            assert "61 (13 held-out, 48 cross-validated)" in reward_models
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
 

@@ -214,6 +214,12 @@ function skipsRow(group) {
     ...Array.from({ length: 6 }, () => el("td", { class: "num" }, "—")),
     el("td", { class: "reason" }, `${group.length} cycles skipped; the last: ${runReason(newest)}`));
 }
+function judgedPairs(m) {
+  // A first reward model is judged on held-out pairs and, by cross-validation, the others'.
+  if (m["reward/cross_validated_pairs"] === undefined) return m["reward/holdout_pairs"] ?? "—";
+  return `${m["reward/judged_pairs"] ?? "—"} (${m["reward/holdout_pairs"] ?? 0} held-out, ` +
+    `${m["reward/cross_validated_pairs"]} cross-validated)`;
+}
 function renderRuns(runs) {
   const rows = groupSkips(runs).map((group) => {
     if (group.length > 1) return skipsRow(group);
@@ -237,7 +243,7 @@ function renderRuns(runs) {
     return el("tr", { "data-reward-model": r.reward_model_id },
       el("td", {}, r.reward_model_id), el("td", {}, r.id),
       el("td", { class: "num" }, `${pct(m["reward/accuracy"])} (${pct(m["reward/accuracy_low"])})`),
-      el("td", { class: "num" }, m["reward/holdout_pairs"] ?? "—"),
+      el("td", { class: "num" }, judgedPairs(m)),
       el("td", {}, r.status === "skipped" ? "no (below the floor)" : "yes"));
   });
   $("#reward-models tbody").replaceChildren(...(models.length ? models :
