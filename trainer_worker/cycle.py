@@ -207,7 +207,11 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
     Warm-starting from the RM in service is honest because no RM trained here sees a held-out
     prompt (the split hashes the prompt text, so it never moves).
     """
-    from trainer_worker.reward.cross_validation import cross_validated_verdicts
+    from trainer_worker.reward.cross_validation import (
+        ENOUGH_HELD_OUT_PAIRS,
+        cross_validated_verdicts,
+    )
+    from trainer_worker.reward.data import holdout_pairs
     from trainer_worker.reward.train import train_reward_model
 
     floor = ctx.settings.train.reward_accuracy_floor
@@ -217,7 +221,7 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
     init_dir = Path(warm.path) if warm else Path(ctx.settings.model)
     parent = warm.id if warm else None
     cross_validated = None
-    if warm is None:
+    if warm is None and holdout_pairs(holdout) < ENOUGH_HELD_OUT_PAIRS:
         judges = {name for name, weight in window.weights.items() if weight >= 1.0}
         log.info("judging a first reward model: cross-validating over prompts")
         cross_validated = cross_validated_verdicts(init_dir, window.data, ctx.settings.reward,
