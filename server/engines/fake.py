@@ -29,6 +29,7 @@ class FakeEngine:
 
     model_name = "fake"
     eos_token_ids = (EOS,)
+    vocab_size = 0x110000  # the code points: what `decode` spells
 
     def __init__(self, max_model_len: int = 512, policy_version: str = BASE_POLICY,
                  answer_words: int = 4) -> None:
