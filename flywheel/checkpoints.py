@@ -91,6 +91,37 @@ def digest_of(directory: str | Path) -> str:
     return directory_digest(files)
 
 
+class CheckpointReader:
+    """A directory's files read for loading, each once, and held to the digest ``sha256`` that
+    ``verify`` checked: ``read`` returns the bytes it hashed, and ``check`` refuses the directory
+    unless the (name, digest) pairs of its files, those read as they were read, make ``sha256``.
+    What is loaded from ``read`` is then what was hashed, whatever happens to the files after the
+    check; loading by path after ``verify`` leaves a window in which a replaced file is loaded
+    unchecked. ``sha256`` None: nothing to hold them to (read once all the same)."""
+
+    def __init__(self, directory: str | Path, sha256: str | None) -> None:
+        self.directory = Path(directory)
+        self.sha256 = sha256
+        self.names = [str(p.relative_to(self.directory)) for p in _payload_files(self.directory)]
+        self._read: dict[str, str] = {}
+
+    def read(self, name: str) -> bytes:
+        """The bytes of ``name``, hashed; keep one file's at a time for large weights."""
+        data = (self.directory / name).read_bytes()
+        self._read[name] = hashlib.sha256(data).hexdigest()
+        return data
+
+    def check(self) -> None:
+        """Raise ``CheckpointError`` unless the files, those read as read, match ``sha256``."""
+        if self.sha256 is None:
+            return
+        files = {str(p.relative_to(self.directory)): p for p in _payload_files(self.directory)}
+        digests = {name: self._read.get(name) or file_sha256(p) for name, p in files.items()}
+        if directory_digest({**digests, **self._read}) != self.sha256:
+            raise CheckpointError(f"{self.directory}: the files read differ from the ones "
+                                  "checked (changed since?)")
+
+
 def read_manifest(directory: Path) -> Manifest:
     path = Path(directory) / MANIFEST_NAME
     try:

@@ -328,7 +328,8 @@ def announce(store: Store, publisher: Publisher) -> tuple[ServingPlan | None, bo
 
 def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> ServingPlan:
     """The plan a server starts on (blocking): decided like every later one, its active version
-    verified; the base model when nothing verifiable is recorded. The canary, if any, is loaded
+    verified (its ``sha256`` the digest checked, "" when none was); the base model when nothing
+    verifiable is recorded. The canary, if any, is loaded
     by the watcher's first refresh, once the engine serves."""
     record_base_policy(settings, store)
     try:
@@ -352,11 +353,14 @@ def initial_plan(settings: Settings, store: Store, publisher: Publisher) -> Serv
 
 def verified_base(settings: Settings, store: Store) -> PolicyMessage:
     """The base model, checked like any version against the digest recorded on its first start
-    (raises ``CheckpointError`` when its files changed). A base model at another path than the
-    recorded one (the operator moved it) is checked by its contents only when it is served."""
+    (raises ``CheckpointError`` when its files changed), with that digest for the engine to hold
+    what it loads to. A base model at another path than the recorded one (the operator moved it)
+    is not checked here and comes without a digest: its contents are checked when a swap serves
+    it again."""
     row = store.get_policy(BASE_POLICY)
     message = PolicyMessage(BASE_POLICY, settings.model, row.get("sha256") or "")
     recorded = row.get("path")
     if message.sha256 and recorded and Path(recorded).resolve() == Path(settings.model).resolve():
         check_servable(message, settings)
-    return message
+        return message
+    return PolicyMessage(BASE_POLICY, settings.model, "")

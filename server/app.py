@@ -77,7 +77,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None,
 
             plan = await to_thread.run_sync(initial_plan, settings, db, publisher)
             eng = create_engine(settings, model_path=plan.active.path,
-                                policy_version=plan.active.version)
+                                policy_version=plan.active.version,
+                                sha256=plan.active.sha256 or None)
         await eng.start()
         metrics.set_policy(eng.policy_version)
         split = CanarySplit()

@@ -204,16 +204,17 @@ class PolicyWatcher:
         self.split.set(message.version, message.fraction, message.unit)
         self.metrics.set_canary(message.version, message.fraction)
 
-    async def _load(self, message: PolicyMessage, load: Callable[[str, str], Awaitable[None]]
-                    ) -> bool:
-        """Verify the checkpoint and hand it to ``load``; False (logged, counted) on refusal."""
+    async def _load(self, message: PolicyMessage,
+                    load: Callable[[str, str, str | None], Awaitable[None]]) -> bool:
+        """Verify the checkpoint and hand it to ``load`` with the digest it matched (the engine
+        holds the bytes it loads to it); False (logged, counted) on refusal."""
         key = (message.version, message.sha256)
         refused_at = self._refused.get(key)
         if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_SECONDS:
             return False
         try:
             await to_thread.run_sync(check_servable, message, self.settings)
-            await load(message.path, message.version)
+            await load(message.path, message.version, message.sha256 or None)
         except (CheckpointError, SwapError, OSError) as exc:
             self._refused[key] = time.monotonic()
             self.metrics.swaps.labels("refused").inc()

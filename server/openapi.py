@@ -1,5 +1,6 @@
 """The OpenAPI schema as the server really answers: FastAPI's, with its 422 validation errors
-replaced by our 400 and the error envelope, the statuses of the key checks, and streams."""
+replaced by our 400 and the error envelope, the statuses of the key checks, streams, and the
+bounds of the loaded model (max_tokens, token ids)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from fastapi.routing import APIRoute, iter_route_contexts
 
 from flywheel.settings import Settings
 from server.auth import keys_configured
+from server.completions.bounds import document_bounds
 from server.errors import ErrorResponse
-from server.state import require_admin, require_user
+from server.state import AppState, require_admin, require_user
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 _VALIDATION_REF = "#/components/schemas/HTTPValidationError"
@@ -35,6 +37,11 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
             schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
             document(schema, app.routes, user_keys=bool(settings.api_key_list),
                      admin_keys=keys_configured(settings))
+            state: AppState | None = getattr(app.state, "flywheel", None)
+            if state is None:  # before start-up: no model loaded to bound, so not kept
+                return schema
+            document_bounds(schema["components"]["schemas"], state.engine,
+                            settings.max_request_tokens)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -15,9 +15,11 @@ def _max_tokens_param(req: Req) -> str:
     return "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
 
 
-def bound_request_cost(state: AppState, req: Req, prompts: int, max_tokens: int) -> None:
-    """``max_request_tokens`` on prompts x n x ``max_tokens``."""
-    name = _max_tokens_param(req)
+def bound_request_cost(state: AppState, req: Req, prompts: int, max_tokens: int,
+                       name: str | None = None) -> None:
+    """``max_request_tokens`` on prompts x n x ``max_tokens``, the value of the field ``name``
+    (by default the one the request's max_tokens came from)."""
+    name = name or _max_tokens_param(req)
     bound_cost(state, prompts * req.n * max_tokens,
                f"{prompts} prompt{'s' if prompts > 1 else ''} x n={req.n} x {name}={max_tokens}",
                name)

@@ -20,9 +20,15 @@ MAX_STOP = 4
 MAX_STOP_CHARS = 1024  # each stop string: stored with every answer (`completions.params`)
 MAX_MESSAGES = 2048  # messages in one chat: each costs parsing and templating whatever its length
 MAX_PROMPTS = 16  # prompts in one /v1/completions request, each answered n times
-# A seed fits int64 (vLLM checks the same); the bound is the largest double below 2**63, so
-# that JSON tools reading numbers as doubles (schema validators) agree with it.
-MAX_SEED = 2**63 - 1024
+# What the schema cannot state of max_tokens: the served schema bounds it under the loaded model
+# and the settings (server/completions/bounds.py), but not the share of several prompts.
+MAX_TOKENS = ("The most tokens each choice may hold; an answer also ends where the model's "
+              "context does (finish_reason `length`). Prompts x n x max_tokens may not pass "
+              "FLYWHEEL_MAX_REQUEST_TOKENS (400 `request_too_costly`).")
+# A seed fits int64 (vLLM checks the same). The bound is a double whose shortest decimal form is
+# exact, so that JSON tools reading numbers as doubles and writing them back (schemathesis) agree
+# with it: 2**63 - 1024, the largest double below 2**63, came back as 9223372036854775000, past it.
+MAX_SEED = 9 * 10**18
 
 
 def invalid(message: str) -> PydanticCustomError:
@@ -66,6 +72,12 @@ def _requires(field: str, minimum: int | None, needs: str) -> dict[str, Any]:
     given = {"type": "object"} if minimum is None else {"type": "integer", "minimum": minimum}
     return {"if": {"properties": {field: given}, "required": [field]},
             "then": {"properties": {needs: {"const": True}}, "required": [needs]}}
+
+
+def _excludes(flag: str, other: str) -> dict[str, Any]:
+    """JSON Schema for a rule the model validators enforce: `flag` true leaves `other` unset."""
+    return {"if": {"properties": {flag: {"const": True}}, "required": [flag]},
+            "then": {"properties": {other: {"type": "null"}}}}
 
 
 class RequestModel(BaseModel):
@@ -117,7 +129,7 @@ class SamplingFields(OpenAIModel):
     """Fields shared by chat and text completions."""
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1), Integral] | None = None
+    max_tokens: Annotated[int, Field(ge=1), Integral] | None = Field(None, description=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     n: Annotated[int, Field(ge=1, le=MAX_N), Integral] = 1
@@ -148,7 +160,8 @@ class ChatCompletionRequest(SamplingFields):
         _requires("stream_options", None, "stream"), _requires("top_logprobs", 1, "logprobs")]})
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), Integral] | None = Field(
+        None, description=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), Integral] | None = None
 
@@ -170,7 +183,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=MAX_TOKEN_ID), Integral]
 
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"allOf": [
-        _requires("stream_options", None, "stream")]})
+        _requires("stream_options", None, "stream"), _excludes("echo", "logprobs")]})
 
     # OpenAI's four forms: a text, texts, token ids, lists of token ids. Each prompt gets `n`
     # choices, indexed prompt by prompt (choice j of prompt i is index i * n + j).

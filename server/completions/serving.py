@@ -15,6 +15,7 @@ from anyio import to_thread
 from feedback_store import NewChoice, NewCompletion
 from feedback_store.errors import StoreError
 from feedback_store.types import Rater
+from server.completions.bounds import check_requested, known_tokens
 from server.completions.budget import bound_request_cost, default_budget
 from server.completions.protocol import ChatCompletionRequest, CompletionRequest
 from server.completions.responses import (
@@ -35,22 +36,15 @@ log = logging.getLogger(__name__)
 
 def _max_tokens(state: AppState, prompt_len: int, requested: int | None,
                 param: str = "messages") -> int:
+    """What a prompt of ``prompt_len`` tokens may generate: ``requested`` (checked against what
+    no prompt changes, ``check_requested``) or the room left, whichever is smaller: like a
+    default, an answer ends where the context does (finish_reason "length")."""
     limit = state.engine.max_model_len
     if prompt_len >= limit:
         raise APIError(400, str(PromptTooLongError(prompt_len, limit)), param=param,
                        code="context_length_exceeded")
     room = limit - prompt_len
-    if requested is None:
-        return room
-    if requested > room:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
-            "completion). Please reduce the prompt or max_tokens.",
-            param="max_tokens", code="context_length_exceeded",
-        )
-    return requested
+    return room if requested is None else min(requested, room)
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int,
@@ -102,9 +96,8 @@ async def prepare_chat(state: AppState, req: ChatCompletionRequest,
                        rater: Rater | None = None, tenant: str = "") -> CompletionJob:
     _check_model(state, req.model)
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    check_requested(state, req, 1)  # before tokenising: the resolved value is no larger
     requested = req.requested_max_tokens()
-    if requested is not None:  # refused before tokenising: the resolved value is no larger
-        bound_request_cost(state, req, 1, requested)
     admit(state, tenant)
     chars = sum(len(m["content"]) + TEMPLATE_CHARS_PER_MESSAGE for m in messages)
     prompt_ids = await _encode("messages", state.engine.encode_chat, messages, chars)
@@ -129,8 +122,7 @@ async def prepare_text(state: AppState, req: CompletionRequest,
     """One job per prompt (see ``CompletionJob``), all checked before any runs."""
     _check_model(state, req.model)
     prompts = req.prompts()
-    if req.max_tokens is not None:  # refused before tokenising: resolved values are no larger
-        bound_request_cost(state, req, len(prompts), req.max_tokens)
+    check_requested(state, req, len(prompts))  # before tokenising: resolved values are no larger
     job_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     jobs = []
     for i, prompt in enumerate(prompts):
@@ -140,7 +132,7 @@ async def prepare_text(state: AppState, req: CompletionRequest,
             text = prompt
             prompt_ids = await _encode(param, state.engine.encode_text, prompt, len(prompt))
         else:
-            prompt_ids = _known_tokens(state, prompt, param)
+            prompt_ids = known_tokens(state, prompt, param)
             text = await _decode(state, prompt_ids, param)
         if not prompt_ids:
             raise APIError(400, "The prompt is empty.", param=param, code="invalid_value")
@@ -167,17 +159,6 @@ async def _decode(state: AppState, prompt_ids: list[int], param: str) -> str:
     except (ValueError, OverflowError, IndexError) as exc:  # an id the tokenizer cannot spell
         raise APIError(400, f"The prompt holds a token id out of vocabulary ({exc}).",
                        param=param, code="invalid_value") from exc
-
-
-def _known_tokens(state: AppState, prompt_ids: list[int], param: str) -> list[int]:
-    """Token ids the tokenizer knows (vLLM's check: no id above the largest); an engine without
-    a tokenizer (the fake one) takes any."""
-    tokenizer = getattr(state.engine, "tokenizer", None)
-    vocab = len(tokenizer) if tokenizer is not None else None
-    if vocab is not None and max(prompt_ids) >= vocab:
-        raise APIError(400, f"Token id {max(prompt_ids)} is out of vocabulary (ids lie in "
-                       f"[0, {vocab})).", param=param, code="invalid_value")
-    return list(prompt_ids)
 
 
 # --- running ---------------------------------------------------------------------------------

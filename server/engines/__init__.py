@@ -51,9 +51,11 @@ def _torch_has_gpu_build() -> bool:
 
 
 def create_engine(
-    settings: Settings, *, model_path: str | None = None, policy_version: str = BASE_POLICY
+    settings: Settings, *, model_path: str | None = None, policy_version: str = BASE_POLICY,
+    sha256: str | None = None,
 ) -> Engine:
-    """The engine ``settings.engine`` names, serving ``model_path`` (default: the base model)."""
+    """The engine ``settings.engine`` names, serving ``model_path`` (default: the base model),
+    checked against ``sha256`` as the transformers engine reads it (``Engine.swap_weights``)."""
     path = str(model_path or settings.model)
     if settings.engine == "transformers":
         if own_process(settings):
@@ -72,6 +74,7 @@ def create_engine(
             stream_interval_ms=settings.stream_interval_ms,
             fair_share=settings.fair_share,
             max_batch_share=settings.max_batch_share,
+            sha256=sha256,
         )
     if settings.engine == "vllm":
         from server.engines.vllm_engine import VLLMEngine  # imports vLLM (an extra) on start

@@ -116,7 +116,7 @@ class Engine(Protocol):
         its batch out by it (the transformers engine does; vLLM and the fake engine ignore it)."""
         ...
 
-    async def swap_weights(self, path: str, version: str) -> None:
+    async def swap_weights(self, path: str, version: str, sha256: str | None = None) -> None:
         """Load the checkpoint at ``path`` beside the current weights and make it the served one.
 
         Requests admitted after this returns run on the new weights and carry ``version``.
@@ -127,15 +127,19 @@ class Engine(Protocol):
 
         When ``version`` is the canary's, its loaded weights are promoted without a reload: the
         canary ends (``canary_version`` becomes None) and canary requests go to the active one.
+
+        ``sha256``: the digest the caller checked the directory against. The transformers engine
+        loads the bytes it hashes against it, so a file replaced after the check is refused;
+        vLLM reads the directory itself and cannot (docs/design.md, "Checking the files").
         """
         ...
 
-    async def set_canary(self, path: str, version: str) -> None:
+    async def set_canary(self, path: str, version: str, sha256: str | None = None) -> None:
         """Load ``path`` beside the active weights and serve it to requests that ask for the canary.
 
         Replaces a previous canary (its in-flight requests finish on it); the version already
         loaded as the canary is a no-op. Raises ``SwapError`` and changes nothing on any failure
-        (the same checks as ``swap_weights``).
+        (the same checks as ``swap_weights``, ``sha256`` as there).
         """
         ...
 

@@ -4,10 +4,10 @@ Torch-free, as the API side that imports it: the engine process's model, tokeniz
 stay on its side of the pipes.
 
 Commands (tuples, pickled): ``submit key prompt params max_new canary tenant``, ``cancel key``,
-``load key kind path version`` (kind ``activate`` or ``canary``), ``change key kind`` (``promote``
-or ``end_canary``), ``stop``. Events: ``ready info``, ``failed reason``, ``step rows stats acks``,
-``acks acks stats``, ``stopped``. A row is ``(key, index, text, token_ids, logprobs, version,
-top_logprobs, finish_reason)``, or ``(key, message)`` when the request failed.
+``load key kind path version sha256`` (kind ``activate`` or ``canary``), ``change key kind``
+(``promote`` or ``end_canary``), ``stop``. Events: ``ready info``, ``failed reason``, ``step rows
+stats acks``, ``acks acks stats``, ``stopped``. A row is ``(key, index, text, token_ids,
+logprobs, version, top_logprobs, finish_reason)``, or ``(key, message)`` when the request failed.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class CoreConfig:
     log_level: int = logging.WARNING
     fair_share: bool = True  # round robin by key and a share of the batch (``fair_queue.py``)
     max_batch_share: float = 0.75  # of the batch, one key's most while other keys are active
+    sha256: str | None = None  # the digest model_path's files were checked against, if any
 
 
 class CoreInfo(NamedTuple):

@@ -70,8 +70,10 @@ class CoreTransport(Protocol):
         """The reader went away: free the request's slots at the next step."""
         ...
 
-    async def load(self, kind: LoadKind, path: str, version: str) -> None:
-        """Load, check and install ``path`` as ``version`` (``SwapError``: nothing changed)."""
+    async def load(self, kind: LoadKind, path: str, version: str,
+                   sha256: str | None = None) -> None:
+        """Load, check and install ``path`` as ``version`` (``SwapError``: nothing changed),
+        its files held to ``sha256`` as they are read (``model_loading.load_model``)."""
         ...
 
     async def switch(self, kind: SwitchKind) -> None:

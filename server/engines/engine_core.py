@@ -88,10 +88,11 @@ class Core:
         else:
             logger.error("unknown engine command %r", kind)
 
-    def _load(self, key: int, kind: ChangeKind, path: str, version: str) -> None:
+    def _load(self, key: int, kind: ChangeKind, path: str, version: str,
+              sha256: str | None) -> None:
         """Load and probe weights beside the served ones (own thread: commands keep flowing)."""
         try:
-            model = self._weights.load_checked(path)
+            model = self._weights.load_checked(path, sha256)
         except Exception as exc:
             self._send(("acks", [(key, f"{type(exc).__name__}: {exc}")], self._stats()))
             return

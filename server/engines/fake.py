@@ -29,6 +29,7 @@ class FakeEngine:
 
     model_name = "fake"
     eos_token_ids = (EOS,)
+    vocab_size = 0x110000  # the code points: what `decode` spells
 
     def __init__(self, max_model_len: int = 512, policy_version: str = BASE_POLICY,
                  answer_words: int = 4) -> None:
@@ -106,7 +107,7 @@ class FakeEngine:
                           top_logprobs=[{"": -0.1}] if params.top_logprobs else None,
                           finish_reason="stop")
 
-    async def swap_weights(self, path: str, version: str) -> None:
+    async def swap_weights(self, path: str, version: str, sha256: str | None = None) -> None:
         if version != self._canary:
             self._load(path)
             self.loads.append((path, version))
@@ -115,7 +116,7 @@ class FakeEngine:
         self.swaps.append((path, version))
         self._version = version
 
-    async def set_canary(self, path: str, version: str) -> None:
+    async def set_canary(self, path: str, version: str, sha256: str | None = None) -> None:
         if version == self._canary:
             return
         if version == self._version:

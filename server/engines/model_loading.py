@@ -1,5 +1,7 @@
 """The transformers engine's model, loaded (torch): device and dtype, the served model with its
-tokenizer and scheduler, and checked weights for a hot swap or a canary.
+tokenizer and scheduler, and checked weights for a hot swap or a canary. Weights and config are
+loaded from the bytes that were hashed (``flywheel.checkpoints.CheckpointReader``), never from
+the files again after their check.
 
 One loader for both places the model runs: the decode thread in the API process
 (``thread_core.py``) and the engine process (``engine_core.py``).
@@ -7,13 +9,23 @@ One loader for both places the model runs: the decode thread in the API process
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
+import safetensors.torch
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import (
+    CONFIG_MAPPING,
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    AutoTokenizer,
+    GenerationConfig,
+)
 
+from flywheel.checkpoints import CheckpointReader
 from server.engines.core_protocol import CoreConfig, CoreInfo
 from server.engines.scheduler import Deliver, Scheduler
 
@@ -64,8 +76,9 @@ class WeightLoader:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
 
-    def load_checked(self, path: str) -> Any:
-        return load_checked(path, self.device, self.dtype, self.vocab_size, self.eos_token_ids)
+    def load_checked(self, path: str, sha256: str | None = None) -> Any:
+        return load_checked(path, self.device, self.dtype, self.vocab_size, self.eos_token_ids,
+                            sha256)
 
 
 def open_scheduler(config: CoreConfig,
@@ -75,7 +88,7 @@ def open_scheduler(config: CoreConfig,
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-    model = load_model(config.model_path, device, dtype)
+    model = load_model(config.model_path, device, dtype, config.sha256)
     eos = eos_token_ids(config.model_path, model.config, tokenizer)
     pad = tokenizer.pad_token_id
     info = CoreInfo(
@@ -101,15 +114,44 @@ def open_scheduler(config: CoreConfig,
     return scheduler, info, WeightLoader(device, dtype, info.vocab_size, eos)
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+def load_model(path: str, device: torch.device, dtype: torch.dtype,
+               sha256: str | None = None) -> Any:
+    """The causal LM at ``path``, built from its config's and weights' bytes as read and hashed
+    once (one weight file's bytes at a time): with ``sha256``, the digest ``verify`` checked,
+    those are the checked files or nothing loads (``CheckpointError``)."""
+    reader = CheckpointReader(path, sha256)
+    data = json.loads(reader.read("config.json"))
+    config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    state: dict[str, torch.Tensor] = {}
+    for name in _weight_files(reader.names):
+        state.update(_tensors(name, reader.read(name)))
+    reader.check()
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
     return model.to(device).eval()
 
 
+def _weight_files(names: list[str]) -> list[str]:
+    """The weight files ``from_pretrained`` would read (shards too): safetensors where there
+    are any, else PyTorch's."""
+    top = [name for name in names if "/" not in name]
+    safe = [name for name in top if fnmatch(name, "model*.safetensors")]
+    return safe or [name for name in top if fnmatch(name, "pytorch_model*.bin")]
+
+
+def _tensors(name: str, data: bytes) -> dict[str, torch.Tensor]:
+    if name.endswith(".safetensors"):
+        return safetensors.torch.load(data)
+    loaded: dict[str, torch.Tensor] = torch.load(io.BytesIO(data), map_location="cpu",
+                                                 weights_only=True)
+    return loaded
+
+
 def load_checked(path: str, device: torch.device, dtype: torch.dtype, vocab_size: int,
-                 eos_token_ids: tuple[int, ...]) -> Any:
-    """Load new weights and prove they run before anything is handed to the decode thread."""
-    model = load_model(path, device, dtype)
+                 eos_token_ids: tuple[int, ...], sha256: str | None = None) -> Any:
+    """Load new weights (held to ``sha256``, see ``load_model``) and prove they run before
+    anything is handed to the decode thread."""
+    model = load_model(path, device, dtype, sha256)
     vocab = model.get_input_embeddings().num_embeddings
     if vocab != vocab_size:
         raise ValueError(f"vocabulary size {vocab} differs from the served {vocab_size}")

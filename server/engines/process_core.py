@@ -202,16 +202,17 @@ class ProcessCore:
         self._pending.pop(key, None)
         self._send(("cancel", key))
 
-    async def load(self, kind: LoadKind, path: str, version: str) -> None:
+    async def load(self, kind: LoadKind, path: str, version: str,
+                   sha256: str | None = None) -> None:
         try:
-            await self._change("load", kind, path, version)
+            await self._change("load", kind, path, version, sha256)
         except SwapError as exc:
             raise load_failed(path, version, exc) from exc
 
     async def switch(self, kind: SwitchKind) -> None:
         await self._change("change", kind)
 
-    async def _change(self, command: str, *args: str) -> None:
+    async def _change(self, command: str, *args: str | None) -> None:
         """Send a weight change; returns once the engine process applied it (``SwapError`` when
         it could not: it keeps serving what it served)."""
         key = next(self._keys)

@@ -63,9 +63,10 @@ class ThreadCore:
     def cancel(self, request: Request) -> None:
         self._scheduler.cancel(request)
 
-    async def load(self, kind: LoadKind, path: str, version: str) -> None:
+    async def load(self, kind: LoadKind, path: str, version: str,
+                   sha256: str | None = None) -> None:
         try:
-            model = await asyncio.to_thread(self._weights.load_checked, path)
+            model = await asyncio.to_thread(self._weights.load_checked, path, sha256)
         except Exception as exc:
             raise load_failed(path, version, exc) from exc
         await asyncio.wrap_future(self._scheduler.change(kind, model, version))

@@ -49,6 +49,7 @@ class TransformersEngine:
         own_process: bool = False,
         fair_share: bool = True,
         max_batch_share: float = 0.75,
+        sha256: str | None = None,
     ) -> None:
         """Load the model (blocking); ``EngineError`` when an engine process cannot.
 
@@ -58,13 +59,14 @@ class TransformersEngine:
         ``model_loading.decode_threads``. ``own_process``: the model runs in an engine process
         of its own (``process_core.py``), else on a decode thread here (``thread_core.py``).
         ``fair_share``, ``max_batch_share``: how the scheduler shares the batch between keys
-        (``fair_queue.py``).
+        (``fair_queue.py``). ``sha256``: the digest the model's files were checked against; the
+        weights loaded are the bytes hashed against it (``model_loading.load_model``).
         """
         self.model_name = served_model_name
         config = CoreConfig(model_path, device, dtype, max_batch_size, max_model_len,
                             policy_version, stream_interval_ms, ignore_eos, cpu_threads,
                             logging.getLogger().getEffectiveLevel(), fair_share,
-                            max_batch_share)
+                            max_batch_share, sha256)
         self._core: CoreTransport = open_core(config, own_process)
         info = self._core.info
         self.tokenizer = info.tokenizer
@@ -151,24 +153,24 @@ class TransformersEngine:
             if request.unfinished:  # the client went away: free the slots at the next step
                 self._core.cancel(request)
 
-    async def swap_weights(self, path: str, version: str) -> None:
+    async def swap_weights(self, path: str, version: str, sha256: str | None = None) -> None:
         """A new active version; the loaded canary's weights when ``version`` is the canary's."""
         async with self._lock():
             if version == self.canary_version:
                 await self._core.switch("promote")
                 logger.info("canary %s promoted to active", version)
                 return
-            await self._core.load("activate", path, version)
+            await self._core.load("activate", path, version, sha256)
         logger.info("now serving policy %s from %s", version, path)
 
-    async def set_canary(self, path: str, version: str) -> None:
+    async def set_canary(self, path: str, version: str, sha256: str | None = None) -> None:
         """Load ``path`` beside the active weights for requests that ask for the canary."""
         async with self._lock():
             if version == self.canary_version:
                 return
             if version == self.policy_version:
                 raise SwapError(f"{version} is the active version; it cannot be its own canary")
-            await self._core.load("canary", path, version)
+            await self._core.load("canary", path, version, sha256)
         logger.info("serving canary %s from %s beside %s", version, path, self.policy_version)
 
     async def end_canary(self) -> None:

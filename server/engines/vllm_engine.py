@@ -240,8 +240,9 @@ class VLLMEngine:
         if completion.finish_reason is not None and spans_other_versions(completion, version):
             self._mixed_choices += 1
 
-    async def swap_weights(self, path: str, version: str) -> None:
-        """Serve ``version`` from the checkpoint at ``path`` (already verified by the caller).
+    async def swap_weights(self, path: str, version: str, sha256: str | None = None) -> None:
+        """Serve ``version`` from the checkpoint at ``path`` (already verified by the caller;
+        vLLM reads the files by path, so ``sha256`` cannot hold what it loads to that check).
 
         On ``SwapError`` the old version serves again, unless ``stats().extra["degraded"]``
         says the rollback failed too.
@@ -267,7 +268,7 @@ class VLLMEngine:
             self._last_swap_seconds = time.perf_counter() - started
             log.info("swapped to %s in %.2fs", version, self._last_swap_seconds)
 
-    async def set_canary(self, path: str, version: str) -> None:
+    async def set_canary(self, path: str, version: str, sha256: str | None = None) -> None:
         """Serve ``version`` from ``path`` to canary requests: a second adapter for a LoRA
         policy, a second engine for full weights (see the module docstring)."""
         self._require_started()

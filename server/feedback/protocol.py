@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
@@ -42,11 +42,31 @@ class RankedItem(RequestModel):
     choice_index: Index = 0
 
 
+# What the store asks of a ranking's places (`feedback_store.rankings._tie_groups`), where a
+# place is an answer or a tie group of them.
+_PLACES = {"minItems": 2, "uniqueItems": True, "items": {"minItems": 1, "uniqueItems": True}}
+
+
+def _only(given: tuple[str, ...], unset: tuple[str, ...]) -> dict[str, Any]:
+    """JSON Schema of one form of a request: the fields ``given`` set, the ``unset`` ones not."""
+    return {"required": list(given),
+            "properties": {**{name: {"not": {"type": "null"}} for name in given},
+                           **{name: {"type": "null"} for name in unset}}}
+
+
 class RankingRequest(RequestModel):
     """Best first: the choices of one completion, or answers to one prompt from several. An
-    entry may be a list of equally good answers (a tie group); the store checks the groups."""
+    entry may be a list of equally good answers (a tie group); each answer once, at most 16 in
+    all (the store checks the groups)."""
 
-    model_config = ConfigDict(extra="ignore")
+    # The schema states `_one_form` (completion_id with ranking, or items, never both) and the
+    # checks of the store's `_tie_groups` that JSON Schema can: two places at least, no empty tie
+    # group, no answer twice in one group nor as two places. An answer both in a group and
+    # outside it, or more than MAX_RANKED answers in all, it cannot: those stay a bare 400.
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [_only(("completion_id", "ranking"), ("items",)),
+                  _only(("items",), ("completion_id", "ranking"))],
+        "allOf": [{"properties": {"ranking": _PLACES, "items": _PLACES}}]})
 
     completion_id: str | None = Field(default=None, min_length=1, max_length=128)
     ranking: list[Index | list[Index]] | None = Field(default=None, min_length=1,
