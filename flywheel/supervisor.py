@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT_SECONDS = 30.0
 DEATH_SIGNAL = signal.SIGTERM  # the children's own clean stop, as after Ctrl-C
 LOCK_NAME = "up.lock"
+# A child's exit status for "this configuration cannot run" (`flywheel serve` without its
+# engine, `flywheel worker` without its rollout engine): restarting it would only say it again.
+CANNOT_RUN = 2
 
 # Run as `python -I -S -c _TRAMPOLINE <parent pid> <signal> argv...`: ask the kernel to send us
 # <signal> when our parent dies (prctl(2) PR_SET_PDEATHSIG = 1, kept across execve), give up if
@@ -104,7 +107,8 @@ class Supervisor:
     """Children run in their own sessions: only we get Ctrl-C or a hang-up, and we pass it on once.
 
     A child that exits while we are not stopping is started again after a backoff (RestartPolicy);
-    the others keep running. Only one that keeps exiting right after its start ends `wait()`.
+    the others keep running. Only one that keeps exiting right after its start, or one that
+    exits with `CANNOT_RUN`, ends `wait()`.
     SIGHUP (the terminal closed) stops like SIGTERM. A second SIGINT or SIGTERM kills the children;
     a second SIGHUP does not, since a closing terminal and its shell each send one.
     """
@@ -179,6 +183,11 @@ class Supervisor:
     def _exited(self, name: str, child: _Child, code: int) -> int | None:
         """Schedule the restart of a child that exited with ``code``, or give up on it."""
         ran = time.monotonic() - child.started
+        if code == CANNOT_RUN:
+            log.error("%s %s after %.1f s: its configuration cannot run (its own log lines above "
+                      "say why); not restarting it, stopping the rest", name, describe_exit(code),
+                      ran)
+            return code
         child.fast_exits = child.fast_exits + 1 if ran < self.policy.fast_s else 0
         if child.fast_exits >= self.policy.fast_exits:
             log.error("%s keeps exiting at start: it %s after %.1f s, its %s exit in a row "

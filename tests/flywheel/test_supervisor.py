@@ -224,6 +224,18 @@ def test_fast_crashes_in_a_row_end_the_supervisor(
     assert all(_gone(pid) for pid in s.pids("sibling") + s.pids("crasher"))
 
 
+def test_a_child_whose_configuration_cannot_run_ends_the_supervisor_at_once(supervised) -> None:
+    """Status 2 (`flywheel serve` or `worker` saying its engine cannot run) is not retried."""
+    s = supervised({"misconfigured": "import sys; sys.exit(2)", "sibling": SLEEP},
+                   initial_s=0.01, fast_exits=5)
+    assert s.proc.wait(timeout=30) == 2
+    log = s.log()
+    assert re.search(r"ERROR misconfigured exited with status 2 after [\d.]+ s: its configuration "
+                     r"cannot run", log), log
+    assert len(s.pids("misconfigured")) == 1
+    assert all(_gone(pid) for pid in s.pids("sibling") + s.pids("misconfigured"))
+
+
 def test_a_steady_run_between_crashes_keeps_the_supervisor_going(supervised) -> None:
     """Only exits in a row within fast_s of the start count; one longer run starts over."""
     s = supervised({"slow_crasher": "import sys, time; time.sleep(0.3); sys.exit(3)"},
