@@ -1,17 +1,17 @@
 """One training cycle: reward model, PPO, evaluation gate; the worker releases what passes.
 
 0. Evidence first: at least one held-out prompt and ``train.min_holdout_pairs`` preference
-   pairs to judge an RM by, else the cycle is skipped before any training. An RM warm-started
-   from the one in service is judged on held-out pairs; one trained from the base model (the
-   first) also on pairs of the other prompts, by cross-validation over prompts
-   (``trainer_worker/reward/cross_validation.py``).
-1. Reward model on the train split (feedback on held-out prompts never trains it), continuing
-   from the RM in service, on a bounded window: the feedback given since that RM was trained
-   (at most ``feedback.new_examples`` events) and a uniform sample of ``feedback.replay_examples``
-   older ones. Each identity keeps at most ``feedback.user_share`` of it, and identities that
-   persistently disagree with the RM in service weigh less (feedback_store/identities.py). It is
-   kept only when the lower 95% bound of its accuracy on a sample of held-out pairs
-   (``feedback.holdout_examples``), and for a first RM the cross-validated pairs, reaches
+   pairs to judge an RM by, else the cycle is skipped before any training.
+1. Reward model on the train split (feedback on held-out prompts never trains it), on a bounded
+   window: the feedback given since the RM in service was trained (at most
+   ``feedback.new_examples`` events) and a uniform sample of ``feedback.replay_examples`` older
+   ones. Each identity keeps at most ``feedback.user_share`` of it, and identities that
+   persistently disagree with the RM in service weigh less (feedback_store/identities.py). It
+   continues the RM in service once the held-out pairs alone can judge it; until then (a first
+   RM, a small group) it starts from the base model and is judged on the held-out pairs and,
+   by cross-validation over prompts, on the others' (``trainer_worker/reward/
+   cross_validation.py``). It is kept only when the lower 95% bound of its accuracy on those
+   pairs (``feedback.holdout_examples`` held-out events at most) reaches
    ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in service stays.
 2. PPO from the active policy against the frozen base, its KL coefficient steered so that the
    candidate's KL to the base stays within ``train.kl_budget`` across cycles (``ppo.budget``).
@@ -94,21 +94,24 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     return root / "policies", root / "reward"
 
 
-def warm_start(store: Store) -> RewardModelState | None:
+def warm_start(store: Store, holdout: RewardData, need: int) -> RewardModelState | None:
     """The RM in service a new RM continues from, if any: one trained on the train split only
-    (an RM from before the split may have seen held-out prompts, so the base model is the
-    start then)."""
-    previous = store.latest_reward_model_state()
-    return previous if previous is not None and previous.trained_on_train_split else None
-
-
-def check_evidence(ctx: CycleContext, until: Marks, *, cold: bool) -> RewardData:
-    """Step 0: the held-out feedback, when there is enough of it to judge an RM and a policy:
-    a bounded sample, without identities whose ratings lost weight, each capped at its share.
-    A ``cold`` RM (from the base model) counts its cross-validated pairs too: the count is
-    checked once the window is read (`reward_window`)."""
+    (an RM from before the split may have seen held-out prompts), once the held-out pairs alone
+    can judge what continues it (``need``). Until then each new RM starts from the base model
+    and is judged by cross-validation over prompts too: a small group's held-out pairs come
+    slowly, and its reward model should not wait for them."""
     from trainer_worker.reward.data import holdout_pairs
 
+    previous = store.latest_reward_model_state()
+    if previous is None or not previous.trained_on_train_split or holdout_pairs(holdout) < need:
+        return None
+    return previous
+
+
+def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
+    """Step 0: the held-out feedback the new RM is judged on: a bounded sample, without
+    identities whose ratings lost weight, each capped at its share. Whether there are enough
+    pairs to judge by is checked once the window is read (`reward_window`)."""
     if ctx.store.holdout_prompt_count() == 0:
         raise Skip("waiting for the first rated answers to held-out prompts (a fifth of the "
                    "distinct prompts is held out to judge each new reward model)")
@@ -118,14 +121,7 @@ def check_evidence(ctx: CycleContext, until: Marks, *, cold: bool) -> RewardData
         item.identity for item in [*sample.groups, *sample.thumbs])
     trusted = RewardData([g for g in sample.groups if weights[g.identity] >= 1.0],
                          [t for t in sample.thumbs if weights[t.identity] >= 1.0])
-    holdout, capped = limit_identities(trusted, limits.user_share, {}, seed=0)
-    n, need = holdout_pairs(holdout), ctx.settings.train.min_holdout_pairs
-    if n < need and not cold:
-        raise Skip(f"need {need} held-out pairs to judge a reward model, have {n}: more distinct "
-                   "prompts rated (a pair is a ranking, or one rater's thumb up and thumb down "
-                   f"on answers to held-out prompts){cap_note(capped)}",
-                   {"reward/holdout_pairs": float(n), **capped})
-    return holdout
+    return limit_identities(trusted, limits.user_share, {}, seed=0)[0]
 
 
 @dataclass
@@ -140,14 +136,15 @@ class RewardWindow:
 
 def _check_cold_evidence(ctx: CycleContext, data: RewardData, holdout: RewardData,
                          metrics: dict[str, Any]) -> None:
-    """A first RM is judged on held-out pairs and cross-validated ones: enough of both?"""
+    """An RM from the base model is judged on held-out pairs and cross-validated ones: enough
+    of both?"""
     from trainer_worker.reward.cross_validation import cross_validated_pair_count
     from trainer_worker.reward.data import holdout_pairs
 
     held_out, folded = holdout_pairs(holdout), cross_validated_pair_count(data)
     need = ctx.settings.train.min_holdout_pairs
     if held_out + folded < need:
-        raise Skip(f"need {need} pairs to judge a first reward model, have {held_out + folded} "
+        raise Skip(f"need {need} pairs to judge a reward model, have {held_out + folded} "
                    f"({held_out} on held-out prompts, {folded} by cross-validation over the "
                    "other rated prompts): more answers rated (a pair is a ranking, or one "
                    f"rater's thumb up and thumb down){cap_note(metrics)}",
@@ -204,8 +201,9 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
     """Step 1: a new reward-model version from the train split's bounded window, judged on the
     held-out sample (and, for one trained from the base model, by cross-validation).
 
-    Warm-starting from the RM in service is honest because no RM trained here sees a held-out
-    prompt (the split hashes the prompt text, so it never moves).
+    Continuing the RM in service is honest because no RM trained here sees a held-out prompt
+    (the split hashes the prompt text, so it never moves); it cannot be cross-validated (its
+    start saw every fold), so it waits for enough held-out pairs (`warm_start`).
     """
     from trainer_worker.reward.cross_validation import (
         ENOUGH_HELD_OUT_PAIRS,
@@ -216,14 +214,14 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
 
     floor = ctx.settings.train.reward_accuracy_floor
     previous = ctx.store.latest_reward_model_state()
-    warm = warm_start(ctx.store)
+    warm = warm_start(ctx.store, holdout, ctx.settings.train.min_holdout_pairs)
     window = reward_window(ctx, previous, until, seed, holdout, cold=warm is None)
     init_dir = Path(warm.path) if warm else Path(ctx.settings.model)
     parent = warm.id if warm else None
     cross_validated = None
     if warm is None and holdout_pairs(holdout) < ENOUGH_HELD_OUT_PAIRS:
         judges = {name for name, weight in window.weights.items() if weight >= 1.0}
-        log.info("judging a first reward model: cross-validating over prompts")
+        log.info("a reward model from the base model: cross-validating it over prompts")
         cross_validated = cross_validated_verdicts(init_dir, window.data, ctx.settings.reward,
                                                    judges=judges, device=ctx.device,
                                                    should_stop=ctx.should_stop)
@@ -344,7 +342,7 @@ def run_cycle(ctx: CycleContext, run_id: int) -> CycleResult:
     rm_id: str | None = None
     try:
         until = ctx.store.feedback_watermark()  # what this cycle may read, fixed at its start
-        holdout = check_evidence(ctx, until, cold=warm_start(ctx.store) is None)
+        holdout = check_evidence(ctx, until)
         rm_id, rm_dir, rm_metrics = train_reward(ctx, holdout, until, seed=run_id)
         policy_id, policy_dir, sha, ppo_metrics, kl_coef = train_policy(ctx, active, rm_dir,
                                                                          run_id)

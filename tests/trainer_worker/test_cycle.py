@@ -92,7 +92,7 @@ def test_too_few_pairs_skips_a_first_rm_before_training(tmp_path: Path, store: S
     assert result.status == "skipped" and result.policy_id is None
     assert result.reward_model_id is None  # no RM in service yet
     reason = result.metrics["cycle/skip_reason"]
-    assert reason.startswith("need 50 pairs to judge a first reward model, have ")
+    assert reason.startswith("need 50 pairs to judge a reward model, have ")
     held_out = int(result.metrics["reward/holdout_pairs"])
     folded = int(result.metrics["reward/cross_validated_pairs"])
     assert held_out > 0 and folded > 0
@@ -121,21 +121,45 @@ def test_a_first_rm_is_judged_by_cross_validation_too(tmp_path: Path, store: Sto
     assert kept is not None and result.reward_model_id == kept["id"]
 
 
-def test_too_few_held_out_pairs_skips_a_warm_rm_before_training(tmp_path: Path, store: Store,
-                                                                tiny_model_dir: Path) -> None:
-    """An RM continued from the one in service is judged on held-out pairs alone."""
-    seed(store, tiny_model_dir, prompts_on_side(True, 2) + prompts_on_side(False, 2), rounds=2)
-    ctx = make_ctx(tmp_path, store, tiny_model_dir, min_holdout_pairs=50)
+def _rm_in_service(ctx: CycleContext, store: Store, tiny_model_dir: Path) -> None:
+    """An RM in service trained on every event so far (none is new: it judges no rater)."""
     in_service = reward_root(ctx) / "rm-1"
     RewardModel.from_base(tiny_model_dir).save_pretrained(in_service)
     store.add_reward_model(id="rm-1", parent=None, path=str(in_service), sha256=None,
-                           metrics={}, watermark={"feedback": 0, "rankings": 0},
+                           metrics={}, watermark=store.feedback_watermark(),
                            trained_on_train_split=True)
+
+
+def test_a_new_rm_continues_the_one_in_service_once_held_out_pairs_can_judge_it(
+        tmp_path: Path, store: Store, tiny_model_dir: Path) -> None:
+    """Held-out pairs alone judge an RM that continues the one in service: no cross-validation
+    (its start saw every fold)."""
+    seed(store, tiny_model_dir, prompts_on_side(True, 2) + prompts_on_side(False, 2), rounds=2)
+    ctx = make_ctx(tmp_path, store, tiny_model_dir, min_holdout_pairs=4)
+    _rm_in_service(ctx, store, tiny_model_dir)
     result = run_cycle(ctx, run_id=1)
-    assert result.status == "skipped" and result.reward_model_id == "rm-1"
-    assert result.metrics["cycle/skip_reason"].startswith(
-        "need 50 held-out pairs to judge a reward model, have 4: more distinct prompts rated")
-    assert sorted(p.name for p in reward_root(ctx).iterdir()) == ["rm-1"]
+    assert result.reward_model_id == "rm-2", result.metrics.get("cycle/skip_reason")
+    assert result.metrics["reward/warm_start"] == 1.0
+    assert "reward/cross_validated_pairs" not in result.metrics
+    assert store.latest_reward_model()["parent"] == "rm-1"
+
+
+def test_too_few_held_out_pairs_start_a_new_rm_from_the_base(tmp_path: Path, store: Store,
+                                                              tiny_model_dir: Path) -> None:
+    """With an RM in service but too few held-out pairs to judge one that continues it, the
+    next RM starts from the base model and is cross-validated: a small group does not wait for
+    held-out pairs."""
+    seed(store, tiny_model_dir, prompts_on_side(True, 1) + prompts_on_side(False, 10), rounds=2)
+    ctx = make_ctx(tmp_path, store, tiny_model_dir, min_holdout_pairs=12,
+                   reward_accuracy_floor=0.55,
+                   reward=RewardConfig(epochs=4, batch_size=4, lr=1e-3))
+    _rm_in_service(ctx, store, tiny_model_dir)
+    result = run_cycle(ctx, run_id=1)
+    assert result.metrics["reward/holdout_pairs"] < 12, result.metrics.get("cycle/skip_reason")
+    assert result.metrics.get("reward/warm_start") == 0.0, (result.status, result.metrics)
+    assert result.metrics["reward/cross_validated_pairs"] > 0
+    assert result.reward_model_id == "rm-2", result.metrics.get("cycle/skip_reason")
+    assert store.latest_reward_model()["parent"] is None
 
 
 def test_no_held_out_prompts_skips(tmp_path: Path, store: Store, tiny_model_dir: Path) -> None:
