@@ -6,7 +6,9 @@
    from the RM in service, on a bounded window: the feedback given since that RM was trained
    (at most ``feedback.new_examples`` events) and a uniform sample of ``feedback.replay_examples``
    older ones. Each identity keeps at most ``feedback.user_share`` of it, and identities that
-   persistently disagree with the RM in service weigh less (feedback_store/identities.py). It is
+   persistently disagree with the RM in service weigh less (feedback_store/identities.py).
+   With ``feedback.implicit_weight`` above 0, implicit signals join the window as weak lone
+   thumbs under the same caps (feedback_store/implicit.py). It is
    kept only when the lower 95% bound of its accuracy on a sample of held-out pairs
    (``feedback.holdout_examples``) reaches ``train.reward_accuracy_floor``; else the cycle is
    skipped and the RM in service stays.
@@ -50,9 +52,11 @@ log = logging.getLogger(__name__)
 KL_LIMIT_SHARE = 0.9  # PPO keeps the newest weights within 0.9 x budget: room for the estimate
 # Shown with an RM's metrics; the store keeps both in reward_models' columns, read from there.
 SPLIT_MARK = "reward/trained_on_train_split"  # RMs that never saw a held-out prompt carry it
-# The last feedback and ranking ids an RM's window reached: the next one's "new" starts above.
+# The last feedback, ranking and implicit-signal ids an RM's window reached: the next one's
+# "new" starts above.
 WATERMARK_METRICS = {"feedback": "reward/feedback_watermark",
-                     "rankings": "reward/rankings_watermark"}
+                     "rankings": "reward/rankings_watermark",
+                     "implicit": "reward/implicit_watermark"}
 
 
 class CycleError(RuntimeError):
@@ -122,9 +126,10 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
 
     limits = ctx.settings.feedback
-    since = previous.watermark if previous is not None else {"feedback": 0, "rankings": 0}
+    since = previous.watermark if previous is not None else {}
     data = ctx.store.cycle_reward_data(since=since, until=until, new=limits.new_examples,
-                                       replay=limits.replay_examples, seed=seed)
+                                       replay=limits.replay_examples, seed=seed,
+                                       implicit_weight=limits.implicit_weight)
     if not data.groups and not data.thumbs:
         raise Skip("no feedback outside the held-out prompts to train on yet")
     if previous is not None:
@@ -142,9 +147,12 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     metrics: dict[str, Any] = {
         "reward/new_examples": float(sum(item.new for item in items)),
         "reward/replay_examples": float(sum(not item.new for item in items)),
-        **{key: float(until[table]) for table, key in WATERMARK_METRICS.items()},
+        **{key: float(until.get(table, 0)) for table, key in WATERMARK_METRICS.items()},
     }
     data, capped = limit_identities(data, limits.user_share, weights, seed=seed)
+    if limits.implicit_weight > 0:  # signals kept under the caps, trained on
+        metrics["reward/implicit_examples"] = float(
+            sum(t.source == "implicit" for t in data.thumbs))
     return RewardData(data.groups, balance_thumbs(data.thumbs)), tallies, metrics | capped
 
 
