@@ -17,7 +17,15 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from feedback_store.identities import identity_column
-from feedback_store.models import Choice, Completion, Feedback, Prompt, Ranking, RankingItem
+from feedback_store.models import (
+    Choice,
+    Completion,
+    Feedback,
+    ImplicitFeedback,
+    Prompt,
+    Ranking,
+    RankingItem,
+)
 
 BATCH = 1_000  # rows per fetch of a streamed read
 IN_CHUNK = 500  # ids per IN (...) clause, well under every backend's parameter limit
@@ -39,6 +47,17 @@ class Thumb:
     identity: str
     answer: Answer
     up: bool
+
+
+@dataclass(frozen=True)
+class Signal:
+    """An implicit signal on an answer (feedback_store/implicit.py)."""
+
+    signal_id: int
+    prompt_id: int
+    identity: str
+    answer: Answer
+    signal: str  # "regenerate", "edit" or "copy"
 
 
 @dataclass(frozen=True)
@@ -71,6 +90,36 @@ def read_thumbs(s: Session, held: bool | None, where: sa.ColumnElement[bool],
         for fid, rating, pid, cid, identity, choice, text, token_ids in _stream(s, query)
     ]
     return sorted(thumbs, key=lambda t: t.feedback_id)
+
+
+def read_implicit(s: Session, held: bool | None, where: sa.ColumnElement[bool],
+                  newest: int | None = None) -> list[Signal]:
+    """Implicit signals matching `where` on the wanted side of the split, but none on an answer
+    its rater also gave a live thumb (the thumb says it better); the `newest` N only, if
+    given."""
+    rater = identity_column(ImplicitFeedback)
+    thumbed = sa.exists().where(Feedback.choice_id == ImplicitFeedback.choice_id,
+                                Feedback.replaced_by.is_(None),
+                                identity_column(Feedback) == rater)
+    query = (
+        sa.select(ImplicitFeedback.id, ImplicitFeedback.signal, Completion.prompt_id, rater,
+                  Choice.id, Choice.text, Choice.token_ids)
+        .join(Choice, Choice.id == ImplicitFeedback.choice_id)
+        .join(Completion, Completion.id == Choice.completion_id)
+        .where(where, ~thumbed)
+    )
+    if held is not None:
+        query = query.join(Prompt, Prompt.id == Completion.prompt_id).where(
+            Prompt.holdout == held)
+    query = query.order_by(ImplicitFeedback.id.desc() if newest is not None
+                           else ImplicitFeedback.id)
+    if newest is not None:
+        query = query.limit(newest)
+    signals = [
+        Signal(sid, pid, identity, Answer(choice, text, token_ids), signal)
+        for sid, signal, pid, identity, choice, text, token_ids in _stream(s, query)
+    ]
+    return sorted(signals, key=lambda x: x.signal_id)
 
 
 def read_rankings(s: Session, held: bool | None, where: sa.ColumnElement[bool],

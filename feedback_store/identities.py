@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from feedback_store.base import StoreBase, unix, utcnow
-from feedback_store.models import Feedback, Identity, Ranking
+from feedback_store.models import Feedback, Identity, ImplicitFeedback, Ranking
 from feedback_store.types import ANONYMOUS, PreferenceGroup, Rater, RewardData, ThumbExample
 from flywheel.approval import wilson_interval
 from flywheel.rater_pooling import capped_masses
@@ -36,7 +36,8 @@ def identity_of(user: str | None, key_scope: str | None, *, trusted: bool = Fals
     return Rater(key_scope=key_scope, user=user, trusted=trusted).identity
 
 
-def identity_column(model: type[Feedback] | type[Ranking]) -> sa.ColumnElement[str]:
+def identity_column(model: type[Feedback] | type[Ranking] | type[ImplicitFeedback]
+                    ) -> sa.ColumnElement[str]:
     """The stored identity of a row; for rows stored before identities were written with every
     row, `user`'s ('user:' || NULL is NULL on both backends), else anonymous."""
     return sa.func.coalesce(model.identity, sa.literal("user:") + model.user,
@@ -73,19 +74,23 @@ class Tally:
 
 def limit_identities(data: RewardData, share: float, weights: Mapping[str, float],
                      seed: int, *, equal: bool = False) -> tuple[RewardData, dict[str, float]]:
-    """Each identity's examples (groups and lone thumbs, one each) cut to its cap
-    (`flywheel.rater_pooling.capped_masses`, `equal` shares if asked: new ones kept first, then
-    at random) and weighted by its weight; returns them and metrics. Anonymous examples are one
-    rater, like any other."""
+    """Each identity's examples (groups and lone thumbs, each its weight as it comes: 1, or
+    `feedback.implicit_weight` for an implicit signal) cut to its cap
+    (`flywheel.rater_pooling.capped_masses`, `equal` shares if asked: new ones kept first, thumbs
+    and rankings before implicit signals, then at random) and weighted by its weight; returns
+    them and metrics. Anonymous examples are one rater, like any other."""
     items: list[PreferenceGroup | ThumbExample] = [*data.groups, *data.thumbs]
-    counts = Counter(item.identity for item in items)
+    counts: dict[str, float] = defaultdict(float)
+    for item in items:
+        counts[item.identity] += item.weight
     caps = capped_masses(counts, share, equal=equal)
     rng = random.Random(seed)
-    order = sorted(range(len(items)), key=lambda i: (not items[i].new, rng.random()))
-    kept, taken = set(), Counter[str]()
+    order = sorted(range(len(items)),
+                   key=lambda i: (not items[i].new, _implicit(items[i]), rng.random()))
+    kept, taken = set(), defaultdict[str, float](float)
     for i in order:
-        if taken[items[i].identity] + 1 <= caps[items[i].identity] + 1e-9:
-            taken[items[i].identity] += 1
+        if taken[items[i].identity] + items[i].weight <= caps[items[i].identity] + 1e-9:
+            taken[items[i].identity] += items[i].weight
             kept.add(i)
 
     def weighted(item: Any) -> Any:
@@ -103,6 +108,10 @@ def limit_identities(data: RewardData, share: float, weights: Mapping[str, float
             sum(weights.get(name, 1.0) < 1.0 for name in counts)),
     }
     return RewardData(groups=groups, thumbs=thumbs), metrics
+
+
+def _implicit(item: PreferenceGroup | ThumbExample) -> bool:
+    return isinstance(item, ThumbExample) and item.source == "implicit"
 
 
 class IdentitiesMixin(StoreBase):

@@ -1,11 +1,14 @@
 """Implicit feedback: what users did with an answer besides rating it (regenerate, edit, copy).
 
-Stored as its own kind of event, never as a thumb: it counts in no approval and, for now, trains
-nothing (shown per version in `/v1/policies` and the console).
+Stored as its own kind of event, never as a thumb: it counts in no approval (shown per version
+in `/v1/policies` and the console). It trains the reward model only when the setting
+`feedback.implicit_weight` is above 0 (off by default): each signal then joins a cycle's window
+as a lone thumb of that weight (`signal_examples`), under the same per-rater caps as thumbs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -13,8 +16,9 @@ import sqlalchemy as sa
 from feedback_store.base import StoreBase, public_id, storable, unix, utcnow
 from feedback_store.errors import InvalidInputError
 from feedback_store.feedback import _check_owner, _find_choice
+from feedback_store.feedback_reads import Signal
 from feedback_store.models import Choice, Completion, ImplicitFeedback
-from feedback_store.types import IMPLICIT_SIGNALS, Rater
+from feedback_store.types import IMPLICIT_SIGNALS, IMPLICIT_UP, Rater, ThumbExample
 
 
 class ImplicitFeedbackMixin(StoreBase):
@@ -57,3 +61,23 @@ class ImplicitFeedbackMixin(StoreBase):
         for version, signal, n in rows:
             counts.setdefault(version, dict.fromkeys(IMPLICIT_SIGNALS, 0))[signal] = int(n)
         return counts
+
+
+def signal_examples(signals: Sequence[Signal], prompts: Mapping[int, Sequence[int]],
+                    old: int, weight: float) -> list[ThumbExample]:
+    """Implicit signals as lone thumbs of `weight`, new when their id is above `old`: a copied
+    answer up, a regenerated one down, and the answer that preceded an edited question down
+    (the chat page sends "edit" on it). One per rater, answer and direction: an answer copied
+    three times is one weak up."""
+    seen: set[tuple[str, int, bool]] = set()
+    examples = []
+    for x in signals:
+        up = x.signal in IMPLICIT_UP
+        if (x.identity, x.answer.choice_id, up) in seen:
+            continue
+        seen.add((x.identity, x.answer.choice_id, up))
+        examples.append(ThumbExample(
+            prompt_token_ids=list(prompts[x.prompt_id]), answer_token_ids=list(x.answer.token_ids),
+            label=up, identity=x.identity, new=x.signal_id > old, weight=weight,
+            source="implicit"))
+    return examples

@@ -265,23 +265,26 @@ class PolicyVersion(Base):
 
 
 class Watermarked:
-    """The last feedback and ranking ids a window of training data reached, the one owner of
-    both watermarks: a training run's (what it consumed; new feedback counts from the newest
-    finished run's) and a reward model's (the next RM's "new" examples lie above it)."""
+    """The last feedback, ranking and implicit-signal ids a window of training data reached, the
+    one owner of the watermarks: a training run's (what it consumed; new feedback counts from the
+    newest finished run's) and a reward model's (the next RM's "new" examples lie above it)."""
 
     feedback_watermark: Mapped[int | None]
     rankings_watermark: Mapped[int | None]
+    implicit_watermark: Mapped[int | None]
 
     @property
     def watermark(self) -> Marks:
-        """{"feedback": id, "rankings": id}, 0 where none is recorded."""
+        """{"feedback": id, "rankings": id, "implicit": id}, 0 where none is recorded."""
         return {"feedback": self.feedback_watermark or 0,
-                "rankings": self.rankings_watermark or 0}
+                "rankings": self.rankings_watermark or 0,
+                "implicit": self.implicit_watermark or 0}
 
     @watermark.setter
     def watermark(self, marks: Marks) -> None:
         self.feedback_watermark = int(marks.get("feedback", 0))
         self.rankings_watermark = int(marks.get("rankings", 0))
+        self.implicit_watermark = int(marks.get("implicit", 0))
 
 
 class RewardModel(Watermarked, Base):

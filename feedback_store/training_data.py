@@ -3,7 +3,8 @@
 A cycle reads a bounded window (`cycle_reward_data`, `holdout_reward_data`): the newest events
 since the RM in service and uniform samples of older and held-out ones, drawn by id in SQL and
 streamed, so that its time and memory do not grow with history. `reward_data` reads a whole
-split, for exports, tests and small stores.
+split, for exports, tests and small stores. Implicit signals join a cycle's window only when
+asked (`implicit_weight` > 0, the setting `feedback.implicit_weight`), as weak lone thumbs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -22,25 +23,37 @@ from feedback_store.feedback_reads import (
     IN_CHUNK,
     Answer,
     RankedRow,
+    Signal,
     Thumb,
     rankings_of_choices,
+    read_implicit,
     read_rankings,
     read_thumbs,
     sample_by_id,
 )
+from feedback_store.implicit import signal_examples
 from feedback_store.models import (
     RUN_FINISHED,
     Completion,
     Feedback,
+    ImplicitFeedback,
     Prompt,
     Ranking,
     TrainingRun,
 )
-from feedback_store.types import Marks, PreferenceGroup, PromptRecord, RewardData, ThumbExample
+from feedback_store.types import (
+    Marks,
+    PreferenceGroup,
+    PromptRecord,
+    RewardData,
+    ThumbExample,
+)
 
 HOLDOUT_PERCENT = 20  # share of prompts kept out of training, to evaluate candidates on
 Split = Literal["train", "holdout", "all"]
 _SPLITS: dict[str, bool | None] = {"train": False, "holdout": True, "all": None}
+EXPLICIT = ("feedback", "rankings")  # the tables of thumbs and rankings, as Marks names them
+NO_MARKS: Marks = {"feedback": 0, "rankings": 0, "implicit": 0}
 
 
 @dataclass(frozen=True)
@@ -67,21 +80,25 @@ class _Feedback:
     rankings: list[_Ranking]
     thumbs: list[Thumb]
     ranked_choices: dict[int, set[tuple[int, str]]]  # choice -> {(ranking id, identity)}
+    signals: list[Signal] = field(default_factory=list)  # implicit ones, when trained on
 
 
 class TrainingDataMixin(StoreBase):
     """Reads for the trainer worker and the export route."""
 
     def feedback_watermark(self) -> Marks:
-        """The highest feedback and ranking ids now stored; a run records what it consumed."""
+        """The highest feedback, ranking and implicit-signal ids now stored; a run records what
+        it consumed."""
         with self._tx(write=False) as s:
             return {
                 "feedback": s.scalar(sa.select(sa.func.max(Feedback.id))) or 0,
                 "rankings": s.scalar(sa.select(sa.func.max(Ranking.id))) or 0,
+                "implicit": s.scalar(sa.select(sa.func.max(ImplicitFeedback.id))) or 0,
             }
 
     def new_feedback_count(self) -> int:
-        """Thumbs plus rankings stored after the watermark of the newest finished run."""
+        """Thumbs plus rankings stored after the watermark of the newest finished run (implicit
+        signals trigger no cycle)."""
         with self._tx(write=False) as s:
             mark = s.execute(
                 sa.select(TrainingRun.feedback_watermark, TrainingRun.rankings_watermark)
@@ -108,17 +125,21 @@ class TrainingDataMixin(StoreBase):
         with self._tx(write=False) as s:
             data = _gather(s, read_thumbs(s, held, sa.true()), read_rankings(s, held, sa.true()),
                            tokens_only=True)
-        return _reward_data(data, {"feedback": 0, "rankings": 0})
+        return _reward_data(data, NO_MARKS)
 
     def cycle_reward_data(self, *, since: Marks, until: Marks, new: int, replay: int,
-                          seed: int) -> RewardData:
+                          seed: int, implicit_weight: float = 0.0) -> RewardData:
         """A cycle's training data, from the train split: the newest `new` events (thumbs and
         rankings, shared in proportion to how many of each arrived) with ids in (`since`,
         `until`], and a uniform sample of `replay` events with ids up to `since` (`new=False`).
-        The work and memory are O(new + replay), whatever the size of history."""
+        The work and memory are O(new + replay), whatever the size of history.
+
+        With `implicit_weight` > 0, implicit signals share both budgets too (in proportion to
+        their ids, as the others), each a lone thumb of that weight (`signal_examples`)."""
         rng = random.Random(seed)
-        old = {k: min(since.get(k, 0), until[k]) for k in until}
-        fresh = _shares(new, {k: until[k] - old[k] for k in until})
+        tables = (*EXPLICIT, "implicit") if implicit_weight > 0 else EXPLICIT
+        old = {k: min(since.get(k, 0), until.get(k, 0)) for k in tables}
+        fresh = _shares(new, {k: until.get(k, 0) - old[k] for k in tables})
         again = _shares(replay, old)
         with self._tx(write=False) as s:
             thumbs = read_thumbs(s, False, sa.and_(Feedback.id > old["feedback"],
@@ -129,19 +150,27 @@ class TrainingDataMixin(StoreBase):
                                      newest=fresh["rankings"])
             thumbs += _sample_thumbs(s, False, old["feedback"], again["feedback"], rng)
             rankings += _sample_rankings(s, False, old["rankings"], again["rankings"], rng)
-            data = _gather(s, thumbs, rankings, tokens_only=True)
-        return _reward_data(data, old)
+            signals: list[Signal] = []
+            if "implicit" in tables:
+                signals = read_implicit(s, False, sa.and_(
+                    ImplicitFeedback.id > old["implicit"],
+                    ImplicitFeedback.id <= until.get("implicit", 0)), newest=fresh["implicit"])
+                signals += sample_by_id(lambda where: read_implicit(s, False, where),
+                                        ImplicitFeedback.id, lambda x: x.signal_id,
+                                        old["implicit"], again["implicit"], rng)
+            data = _gather(s, thumbs, rankings, tokens_only=True, signals=signals)
+        return _reward_data(data, {**NO_MARKS, **old}, implicit_weight)
 
     def holdout_reward_data(self, *, until: Marks, size: int, seed: int) -> RewardData:
         """A uniform sample of `size` held-out events with ids up to `until` (all of them when
         there are fewer): what the RM and the evidence check are judged on."""
         rng = random.Random(seed)
-        share = _shares(size, until)
+        share = _shares(size, {k: until.get(k, 0) for k in EXPLICIT})
         with self._tx(write=False) as s:
             thumbs = _sample_thumbs(s, True, until["feedback"], share["feedback"], rng)
             rankings = _sample_rankings(s, True, until["rankings"], share["rankings"], rng)
             data = _gather(s, thumbs, rankings, tokens_only=True)
-        return _reward_data(data, {"feedback": 0, "rankings": 0})
+        return _reward_data(data, NO_MARKS)
 
     def export_preferences(self) -> Iterator[dict[str, Any]]:
         """TRL rows of all feedback: ranked and up/down pairs as prompt/chosen/rejected (none for
@@ -203,13 +232,17 @@ def _held(split: str) -> bool | None:
 
 
 def _shares(total: int, sizes: dict[str, int]) -> dict[str, int]:
-    """`total` split between the tables in proportion to `sizes` (their id ranges)."""
+    """`total` split between the tables in proportion to `sizes` (their id ranges): each
+    table's share is the difference of the rounded cumulative ones, so they sum to `total`."""
     weight = sum(max(0, v) for v in sizes.values())
     if weight == 0:
         return dict.fromkeys(sizes, 0)
-    first, second = sorted(sizes)
-    a = round(total * max(0, sizes[first]) / weight)
-    return {first: a, second: total - a}
+    shares, cumulative, given = {}, 0, 0
+    for name in sorted(sizes):
+        cumulative += max(0, sizes[name])
+        upto = round(total * cumulative / weight)
+        shares[name], given = upto - given, upto
+    return shares
 
 
 def _sample_thumbs(s: Session, held: bool, high: int, k: int, rng: random.Random) -> list[Thumb]:
@@ -239,17 +272,21 @@ def _sample_rankings(s: Session, held: bool, high: int, k: int, rng: random.Rand
 
 
 def _gather(s: Session, thumbs: list[Thumb], rankings: list[list[RankedRow]], *,
-            tokens_only: bool) -> _Feedback:
+            tokens_only: bool, signals: list[Signal] | None = None) -> _Feedback:
     """The rankings (equal texts dropped), their prompts, and which rankings rank each thumb."""
+    signals = signals or []
     kept = [r for rows in rankings if (r := _distinct_ranking(rows)) is not None]
-    ids = {r.prompt_id for r in kept} | {t.prompt_id for t in thumbs}
+    ids = ({r.prompt_id for r in kept} | {t.prompt_id for t in thumbs}
+           | {x.prompt_id for x in signals})
     prompts = _prompt_tokens(s, ids) if tokens_only else _prompts_by_id(s, ids)
     ranked = rankings_of_choices(s, [t.answer.choice_id for t in thumbs])
-    return _Feedback(prompts=prompts, rankings=kept, thumbs=thumbs, ranked_choices=ranked)
+    return _Feedback(prompts=prompts, rankings=kept, thumbs=thumbs, ranked_choices=ranked,
+                     signals=signals)
 
 
-def _reward_data(data: _Feedback, old: Marks) -> RewardData:
-    """Groups and lone thumbs; `new` marks events with ids above `old`."""
+def _reward_data(data: _Feedback, old: Marks, implicit_weight: float = 0.0) -> RewardData:
+    """Groups and lone thumbs (implicit signals last); `new` marks events with ids above
+    `old`."""
     groups = [
         PreferenceGroup(
             prompt_token_ids=list(data.prompts[r.prompt_id]),
@@ -283,12 +320,22 @@ def _reward_data(data: _Feedback, old: Marks) -> RewardData:
         )
         for t in singles
     ]
+    thumbs += signal_examples(data.signals, data.prompts, old.get("implicit", 0),
+                              implicit_weight)
     return RewardData(groups=groups, thumbs=thumbs)
 
 
 def balance_thumbs(thumbs: list[ThumbExample]) -> list[ThumbExample]:
     """Lone thumbs weighted so that ups and downs weigh the same in total (each class
-    n / (2 n_class)): a stream of mostly-up thumbs must not teach "everything is good"."""
+    n / (2 n_class)): a stream of mostly-up thumbs must not teach "everything is good".
+    Thumbs and implicit signals are balanced each on their own, in that order (copies, by far
+    the most common signal, must not outweigh the thumbs down)."""
+    explicit = [t for t in thumbs if t.source == "thumbs"]
+    implicit = [t for t in thumbs if t.source == "implicit"]
+    return _balanced(explicit) + _balanced(implicit)
+
+
+def _balanced(thumbs: list[ThumbExample]) -> list[ThumbExample]:
     ups = sum(t.label for t in thumbs)
     downs = len(thumbs) - ups
     if not ups or not downs:

@@ -10,9 +10,13 @@ from flywheel.raters import ANONYMOUS, Rater, is_untrusted_key
 __all__ = ["ANONYMOUS", "Rater", "is_untrusted_key"]
 
 RaterThumbs = dict[str, tuple[int, int]]  # identity of the rater -> (thumbs up, thumbs down)
-Marks = dict[str, int]  # {"feedback": id, "rankings": id}: the last ids a window reached
+# {"feedback": id, "rankings": id, "implicit": id}: the last ids a window reached
+Marks = dict[str, int]
 # What a user did with an answer besides rating it (feedback_store/implicit.py).
 IMPLICIT_SIGNALS = ("regenerate", "edit", "copy")
+# Implicit signals read as a weak thumb when trained on: a copy keeps the answer, the others
+# ask for another (an edit is sent on the answer that preceded the edited question).
+IMPLICIT_UP = frozenset({"copy"})
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,9 @@ class PreferenceGroup:
 
 @dataclass(frozen=True)
 class ThumbExample:
-    """A thumbs rating with no opposite rating on the same prompt: a pointwise label."""
+    """A thumbs rating with no opposite rating on the same prompt: a pointwise label; or an
+    implicit signal taken as a weak one (`source` "implicit": copy up, regenerate and edit
+    down, weighted by `feedback.implicit_weight`)."""
 
     prompt_token_ids: list[int]
     answer_token_ids: list[int]
@@ -92,6 +98,7 @@ class ThumbExample:
     identity: str = ANONYMOUS
     new: bool = True
     weight: float = 1.0
+    source: Literal["thumbs", "implicit"] = "thumbs"
 
 
 @dataclass(frozen=True)

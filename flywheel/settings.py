@@ -114,6 +114,9 @@ class FeedbackLimits(BaseModel):
     # identity may give (with fewer than 1/share identities: equal shares)
     disagreeing_weight: float = Field(default=0.1, ge=0.0, le=1.0)  # loss weight of identities
     # whose agreement with the RM in service is significantly below chance (inverted raters)
+    implicit_weight: float = Field(default=0.0, ge=0.0, le=1.0)  # loss weight of an implicit
+    # signal (copy: a weak up; regenerate, edit: a weak down) as a lone thumb in the RM's data;
+    # 0: not trained on (the default). Weak evidence: a user regenerates good answers too.
     rate_per_minute: float = Field(default=0.0, ge=0.0)  # feedback posts per identity and
     # replica; 0: no limit (the default, and `flywheel up`)
     rate_burst: int = Field(default=30, ge=1)  # posts an identity may send at once

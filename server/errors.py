@@ -9,7 +9,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -22,6 +21,7 @@ from feedback_store.errors import (
     NotFoundError,
     StoreUnavailableError,
 )
+from server.routes import iter_routes
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _allowed_methods(request: Request) -> str:
     """Every method some route of this path accepts: Starlette's own 405 names only the methods
     of the first route that matched the path (GET and POST of one path are two routes here)."""
     methods: set[str] = set()
-    for route in iter_route_contexts(request.app.routes):
+    for route in iter_routes(request.app.routes):
         if route.path_format and compile_path(route.path_format)[0].match(request.url.path):
             methods.update(route.methods or ())
     return ", ".join(sorted(methods))

@@ -10,12 +10,13 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.routing import APIRoute
 
 from flywheel.settings import Settings
 from server.auth import keys_configured
 from server.completions.bounds import document_bounds
 from server.errors import ErrorResponse
+from server.routes import iter_routes
 from server.state import AppState, require_admin, require_user
 
 _ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
@@ -68,7 +69,7 @@ def document(schema: dict[str, Any], routes: list[Any], *, user_keys: bool,
     components["ErrorResponse"] = envelope
     if admin_keys:
         schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    for route in iter_route_contexts(routes):
+    for route in iter_routes(routes):
         if not isinstance(route.original_route, APIRoute) or not route.include_in_schema:
             continue
         calls = set(_calls(route.dependant))

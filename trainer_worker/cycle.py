@@ -6,13 +6,15 @@
    window: the feedback given since the RM in service was trained (at most
    ``feedback.new_examples`` events) and a uniform sample of ``feedback.replay_examples`` older
    ones. Each identity keeps at most ``feedback.user_share`` of it, and identities that
-   persistently disagree with the RM in service weigh less (feedback_store/identities.py). It
-   continues the RM in service once the held-out pairs alone can judge it; until then (a first
-   RM, a small group) it starts from the base model and is judged on the held-out pairs and,
-   by cross-validation over prompts, on the others' (``trainer_worker/reward/
-   cross_validation.py``). It is kept only when the lower 95% bound of its accuracy on those
-   pairs (``feedback.holdout_examples`` held-out events at most) reaches
-   ``train.reward_accuracy_floor``; else the cycle is skipped and the RM in service stays.
+   persistently disagree with the RM in service weigh less (feedback_store/identities.py).
+   With ``feedback.implicit_weight`` above 0, implicit signals join the window as weak lone
+   thumbs under the same caps (feedback_store/implicit.py). It continues the RM in service
+   once the held-out pairs alone can judge it; until then (a first RM, a small group) it
+   starts from the base model and is judged on the held-out pairs and, by cross-validation
+   over prompts, on the others' (``trainer_worker/reward/cross_validation.py``). It is kept
+   only when the lower 95% bound of its accuracy on those pairs (``feedback.holdout_examples``
+   held-out events at most) reaches ``train.reward_accuracy_floor``; else the cycle is
+   skipped and the RM in service stays.
 2. PPO from the active policy against the frozen base, its KL coefficient steered so that the
    candidate's KL to the base stays within ``train.kl_budget`` across cycles (``ppo.budget``).
 3. Gate: candidate and active policy answer the same held-out prompts at least
@@ -53,9 +55,11 @@ log = logging.getLogger(__name__)
 KL_LIMIT_SHARE = 0.9  # PPO keeps the newest weights within 0.9 x budget: room for the estimate
 # Shown with an RM's metrics; the store keeps both in reward_models' columns, read from there.
 SPLIT_MARK = "reward/trained_on_train_split"  # RMs that never saw a held-out prompt carry it
-# The last feedback and ranking ids an RM's window reached: the next one's "new" starts above.
+# The last feedback, ranking and implicit-signal ids an RM's window reached: the next one's
+# "new" starts above.
 WATERMARK_METRICS = {"feedback": "reward/feedback_watermark",
-                     "rankings": "reward/rankings_watermark"}
+                     "rankings": "reward/rankings_watermark",
+                     "implicit": "reward/implicit_watermark"}
 
 
 class CycleError(RuntimeError):
@@ -159,13 +163,14 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
 
     limits = ctx.settings.feedback
-    since = previous.watermark if previous is not None else {"feedback": 0, "rankings": 0}
+    since = previous.watermark if previous is not None else {}
     data = ctx.store.cycle_reward_data(since=since, until=until, new=limits.new_examples,
-                                       replay=limits.replay_examples, seed=seed)
+                                       replay=limits.replay_examples, seed=seed,
+                                       implicit_weight=limits.implicit_weight)
     if not data.groups and not data.thumbs:
         raise Skip("no feedback outside the held-out prompts to train on yet")
     if cold:  # before the cross-fitted RMs: an upper bound of what the caps will keep
-        _check_cold_evidence(ctx, data, holdout, {})
+        _check_cold_evidence(ctx, _judging(data, {}), holdout, {})
     if previous is not None:
         tallies = agreement_tallies(Path(previous.path), data, ctx.settings.reward.max_length,
                                     ctx.device)
@@ -181,9 +186,12 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     metrics: dict[str, Any] = {
         "reward/new_examples": float(sum(item.new for item in items)),
         "reward/replay_examples": float(sum(not item.new for item in items)),
-        **{key: float(until[table]) for table, key in WATERMARK_METRICS.items()},
+        **{key: float(until.get(table, 0)) for table, key in WATERMARK_METRICS.items()},
     }
     data, capped = limit_identities(data, limits.user_share, weights, seed=seed)
+    if limits.implicit_weight > 0:  # signals kept under the caps, trained on
+        metrics["reward/implicit_examples"] = float(
+            sum(t.source == "implicit" for t in data.thumbs))
     data = RewardData(data.groups, balance_thumbs(data.thumbs))
     if cold:
         _check_cold_evidence(ctx, _judging(data, weights), holdout, capped)
@@ -191,9 +199,11 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
 
 
 def _judging(data: RewardData, weights: dict[str, float]) -> RewardData:
-    """The feedback of identities whose ratings kept their weight: only they judge an RM."""
+    """What may judge an RM: the thumbs and rankings (never implicit signals) of identities
+    whose ratings kept their weight."""
     return RewardData([g for g in data.groups if weights.get(g.identity, 1.0) >= 1.0],
-                      [t for t in data.thumbs if weights.get(t.identity, 1.0) >= 1.0])
+                      [t for t in data.thumbs if weights.get(t.identity, 1.0) >= 1.0
+                       and t.source != "implicit"])
 
 
 def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int = 0

@@ -167,5 +167,6 @@ def test_controller_state_is_filled_in_from_metrics(db_url: str) -> None:
     assert store.get_policy("policy-5")["reason"].startswith("passed the offline gate")
     state = store.latest_reward_model_state()
     assert state is not None and state.id == "rm-3"
-    assert state.watermark == {"feedback": 20, "rankings": 0} and not state.trained_on_train_split
+    assert state.watermark == {"feedback": 20, "rankings": 0, "implicit": 0}
+    assert not state.trained_on_train_split
     store.close()

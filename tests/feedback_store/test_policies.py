@@ -127,15 +127,18 @@ def test_reward_model_state(store: Store) -> None:
     from their columns, whatever its metrics say."""
     assert store.latest_reward_model_state() is None
     store.add_reward_model(id="rm-1", parent=None, path="/rm/1", sha256=None,
-                           watermark={"feedback": 7, "rankings": 2}, trained_on_train_split=True)
+                           watermark={"feedback": 7, "rankings": 2, "implicit": 5},
+                           trained_on_train_split=True)
     state = store.latest_reward_model_state()
     assert state is not None and (state.id, state.path) == ("rm-1", "/rm/1")
-    assert state.watermark == {"feedback": 7, "rankings": 2} and state.trained_on_train_split
+    assert state.watermark == {"feedback": 7, "rankings": 2, "implicit": 5}
+    assert state.trained_on_train_split
     store.add_reward_model(id="rm-2", parent="rm-1", path="/rm/2", sha256=None,
                            metrics={"reward/feedback_watermark": 9.0})
     state = store.latest_reward_model_state()
     assert state is not None and state.id == "rm-2"
-    assert state.watermark == {"feedback": 0, "rankings": 0} and not state.trained_on_train_split
+    assert state.watermark == {"feedback": 0, "rankings": 0, "implicit": 0}
+    assert not state.trained_on_train_split
 
 
 def test_latest_kl_coef_skips_versions_without_one(store: Store) -> None:

@@ -85,13 +85,16 @@ def test_fail_stale_runs(store: Store) -> None:
 
 
 def test_watermark_and_new_feedback_count(store: Store) -> None:
-    assert store.feedback_watermark() == {"feedback": 0, "rankings": 0}
+    assert store.feedback_watermark() == {"feedback": 0, "rankings": 0, "implicit": 0}
     add_completion(store, "chatcmpl-a")
     store.add_feedback(completion_id="chatcmpl-a", choice_index=0, rating="up")
     store.add_ranking(items=[("chatcmpl-a", 0), ("chatcmpl-a", 1)])
     assert store.new_feedback_count() == 2
     mark = store.feedback_watermark()
-    assert mark == {"feedback": 1, "rankings": 1}
+    store.add_implicit(completion_id="chatcmpl-a", choice_index=0, signal="copy")
+    assert store.new_feedback_count() == 2  # implicit signals trigger no cycle
+    mark = store.feedback_watermark()
+    assert mark == {"feedback": 1, "rankings": 1, "implicit": 1}
 
     run = store.create_training_run(trigger="feedback")
     store.claim_next_run("w")

@@ -232,7 +232,8 @@ def test_gate_pairs_many_answers_from_few_prompts(tmp_path: Path, store: Store,
     state = store.latest_reward_model_state()  # where the next cycle starts: in columns
     assert state is not None and state.id == "rm-1" and state.trained_on_train_split
     assert state.watermark == {"feedback": m["reward/feedback_watermark"],
-                               "rankings": m["reward/rankings_watermark"]}
+                               "rankings": m["reward/rankings_watermark"],
+                               "implicit": m["reward/implicit_watermark"]}
     assert store.latest_kl_coef() == m["ppo/kl_coef"]  # the budget controller's last
     # Stored for release, not released: publication is the worker's.
     assert store.get_policy(result.policy_id)["status"] == "candidate"

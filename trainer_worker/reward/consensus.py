@@ -36,9 +36,10 @@ FOLDS = 4
 
 
 def new_event_counts(data: RewardData) -> dict[str, Tally]:
-    """Events per identity among the new examples, before any RM has judged them."""
+    """Events per identity among the new examples, before any RM has judged them. Implicit
+    signals are not counted, nor judged anywhere here: a rater's weight rests on what it rated."""
     counts: dict[str, int] = defaultdict(int)
-    for item in [*data.groups, *data.thumbs]:
+    for item in [*data.groups, *_explicit(data.thumbs)]:
         if item.new:
             counts[item.identity] += 1
     return {name: Tally(events=n) for name, n in counts.items()}
@@ -53,7 +54,7 @@ def agreement_tallies(rm_dir: Path, data: RewardData, max_length: int,
     model = RewardModel.from_pretrained(rm_dir, device=device)
     eos = model.eos_token_ids
     groups = [g for g in data.groups if g.new]
-    thumbs = [t for t in data.thumbs if t.new]
+    thumbs = [t for t in _explicit(data.thumbs) if t.new]
     tallies = new_event_counts(data)
     scored: dict[str, int] = defaultdict(int)
     agreed: dict[str, int] = defaultdict(int)
@@ -65,6 +66,10 @@ def agreement_tallies(rm_dir: Path, data: RewardData, max_length: int,
         agreed[thumb.identity] += int(right)
     return {name: tally + Tally(0, scored[name], agreed[name])
             for name, tally in tallies.items()}
+
+
+def _explicit(thumbs: Sequence[ThumbExample]) -> list[ThumbExample]:
+    return [t for t in thumbs if t.source == "thumbs"]
 
 
 def _group_agreement(model: RewardModel, groups: Sequence[PreferenceGroup], eos: list[int],

@@ -53,10 +53,10 @@ def folds_of(data: RewardData, folds: int = FOLDS) -> list[tuple[RewardData, Rew
 
 
 def _judges(data: RewardData, judges: Collection[str] | None) -> RewardData:
-    if judges is None:
-        return data
-    return RewardData([g for g in data.groups if g.identity in judges],
-                      [t for t in data.thumbs if t.identity in judges])
+    """The pairs that judge: rankings and thumbs (never implicit signals) of ``judges``."""
+    return RewardData([g for g in data.groups if judges is None or g.identity in judges],
+                      [t for t in data.thumbs if (judges is None or t.identity in judges)
+                       and t.source != "implicit"])
 
 
 def cross_validated_pair_count(data: RewardData, judges: Collection[str] | None = None) -> int:

@@ -89,7 +89,7 @@ def train_reward_model(
         "reward/train_accuracy": train_metrics["reward/accuracy"],
         "reward/pairs": float(preference_pairs(data.groups)),
         "reward/groups": float(len(data.groups)),
-        "reward/thumbs": float(len(data.thumbs)),
+        "reward/thumbs": float(sum(t.source == "thumbs" for t in data.thumbs)),
         "reward/score_mean": model.score_mean,
         "reward/score_std": model.score_std,
     })
