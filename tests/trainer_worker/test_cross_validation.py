@@ -46,3 +46,14 @@ def test_the_pair_count_counts_only_the_judges() -> None:
     assert everyone >= 60  # one pair per group, and r0's thumbs paired within each fold
     assert cross_validated_pair_count(data, judges={"user:r1"}) == 20
     assert cross_validated_pair_count(data, judges=set()) == 0
+
+
+def test_implicit_signals_train_but_never_judge() -> None:
+    data = _data(60)
+    signals = [ThumbExample(prompt_token_ids=[3, p], answer_token_ids=[8, p], label=bool(p % 2),
+                            identity="user:r0", weight=0.2, source="implicit")
+               for p in range(60)]
+    with_signals = RewardData(data.groups, [*data.thumbs, *signals])
+    assert cross_validated_pair_count(with_signals) == cross_validated_pair_count(data)
+    assert all(signals[0] in train.thumbs or signals[0] in judged.thumbs
+               for train, judged in folds_of(with_signals)[:1])

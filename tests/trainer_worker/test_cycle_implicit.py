@@ -37,9 +37,9 @@ def _signal(store: Store) -> None:
 def _window(ctx: CycleContext, weight: float) -> tuple[list, list, dict]:
     feedback = FeedbackLimits(implicit_weight=weight)
     ctx.settings = ctx.settings.model_copy(update={"feedback": feedback})
-    data, _, metrics = reward_window(ctx, None, ctx.store.feedback_watermark(), 0,
-                                     holdout=None)  # type: ignore[arg-type]
-    return data.groups, data.thumbs, metrics
+    window = reward_window(ctx, None, ctx.store.feedback_watermark(), 0,
+                           holdout=None, cold=False)  # type: ignore[arg-type]
+    return window.data.groups, window.data.thumbs, window.metrics
 
 
 def test_signals_train_only_when_the_setting_says(tmp_path: Path, store: Store,
