@@ -141,6 +141,7 @@ def slots_fit(model: Any) -> bool:
         return False
 
 
+@torch.inference_mode()
 def _probe(model: Any) -> bool:
     """Greedy decoding of rows of different lengths: two rows decode a step, a third joins and
     all decode, the first leaves and the others decode; each step's logits against a forward
