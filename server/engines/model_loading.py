@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from server.engines.core_protocol import CoreConfig, CoreInfo
+from server.engines.cpu_linear import pack_linears
 from server.engines.scheduler import Deliver, Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -102,8 +103,10 @@ def open_scheduler(config: CoreConfig,
 
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """The model for serving: evaluation mode on ``device``, on CPU its large linear layers
+    through oneDNN (``cpu_linear.py``)."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model.to(device).eval()
+    return pack_linears(model.to(device).eval())
 
 
 def load_checked(path: str, device: torch.device, dtype: torch.dtype, vocab_size: int,
