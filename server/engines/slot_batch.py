@@ -1,12 +1,12 @@
 """A decode batch over a ``SlotCache``: rows join, decode and leave with their keys and values
 in place.
 
-Row ``b`` of the batch owns slot ``b`` of the cache and its own columns ``starts[b]`` to
-``ends[b] - 1``. A decode step writes one column per row; joining rows (prefilled on their own,
-a ``PaddedBatch``) are copied into the slots after the running ones; leaving rows only move the
-rows after them down. Against ``PaddedBatch``, whose ``DynamicCache`` copies every row's whole
-history at every token, at every join and at every leave, only the joining and moved rows are
-ever copied.
+Row ``b`` of the batch owns slot ``b`` of the cache, its tokens in columns up to ``ends[b] - 1``
+(a joining row's prompt right-aligned in the columns of its prefill). A decode step writes one
+column per row; joining rows (prefilled on their own, a ``PaddedBatch``) are copied into the
+slots after the running ones; leaving rows only move the rows after them down. Against
+``PaddedBatch``, whose ``DynamicCache`` copies every row's whole history at every token, at every
+join and at every leave, only the joining and moved rows are ever copied.
 
 A model whose attention the slot cache cannot serve (a sliding window, an attention kernel that
 takes no 4D mask, anything the probe in ``slots_fit`` finds different) decodes in a
@@ -28,11 +28,10 @@ MASKED_IMPLEMENTATIONS = frozenset({"sdpa", "eager"})  # attention that takes a 
 
 
 class SlotBatch:
-    """Slot cache, each row's first and next column (B,), next positions and tokens (B, 1)."""
+    """Slot cache, each row's next column (B,), next positions and tokens (B, 1)."""
 
     def __init__(self, layers: int) -> None:
         self.cache = SlotCache(layers)
-        self.starts = torch.zeros(0, dtype=torch.long)  # (B,) first column of each row
         self.ends = torch.zeros(0, dtype=torch.long)  # (B,) the column written next
         self.positions = torch.zeros((0, 1), dtype=torch.long)  # (B, 1) position fed next
         self.tokens: torch.Tensor | None = None  # (B, 1) the token fed next
@@ -40,7 +39,7 @@ class SlotBatch:
 
     @property
     def size(self) -> int:
-        return int(self.starts.shape[0])
+        return int(self.ends.shape[0])
 
     @classmethod
     def adopt(cls, batch: PaddedBatch) -> SlotBatch:
@@ -48,7 +47,7 @@ class SlotBatch:
         slots = cls(len(batch.cache.layers))
         slots.cache.allocate([(layer.keys, layer.values) for layer in batch.cache.layers])
         device = batch.mask.device
-        slots.starts, slots.ends = slots.starts.to(device), slots.ends.to(device)
+        slots.ends = slots.ends.to(device)
         slots.positions = slots.positions.to(device)
         slots.merge(batch)
         return slots
@@ -58,10 +57,10 @@ class SlotBatch:
         assert self.tokens is not None, "decode before any token was sampled"
         span = self.span + 1
         self.cache.reserve(self.size, span, self.size, self.span)
-        self.cache.prepare(self.ends, span)
+        mask = self.cache.prepare(self.ends, span)
         out = model(
             input_ids=self.tokens,
-            attention_mask=self._mask(model, span),
+            attention_mask=mask,
             position_ids=self.positions,
             use_cache=True,
             **{cache_keyword(type(model)): self.cache},
@@ -71,27 +70,16 @@ class SlotBatch:
         self.positions = self.positions + 1
         return out.logits[:, -1, :]
 
-    def _mask(self, model: Any, span: int) -> torch.Tensor:
-        """(B, 1, 1, span), 0 where a row sees a column (its own, the one written now included)
-        and the dtype's minimum elsewhere: an additive mask, which both SDPA and eager attention
-        take, and which SDPA's CPU kernel reads faster than a boolean one (0.33 against 0.53 ms
-        per layer, 16 rows of a 28M Llama over 142 columns)."""
-        columns = torch.arange(span, device=self.ends.device)
-        hidden = (columns < self.starts[:, None]) | (columns > self.ends[:, None])
-        mask = torch.zeros(hidden.shape, dtype=model.dtype, device=hidden.device)
-        return mask.masked_fill_(hidden, torch.finfo(model.dtype).min)[:, None, None, :]
-
     def select(self, rows: list[int]) -> None:
         """Keep (and repeat) the given rows, in that order: rows that change slot are copied."""
         moved = [(dst, src) for dst, src in enumerate(rows) if dst != src]
         if moved:
-            device = self.starts.device
+            device = self.ends.device
             dst = torch.tensor([d for d, _ in moved], dtype=torch.long, device=device)
             src = torch.tensor([s for _, s in moved], dtype=torch.long, device=device)
             self.cache.reserve(len(rows), self.span, self.size, self.span)
             self.cache.move_rows(dst, src, self.span)
-        index = torch.tensor(rows, dtype=torch.long, device=self.starts.device)
-        self.starts = self.starts.index_select(0, index)
+        index = torch.tensor(rows, dtype=torch.long, device=self.ends.device)
         self.ends = self.ends.index_select(0, index)
         self.positions = self.positions.index_select(0, index)
         if self.tokens is not None:
@@ -107,16 +95,16 @@ class SlotBatch:
         self.cache.reserve(size + count, max(self.span, width), size, self.span)
         mine = [(dst, src) for dst, src in enumerate(order) if src < size and dst != src]
         if mine:  # running rows after a joining group's move down: copy before overwriting
-            device = self.starts.device
+            device = self.ends.device
             self.cache.move_rows(torch.tensor([d for d, _ in mine], device=device),
                                  torch.tensor([s for _, s in mine], device=device), self.span)
         theirs = sorted((src - size, dst) for dst, src in enumerate(order) if src >= size)
-        dst = torch.tensor([d for _, d in theirs], dtype=torch.long, device=self.starts.device)
-        self.cache.write_rows(dst, [(layer.keys, layer.values) for layer in other.cache.layers])
-        index = torch.tensor(order, dtype=torch.long, device=self.starts.device)
-        lengths = other.mask.sum(dim=1)  # (N,) real tokens of each joining row
-        self.starts = torch.cat([self.starts, width - lengths]).index_select(0, index)
-        self.ends = torch.cat([self.ends, lengths.new_full((count,), width)]).index_select(0, index)
+        dst = torch.tensor([d for _, d in theirs], dtype=torch.long, device=self.ends.device)
+        self.cache.write_rows(dst, [(layer.keys, layer.values) for layer in other.cache.layers],
+                              other.mask)
+        index = torch.tensor(order, dtype=torch.long, device=self.ends.device)
+        joined = self.ends.new_full((count,), width)
+        self.ends = torch.cat([self.ends, joined]).index_select(0, index)
         self.positions = torch.cat([self.positions, other.positions]).index_select(0, index)
         if other.tokens is not None and (self.tokens is not None or size == 0):
             mine = self.tokens if self.tokens is not None else other.tokens[:0]
