@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from server.engines.slot_cache import cache_keyword
+
 
 class PaddedBatch:
     """KV cache, attention mask (B, L), next positions (B, 1) and next input tokens (B, 1)."""
@@ -47,11 +49,11 @@ class PaddedBatch:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_keyword(type(model)): cache},
         )
-        batch = cls(out.past_key_values, mask, positions[:, -1:] + 1)
+        batch = cls(cache, mask, positions[:, -1:] + 1)
         if bool((mask == 0).any()):
             batch._zero_padding()
         return batch, out.logits[:, -1, :]
@@ -64,10 +66,9 @@ class PaddedBatch:
             input_ids=self.tokens,
             attention_mask=self.mask,
             position_ids=self.positions,
-            past_key_values=self.cache,
             use_cache=True,
+            **{cache_keyword(type(model)): self.cache},
         )
-        self.cache = out.past_key_values
         self.positions = self.positions + 1
         return out.logits[:, -1, :]
 

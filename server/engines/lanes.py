@@ -1,6 +1,7 @@
 """Lanes: the groups (``groups.py``) whose models decode together, in one batch and one forward.
 
-A lane holds one ``PaddedBatch`` for the rows of its member groups, group after group in member
+A lane holds one batch for the rows of its member groups (a ``SlotBatch``, whose keys and values
+stay in place, for a model that ``slots_fit``; else a ``PaddedBatch``), group after group in member
 order (each group's ``seqs`` in row order), and runs it through the one group's model when only
 one has rows, else through a routed model over the members' models (``routing.py``). Groups
 whose models share an architecture share a lane, so a canary, or a version draining after a
@@ -19,6 +20,7 @@ from server.engines.groups import Group
 from server.engines.routing import RowRuns, fusion_key, routed, routes_alike
 from server.engines.sampling import RowSampler
 from server.engines.sequence import Sequence
+from server.engines.slot_batch import SlotBatch, slots_fit
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,8 @@ class Lane:
     def __init__(self, key: Hashable | None, group: Group) -> None:
         self.key = key  # None: this lane admits no other group
         self.members: list[Group] = [group]
-        self.batch: PaddedBatch | None = None
+        self.batch: SlotBatch | PaddedBatch | None = None
+        self._slots: bool | None = None  # whether the models decode in a ``SlotBatch``
         self.sampler: RowSampler | None = None  # None: rebuild before the next step
         self._runs: RowRuns | None = None
         self._routed: Any = None  # over ``members``; built when two groups first share a step
@@ -73,7 +76,12 @@ class Lane:
         member's rows together (a join, or cancelled rows, change the runs' sizes only)."""
         old = [len(g.seqs) for g in self.members]
         if self.batch is None:
-            self.batch = batch
+            if self._slots is None:  # one probe per lane: its models share an architecture
+                self._slots = slots_fit(self.members[0].model)
+                if not self._slots:
+                    logger.info("policy %s decodes with transformers' DynamicCache",
+                                self.members[0].version)
+            self.batch = SlotBatch.adopt(batch) if self._slots else batch
         else:
             order, mine, theirs = [], 0, sum(old)
             for count, added in zip(old, new, strict=True):

@@ -27,6 +27,7 @@ from transformers import (
 
 from flywheel.checkpoints import CheckpointReader
 from server.engines.core_protocol import CoreConfig, CoreInfo
+from server.engines.cpu_linear import pack_linears
 from server.engines.scheduler import Deliver, Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,9 +117,10 @@ def open_scheduler(config: CoreConfig,
 
 def load_model(path: str, device: torch.device, dtype: torch.dtype,
                sha256: str | None = None) -> Any:
-    """The causal LM at ``path``, built from its config's and weights' bytes as read and hashed
-    once (one weight file's bytes at a time): with ``sha256``, the digest ``verify`` checked,
-    those are the checked files or nothing loads (``CheckpointError``)."""
+    """The causal LM at ``path`` for serving, built from its config's and weights' bytes as read
+    and hashed once (one weight file's bytes at a time): with ``sha256``, the digest ``verify``
+    checked, those are the checked files or nothing loads (``CheckpointError``). Evaluation
+    mode on ``device``; on CPU its large linear layers through oneDNN (``cpu_linear.py``)."""
     reader = CheckpointReader(path, sha256)
     data = json.loads(reader.read("config.json"))
     config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
@@ -128,7 +130,7 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype,
     reader.check()
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-    return model.to(device).eval()
+    return pack_linears(model.to(device).eval())
 
 
 def _weight_files(names: list[str]) -> list[str]:
