@@ -20,8 +20,8 @@ PACKAGES = ("flywheel", "feedback_store", "server", "trainer_worker")
 LEVELS: list[tuple[str, tuple[str, ...]]] = [
     ("flywheel core: pure settings, statistics and messages", (
         "flywheel", "flywheel.approval", "flywheel.checkpoints", "flywheel.demo_model",
-        "flywheel.engine_types", "flywheel.hf_progress", "flywheel.logs", "flywheel.rater_pooling",
-        "flywheel.raters", "flywheel.settings", "flywheel.versions",
+        "flywheel.engine_types", "flywheel.hf_compat", "flywheel.hf_progress", "flywheel.logs",
+        "flywheel.rater_pooling", "flywheel.raters", "flywheel.settings", "flywheel.versions",
     )),
     ("the store", ("feedback_store",)),
     ("flywheel services: on the store, shared by server and trainer", (

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from server.engines.slot_cache import cache_keyword
+from flywheel.hf_compat import cache_keyword
 
 
 class PaddedBatch:

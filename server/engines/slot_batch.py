@@ -21,8 +21,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from flywheel.hf_compat import cache_keyword
 from server.engines.batch import PaddedBatch
-from server.engines.slot_cache import SlotCache, cache_keyword
+from server.engines.slot_cache import SlotCache
 
 MASKED_IMPLEMENTATIONS = frozenset({"sdpa", "eager"})  # attention that takes a 4D mask
 

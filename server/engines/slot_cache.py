@@ -14,8 +14,6 @@ The model's attention modules call ``update`` with the new keys and values, as w
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Any
 
 import torch
@@ -156,11 +154,3 @@ class SlotCache(Cache):
         bias = self.bias.new_full((dst.shape[0], self.columns), torch.finfo(self.bias.dtype).min)
         bias[:, : seen.shape[1]].masked_fill_(seen.bool(), 0.0)
         self.bias[dst] = bias
-
-
-@functools.cache
-def cache_keyword(model_class: type) -> str:
-    """The keyword a model's forward takes its cache by: ``cache`` from transformers 5.24 on
-    (``past_key_values`` is deprecated there, to go in 5.40), ``past_key_values`` before."""
-    parameters = inspect.signature(model_class.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
+from flywheel.hf_compat import cache_keyword
 from trainer_worker.ppo.core import logprobs_from_logits
 from trainer_worker.reward.model import RewardModel, position_ids_from_mask
 
@@ -70,9 +71,12 @@ def pad_left(prompts: Sequence[Sequence[int]], pad_token_id: int,
     return ids.to(device), mask.to(device)
 
 
+def _base(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(_base(model).forward).parameters
 
 
 def _last_logits(model: nn.Module, **inputs: object) -> tuple[Tensor, object]:
@@ -120,7 +124,8 @@ def sample_answers(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         logits, cache = _last_logits(model, input_ids=token[:, None], attention_mask=mask,
-                                     position_ids=next_position, past_key_values=cache)
+                                     position_ids=next_position,
+                                     **{cache_keyword(type(_base(model))): cache})
         next_position = next_position + 1
     answers = torch.stack(tokens, dim=1)  # (B, A)
     answer_mask = torch.stack(alive, dim=1).long()  # (B, A)
