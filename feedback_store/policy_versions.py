@@ -237,17 +237,20 @@ class PoliciesMixin(StoreBase):
                               f"{started.id if started else 'nothing'} went on canary instead",
                               retired)
 
+    def candidate_waits(self) -> bool:
+        """Whether a candidate waits for the running canary to end (released during it)."""
+        with self._tx(write=False) as s:
+            return s.scalar(sa.select(PolicyVersion.id).where(
+                PolicyVersion.status == "candidate", PolicyVersion.waiting_since.is_not(None))
+                .limit(1)) is not None
+
     def release_waiting(self, fraction: float, unit: str = "user",
                         sticky_raters: int = 200) -> Transition | None:
         """With no canary running, put the newest waiting candidate on canary and retire the
         older waiting ones (each with `release/retired` saying why); None when nothing waits or
         a canary runs. Cheap when nothing waits: one read, no write lock."""
-        with self._tx(write=False) as s:
-            waiting = s.scalar(sa.select(PolicyVersion.id).where(
-                PolicyVersion.status == "candidate", PolicyVersion.waiting_since.is_not(None))
-                .limit(1))
-            if waiting is None:
-                return None
+        if not self.candidate_waits():
+            return None
         unit = self.canary_unit(unit, sticky_raters)  # type: ignore[attr-defined]
         with self._tx() as s:
             rows = _lock_all(s)

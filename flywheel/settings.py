@@ -142,6 +142,10 @@ class CanarySettings(BaseModel):
     margin: float = 0.02  # promote when the canary is at most this much worse (approval points)
     alpha: float = 0.05  # error rate of each decision, valid under continuous monitoring
     max_hours: float = 24.0  # no decision by then: the canary ends, the active version stays
+    # Undecided after this many times min_ratings counted thumbs on each arm, a canary ends when
+    # a newer candidate waits (it goes on canary next); 0: never. A small gain takes many thumbs
+    # to decide, and better candidates trained on more feedback should not wait behind it.
+    supersede_after: float = Field(default=2.0, ge=0.0)
     auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
     min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better
     # What a canary assigns to an arm: "request" (every rater sees both arms and the judge

@@ -18,7 +18,7 @@ from typing import Any
 
 from feedback_store import Store
 from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
-from flywheel.approval import Arm, decide_canary, difference_sequence
+from flywheel.approval import Arm, CanaryDecision, decide_canary, difference_sequence
 from flywheel.live_approval import forgotten
 from flywheel.rater_pooling import pool_arm, pool_paired
 from flywheel.serving_plan import Publisher, announce
@@ -75,7 +75,8 @@ class Promotion:
     def tick(self) -> str | None:
         """Decide the running canary, release the newest waiting candidate once none runs (in
         the same tick as the decision that ended one), or roll back a forgotten better version.
-        Returns what was done ("promoted", "rejected", "timeout", "released", "rolled_back") or
+        Returns what was done ("promoted", "rejected", "timeout", "superseded", "released",
+        "rolled_back") or
         None: nothing due, or someone else changed the state first (logged, nothing written).
 
         The worker's judge thread (trainer_worker/judge.py) calls it every `canary.judge_seconds`,
@@ -181,6 +182,15 @@ class Promotion:
             done = self.store.end_canary_if(canary["id"], "candidate", metrics,
                                             active=active["id"])
             outcome = "timeout"
+        elif self._superseded(decision):
+            metrics["canary/decision"] = "superseded"
+            metrics["canary/reason"] = (
+                f"no decision after {min(decision.active.n, decision.canary.n):.0f} counted "
+                f"thumbs on each arm ({self.cfg.supersede_after:g} x the minimum) and a newer "
+                "candidate waits: it goes on canary next")
+            done = self.store.end_canary_if(canary["id"], "candidate", metrics,
+                                            active=active["id"])
+            outcome = "superseded"
         else:
             return None
         if not done.applied:
@@ -214,6 +224,17 @@ class Promotion:
         if time.monotonic() - self._wait_logged_at >= WAIT_LOG_SECONDS:
             log.info("%s", reason)
             self._wait_logged_at = time.monotonic()
+
+    def _superseded(self, decision: CanaryDecision) -> bool:
+        """Whether an undecided canary has had its thumbs (``canary.supersede_after`` x the
+        minimum on each arm) while a newer candidate waits. Ending it decides nothing about it:
+        no decision's error rate changes, and the active version stays."""
+        if self.cfg.supersede_after <= 0:
+            return False
+        if min(decision.active.n, decision.canary.n) < (self.cfg.supersede_after
+                                                        * self.cfg.min_ratings):
+            return False
+        return self.store.candidate_waits()
 
     @staticmethod
     def _hours_on(canary: dict[str, Any]) -> float:

@@ -147,6 +147,31 @@ def test_an_undecided_canary_ends_at_its_deadline(store: Store, publisher: Publi
     assert store.get_policy("policy-1")["metrics"]["canary/decision"] == "timeout"
 
 
+def test_an_undecided_canary_gives_way_to_a_newer_candidate(store: Store,
+                                                            publisher: Publisher) -> None:
+    """Undecided after twice the minimum of counted thumbs on each arm, with a newer candidate
+    waiting, the canary ends (nothing decided about it) and the newer one goes on canary; with
+    fewer thumbs, or the rule off, it keeps running."""
+    judge = promotion(store, publisher, auto=True, supersede_after=2.0)
+    assert judge.release("policy-1") == "canary"
+    rate(store, "policy-0", 45, 45, users=30)
+    rate(store, "policy-1", 45, 45, users=30)
+    assert judge.tick() is None and status(store, "policy-1") == "canary"  # 90 < 2 x 50
+    assert judge.release("policy-2") == "waiting"
+    rate(store, "policy-0", 10, 10, users=30)
+    rate(store, "policy-1", 10, 10, users=30)
+    assert promotion(store, publisher, auto=True, supersede_after=0.0).tick() is None
+    assert status(store, "policy-2") == "candidate"  # waiting
+    assert judge.tick() == "superseded"
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["canary/decision"] == "superseded"
+    assert metrics["canary/reason"].startswith("no decision after 110 counted thumbs on each arm")
+    assert metrics["canary/low"] < -0.02 and metrics["canary/high"] > 0  # undecided indeed
+    assert status(store, "policy-2") == "canary" and status(store, "policy-0") == "active"
+    assert status(store, "policy-1") == "candidate"  # an operator may still serve it
+    assert announced(publisher) == ("policy-0", "policy-2")
+
+
 def test_auto_rollback_to_a_version_users_prefer(store: Store, publisher: Publisher) -> None:
     store.activate_policy("policy-1")
     rate(store, "policy-1", 170, 30)  # 85% while it served
