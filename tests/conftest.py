@@ -145,3 +145,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny"
     build_demo_model(out, preset="tiny", seed=0, progress=False)
     return out
+
+
+@pytest.fixture
+def sqlite_store(sqlite_url: str) -> Iterator[Store]:
+    """A migrated store on SQLite alone (a new file)."""
+    store = Store(sqlite_url)
+    store.upgrade()
+    yield store
+    store.close()

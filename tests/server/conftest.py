@@ -127,15 +127,6 @@ def live_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         stop_server(proc)
 
 
-@pytest.fixture
-def sqlite_store(sqlite_url: str) -> Iterator[Store]:
-    """A migrated store on SQLite alone, for tests that serve over real sockets."""
-    store = Store(sqlite_url)
-    store.upgrade()
-    yield store
-    store.close()
-
-
 def live_app(tmp_path: Path, store: Store, engine: Engine, **settings: object
              ) -> ThreadServer:
     """The app on ``engine`` and ``store`` served on a free port (enter it to start)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,11 +70,8 @@ def make_ctx(tmp_path: Path, store: Store, model: Path, *,
 
 
 @pytest.fixture
-def store(sqlite_url: str) -> Iterator[Store]:
-    store = Store(sqlite_url)
-    store.upgrade()
-    yield store
-    store.close()
+def store(sqlite_store: Store) -> Store:
+    return sqlite_store
 
 
 def reward_root(ctx: CycleContext) -> Path:

@@ -3,7 +3,6 @@ default), weak balanced lone thumbs under the caps when it is on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,8 @@ from trainer_worker.cycle import CycleContext, reward_window
 
 
 @pytest.fixture
-def store(sqlite_url: str) -> Iterator[Store]:
-    store = Store(sqlite_url)
-    store.upgrade()
-    yield store
-    store.close()
+def store(sqlite_store: Store) -> Store:
+    return sqlite_store
 
 
 def _signal(store: Store) -> None:
