@@ -5,9 +5,10 @@ raters who have none (the rate it must not be).
     python bench/first_reward_model.py --runs 20
 
 Simulated feedback on the tiny demo model's tokens, with no server: prompts and answers are
-random token strings; a rater's taste likes an answer when it holds one of a few "liked" tokens
-(about one answer in ten, like a rarely-approving taste), and follows it with probability
-`--agreement`; a rater with no taste thumbs and ranks at random. Each request has three
+random token strings, each answer opening with one of 20 "openers"; a rater's taste likes an
+answer when it opens with one of two of them (one answer in ten, like a rarely-approving
+taste), and follows it with probability `--agreement`; a rater with no taste thumbs and ranks
+at random. Each request has three
 answers, all thumbed and ranked (ties by the taste form one tier). A fifth of the prompts is
 held out, as in the store (`is_holdout_hash`). Per run, the first RM is judged both ways, with
 the cycle's floor and minimum pair count:
@@ -48,11 +49,12 @@ from trainer_worker.reward.train import (
 )
 
 VOCAB = range(8, 500)  # clear of the special tokens
-LIKED = frozenset(range(100, 105))  # about one answer in ten holds one
+OPENERS = range(100, 120)
+LIKED = frozenset(range(100, 102))  # one answer in ten opens with one
 
 
 def _answer(rng: random.Random) -> list[int]:
-    return [rng.choice(VOCAB) for _ in range(8)]
+    return [rng.choice(OPENERS), *(rng.choice(VOCAB) for _ in range(7))]
 
 
 def simulate(raters: int, rated: int, taste: bool, agreement: float, seed: int
@@ -67,7 +69,7 @@ def simulate(raters: int, rated: int, taste: bool, agreement: float, seed: int
         data = split[is_holdout_hash(hashlib.sha256(text.encode()).hexdigest())]
         answers = [_answer(rng) for _ in range(3)]
         if taste:
-            liked = [bool(LIKED & set(a)) == (rng.random() < agreement) for a in answers]
+            liked = [(a[0] in LIKED) == (rng.random() < agreement) for a in answers]
         else:
             liked = [rng.random() < 0.5 for _ in answers]
         data.thumbs.extend(ThumbExample(prompt, a, up, identity=rater)
