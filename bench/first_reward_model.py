@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--raters", type=int, nargs="+", default=[1, 3])
     parser.add_argument("--rated", type=int, nargs="+", default=[150, 300])
     parser.add_argument("--agreement", type=float, default=0.9)
+    parser.add_argument("--tastes", nargs="+", choices=["yes", "none"], default=["yes", "none"])
     args = parser.parse_args()
     train_settings = TrainSettings()
     floor, need = train_settings.reward_accuracy_floor, train_settings.min_holdout_pairs
@@ -120,7 +121,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         for raters in args.raters:
             for rated in args.rated:
-                for taste in (True, False):
+                for taste in (name == "yes" for name in args.tastes):
                     started = time.monotonic()
                     kept = {"held-out": 0, "cross-validated": 0}
                     pairs: dict[str, list[int]] = {"held-out": [], "cross-validated": []}
