@@ -162,8 +162,9 @@ class Promotion:
             metrics[f"canary/{arm}_thumbs"] = sum(u + d for u, d in raters.values())
             metrics[f"canary/{arm}_raters"] = len(raters)
         if decision.verdict == "wait":
-            self._note_wait(canary["id"], canary_wait_reason(decision, thumbs, active["id"],
-                                                             canary["id"]))
+            self._note_wait(canary["id"], canary_wait_reason(
+                decision, thumbs, active["id"], canary["id"],
+                self.cfg.supersede_after * self.cfg.min_ratings))
         # Each change applies only while `canary` is on canary against `active`, as decided: an
         # operator's activation or abort that came first stands, and nothing is raised.
         if decision.verdict == "promote":

@@ -17,9 +17,10 @@ def _points(x: float) -> str:
 
 
 def canary_wait_reason(decision: CanaryDecision, thumbs: dict[str, RaterThumbs], active: str,
-                       canary: str) -> str:
+                       canary: str, supersede_at: float = 0.0) -> str:
     """Why a canary is still undecided: too few thumbs, raters the rules cannot count yet, or an
-    interval that still straddles both bounds."""
+    interval that still straddles both bounds (and, with ``supersede_at`` counted thumbs per
+    arm, when a newer candidate may take its place)."""
     raters = set(thumbs.get(active, {})) | set(thumbs.get(canary, {}))
     if len(raters) == 1 and is_untrusted_key(next(iter(raters))):
         return ("canary: every thumb so far comes from one untrusted API key, which counts as "
@@ -35,7 +36,9 @@ def canary_wait_reason(decision: CanaryDecision, thumbs: dict[str, RaterThumbs],
     return (f"canary: {len(raters)} rater(s) so far rate {canary} {_points(difference)} points "
             f"against {active} (always-valid 95% interval {_points(low)} to {_points(high)}); "
             f"it is promoted once the interval lies above {_points(-decision.margin)} and "
-            "rejected once it lies below 0: more thumbs or more raters narrow it")
+            "rejected once it lies below 0: more thumbs or more raters narrow it"
+            + (f"; a newer candidate takes its place from {supersede_at:.0f} counted thumbs on "
+               "each arm" if supersede_at > 0 else ""))
 
 
 def cap_note(metrics: dict[str, float]) -> str:

@@ -157,6 +157,8 @@ def test_an_undecided_canary_gives_way_to_a_newer_candidate(store: Store,
     rate(store, "policy-0", 45, 45, users=30)
     rate(store, "policy-1", 45, 45, users=30)
     assert judge.tick() is None and status(store, "policy-1") == "canary"  # 90 < 2 x 50
+    assert store.get_policy("policy-1")["metrics"]["canary/reason"].endswith(
+        "; a newer candidate takes its place from 100 counted thumbs on each arm")
     assert judge.release("policy-2") == "waiting"
     rate(store, "policy-0", 10, 10, users=30)
     rate(store, "policy-1", 10, 10, users=30)
