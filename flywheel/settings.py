@@ -145,7 +145,7 @@ class CanarySettings(BaseModel):
     # Undecided after this many times min_ratings counted thumbs on each arm, a canary ends when
     # a newer candidate waits (it goes on canary next); 0: never. A small gain takes many thumbs
     # to decide, and better candidates trained on more feedback should not wait behind it.
-    supersede_after: float = Field(default=2.0, ge=0.0)
+    supersede_after: float = Field(default=1.0, ge=0.0)
     auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
     min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better
     # What a canary assigns to an arm: "request" (every rater sees both arms and the judge
