@@ -98,15 +98,15 @@ def _dirs(settings: Settings) -> tuple[Path, Path]:
     return root / "policies", root / "reward"
 
 
-def warm_start(store: Store, holdout: RewardData, need: int) -> RewardModelState | None:
-    """The RM in service a new RM continues from, if any: one trained on the train split only
-    (an RM from before the split may have seen held-out prompts), once the held-out pairs alone
-    can judge what continues it (``need``). Until then each new RM starts from the base model
-    and is judged by cross-validation over prompts too: a small group's held-out pairs come
-    slowly, and its reward model should not wait for them."""
+def warm_start(previous: RewardModelState | None, holdout: RewardData, need: int
+               ) -> RewardModelState | None:
+    """The RM a new RM continues from, if any: ``previous`` (the RM in service) when it was
+    trained on the train split only (an RM from before the split may have seen held-out
+    prompts) and the held-out pairs alone can judge what continues it (``need``). Until then
+    each new RM starts from the base model and is judged by cross-validation over prompts too: a
+    small group's held-out pairs come slowly, and its reward model should not wait for them."""
     from trainer_worker.reward.data import holdout_pairs
 
-    previous = store.latest_reward_model_state()
     if previous is None or not previous.trained_on_train_split or holdout_pairs(holdout) < need:
         return None
     return previous
@@ -134,18 +134,18 @@ class RewardWindow:
 
     data: RewardData  # capped per identity and weighted
     tallies: dict[str, Tally]  # the new events' agreement (stored only if the new RM is kept)
-    weights: dict[str, float]  # each identity's weight with the tallies counted
+    judges: set[str]  # identities whose ratings kept their weight: only they judge an RM
     metrics: dict[str, Any]
 
 
 def _check_cold_evidence(ctx: CycleContext, data: RewardData, holdout: RewardData,
-                         metrics: dict[str, Any]) -> None:
-    """An RM from the base model is judged on held-out pairs and cross-validated ones: enough
-    of both?"""
+                         metrics: dict[str, Any], judges: set[str] | None = None) -> None:
+    """An RM from the base model is judged on held-out pairs and cross-validated ones (those of
+    ``judges``, everyone's when None): enough of both?"""
     from trainer_worker.reward.cross_validation import cross_validated_pair_count
     from trainer_worker.reward.data import holdout_pairs
 
-    held_out, folded = holdout_pairs(holdout), cross_validated_pair_count(data)
+    held_out, folded = holdout_pairs(holdout), cross_validated_pair_count(data, judges)
     need = ctx.settings.train.min_holdout_pairs
     if held_out + folded < need:
         raise Skip(f"need {need} pairs to judge a reward model, have {held_out + folded} "
@@ -170,7 +170,7 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     if not data.groups and not data.thumbs:
         raise Skip("no feedback outside the held-out prompts to train on yet")
     if cold:  # before the cross-fitted RMs: an upper bound of what the caps will keep
-        _check_cold_evidence(ctx, _judging(data, {}), holdout, {})
+        _check_cold_evidence(ctx, data, holdout, {})
     if previous is not None:
         tallies = agreement_tallies(Path(previous.path), data, ctx.settings.reward.max_length,
                                     ctx.device)
@@ -193,17 +193,10 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
         metrics["reward/implicit_examples"] = float(
             sum(t.source == "implicit" for t in data.thumbs))
     data = RewardData(data.groups, balance_thumbs(data.thumbs))
+    judges = {name for name, weight in weights.items() if weight >= 1.0}
     if cold:
-        _check_cold_evidence(ctx, _judging(data, weights), holdout, capped)
-    return RewardWindow(data, tallies, weights, metrics | capped)
-
-
-def _judging(data: RewardData, weights: dict[str, float]) -> RewardData:
-    """What may judge an RM: the thumbs and rankings (never implicit signals) of identities
-    whose ratings kept their weight."""
-    return RewardData([g for g in data.groups if weights.get(g.identity, 1.0) >= 1.0],
-                      [t for t in data.thumbs if weights.get(t.identity, 1.0) >= 1.0
-                       and t.source != "implicit"])
+        _check_cold_evidence(ctx, data, holdout, capped, judges)
+    return RewardWindow(data, tallies, judges, metrics | capped)
 
 
 def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int = 0
@@ -224,16 +217,15 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
 
     floor = ctx.settings.train.reward_accuracy_floor
     previous = ctx.store.latest_reward_model_state()
-    warm = warm_start(ctx.store, holdout, ctx.settings.train.min_holdout_pairs)
+    warm = warm_start(previous, holdout, ctx.settings.train.min_holdout_pairs)
     window = reward_window(ctx, previous, until, seed, holdout, cold=warm is None)
     init_dir = Path(warm.path) if warm else Path(ctx.settings.model)
     parent = warm.id if warm else None
     cross_validated = None
     if warm is None and holdout_pairs(holdout) < ENOUGH_HELD_OUT_PAIRS:
-        judges = {name for name, weight in window.weights.items() if weight >= 1.0}
         log.info("a reward model from the base model: cross-validating it over prompts")
         cross_validated = cross_validated_verdicts(init_dir, window.data, ctx.settings.reward,
-                                                   judges=judges, device=ctx.device,
+                                                   judges=window.judges, device=ctx.device,
                                                    should_stop=ctx.should_stop)
     data = window.data
     rm_id = ctx.store.next_reward_model_id()
