@@ -61,25 +61,29 @@ class Outcome:
 
 def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: int, *,
              unit: str = "auto", cap: int = 3000, growth: float = 1.03,
-             pooled: bool = True) -> list[Outcome]:
+             pooled: bool = True, fraction: float = FRACTION,
+             min_ratings: int = MIN_RATINGS) -> list[Outcome]:
     """The first verdict of each simulated canary, checked each time the thumbs grew by
     `growth` (checking less often than the judge can only lower the error rates), until `cap`
     canary thumbs. `pooled=False`: each arm's plain counts, every thumb independent evidence
-    (what the rules replaced, for comparison)."""
+    (what the rules replaced, for comparison). `fraction`, `min_ratings`: the canary settings
+    (the defaults', or `flywheel up`'s)."""
     rng = np.random.default_rng(seed)
     unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
-    return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, rng)
+    return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, fraction,
+                        min_ratings, rng)
             for _ in range(runs)]
 
 
 def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
-                growth: float, pooled: bool, rng: np.random.Generator) -> Outcome:
+                growth: float, pooled: bool, fraction: float, min_ratings: int,
+                rng: np.random.Generator) -> Outcome:
     names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
     weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
     total = len(names)
-    sticky_canary = rng.random(total) < FRACTION
+    sticky_canary = rng.random(total) < fraction
     order = rng.choice(total, size=cap * 8, p=activity / activity.sum())
-    per_request = rng.random(order.size) < FRACTION
+    per_request = rng.random(order.size) < fraction
     to_canary = per_request if unit == "request" else sticky_canary[order]
     p_up = np.where(to_canary, p_c[order], p_a[order])
     up = rng.random(order.size) < p_up
@@ -101,7 +105,7 @@ def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: 
         else:
             compared = (pool_arm(arms[0], share=SHARE, weights=weights),
                         pool_arm(arms[1], share=SHARE, weights=weights))
-        decision = decide_canary(*compared, min_ratings=MIN_RATINGS, margin=MARGIN, alpha=ALPHA)
+        decision = decide_canary(*compared, min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
         canary_thumbs = int(counts[1, :, 1].sum())
         if decision.verdict != "wait" or canary_thumbs >= cap:
             verdict = {"wait": WAIT, "promote": PROMOTE, "reject": REJECT}[decision.verdict]

@@ -119,8 +119,9 @@ def test_the_cold_start_finds_hostile_raters_whatever_the_folds(tiny_model_dir: 
     assignments of names (so of the cross-fitting folds) and seeds, with the hostile raters'
     pairs a third of the held-out set too (held-out judging leaves out a minority it finds
     inverted): no honest rater is ever down-weighted, and both hostile raters are caught in
-    the first cycle in at least 19 of the 20 (a fold whose judge misses the floor judges no
-    one; the RM in service catches the rest in the next cycle)."""
+    the first cycle in all 20. A fold whose judge misses the floor (pulled by a hostile rater
+    of another fold) is judged again by one fitted without the raters caught meanwhile: 19 of
+    20 without that second round (assignment 8)."""
     cfg = RewardConfig(lr=1e-3, epochs=3)
     caught = 0
     for assignment in range(20):
@@ -137,4 +138,4 @@ def test_the_cold_start_finds_hostile_raters_whatever_the_folds(tiny_model_dir: 
                    for name, t in tallies.items()}
         assert all(weights[name] == 1.0 for name in honest), (assignment, tallies)
         caught += all(weights[name] == 0.1 for name in hostile)
-    assert caught >= 19, caught
+    assert caught == 20, caught

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from feedback_store.identities import Tally, limit_identities
+from feedback_store.identities import Tally, agreement_weight, limit_identities
 from feedback_store.types import ANONYMOUS, PreferenceGroup, RewardData, ThumbExample
 from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import rm_sequence
@@ -105,33 +105,62 @@ def cross_fitted_tallies(base_dir: Path, data: RewardData, cfg: RewardConfig, *,
     first cycle, not only once the first RM, trained with the flood at its full capped share,
     is in service. A fold's judge judges only if it meets the bar of an RM in service: the lower
     95% bound of its accuracy on `holdout` at least `floor` (a weak one would down-weight honest
-    raters at random). Anonymous feedback trains every judge and is never judged (it has no one
-    to weigh). With fewer than `MIN_CROSS_FIT_RATERS` identities there is no consensus of others
-    to speak of: the events are counted, not judged, as before.
+    raters at random). A judge may miss the floor because a hostile rater of another fold pulled
+    it; when another fold's judge caught someone, the folds left unjudged are fitted again
+    without the raters caught so far, until a round catches no one new. Anonymous feedback
+    trains every judge and is never judged (it has no one to weigh). With fewer than
+    `MIN_CROSS_FIT_RATERS` identities there is no consensus of others to speak of: the events
+    are counted, not judged, as before.
     """
     names = sorted({item.identity for item in [*data.groups, *data.thumbs]} - {ANONYMOUS})
     tallies = new_event_counts(data)
     if len(names) < MIN_CROSS_FIT_RATERS:
         return tallies
     fold = {name: hashlib.sha256(name.encode()).digest()[0] % FOLDS for name in names}
-    for judged in range(FOLDS):
-        def trains(item: PreferenceGroup | ThumbExample, judged: int = judged) -> bool:
-            return item.identity == ANONYMOUS or fold[item.identity] != judged
-
-        others = RewardData([g for g in data.groups if trains(g)],
-                            [t for t in data.thumbs if trains(t)])
-        own = RewardData([g for g in data.groups if not trains(g)],
-                         [t for t in data.thumbs if not trains(t)])
-        if not (others.groups or others.thumbs) or not (own.groups or own.thumbs):
-            continue
-        # Equal shares: the consensus of the others, where no rater outweighs another.
-        others, _ = limit_identities(others, share, {}, seed=cfg.seed, equal=True)
-        with tempfile.TemporaryDirectory(prefix="flywheel-cross-fit-") as tmp:
-            metrics = train_reward_model(base_dir, others, cfg, Path(tmp), holdout=holdout,
-                                         device=device, progress=False, should_stop=should_stop)
-            if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) too weak to judge
+    unjudged, caught = list(range(FOLDS)), set[str]()
+    while unjudged:
+        too_weak = []
+        for judged in unjudged:
+            verdicts = _judge_fold(base_dir, data, [n for n in names if fold[n] == judged],
+                                   caught, cfg, share=share, holdout=holdout, floor=floor,
+                                   device=device, should_stop=should_stop)
+            if verdicts is None:
+                too_weak.append(judged)
                 continue
-            for name, tally in agreement_tallies(Path(tmp), own, cfg.max_length,
-                                                 device).items():
+            for name, tally in verdicts.items():
                 tallies[name] = tallies[name] + Tally(0, tally.scored, tally.agreed)
+        newly = {name for name, t in tallies.items()
+                 if agreement_weight(t.scored, t.agreed, 0.0) < 1.0} - caught
+        if not newly:
+            break
+        unjudged, caught = too_weak, caught | newly
     return tallies
+
+
+def _judge_fold(base_dir: Path, data: RewardData, judged: list[str], caught: set[str],
+                cfg: RewardConfig, *, share: float, holdout: RewardData, floor: float,
+                device: str, should_stop: Callable[[], bool] | None) -> dict[str, Tally] | None:
+    """The `judged` identities' events judged by an RM fitted on everyone else's but the
+    `caught` raters': their tallies ({} with nothing to judge or no one to learn from), or None
+    when that RM misses the floor."""
+    judged_set = set(judged)
+
+    def trains(item: PreferenceGroup | ThumbExample) -> bool:
+        return item.identity == ANONYMOUS or item.identity not in judged_set | caught
+
+    def own(item: PreferenceGroup | ThumbExample) -> bool:
+        return item.identity in judged_set
+
+    others = RewardData([g for g in data.groups if trains(g)],
+                        [t for t in data.thumbs if trains(t)])
+    mine = RewardData([g for g in data.groups if own(g)], [t for t in data.thumbs if own(t)])
+    if not (others.groups or others.thumbs) or not (mine.groups or mine.thumbs):
+        return {}
+    # Equal shares: the consensus of the others, where no rater outweighs another.
+    others, _ = limit_identities(others, share, {}, seed=cfg.seed, equal=True)
+    with tempfile.TemporaryDirectory(prefix="flywheel-cross-fit-") as tmp:
+        metrics = train_reward_model(base_dir, others, cfg, Path(tmp), holdout=holdout,
+                                     device=device, progress=False, should_stop=should_stop)
+        if not metrics["reward/accuracy_low"] >= floor:  # (NaN-safe) too weak to judge
+            return None
+        return agreement_tallies(Path(tmp), mine, cfg.max_length, device)
