@@ -30,7 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flywheel.approval import TAU, mixture_half_width
+from flywheel.approval import TAU, GiveWay, mixture_half_width
+from flywheel.settings import CanarySettings
 from tests.flywheel.test_approval import (
     ALPHA,
     CAP,
@@ -41,7 +42,7 @@ from tests.flywheel.test_approval import (
     REJECT,
     simulate_canary,
 )
-from tests.simulated_raters import Crowd, simulate, thumbs_to
+from tests.simulated_raters import SUPERSEDED, Crowd, simulate, thumbs_to
 from tests.simulated_raters import rate as crowd_rate
 
 RATER_SCENARIOS = (  # (label, crowd, p_active, p_canary): raters sticky to an arm
@@ -103,6 +104,33 @@ def _who_counts_rows(runs: int, seed: int) -> None:
         print(f"{label:<34} " + " ".join(f"{c:>9}" for c in cells), flush=True)
 
 
+GIVE_WAY_EFFECTS = (-0.1, 0.0, 0.03, 0.1, 0.15, 0.2)
+
+
+def _give_way_rows(runs: int, seed: int) -> None:
+    """`flywheel up`'s canary (half the requests), a newer candidate always waiting: per crowd
+    and true effect, the share of canaries promoted (P) and cut short (S) under the default
+    rule (`CanarySettings.give_way`: at the minimum while showing under +5 points, at three
+    times the minimum whatever they show) beside giving way at the minimum whatever."""
+    rule = CanarySettings().give_way()
+    rules = (("default", rule), ("at minimum", GiveWay(rule.after, gain=1.0)))
+    print(f"\ngive way ({runs} runs each; fraction 0.5, a newer candidate always waiting; "
+          "P promoted, S gave way):")
+    print(f"{'crowd':<12} {'p_a':>4} {'rule':<11} "
+          + " ".join(f"{d * 100:>+10.0f}" for d in GIVE_WAY_EFFECTS))
+    for honest in (1, 3, 10, 100, 1000):
+        for p_active in (0.1, 0.3):
+            for name, give_way in rules:
+                cells = []
+                for i, effect in enumerate(GIVE_WAY_EFFECTS):
+                    out = simulate(Crowd(honest), p_active, max(0.0, p_active + effect), runs,
+                                   seed + i, fraction=0.5, give_way=give_way)
+                    promoted, gave_way = crowd_rate(out, PROMOTE), crowd_rate(out, SUPERSEDED)
+                    cells.append(f"P{promoted:.0%} S{gave_way:.0%}")
+                print(f"{f'{honest} honest':<12} {p_active:>4.1f} {name:<11} "
+                      + " ".join(f"{c:>10}" for c in cells), flush=True)
+
+
 def _thumbs(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
@@ -149,8 +177,14 @@ def main() -> None:
     parser.add_argument("--who-runs", type=int, default=100,
                         help="simulated canaries per crowd in the 'who counts' table")
     parser.add_argument("--only-who", action="store_true", help="print that table alone")
+    parser.add_argument("--give-way", action="store_true",
+                        help="print the table of undecided canaries giving way alone")
     args = parser.parse_args()
     started = time.monotonic()
+    if args.give_way:
+        _give_way_rows(args.who_runs, args.seed)
+        print(f"\n{time.monotonic() - started:.1f} s")
+        return
     if args.only_who:
         _who_counts_rows(args.who_runs, args.seed)
         print(f"\n{time.monotonic() - started:.1f} s")

@@ -14,6 +14,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from flywheel.approval import GiveWay
+
 
 class RewardConfig(BaseModel):
     """Reward model: Bradley-Terry on rankings and thumbs pairs, logistic on lone thumbs."""
@@ -142,10 +144,19 @@ class CanarySettings(BaseModel):
     margin: float = 0.02  # promote when the canary is at most this much worse (approval points)
     alpha: float = 0.05  # error rate of each decision, valid under continuous monitoring
     max_hours: float = 24.0  # no decision by then: the canary ends, the active version stays
-    # Undecided after this many times min_ratings counted thumbs on each arm, a canary ends when
-    # a newer candidate waits (it goes on canary next); 0: never. A small gain takes many thumbs
-    # to decide, and better candidates trained on more feedback should not wait behind it.
+    # An undecided canary gives way to a newer waiting candidate (it goes on canary next) once
+    # each arm has `supersede_after` x min_ratings counted thumbs while they show a gain under
+    # `supersede_gain`, and from `supersede_always_after` x min_ratings whatever they show (0:
+    # never). A small gain takes many thumbs to decide, and better candidates trained on more
+    # feedback should not wait behind it; a clear gain keeps its place (flywheel.approval.GiveWay).
     supersede_after: float = Field(default=1.0, ge=0.0)
+    supersede_gain: float = Field(default=0.05, ge=-1.0, le=1.0)
+    supersede_always_after: float = Field(default=3.0, ge=0.0)
+
+    def give_way(self) -> GiveWay:
+        return GiveWay(self.supersede_after * self.min_ratings, self.supersede_gain,
+                       self.supersede_always_after * self.min_ratings)
+
     auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
     min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better
     # What a canary assigns to an arm: "request" (every rater sees both arms and the judge

@@ -9,9 +9,10 @@ python -m pip install -q -e ".[dev,lora]"
 ruff check .
 VLLM_TESTS=(tests/server/test_vllm_real.py tests/test_up_vllm.py tests/trainer_worker/test_rollout_vllm_real.py)
 if [ "${FLYWHEEL_TEST_VLLM:-1}" != 0 ] && [ $# -eq 0 ]; then
-  # The real-vLLM tests run once, in the venv that has vLLM, not skipped in this one.
-  python -m pytest -q -ra "${VLLM_TESTS[@]/#/--ignore=}"
+  # The vLLM venv first: the suite checks what it installed (tests/test_install.py). The
+  # real-vLLM tests run once, in the venv that has vLLM, not skipped in this one.
   . scripts/vllm-venv.sh
+  python -m pytest -q -ra "${VLLM_TESTS[@]/#/--ignore=}"
   "$VLLM_PYTHON" -m pytest -q -ra "${VLLM_TESTS[@]}"
 else
   python -m pytest -q -ra "$@"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flywheel.approval import Arm, decide_canary
+from flywheel.approval import Arm, GiveWay, decide_canary
 from flywheel.rater_pooling import canary_unit, pool_arm, pool_paired
 
 FRACTION = 0.2  # the settings' defaults (flywheel/settings.py, CanarySettings)
@@ -22,7 +22,7 @@ MARGIN = 0.02
 ALPHA = 0.05
 SHARE = 0.1  # feedback.user_share
 STICKY_RATERS = 200  # canary.sticky_raters
-WAIT, PROMOTE, REJECT = 0, 1, 2
+WAIT, PROMOTE, REJECT, SUPERSEDED = 0, 1, 2, 3
 MINTED = "key:minted"  # all identities of one untrusted key pool as this one rater
 
 
@@ -62,22 +62,23 @@ class Outcome:
 def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: int, *,
              unit: str = "auto", cap: int = 3000, growth: float = 1.03,
              pooled: bool = True, fraction: float = FRACTION,
-             min_ratings: int = MIN_RATINGS) -> list[Outcome]:
+             min_ratings: int = MIN_RATINGS, give_way: GiveWay | None = None) -> list[Outcome]:
     """The first verdict of each simulated canary, checked each time the thumbs grew by
     `growth` (checking less often than the judge can only lower the error rates), until `cap`
     canary thumbs. `pooled=False`: each arm's plain counts, every thumb independent evidence
     (what the rules replaced, for comparison). `fraction`, `min_ratings`: the canary settings
-    (the defaults', or `flywheel up`'s)."""
+    (the defaults', or `flywheel up`'s). `give_way`: an undecided canary that the rule lets go
+    ends SUPERSEDED (as if a newer candidate always waited: the most it can be cut short)."""
     rng = np.random.default_rng(seed)
     unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
     return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, fraction,
-                        min_ratings, rng)
+                        min_ratings, give_way, rng)
             for _ in range(runs)]
 
 
 def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
                 growth: float, pooled: bool, fraction: float, min_ratings: int,
-                rng: np.random.Generator) -> Outcome:
+                give_way: GiveWay | None, rng: np.random.Generator) -> Outcome:
     names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
     weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
     total = len(names)
@@ -107,6 +108,8 @@ def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: 
                         pool_arm(arms[1], share=SHARE, weights=weights))
         decision = decide_canary(*compared, min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
         canary_thumbs = int(counts[1, :, 1].sum())
+        if give_way is not None and give_way.due(decision):
+            return Outcome(SUPERSEDED, canary_thumbs)
         if decision.verdict != "wait" or canary_thumbs >= cap:
             verdict = {"wait": WAIT, "promote": PROMOTE, "reject": REJECT}[decision.verdict]
             return Outcome(verdict, canary_thumbs)

@@ -163,8 +163,7 @@ class Promotion:
             metrics[f"canary/{arm}_raters"] = len(raters)
         if decision.verdict == "wait":
             self._note_wait(canary["id"], canary_wait_reason(
-                decision, thumbs, active["id"], canary["id"],
-                self.cfg.supersede_after * self.cfg.min_ratings))
+                decision, thumbs, active["id"], canary["id"], self.cfg.give_way()))
         # Each change applies only while `canary` is on canary against `active`, as decided: an
         # operator's activation or abort that came first stands, and nothing is raised.
         if decision.verdict == "promote":
@@ -185,10 +184,11 @@ class Promotion:
             outcome = "timeout"
         elif self._superseded(decision):
             metrics["canary/decision"] = "superseded"
+            shown = (decision.canary.approval or 0.0) - (decision.active.approval or 0.0)
             metrics["canary/reason"] = (
                 f"no decision after {min(decision.active.n, decision.canary.n):.0f} counted "
-                f"thumbs on each arm ({self.cfg.supersede_after:g} x the minimum) and a newer "
-                "candidate waits: it goes on canary next")
+                f"thumbs on each arm, showing {shown * 100:+.1f} points, and a newer candidate "
+                "waits: it goes on canary next")
             done = self.store.end_canary_if(canary["id"], "candidate", metrics,
                                             active=active["id"])
             outcome = "superseded"
@@ -227,15 +227,10 @@ class Promotion:
             self._wait_logged_at = time.monotonic()
 
     def _superseded(self, decision: CanaryDecision) -> bool:
-        """Whether an undecided canary has had its thumbs (``canary.supersede_after`` x the
-        minimum on each arm) while a newer candidate waits. Ending it decides nothing about it:
-        no decision's error rate changes, and the active version stays."""
-        if self.cfg.supersede_after <= 0:
-            return False
-        if min(decision.active.n, decision.canary.n) < (self.cfg.supersede_after
-                                                        * self.cfg.min_ratings):
-            return False
-        return self.store.candidate_waits()
+        """Whether an undecided canary gives way (``canary.supersede_*``, ``GiveWay``) and a
+        newer candidate waits. Ending it decides nothing about it: no decision's error rate
+        changes, and the active version stays."""
+        return self.cfg.give_way().due(decision) and self.store.candidate_waits()
 
     @staticmethod
     def _hours_on(canary: dict[str, Any]) -> float:

@@ -6,7 +6,7 @@ Each text goes into the record's metrics and from there into the `reason` of `/v
 
 from __future__ import annotations
 
-from flywheel.approval import CanaryDecision
+from flywheel.approval import CanaryDecision, GiveWay
 from flywheel.raters import is_untrusted_key
 
 RaterThumbs = dict[str, tuple[int, int]]
@@ -17,10 +17,10 @@ def _points(x: float) -> str:
 
 
 def canary_wait_reason(decision: CanaryDecision, thumbs: dict[str, RaterThumbs], active: str,
-                       canary: str, supersede_at: float = 0.0) -> str:
+                       canary: str, give_way: GiveWay | None = None) -> str:
     """Why a canary is still undecided: too few thumbs, raters the rules cannot count yet, or an
-    interval that still straddles both bounds (and, with ``supersede_at`` counted thumbs per
-    arm, when a newer candidate may take its place)."""
+    interval that still straddles both bounds (and, by ``give_way``, when a newer candidate may
+    take its place)."""
     raters = set(thumbs.get(active, {})) | set(thumbs.get(canary, {}))
     if len(raters) == 1 and is_untrusted_key(next(iter(raters))):
         return ("canary: every thumb so far comes from one untrusted API key, which counts as "
@@ -37,8 +37,7 @@ def canary_wait_reason(decision: CanaryDecision, thumbs: dict[str, RaterThumbs],
             f"against {active} (always-valid 95% interval {_points(low)} to {_points(high)}); "
             f"it is promoted once the interval lies above {_points(-decision.margin)} and "
             "rejected once it lies below 0: more thumbs or more raters narrow it"
-            + (f"; a newer candidate takes its place from {supersede_at:.0f} counted thumbs on "
-               "each arm" if supersede_at > 0 else ""))
+            + (f"; {rule}" if give_way and (rule := give_way.describe()) else ""))
 
 
 def cap_note(metrics: dict[str, float]) -> str:

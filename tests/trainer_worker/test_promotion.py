@@ -149,16 +149,17 @@ def test_an_undecided_canary_ends_at_its_deadline(store: Store, publisher: Publi
 
 def test_an_undecided_canary_gives_way_to_a_newer_candidate(store: Store,
                                                             publisher: Publisher) -> None:
-    """Undecided after twice the minimum of counted thumbs on each arm, with a newer candidate
-    waiting, the canary ends (nothing decided about it) and the newer one goes on canary; with
-    fewer thumbs, or the rule off, it keeps running."""
+    """Undecided after twice the minimum of counted thumbs on each arm, showing no gain, with a
+    newer candidate waiting, the canary ends (nothing decided about it) and the newer one goes
+    on canary; with fewer thumbs, or the rule off, it keeps running."""
     judge = promotion(store, publisher, auto=True, supersede_after=2.0)
     assert judge.release("policy-1") == "canary"
     rate(store, "policy-0", 45, 45, users=30)
     rate(store, "policy-1", 45, 45, users=30)
     assert judge.tick() is None and status(store, "policy-1") == "canary"  # 90 < 2 x 50
     assert store.get_policy("policy-1")["metrics"]["canary/reason"].endswith(
-        "; a newer candidate takes its place from 100 counted thumbs on each arm")
+        "; a newer candidate takes its place from 100 counted thumbs on each arm while they show"
+        " a gain under +5 points, from 150 whatever they show")
     assert judge.release("policy-2") == "waiting"
     rate(store, "policy-0", 10, 10, users=30)
     rate(store, "policy-1", 10, 10, users=30)
@@ -167,11 +168,34 @@ def test_an_undecided_canary_gives_way_to_a_newer_candidate(store: Store,
     assert judge.tick() == "superseded"
     metrics = store.get_policy("policy-1")["metrics"]
     assert metrics["canary/decision"] == "superseded"
-    assert metrics["canary/reason"].startswith("no decision after 110 counted thumbs on each arm")
+    assert metrics["canary/reason"].startswith(
+        "no decision after 110 counted thumbs on each arm, showing +0.0 points")
     assert metrics["canary/low"] < -0.02 and metrics["canary/high"] > 0  # undecided indeed
     assert status(store, "policy-2") == "canary" and status(store, "policy-0") == "active"
     assert status(store, "policy-1") == "candidate"  # an operator may still serve it
     assert announced(publisher) == ("policy-0", "policy-2")
+
+
+def test_a_canary_showing_a_gain_keeps_its_place_longer(store: Store,
+                                                        publisher: Publisher) -> None:
+    """A canary whose thumbs show a gain of the size worth waiting for (+10 points, undecided)
+    keeps its place at twice the minimum, a newer candidate waiting; it gives way only at
+    `supersede_always_after` times the minimum."""
+    judge = promotion(store, publisher, auto=True, supersede_after=2.0, supersede_gain=0.05,
+                      supersede_always_after=2.4)
+    assert judge.release("policy-1") == "canary"
+    assert judge.release("policy-2") == "waiting"
+    rate(store, "policy-0", 55, 55, users=30)
+    rate(store, "policy-1", 66, 44, users=30)
+    assert judge.tick() is None and status(store, "policy-1") == "canary"  # 110 >= 100, +10
+    rate(store, "policy-0", 5, 5, users=30)
+    rate(store, "policy-1", 6, 4, users=30)
+    assert judge.tick() == "superseded"  # 120 = 2.4 x 50
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["canary/reason"].startswith(
+        "no decision after 120 counted thumbs on each arm, showing +10.0 points")
+    assert metrics["canary/low"] < -0.02 and metrics["canary/high"] > 0  # undecided indeed
+    assert status(store, "policy-2") == "canary"
 
 
 def test_auto_rollback_to_a_version_users_prefer(store: Store, publisher: Publisher) -> None:
