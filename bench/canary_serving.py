@@ -2,15 +2,18 @@
 
     python bench/canary_serving.py [--model DIR] [--clients 16] [--fraction 0.2]
                                    [--max-tokens 64] [--seconds 10] [--rounds 2] [--own-process]
+                                   [--canary-weights all|layers]
 
 One ``TransformersEngine`` on one model (its core in this process, or in an engine process of its
-own with ``--own-process``); ``--clients`` closed-loop streaming clients
-send requests back to back. Rounds alternate between (A) no canary and (B) a canary (a perturbed
-copy of the model, loaded with ``set_canary`` before the round and ended after it) receiving
-``--fraction`` of the requests, chosen per request with a seeded generator, so that background
-load hits both alike. Prints tokens/s, CPU per token (this process and the engine process: what
-holds however much CPU other jobs leave), the process's resident memory (RSS, sampled during each
-round; (A)'s from the first round, before any canary was loaded) and the ratios B/A.
+own with ``--own-process``); ``--clients`` closed-loop streaming clients send requests back to
+back. Rounds alternate between (A) no canary and (B) a canary (a perturbed copy of the model: noise
+on every weight, or with ``--canary-weights layers`` on the decoder layers' linear weights only,
+what the trainer's merged LoRA adapters change; loaded with ``set_canary`` before the round and
+ended after it) receiving ``--fraction`` of the requests, chosen per request with a seeded
+generator, so that background load hits both alike. Prints tokens/s, CPU per token (this process
+and the engine process: what holds however much CPU other jobs leave), the process's resident
+memory (RSS, sampled during each round; (A)'s from the first round, before any canary was loaded)
+and the ratios B/A.
 """
 
 from __future__ import annotations
@@ -44,15 +47,18 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def perturbed_copy(src: Path, dst: Path, seed: int = 1) -> Path:
-    """The model with noise added to every weight: a canary as a new policy would be."""
+def perturbed_copy(src: Path, dst: Path, seed: int = 1, layers_only: bool = False) -> Path:
+    """The model with noise added to every weight (``layers_only``: to the decoder layers' linear
+    weights, as a merged all-linear LoRA adapter): a canary as a new policy would be."""
     from transformers import AutoModelForCausalLM
 
     shutil.copytree(src, dst)
     model = AutoModelForCausalLM.from_pretrained(src)
     generator = torch.Generator().manual_seed(seed)
+    params = ([m.weight for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+              if layers_only else list(model.parameters()))
     with torch.no_grad():
-        for p in model.parameters():
+        for p in params:
             p.add_(torch.randn(p.shape, generator=generator) * 0.02 * p.std())
     model.save_pretrained(dst)
     return dst
@@ -149,13 +155,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--own-process", action="store_true",
                         help="the engine's core in a process of its own (RSS: this one's only)")
+    parser.add_argument("--canary-weights", choices=["all", "layers"], default="all",
+                        help="the weights the canary's noise changes (layers: a LoRA policy's)")
     args = parser.parse_args()
     model = ensure_model(args.model.resolve())
     print(f"model {model}, max_tokens {args.max_tokens}, {args.rounds} rounds of "
           f"{args.seconds:.0f}s per arm, core {'in its own' if args.own_process else 'in this'} "
           "process")
+    print(f"canary: noise on {'every weight' if args.canary_weights == 'all' else 'the layers'}")
     with tempfile.TemporaryDirectory(prefix="flywheel-canary-") as tmp:
-        canary_dir = perturbed_copy(model, Path(tmp) / "canary")
+        canary_dir = perturbed_copy(model, Path(tmp) / "canary",
+                                    layers_only=args.canary_weights == "layers")
         asyncio.run(bench(model, canary_dir, args))
 
 

@@ -7,7 +7,10 @@ norm, whose weights are vectors, runs once over all rows, each with its own mode
 ``_RowScaled``). Everything without weights (attention over the cache, masks, RoPE) runs once
 for all rows, so a canary beside the active policy costs one forward pass per step instead of
 two (multi-LoRA serving does the same with adapters: S-LoRA, vLLM's punica kernels). No weight
-is copied: the routed model holds the models' modules.
+is copied: the routed model holds the models' modules. A weight module whose weights are equal in
+every model (a policy trained with LoRA adapters on its decoder's linear layers, merged, keeps
+the base's embeddings, tied output layer and norms) is not routed: the first model's runs once
+over all rows.
 """
 
 from __future__ import annotations
@@ -132,6 +135,25 @@ def _routed_leaf(parts: list[torch.nn.Module], runs: RowRuns) -> torch.nn.Module
     return _RowScaled(parts, runs) if alike else _Routed(parts, runs)
 
 
+def _same_weights(modules: list[torch.nn.Module]) -> bool:
+    """Whether ``modules`` are of one type and hold equal parameters (the same tensors, or equal
+    values): one of them computes what each would on its own rows."""
+    head = modules[0]
+    params = dict(head.named_parameters(recurse=False))
+    for module in modules[1:]:
+        if type(module) is not type(head):
+            return False
+        own = dict(module.named_parameters(recurse=False))
+        if own.keys() != params.keys():
+            return False
+        for name, p in params.items():
+            q = own[name]
+            if q is not p and not (q.shape == p.shape and q.dtype == p.dtype
+                                   and q.device == p.device and torch.equal(q, p)):
+                return False
+    return True
+
+
 def fusion_key(model: Any) -> Hashable | None:
     """Models with equal keys can share a routed forward (same class, configuration and
     parameter shapes); None for a model whose weight modules are not all leaves, or without a
@@ -156,7 +178,7 @@ def routed(models: list[Any], runs: RowRuns) -> Any:
 def _route(modules: list[torch.nn.Module], runs: RowRuns) -> torch.nn.Module:
     head = modules[0]
     if next(head.parameters(recurse=False), None) is not None:
-        return _routed_leaf(modules, runs)
+        return head if _same_weights(modules) else _routed_leaf(modules, runs)
     clone = copy.copy(head)
     clone.__dict__ = head.__dict__.copy()
     clone._modules = {

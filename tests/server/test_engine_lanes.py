@@ -77,6 +77,39 @@ def test_a_routed_model_gives_each_run_of_rows_its_own_models_logits(
             assert torch.allclose(logits, own_logits, atol=1e-5)
 
 
+def layers_perturbed(src: Path, dst: Path) -> Path:
+    """The model with noise on its decoder layers' linear weights only, as a merged LoRA adapter
+    on every linear layer changes them: embeddings, the tied output layer and norms stay."""
+    shutil.copytree(src, dst)
+    model = load(src)
+    with torch.no_grad():
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn_like(module.weight) * 0.05)
+    model.save_pretrained(dst)
+    return dst
+
+
+@torch.inference_mode()
+def test_weight_modules_equal_in_every_model_are_not_routed(
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    parts = [load(tiny_model_dir), load(layers_perturbed(tiny_model_dir, tmp_path / "lora"))]
+    runs = RowRuns(len(parts), parts[0].device)
+    model = routed(parts, runs)
+    assert model.model.embed_tokens is parts[0].model.embed_tokens  # equal: runs over all rows
+    assert model.lm_head is parts[0].lm_head and model.model.norm is parts[0].model.norm
+    assert model.model.layers[0].self_attn.q_proj is not parts[0].model.layers[0].self_attn.q_proj
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    runs.set([2, 1])
+    _, logits = PaddedBatch.prefill(model, prompts, pad_id=0)
+    alone = torch.cat([PaddedBatch.prefill(parts[0], prompts[:2], pad_id=0)[1],
+                       PaddedBatch.prefill(parts[1], prompts[2:], pad_id=0)[1]])
+    assert torch.allclose(logits, alone, atol=1e-5)
+    assert not torch.allclose(logits[2], PaddedBatch.prefill(parts[0], prompts[2:], pad_id=0)[1][0],
+                              atol=1e-3)  # the canary's row is not on the base's weights
+
+
 @torch.inference_mode()
 def test_only_models_of_one_architecture_share_a_lane(
         tiny_model_dir: Path, models: dict[str, Path]) -> None:
