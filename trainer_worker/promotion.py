@@ -184,11 +184,10 @@ class Promotion:
             outcome = "timeout"
         elif self._superseded(decision):
             metrics["canary/decision"] = "superseded"
-            shown = (decision.canary.approval or 0.0) - (decision.active.approval or 0.0)
             metrics["canary/reason"] = (
                 f"no decision after {min(decision.active.n, decision.canary.n):.0f} counted "
-                f"thumbs on each arm, showing {shown * 100:+.1f} points, and a newer candidate "
-                "waits: it goes on canary next")
+                f"thumbs on each arm, showing {decision.shown * 100:+.1f} points, and a newer "
+                "candidate waits: it goes on canary next")
             done = self.store.end_canary_if(canary["id"], "candidate", metrics,
                                             active=active["id"])
             outcome = "superseded"

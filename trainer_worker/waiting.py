@@ -32,8 +32,7 @@ def canary_wait_reason(decision: CanaryDecision, thumbs: dict[str, RaterThumbs],
                 f"{decision.active.n:.0f} on {active} from {len(raters)} rater(s), "
                 f"{decision.min_ratings} needed on each before a decision")
     low, high = decision.interval
-    difference = (decision.canary.approval or 0.0) - (decision.active.approval or 0.0)
-    return (f"canary: {len(raters)} rater(s) so far rate {canary} {_points(difference)} points "
+    return (f"canary: {len(raters)} rater(s) so far rate {canary} {_points(decision.shown)} points "
             f"against {active} (always-valid 95% interval {_points(low)} to {_points(high)}); "
             f"it is promoted once the interval lies above {_points(-decision.margin)} and "
             "rejected once it lies below 0: more thumbs or more raters narrow it"

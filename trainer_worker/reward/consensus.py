@@ -144,9 +144,10 @@ def _judge_fold(base_dir: Path, data: RewardData, judged: list[str], caught: set
     `caught` raters': their tallies ({} with nothing to judge or no one to learn from), or None
     when that RM misses the floor."""
     judged_set = set(judged)
+    left_out = judged_set | caught
 
     def trains(item: PreferenceGroup | ThumbExample) -> bool:
-        return item.identity == ANONYMOUS or item.identity not in judged_set | caught
+        return item.identity == ANONYMOUS or item.identity not in left_out
 
     def own(item: PreferenceGroup | ThumbExample) -> bool:
         return item.identity in judged_set
