@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flywheel import rater_pooling
 from flywheel.approval import TAU, GiveWay, mixture_half_width
 from flywheel.settings import CanarySettings
 from tests.flywheel.test_approval import (
@@ -82,24 +83,27 @@ WHO_COUNTS = [  # (label, crowd): 1 to 1,000 honest raters, hostile ones, minted
 ]
 
 
-def _who_counts_rows(runs: int, seed: int) -> None:
+def _who_counts_rows(runs: int, seed: int, answers: int = 1, prompt_sd: float = 0.0) -> None:
     """Per crowd: canary thumbs to decide a 10- and a 20-point difference (median, p90 of the
     runs that did, and the share that did within 3,000), false promotion of a 10-point-worse
-    canary and false rejection of an equal one (within 1,000)."""
+    canary and false rejection of an equal one (within 1,000). `answers`, `prompt_sd`: thumbs
+    per request and how alike a request's answers are (`simulate`)."""
     print(f"\nwho counts ({runs} runs each; canary unit auto: per request under 200 raters;"
-          " thumbs are canary thumbs):")
+          f" {answers} thumb(s) a request, prompt sd {prompt_sd}; thumbs are canary thumbs;"
+          f" raters' spread counted from {max(2, rater_pooling.FEW_RATERS)} raters):")
+    clustered = {"answers": answers, "prompt_sd": prompt_sd}
     head = ("+10: done", "median", "p90", "-20: done", "median", "p90", "false +", "false -")
     print(f"{'crowd':<34} " + " ".join(f"{c:>9}" for c in head))
     for i, (label, crowd) in enumerate(WHO_COUNTS):
         cells = []
         for p_canary, verdict in ((0.7, PROMOTE), (0.4, REJECT)):
-            out = simulate(crowd, 0.6, p_canary, runs, seed + i)
+            out = simulate(crowd, 0.6, p_canary, runs, seed + i, **clustered)
             median, p90 = thumbs_to(out, verdict), thumbs_to(out, verdict, 0.9)
             cells += [f"{crowd_rate(out, verdict):.0%}", _thumbs(median), _thumbs(p90)]
-        false_promotion = crowd_rate(simulate(crowd, 0.6, 0.5, runs, seed + i, cap=1000),
-                                     PROMOTE)
-        false_rejection = crowd_rate(simulate(crowd, 0.6, 0.6, runs, seed + i, cap=1000),
-                                     REJECT)
+        false_promotion = crowd_rate(simulate(crowd, 0.6, 0.5, runs, seed + i, cap=1000,
+                                              **clustered), PROMOTE)
+        false_rejection = crowd_rate(simulate(crowd, 0.6, 0.6, runs, seed + i, cap=1000,
+                                              **clustered), REJECT)
         cells += [f"{false_promotion:.1%}", f"{false_rejection:.1%}"]
         print(f"{label:<34} " + " ".join(f"{c:>9}" for c in cells), flush=True)
 
@@ -177,16 +181,24 @@ def main() -> None:
     parser.add_argument("--who-runs", type=int, default=100,
                         help="simulated canaries per crowd in the 'who counts' table")
     parser.add_argument("--only-who", action="store_true", help="print that table alone")
+    parser.add_argument("--answers", type=int, default=1,
+                        help="'who counts': thumbs per request (every answer of it rated)")
+    parser.add_argument("--prompt-sd", type=float, default=0.0,
+                        help="'who counts': sd of a request's shared shift of approval")
+    parser.add_argument("--few-raters", type=int, default=rater_pooling.FEW_RATERS,
+                        help="'who counts': raters from which their spread counts (2: any "
+                             "group, the rule before small groups were judged on their own)")
     parser.add_argument("--give-way", action="store_true",
                         help="print the table of undecided canaries giving way alone")
     args = parser.parse_args()
+    rater_pooling.FEW_RATERS = args.few_raters
     started = time.monotonic()
     if args.give_way:
         _give_way_rows(args.who_runs, args.seed)
         print(f"\n{time.monotonic() - started:.1f} s")
         return
     if args.only_who:
-        _who_counts_rows(args.who_runs, args.seed)
+        _who_counts_rows(args.who_runs, args.seed, args.answers, args.prompt_sd)
         print(f"\n{time.monotonic() - started:.1f} s")
         return
     print(

@@ -31,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._databases import create_database, drop_database
 from feedback_store import Store
-from flywheel.approval import decide_canary
 from flywheel.settings import CanarySettings, Settings, TrainSettings
 from tests.conftest import POSTGRES_URL
 from tests.trainer_worker.test_promotion import rate
@@ -61,12 +60,8 @@ def slow_cycle_factory(seconds: float, started: threading.Event, finish: threadi
 
 
 def verdict(worker: Worker, active: str, canary: str) -> str:
-    thumbs = worker.store.canary_evidence() or {}
-    row = worker.store.get_policy(canary)
-    cfg = worker.settings.canary
-    return decide_canary(*worker.promotion.canary_arms(active, row, thumbs),
-                         min_ratings=cfg.min_ratings, margin=cfg.margin,
-                         alpha=cfg.alpha).verdict
+    decision, _ = worker.promotion.canary_decision(active, worker.store.get_policy(canary))
+    return decision.verdict
 
 
 def trial(worker: Worker, store: Store, version: str, mode: str, cycle_seconds: float,

@@ -21,7 +21,7 @@ from feedback_store.policy_versions import (
     _policy_record,
 )
 from feedback_store.types import PooledLive, RaterThumbs
-from flywheel.rater_pooling import canary_unit
+from flywheel.rater_pooling import Clustered, canary_unit
 
 RECENT_THUMBS = 2_000  # the thumbs whose raters decide a canary's unit ("auto")
 
@@ -137,6 +137,21 @@ class RolloutMixin(StoreBase):
                                      Completion.created_at >= row.canary_started_at)
         return {v: found.get(v, {}) for v in arms}
 
+    def canary_requests(self) -> dict[str, dict[str, Clustered]] | None:
+        """The same thumbs as `canary_evidence`, summed request by request (for a canary
+        compared within raters: a request's answers are alike, their thumbs not independent);
+        None when no canary runs."""
+        active, canary = self.serving_state()
+        if canary is None or active is None:
+            return None
+        arms = (active["id"], canary["id"])
+        with self._tx(write=False) as s:
+            row = s.get(PolicyVersion, canary["id"])
+            assert row is not None
+            found = _clustered_by_rater(s, arms, Feedback.id > (row.canary_feedback_after or 0),
+                                        Completion.created_at >= row.canary_started_at)
+        return {v: found.get(v, {}) for v in arms}
+
     def thumbs_by_rater(self, versions: Iterable[str]) -> dict[str, RaterThumbs]:
         """All thumbs on the answers of these versions, as {version: {identity: (up, down)}}.
         A scan of their completions: for confirming a decision, not for every poll."""
@@ -171,6 +186,35 @@ class RolloutMixin(StoreBase):
                 return False
             row.metrics = {**row.metrics, **metrics}
             return True
+
+
+def _clustered_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnElement[bool]
+                        ) -> dict[str, dict[str, Clustered]]:
+    """Per version and identity of the rater, its thumbs summed per request (completion) into
+    `Clustered`'s sums, over feedback matching `where`: one grouping per request, then one per
+    rater, in the database."""
+    rater = identity_column(Feedback).label("rater")
+    per_request = (
+        sa.select(Completion.policy_version.label("version"), rater,
+                  sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0)).label("u"),
+                  sa.func.count().label("n"))
+        .select_from(Feedback)
+        .join(Choice, Choice.id == Feedback.choice_id)
+        .join(Completion, Completion.id == Choice.completion_id)
+        .where(Completion.policy_version.in_(versions), Feedback.replaced_by.is_(None), *where)
+        .group_by(Completion.policy_version, rater, Completion.id)
+        .subquery()
+    )
+    c = per_request.c
+    rows = s.execute(
+        sa.select(c.version, c.rater, sa.func.sum(c.u), sa.func.sum(c.n), sa.func.sum(c.u * c.u),
+                  sa.func.sum(c.u * c.n), sa.func.sum(c.n * c.n), sa.func.count())
+        .group_by(c.version, c.rater)
+    )
+    found: dict[str, dict[str, Clustered]] = {}
+    for version, identity, *sums in rows:
+        found.setdefault(version, {})[identity] = Clustered(*(int(x or 0) for x in sums))
+    return found
 
 
 def _thumbs_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnElement[bool]

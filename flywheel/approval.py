@@ -131,6 +131,10 @@ class CanaryDecision:
     margin: float
     alpha: float
     tau: float = TAU
+    # A verdict held back because it rested on one rater (`rater_pooling.decide_paired`): who,
+    # and the difference the others' thumbs show without them.
+    tipped_by: str | None = None
+    without: float | None = None
 
     @property
     def shown(self) -> float:
@@ -148,6 +152,10 @@ class CanaryDecision:
             alpha=self.alpha,
             tau=self.tau,
         )
+        if self.tipped_by is not None:
+            out["tipped_by"] = self.tipped_by
+        if self.without is not None:
+            out["difference_without"] = self.without
         return out
 
 

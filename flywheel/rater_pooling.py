@@ -23,17 +23,28 @@ Two designs. Raters sticky to an arm (`pool_arm` per arm): their approvals diffe
 and that spread enters each arm's variance. Raters who see both arms (a canary assigned per
 request, `pool_paired`): each rater's own difference between the arms is the datum, so leniency
 cancels and a handful of raters who agree on the change can decide it.
+
+**A few raters are judged on their own preferences.** With fewer than `FEW_RATERS` raters, the
+spread of their differences says little (three raters give it two degrees of freedom) and the
+question is what these people prefer, not what a population of users would: the variance is
+theirs alone, each rater's clustered by request (answers to one prompt are alike, so a request's
+thumbs are not independent evidence). In its place, `decide_paired` keeps any one rater from
+deciding: a verdict stands only if the thumbs without each rater still point its way, and without
+an untrusted API key (it could be anyone) still decide it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
-from flywheel.approval import Arm
+from flywheel.approval import Arm, CanaryDecision, decide_canary
 from flywheel.raters import is_untrusted_key
 
 Counts = tuple[int, int]  # a rater's (thumbs up, thumbs down)
 CANARY_UNITS = ("request", "user")  # what a canary assigns to an arm: each request, or each rater
+# Fewer raters than this, seeing both arms, are judged on their own preferences (module docstring).
+FEW_RATERS = 10
 
 
 def share_of(raters: int, share: float, *, vouched: bool = True) -> float:
@@ -128,32 +139,72 @@ def pool_arm(raters: Mapping[str, Counts], *, share: float,
     return Arm(up, mass - up, variance=variance)
 
 
-def pool_paired(active: Mapping[str, Counts], canary: Mapping[str, Counts], *, share: float,
-                weights: Mapping[str, float] | None = None) -> tuple[Arm, Arm]:
+@dataclass(frozen=True)
+class Clustered:
+    """One rater's thumbs on one arm, summed request by request: with u_r up of n_r thumbs on
+    request r, the sums of u, n, u^2, u n, n^2 and the requests, enough for the approval and its
+    cluster-robust variance. Sums add: the store and the simulation keep them as thumbs come."""
+
+    up: int = 0
+    n: int = 0
+    up_sq: int = 0
+    up_n: int = 0
+    n_sq: int = 0
+    requests: int = 0
+
+    @classmethod
+    def of(cls, requests: Iterable[Counts]) -> Clustered:
+        """From (up, down) per request."""
+        rows = [(u, u + d) for u, d in requests if u + d]
+        return cls(sum(u for u, _ in rows), sum(n for _, n in rows),
+                   sum(u * u for u, _ in rows), sum(u * n for u, n in rows),
+                   sum(n * n for _, n in rows), len(rows))
+
+    @classmethod
+    def independent(cls, up: int, down: int) -> Clustered:
+        """Plain counts: each thumb its own request."""
+        return cls(up, up + down, up, up, up + down, up + down)
+
+    def variance(self) -> float:
+        """Variance of the approval: the larger of the binomial one (Agresti-Caffo) and the
+        cluster-robust one over the requests (Cameron & Miller 2015, with m / (m - 1)), which
+        counts a request whose answers are all up or all down as nearer one thumb than
+        several."""
+        q = _shrunk(self.up, self.n)
+        variance = q * (1 - q) / self.n
+        m = self.requests
+        if m > 1:
+            p = self.up / self.n
+            squares = self.up_sq - 2 * p * self.up_n + p * p * self.n_sq
+            variance = max(variance, max(0.0, squares) / (self.n * self.n) * m / (m - 1))
+        return variance
+
+
+def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
+                share: float, weights: Mapping[str, float] | None = None) -> tuple[Arm, Arm]:
     """The two arms compared within raters: each rater who rated both contributes its own
     difference d_i = p_canary,i - p_active,i, weighted by its effective thumbs
     n_a n_c / (n_a + n_c) (the inverse of the difference's variance at equal approvals) under
-    the caps and the trust weights. Raters who rated one arm only do not count.
+    the caps and the trust weights. Raters who rated one arm only do not count. Thumbs come
+    summed per request (`Clustered`).
 
     Returns (active, canary) arms whose approvals are the weighted means of the raters' (so
     their difference is the weighted mean difference), whose counts are the thumbs of the
     counted raters (for `min_ratings`), and whose variances add up to that of the difference:
-    the larger of the within-rater binomial variance and the sandwich over the raters' d_i.
+    the raters' own (within each rater, clustered by request), and from `FEW_RATERS` raters the
+    larger of that and the sandwich over the raters' d_i.
     """
     weights = weights or {}
     both = {name: (active[name], canary[name]) for name in canary
-            if name in active and sum(active[name]) > 0 and sum(canary[name]) > 0}
-    effective = {name: sum(a) * sum(c) / (sum(a) + sum(c)) for name, (a, c) in both.items()}
+            if name in active and active[name].n > 0 and canary[name].n > 0}
+    effective = {name: a.n * c.n / (a.n + c.n) for name, (a, c) in both.items()}
     masses = capped_masses(effective, share)
     rows = []  # (w_i, p_a, p_c, variance of d_i, n_a, n_c)
     for name, mass in masses.items():
         w = weights.get(name, 1.0) * mass
-        (up_a, down_a), (up_c, down_c) = both[name]
-        n_a, n_c = up_a + down_a, up_c + down_c
-        q_a, q_c = _shrunk(up_a, n_a), _shrunk(up_c, n_c)
+        a, c = both[name]
         if w > 0:
-            rows.append((w, up_a / n_a, up_c / n_c,
-                         q_a * (1 - q_a) / n_a + q_c * (1 - q_c) / n_c, n_a, n_c))
+            rows.append((w, a.up / a.n, c.up / c.n, a.variance() + c.variance(), a.n, c.n))
     total = sum(w for w, *_ in rows)
     if total <= 0:
         return Arm(0, 0), Arm(0, 0)
@@ -161,13 +212,47 @@ def pool_paired(active: Mapping[str, Counts], canary: Mapping[str, Counts], *, s
     p_c = sum(w * pc for w, _, pc, *_ in rows) / total
     variance = sum(w * w * v for w, _, _, v, _, _ in rows) / (total * total)
     k = len(rows)
-    if k > 1:
+    if k >= max(2, FEW_RATERS):
         spread = sum((w * ((pc - pa) - (p_c - p_a))) ** 2 for w, pa, pc, *_ in rows)
         variance = max(variance, spread / (total * total) * k / (k - 1))
     n_a = sum(row[4] for row in rows)
     n_c = sum(row[5] for row in rows)
     return (Arm(p_a * n_a, (1 - p_a) * n_a, variance=variance / 2),
             Arm(p_c * n_c, (1 - p_c) * n_c, variance=variance / 2))
+
+
+def decide_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
+                  share: float, min_ratings: int, margin: float, alpha: float,
+                  weights: Mapping[str, float] | None = None) -> CanaryDecision:
+    """`decide_canary` on `pool_paired`'s arms, and with fewer than `FEW_RATERS` raters no
+    verdict that rests on one of them (module docstring): it waits, naming that rater in
+    `tipped_by`, unless the others' thumbs still show the canary not worse by the margin (a
+    promotion) or worse (a rejection), and, for an untrusted API key, decide it without it.
+    Leaving a rater out can only turn a verdict into a wait, so each error stays at most alpha.
+    """
+    def decide(a: Mapping[str, Clustered], c: Mapping[str, Clustered]) -> CanaryDecision:
+        arms = pool_paired(a, c, share=share, weights=weights)
+        return decide_canary(*arms, min_ratings=min_ratings, margin=margin, alpha=alpha)
+
+    decision = decide(active, canary)
+    raters = sorted(name for name in set(active) & set(canary)
+                    if active[name].n and canary[name].n)
+    if decision.verdict == "wait" or not 1 < len(raters) < FEW_RATERS:
+        return decision
+    for name in raters:
+        rest = decide({k: v for k, v in active.items() if k != name},
+                      {k: v for k, v in canary.items() if k != name})
+        if is_untrusted_key(name):
+            holds = rest.verdict == decision.verdict
+        elif not (rest.active.n and rest.canary.n):
+            holds = True  # nobody else counts (a lone untrusted key): nothing to overturn
+        elif decision.verdict == "promote":
+            holds = rest.shown > -margin
+        else:
+            holds = rest.shown < 0
+        if not holds:
+            return replace(decision, verdict="wait", tipped_by=name, without=rest.shown)
+    return decision
 
 
 def canary_unit(setting: str, raters: int, sticky_raters: int) -> str:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flywheel.approval import Arm, GiveWay, decide_canary
-from flywheel.rater_pooling import canary_unit, pool_arm, pool_paired
+from flywheel.rater_pooling import Clustered, canary_unit, decide_paired, pool_arm
 
 FRACTION = 0.2  # the settings' defaults (flywheel/settings.py, CanarySettings)
 MIN_RATINGS = 100
@@ -62,58 +62,74 @@ class Outcome:
 def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: int, *,
              unit: str = "auto", cap: int = 3000, growth: float = 1.03,
              pooled: bool = True, fraction: float = FRACTION,
-             min_ratings: int = MIN_RATINGS, give_way: GiveWay | None = None) -> list[Outcome]:
+             min_ratings: int = MIN_RATINGS, give_way: GiveWay | None = None,
+             answers: int = 1, prompt_sd: float = 0.0) -> list[Outcome]:
     """The first verdict of each simulated canary, checked each time the thumbs grew by
     `growth` (checking less often than the judge can only lower the error rates), until `cap`
     canary thumbs. `pooled=False`: each arm's plain counts, every thumb independent evidence
     (what the rules replaced, for comparison). `fraction`, `min_ratings`: the canary settings
     (the defaults', or `flywheel up`'s). `give_way`: an undecided canary that the rule lets go
-    ends SUPERSEDED (as if a newer candidate always waited: the most it can be cut short)."""
+    ends SUPERSEDED (as if a newer candidate always waited: the most it can be cut short).
+    `answers`: thumbs per request, every answer of a request rated, its approvals moved
+    together by the prompt (sd `prompt_sd`): answers to one prompt are alike."""
     rng = np.random.default_rng(seed)
     unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
     return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, fraction,
-                        min_ratings, give_way, rng)
+                        min_ratings, give_way, answers, prompt_sd, rng)
             for _ in range(runs)]
+
+
+# Sums kept per arm and rater, as `Clustered` holds them: up, n, up^2, up n, n^2, requests.
+_SUMS = 6
 
 
 def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
                 growth: float, pooled: bool, fraction: float, min_ratings: int,
-                give_way: GiveWay | None, rng: np.random.Generator) -> Outcome:
+                give_way: GiveWay | None, answers: int, prompt_sd: float,
+                rng: np.random.Generator) -> Outcome:
     names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
     weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
     total = len(names)
     sticky_canary = rng.random(total) < fraction
-    order = rng.choice(total, size=cap * 8, p=activity / activity.sum())
-    per_request = rng.random(order.size) < fraction
+    requests = cap * 8 // answers
+    order = rng.choice(total, size=requests, p=activity / activity.sum())
+    per_request = rng.random(requests) < fraction
     to_canary = per_request if unit == "request" else sticky_canary[order]
     p_up = np.where(to_canary, p_c[order], p_a[order])
-    up = rng.random(order.size) < p_up
-    counts = np.zeros((2, total, 2), dtype=np.int64)  # arm (0 active, 1 canary), rater, (up, n)
+    if prompt_sd > 0:  # minted thumbs (always up or down) are moved by no prompt
+        moved = (p_up > 0) & (p_up < 1)
+        p_up = np.where(moved, np.clip(p_up + rng.normal(0, prompt_sd, requests), 0.01, 0.99),
+                        p_up)
+    up = rng.binomial(answers, p_up)
+    sums = np.zeros((2, total, _SUMS), dtype=np.int64)  # arm (0 active, 1 canary), rater
     start = 0
-    while start < order.size:
+    while start < requests:
         stop = max(start + 20, int(start * growth))
-        arm, who, thumb = to_canary[start:stop].astype(int), order[start:stop], up[start:stop]
-        np.add.at(counts, (arm, who, 0), thumb)
-        np.add.at(counts, (arm, who, 1), 1)
+        arm, who, u = to_canary[start:stop].astype(int), order[start:stop], up[start:stop]
+        for column, value in enumerate((u, answers, u * u, u * answers, answers * answers, 1)):
+            np.add.at(sums, (arm, who, column), value)
         start = stop
-        arms = _thumbs(counts, names)
+        arms = _arms(sums, names)
+        canary_thumbs = int(sums[1, :, 1].sum())
         if not pooled:
-            compared = tuple(Arm(int(counts[arm, :, 0].sum()),
-                                 int((counts[arm, :, 1] - counts[arm, :, 0]).sum()))
-                             for arm in (0, 1))
+            decision = decide_canary(*(Arm(int(sums[a, :, 0].sum()),
+                                           int((sums[a, :, 1] - sums[a, :, 0]).sum()))
+                                       for a in (0, 1)),
+                                     min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
         elif unit == "request":
-            compared = pool_paired(arms[0], arms[1], share=SHARE, weights=weights)
+            decision = decide_paired(arms[0], arms[1], share=SHARE, weights=weights,
+                                     min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
         else:
-            compared = (pool_arm(arms[0], share=SHARE, weights=weights),
-                        pool_arm(arms[1], share=SHARE, weights=weights))
-        decision = decide_canary(*compared, min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
-        canary_thumbs = int(counts[1, :, 1].sum())
+            decision = decide_canary(
+                *(pool_arm({name: (c.up, c.n - c.up) for name, c in arms[a].items()},
+                           share=SHARE, weights=weights) for a in (0, 1)),
+                min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
         if give_way is not None and give_way.due(decision):
             return Outcome(SUPERSEDED, canary_thumbs)
         if decision.verdict != "wait" or canary_thumbs >= cap:
             verdict = {"wait": WAIT, "promote": PROMOTE, "reject": REJECT}[decision.verdict]
             return Outcome(verdict, canary_thumbs)
-    return Outcome(WAIT, int(counts[1, :, 1].sum()))
+    return Outcome(WAIT, int(sums[1, :, 1].sum()))
 
 
 def _raters(crowd: Crowd, p_active: float, p_canary: float, rng: np.random.Generator
@@ -142,14 +158,10 @@ def _raters(crowd: Crowd, p_active: float, p_canary: float, rng: np.random.Gener
     return names, p_a, p_c, activity
 
 
-def _thumbs(counts: np.ndarray, names: list[str]) -> list[dict[str, tuple[int, int]]]:
-    """Per arm, rater -> (up, down), for raters with thumbs there."""
-    arms = []
-    for arm in (0, 1):
-        rated = np.flatnonzero(counts[arm, :, 1])
-        arms.append({names[i]: (int(counts[arm, i, 0]), int(counts[arm, i, 1] - counts[arm, i, 0]))
-                     for i in rated})
-    return arms
+def _arms(sums: np.ndarray, names: list[str]) -> list[dict[str, Clustered]]:
+    """Per arm, rater -> its thumbs summed per request, for raters with thumbs there."""
+    return [{names[i]: Clustered(*(int(x) for x in sums[arm, i])) for i in
+             np.flatnonzero(sums[arm, :, 1])} for arm in (0, 1)]
 
 
 def rate(outcomes: list[Outcome], verdict: int) -> float:

@@ -20,7 +20,7 @@ from feedback_store import Store
 from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
 from flywheel.approval import Arm, CanaryDecision, decide_canary, difference_sequence
 from flywheel.live_approval import forgotten
-from flywheel.rater_pooling import pool_arm, pool_paired
+from flywheel.rater_pooling import decide_paired, pool_arm
 from flywheel.serving_plan import Publisher, announce
 from flywheel.settings import Settings
 from trainer_worker.rater_review import RaterReview
@@ -138,22 +138,30 @@ class Promotion:
                                   weights=weights)
                 for version, raters in thumbs.items()}
 
-    def canary_arms(self, active: str, canary: dict[str, Any],
-                    thumbs: dict[str, RaterThumbs]) -> tuple[Arm, Arm]:
-        """The (active, canary) arms a canary is judged on: compared within raters when it is
-        assigned per request (every rater sees both arms), else pooled per arm."""
+    def canary_decision(self, active: str, canary: dict[str, Any]
+                        ) -> tuple[CanaryDecision, dict[str, RaterThumbs]]:
+        """What the canary's thumbs decide, and those thumbs per arm and rater. Compared within
+        raters, their thumbs summed per request, when it is assigned per request (every rater
+        sees both arms: `decide_paired`); else pooled per arm."""
+        cfg = self.cfg
         if (canary.get("canary") or {}).get("unit") == "request":
-            return pool_paired(thumbs.get(active, {}), thumbs.get(canary["id"], {}),
-                               share=self.settings.feedback.user_share,
-                               weights=self._weights(thumbs))
+            clustered = self.store.canary_requests() or {}
+            thumbs = {version: {name: (c.up, c.n - c.up) for name, c in raters.items()}
+                      for version, raters in clustered.items()}
+            decision = decide_paired(
+                clustered.get(active, {}), clustered.get(canary["id"], {}),
+                share=self.settings.feedback.user_share, weights=self._weights(thumbs),
+                min_ratings=cfg.min_ratings, margin=cfg.margin, alpha=cfg.alpha)
+            return decision, thumbs
+        thumbs = self.store.canary_evidence() or {}
         arms = self.pooled(thumbs)
-        return arms.get(active, Arm(0, 0)), arms.get(canary["id"], Arm(0, 0))
+        decision = decide_canary(arms.get(active, Arm(0, 0)), arms.get(canary["id"], Arm(0, 0)),
+                                 min_ratings=cfg.min_ratings, margin=cfg.margin,
+                                 alpha=cfg.alpha)
+        return decision, thumbs
 
     def _judge(self, active: dict[str, Any], canary: dict[str, Any]) -> str | None:
-        thumbs = self.store.canary_evidence() or {}
-        arms = self.canary_arms(active["id"], canary, thumbs)
-        decision = decide_canary(*arms, min_ratings=self.cfg.min_ratings,
-                                 margin=self.cfg.margin, alpha=self.cfg.alpha)
+        decision, thumbs = self.canary_decision(active["id"], canary)
         metrics = {f"canary/{k}": v for k, v in decision.evidence().items()}
         metrics["canary/against"] = active["id"]
         metrics["canary/unit"] = (canary.get("canary") or {}).get("unit", "user")

@@ -32,6 +32,14 @@ def canary_wait_reason(decision: CanaryDecision, thumbs: dict[str, RaterThumbs],
                 f"{decision.active.n:.0f} on {active} from {len(raters)} rater(s), "
                 f"{decision.min_ratings} needed on each before a decision")
     low, high = decision.interval
+    if decision.tipped_by is not None and decision.without is not None:
+        who = ("an untrusted API key, which could be anyone"
+               if is_untrusted_key(decision.tipped_by) else "one rater")
+        return (f"canary: {len(raters)} raters rate {canary} {_points(decision.shown)} points "
+                f"against {active} (always-valid 95% interval {_points(low)} to "
+                f"{_points(high)}), but without the thumbs of {who} ({decision.tipped_by}) the "
+                f"others show {_points(decision.without)}: no single rater decides a small "
+                "group's canary; more thumbs from the others settle it")
     return (f"canary: {len(raters)} rater(s) so far rate {canary} {_points(decision.shown)} points "
             f"against {active} (always-valid 95% interval {_points(low)} to {_points(high)}); "
             f"it is promoted once the interval lies above {_points(-decision.margin)} and "

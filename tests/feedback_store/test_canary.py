@@ -9,6 +9,7 @@ from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
 from feedback_store.models import Feedback
 from feedback_store.types import PooledLive, Rater
+from flywheel.rater_pooling import Clustered
 
 
 def _versions(store: Store, *statuses: str) -> None:
@@ -173,6 +174,32 @@ def test_thumbs_are_counted_per_rater(store: Store) -> None:
     assert store.canary_evidence() == by_arm
     assert store.thumbs_by_rater(["policy-1", "policy-0", "policy-9"]) == {
         **by_arm, "policy-9": {}}
+
+
+def test_canary_thumbs_are_summed_request_by_request(store: Store) -> None:
+    """`canary_requests`: per arm and rater, the sums `Clustered` keeps (up, n, up^2, up n,
+    n^2, requests), grouped by the request that served each answer."""
+    _versions(store, "candidate")
+    _served(store, "before", "policy-1", n=1)
+    store.start_canary("policy-1", 0.5)
+    _thumbs(store, "before", "up", user="ann")  # an answer from before the canary
+    for request, version in (("a1", "policy-0"), ("a2", "policy-0"), ("c1", "policy-1")):
+        _served(store, request, version, n=3)
+    _thumbs(store, "a1", "up", "up", "up", user="ann")
+    _thumbs(store, "a2", "down", "up", user="ann")
+    _thumbs(store, "c1", "up", "down", user="ann")
+    _thumbs(store, "c1", "up", user="bob")
+    found = store.canary_requests()
+    assert found == {
+        "policy-0": {"user:ann": Clustered(up=4, n=5, up_sq=9 + 1, up_n=9 + 2, n_sq=9 + 4,
+                                           requests=2)},
+        "policy-1": {"user:ann": Clustered(1, 2, 1, 2, 4, 1), "user:bob": Clustered.of([(1, 0)])},
+    }
+    assert store.canary_evidence() == {
+        version: {name: (c.up, c.n - c.up) for name, c in raters.items()}
+        for version, raters in found.items()}
+    store.end_canary("candidate")
+    assert store.canary_requests() is None
 
 
 def test_pruning_spares_serving_and_protected_versions(store: Store) -> None:

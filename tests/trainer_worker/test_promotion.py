@@ -138,6 +138,34 @@ def test_one_flooding_rater_cannot_sink_a_better_canary(store: Store,
     assert metrics["canary/canary_ratings"] < 140  # the flood counts at its capped share
 
 
+def test_a_canary_per_request_is_not_decided_by_one_rater(store: Store,
+                                                         publisher: Publisher) -> None:
+    """A canary assigned per request, three raters: two find it 20 points better, one thumbs
+    it down and the active version up, twice as much. Pooled, that one rejects it; judged
+    rater by rater, the canary waits and says whose thumbs tip it. Once each of the two has
+    rated enough to outweigh the third, it is promoted."""
+    store.start_canary("policy-1", 0.5, unit="request")
+    for user in ("ann", "bob"):
+        for _ in range(10):  # a request of four answers at a time, a mixed verdict in each
+            rate(store, "policy-0", 2, 2, user=user)
+            rate(store, "policy-1", 3, 1, user=user)
+    for _ in range(20):
+        rate(store, "policy-0", 4, 0, user="cat")
+        rate(store, "policy-1", 0, 4, user="cat")
+    judge = promotion(store, publisher)
+    assert judge.tick() is None
+    reason = store.get_policy("policy-1")["metrics"]["canary/reason"]
+    assert "without the thumbs of one rater (user:cat) the others show +25.0" in reason
+    assert "no single rater decides" in reason
+    for user in ("ann", "bob"):
+        for _ in range(40):
+            rate(store, "policy-0", 4, 4, user=user)
+            rate(store, "policy-1", 6, 2, user=user)
+    assert judge.tick() == "promoted"
+    metrics = store.get_policy("policy-1")["metrics"]
+    assert metrics["canary/unit"] == "request" and metrics["canary/canary_raters"] == 3
+
+
 def test_an_undecided_canary_ends_at_its_deadline(store: Store, publisher: Publisher) -> None:
     store.start_canary("policy-1", 0.2)
     rate(store, "policy-0", 5, 5)
