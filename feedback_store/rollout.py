@@ -3,9 +3,9 @@ evidence, and the live thumbs counters per version."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -23,6 +23,7 @@ from feedback_store.policy_versions import (
 from feedback_store.types import PooledLive, RaterThumbs
 from flywheel.rater_pooling import Clustered, canary_unit
 
+_Sums = TypeVar("_Sums")  # what a reader sums per rater: (up, down), or `Clustered`
 RECENT_THUMBS = 2_000  # the thumbs whose raters decide a canary's unit ("auto")
 
 
@@ -126,21 +127,16 @@ class RolloutMixin(StoreBase):
         on answers produced since it began, by the active version or the canary, as
         {version: {identity: (up, down)}}. A bounded range scan of the feedback primary key;
         None when no canary runs."""
-        active, canary = self.serving_state()
-        if canary is None or active is None:
-            return None
-        arms = (active["id"], canary["id"])
-        with self._tx(write=False) as s:
-            row = s.get(PolicyVersion, canary["id"])
-            assert row is not None
-            found = _thumbs_by_rater(s, arms, Feedback.id > (row.canary_feedback_after or 0),
-                                     Completion.created_at >= row.canary_started_at)
-        return {v: found.get(v, {}) for v in arms}
+        return self._during_canary(_thumbs_by_rater)
 
     def canary_requests(self) -> dict[str, dict[str, Clustered]] | None:
         """The same thumbs as `canary_evidence`, summed request by request (for a canary
         compared within raters: a request's answers are alike, their thumbs not independent);
         None when no canary runs."""
+        return self._during_canary(_clustered_by_rater)
+
+    def _during_canary(self, read: Callable[..., dict[str, dict[str, _Sums]]]
+                       ) -> dict[str, dict[str, _Sums]] | None:
         active, canary = self.serving_state()
         if canary is None or active is None:
             return None
@@ -148,8 +144,8 @@ class RolloutMixin(StoreBase):
         with self._tx(write=False) as s:
             row = s.get(PolicyVersion, canary["id"])
             assert row is not None
-            found = _clustered_by_rater(s, arms, Feedback.id > (row.canary_feedback_after or 0),
-                                        Completion.created_at >= row.canary_started_at)
+            found = read(s, arms, Feedback.id > (row.canary_feedback_after or 0),
+                         Completion.created_at >= row.canary_started_at)
         return {v: found.get(v, {}) for v in arms}
 
     def thumbs_by_rater(self, versions: Iterable[str]) -> dict[str, RaterThumbs]:
