@@ -146,7 +146,17 @@ class Pacer:
 
     async def pace(self, client: httpx.AsyncClient, ledger: RatedLedger, milestones: Milestones,
                    deadline: float) -> None:
-        """Each time a batch is rated: one cycle on it, waited for, then the next batch."""
+        """Each time a batch is rated: one cycle on it, waited for, then the next batch. If
+        pacing fails, the run ends (the raters would otherwise wait for it forever)."""
+        try:
+            await self._pace(client, ledger, milestones, deadline)
+        except BaseException as exc:
+            print(f"[paced] pacing stopped: {exc!r}", flush=True)
+            await self.end()
+            raise
+
+    async def _pace(self, client: httpx.AsyncClient, ledger: RatedLedger,
+                    milestones: Milestones, deadline: float) -> None:
         while True:
             async with self.cond:
                 await self.cond.wait_for(lambda: self.finished or (
@@ -169,12 +179,16 @@ class Pacer:
 
 
 async def train_once(client: httpx.AsyncClient, deadline: float) -> dict[str, Any]:
-    """Queue one cycle and wait for it to finish (or for the run's deadline)."""
-    run = (await client.post("/v1/training/runs")).json()
+    """Queue one cycle and wait for it to finish (or for the run's deadline). A poll that
+    fails (the server busy swapping weights on a loaded machine) is tried again."""
+    queued = await client.post("/v1/training/runs")
+    queued.raise_for_status()
+    run: dict[str, Any] = queued.json()
     while time.monotonic() < deadline + 600:  # a cycle begun in time is waited for
-        run = (await client.get(f"/v1/training/runs/{run['id']}")).json()
-        if run["status"] not in ("queued", "running"):
-            return run
+        with contextlib.suppress(httpx.TransportError):
+            run = (await client.get(f"/v1/training/runs/{run['id']}")).json()
+            if run["status"] not in ("queued", "running"):
+                return run
         await asyncio.sleep(0.5)
     return run
 
