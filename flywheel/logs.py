@@ -48,7 +48,13 @@ class _Context(logging.Filter):
 
 
 class _NoAlembicChatter(logging.Filter):
+    """Alembic without its set-up lines, and each migration applied on one line: its
+    docstring's first line, not the whole docstring spilling over unprefixed lines."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "\n" in message:
+            record.msg, record.args = message.split("\n", 1)[0], None
         return not (record.levelno <= logging.INFO and
                     str(record.msg).startswith(_ALEMBIC_CHATTER))
 

@@ -90,6 +90,9 @@ upgrade("sqlite:///{tmp_path / 'f.db'}")
     assert "Running upgrade" in text
     for chatter in ("setup plugin", "Context impl", "Will assume"):
         assert chatter not in text, text
+    # One line per migration: a docstring's later lines would come unprefixed.
+    assert all(" INFO db[-] alembic.runtime.migration: Running upgrade" in line
+               for line in text.splitlines()), text
 
 
 def test_access_lines_leave_out_query_strings(tmp_path: Path) -> None:
