@@ -22,6 +22,7 @@ log = logging.getLogger("flywheel")
 PRIVATE_UMASK = 0o077
 UP_MIN_NEW_FEEDBACK = "16"  # `flywheel up` trains after a handful of feedback events
 UP_CANARY_FRACTION = "0.5"  # under `up`: half the requests while a canary runs
+OPENMP_SPINS = "1000"  # GOMP_SPINCOUNT unless the environment sets it (main)
 
 
 def _configure_logging(settings: Settings, process: str) -> None:
@@ -275,6 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What Flywheel writes (the database and its WAL, checkpoints, models, logs) is readable by
     # the user running it alone: files 0600, folders 0700.
     os.umask(PRIVATE_UMASK)
+    # Torch's OpenMP threads spin while they wait for work (libgomp: 300,000 turns). Beside
+    # another job, or a server beside the trainer on two cores, spinning threads take the
+    # cores from those with work: the demo model trained 2.4x faster beside a two-thread job
+    # with a short spin, as fast alone (docs/benchmarks.md, "The first answer"). Read when
+    # torch loads, so set before; every process `flywheel` starts inherits it.
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINS)
     return int(args.func(args) or 0)
 
 

@@ -41,7 +41,10 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(64, 2, 1, 128, 512, steps=200, batch_size=16, lr=3e-3,
                    tokenizer_conversations=1000, threads=1),
-    "demo": Preset(128, 4, 2, 384, 2048, steps=1300, batch_size=32, lr=3e-3,
+    # 1,000 steps (it was 1,300): the judge's approval of sampled answers held (0.33 against
+    # 0.29 over 400 prompts; the style mix alike) and the build fits a first answer within two
+    # minutes of `flywheel up` on 2 cores (docs/benchmarks.md, "The first answer").
+    "demo": Preset(128, 4, 2, 384, 2048, steps=1000, batch_size=32, lr=3e-3,
                    tokenizer_conversations=8000),
 }
 
@@ -146,8 +149,8 @@ def train_model(
     """
     counts = [int((b["labels"] != -100).sum()) for b in batches]
     norm = max(1.0, sum(counts) / max(1, len(counts)))
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters (3 of 80 ms a step)
+        model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01, fused=True
     )
     model.train()
     losses: list[float] = []
