@@ -195,8 +195,7 @@ def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
     larger of that and the sandwich over the raters' d_i.
     """
     weights = weights or {}
-    both = {name: (active[name], canary[name]) for name in canary
-            if name in active and active[name].n > 0 and canary[name].n > 0}
+    both = {name: (active[name], canary[name]) for name in _paired_raters(active, canary)}
     effective = {name: a.n * c.n / (a.n + c.n) for name, (a, c) in both.items()}
     masses = capped_masses(effective, share)
     rows = []  # (w_i, p_a, p_c, variance of d_i, n_a, n_c)
@@ -212,13 +211,21 @@ def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
     p_c = sum(w * pc for w, _, pc, *_ in rows) / total
     variance = sum(w * w * v for w, _, _, v, _, _ in rows) / (total * total)
     k = len(rows)
-    if k >= max(2, FEW_RATERS):
+    if k > 1 and len(both) >= FEW_RATERS:
         spread = sum((w * ((pc - pa) - (p_c - p_a))) ** 2 for w, pa, pc, *_ in rows)
         variance = max(variance, spread / (total * total) * k / (k - 1))
     n_a = sum(row[4] for row in rows)
     n_c = sum(row[5] for row in rows)
     return (Arm(p_a * n_a, (1 - p_a) * n_a, variance=variance / 2),
             Arm(p_c * n_c, (1 - p_c) * n_c, variance=variance / 2))
+
+
+def _paired_raters(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
+                   ) -> list[str]:
+    """The raters with thumbs on both arms: whom a paired canary compares, and counts against
+    `FEW_RATERS`."""
+    return sorted(name for name in canary
+                  if name in active and active[name].n > 0 and canary[name].n > 0)
 
 
 def decide_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
@@ -235,8 +242,7 @@ def decide_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustere
         return decide_canary(*arms, min_ratings=min_ratings, margin=margin, alpha=alpha)
 
     decision = decide(active, canary)
-    raters = sorted(name for name in set(active) & set(canary)
-                    if active[name].n and canary[name].n)
+    raters = _paired_raters(active, canary)
     if decision.verdict == "wait" or not 1 < len(raters) < FEW_RATERS:
         return decision
     for name in raters:
