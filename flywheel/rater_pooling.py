@@ -180,13 +180,55 @@ class Clustered:
         return variance
 
 
+@dataclass(frozen=True)
+class Shared:
+    """One rater's requests answered by both arms (a per-request canary splits a request's
+    answers between them): with u_c up of n_c canary thumbs and u_a up of n_a active thumbs on
+    request r, the sums of u_c u_a, u_c n_a, n_c u_a, n_c n_a and the requests. They give the
+    covariance of the rater's two approvals: both arms answered the same prompts, so what a
+    prompt does to every answer cancels in their difference."""
+
+    up_up: int = 0
+    up_n: int = 0  # u_c n_a
+    n_up: int = 0  # n_c u_a
+    n_n: int = 0
+    requests: int = 0
+
+    @classmethod
+    def of(cls, requests: Iterable[tuple[Counts, Counts]]) -> Shared:
+        """From ((active up, down), (canary up, down)) per request answered by both arms."""
+        rows = [(ua, ua + da, uc, uc + dc) for (ua, da), (uc, dc) in requests
+                if ua + da and uc + dc]
+        return cls(sum(uc * ua for ua, _, uc, _ in rows), sum(uc * na for _, na, uc, _ in rows),
+                   sum(nc * ua for ua, _, _, nc in rows), sum(nc * na for _, na, _, nc in rows),
+                   len(rows))
+
+
+def difference_variance(active: Clustered, canary: Clustered, shared: Shared | None = None
+                        ) -> float:
+    """Variance of one rater's p_canary - p_active: each arm's own (`Clustered.variance`) less
+    twice their cluster-robust covariance over the requests both arms answered, never below the
+    binomial variance of independent thumbs."""
+    separate = active.variance() + canary.variance()
+    if shared is None or shared.requests == 0:
+        return separate
+    p_a, p_c = active.up / active.n, canary.up / canary.n
+    products = shared.up_up - p_a * shared.up_n - p_c * shared.n_up + p_a * p_c * shared.n_n
+    m = active.requests + canary.requests - shared.requests
+    covariance = products / (active.n * canary.n) * (m / (m - 1) if m > 1 else 1.0)
+    q_a, q_c = _shrunk(active.up, active.n), _shrunk(canary.up, canary.n)
+    binomial = q_a * (1 - q_a) / active.n + q_c * (1 - q_c) / canary.n
+    return max(binomial, separate - 2 * covariance)
+
+
 def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
-                share: float, weights: Mapping[str, float] | None = None) -> tuple[Arm, Arm]:
+                share: float, weights: Mapping[str, float] | None = None,
+                shared: Mapping[str, Shared] | None = None) -> tuple[Arm, Arm]:
     """The two arms compared within raters: each rater who rated both contributes its own
     difference d_i = p_canary,i - p_active,i, weighted by its effective thumbs
     n_a n_c / (n_a + n_c) (the inverse of the difference's variance at equal approvals) under
     the caps and the trust weights. Raters who rated one arm only do not count. Thumbs come
-    summed per request (`Clustered`).
+    summed per request (`Clustered`), and for requests answered by both arms, `shared`.
 
     Returns (active, canary) arms whose approvals are the weighted means of the raters' (so
     their difference is the weighted mean difference), whose counts are the thumbs of the
@@ -194,7 +236,7 @@ def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
     the raters' own (within each rater, clustered by request), and from `FEW_RATERS` raters the
     larger of that and the sandwich over the raters' d_i.
     """
-    weights = weights or {}
+    weights, shared = weights or {}, shared or {}
     both = {name: (active[name], canary[name]) for name in _paired_raters(active, canary)}
     effective = {name: a.n * c.n / (a.n + c.n) for name, (a, c) in both.items()}
     masses = capped_masses(effective, share)
@@ -203,7 +245,8 @@ def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
         w = weights.get(name, 1.0) * mass
         a, c = both[name]
         if w > 0:
-            rows.append((w, a.up / a.n, c.up / c.n, a.variance() + c.variance(), a.n, c.n))
+            rows.append((w, a.up / a.n, c.up / c.n, difference_variance(a, c, shared.get(name)),
+                         a.n, c.n))
     total = sum(w for w, *_ in rows)
     if total <= 0:
         return Arm(0, 0), Arm(0, 0)
@@ -230,7 +273,8 @@ def _paired_raters(active: Mapping[str, Clustered], canary: Mapping[str, Cluster
 
 def decide_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
                   share: float, min_ratings: int, margin: float, alpha: float,
-                  weights: Mapping[str, float] | None = None) -> CanaryDecision:
+                  weights: Mapping[str, float] | None = None,
+                  shared: Mapping[str, Shared] | None = None) -> CanaryDecision:
     """`decide_canary` on `pool_paired`'s arms, and with fewer than `FEW_RATERS` raters no
     verdict that rests on one of them (module docstring): it waits, naming that rater in
     `tipped_by`, unless the others' thumbs still show the canary not worse by the margin (a
@@ -238,7 +282,7 @@ def decide_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustere
     Leaving a rater out can only turn a verdict into a wait, so each error stays at most alpha.
     """
     def decide(a: Mapping[str, Clustered], c: Mapping[str, Clustered]) -> CanaryDecision:
-        arms = pool_paired(a, c, share=share, weights=weights)
+        arms = pool_paired(a, c, share=share, weights=weights, shared=shared)
         return decide_canary(*arms, min_ratings=min_ratings, margin=margin, alpha=alpha)
 
     decision = decide(active, canary)
