@@ -98,7 +98,8 @@ class CompletionsMixin(StoreBase):
         s.execute(CHOICES.insert(), [
             {"completion_id": c.id, "index": ch.index, "text": ch.text,
              "token_ids": list(ch.token_ids), "logprobs": list(ch.logprobs),
-             "finish_reason": ch.finish_reason}
+             "finish_reason": ch.finish_reason,
+             "policy_version": ch.policy_version or c.policy_version}
             for c in records for ch in c.choices
         ])
         return prompt_ids

@@ -172,7 +172,7 @@ class FeedbackMixin(StoreBase):
                     if vote is not None:
                         votes.append(vote)
                         conn.execute(_COUNT_ONE_RATING, {
-                            "completion_id": row["completion_id"],
+                            "choice_id": vote.choice_id,
                             "up": int(row["rating"] == "up"),
                             "down": int(row["rating"] == "down"),
                         })
@@ -237,14 +237,13 @@ ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING feedback.public_id, feedback.id, feedback.choice_id, feedback.voter, feedback.rating
 ), counted AS (
 INSERT INTO policy_ratings (policy_version, up, down)
-SELECT completions.policy_version,
+SELECT choices.policy_version,
        SUM(CASE WHEN inserted.rating = 'up' THEN 1 ELSE 0 END),
        SUM(CASE WHEN inserted.rating = 'down' THEN 1 ELSE 0 END)
 FROM inserted
 JOIN choices ON choices.id = inserted.choice_id
-JOIN completions ON completions.id = choices.completion_id
-GROUP BY completions.policy_version
-ORDER BY completions.policy_version
+GROUP BY choices.policy_version
+ORDER BY choices.policy_version
 ON CONFLICT (policy_version) DO UPDATE
 SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
 )
@@ -254,7 +253,7 @@ SELECT public_id, id, choice_id, voter FROM inserted
 # SQLite: one stored row's thumb added to its version's counter.
 _COUNT_ONE_RATING = sa.text("""
 INSERT INTO policy_ratings (policy_version, up, down)
-SELECT policy_version, :up, :down FROM completions WHERE id = :completion_id
+SELECT policy_version, :up, :down FROM choices WHERE id = :choice_id
 ON CONFLICT (policy_version) DO UPDATE
 SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
 """)
@@ -379,9 +378,8 @@ def _check_owner(completion: Completion, owner_scope: str | None) -> None:
 # The live votes of some (choice id, voter) pairs, with their versions.
 _LIVE_VOTES = (
     sa.select(Feedback.id, Feedback.choice_id, Feedback.voter, Feedback.rating,
-              Completion.policy_version)
+              Choice.policy_version)
     .join(Choice, Choice.id == Feedback.choice_id)
-    .join(Completion, Completion.id == Choice.completion_id)
     .where(sa.tuple_(Feedback.choice_id, Feedback.voter).in_(sa.bindparam("pairs", expanding=True)),
            Feedback.replaced_by.is_(None))
 )

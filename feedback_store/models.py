@@ -83,7 +83,8 @@ class Prompt(Base):
 
 
 class Completion(Base):
-    """One served request; `id` is the public response id that feedback refers to."""
+    """One served request; `id` is the public response id that feedback refers to. Its
+    `policy_version` is its first answer's (`Choice.policy_version` is each answer's)."""
 
     __tablename__ = "completions"
     __table_args__ = (sa.CheckConstraint(_in("kind", ("chat", "text")), name="kind"),)
@@ -114,6 +115,9 @@ class Choice(Base):
     token_ids: Mapped[list[int]] = mapped_column(json_type())
     logprobs: Mapped[list[float]] = mapped_column(json_type())
     finish_reason: Mapped[str] = mapped_column(sa.String(16))
+    # The version that wrote it: every thumb, signal and canary comparison is counted by it.
+    # A canary assigned per request answers one request from both versions.
+    policy_version: Mapped[str] = mapped_column(sa.String(64))
 
 
 class Feedback(Base):

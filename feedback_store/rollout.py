@@ -21,9 +21,9 @@ from feedback_store.policy_versions import (
     _policy_record,
 )
 from feedback_store.types import PooledLive, RaterThumbs
-from flywheel.rater_pooling import Clustered, canary_unit
+from flywheel.rater_pooling import Clustered, PairedThumbs, Shared, canary_unit
 
-_Sums = TypeVar("_Sums")  # what a reader sums per rater: (up, down), or `Clustered`
+_Found = TypeVar("_Found")  # what a reader finds among a canary's thumbs
 RECENT_THUMBS = 2_000  # the thumbs whose raters decide a canary's unit ("auto")
 
 
@@ -127,16 +127,19 @@ class RolloutMixin(StoreBase):
         on answers produced since it began, by the active version or the canary, as
         {version: {identity: (up, down)}}. A bounded range scan of the feedback primary key;
         None when no canary runs."""
-        return self._during_canary(_thumbs_by_rater)
+        found = self._during_canary(_thumbs_by_rater)
+        return None if found is None else {v: found[1].get(v, {}) for v in found[0]}
 
-    def canary_requests(self) -> dict[str, dict[str, Clustered]] | None:
+    def canary_requests(self) -> PairedThumbs | None:
         """The same thumbs as `canary_evidence`, summed request by request (for a canary
-        compared within raters: a request's answers are alike, their thumbs not independent);
-        None when no canary runs."""
-        return self._during_canary(_clustered_by_rater)
+        compared within raters: a request's answers are alike, their thumbs not independent),
+        with the sums of requests answered by both arms; None when no canary runs."""
+        found = self._during_canary(_paired_by_rater)
+        return None if found is None else found[1]
 
-    def _during_canary(self, read: Callable[..., dict[str, dict[str, _Sums]]]
-                       ) -> dict[str, dict[str, _Sums]] | None:
+    def _during_canary(self, read: Callable[..., _Found]) -> tuple[tuple[str, str], _Found] | None:
+        """(active, canary) and what `read` finds among the thumbs counted for the running
+        canary, or None when none runs."""
         active, canary = self.serving_state()
         if canary is None or active is None:
             return None
@@ -144,9 +147,8 @@ class RolloutMixin(StoreBase):
         with self._tx(write=False) as s:
             row = s.get(PolicyVersion, canary["id"])
             assert row is not None
-            found = read(s, arms, Feedback.id > (row.canary_feedback_after or 0),
-                         Completion.created_at >= row.canary_started_at)
-        return {v: found.get(v, {}) for v in arms}
+            return arms, read(s, arms, Feedback.id > (row.canary_feedback_after or 0),
+                              Completion.created_at >= row.canary_started_at)
 
     def thumbs_by_rater(self, versions: Iterable[str]) -> dict[str, RaterThumbs]:
         """All thumbs on the answers of these versions, as {version: {identity: (up, down)}}.
@@ -184,32 +186,51 @@ class RolloutMixin(StoreBase):
             return True
 
 
-def _clustered_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnElement[bool]
-                        ) -> dict[str, dict[str, Clustered]]:
-    """Per version and identity of the rater, its thumbs summed per request (completion) into
-    `Clustered`'s sums, over feedback matching `where`: one grouping per request, then one per
-    rater, in the database."""
+def _paired_by_rater(s: Session, arms: tuple[str, str], *where: sa.ColumnElement[bool]
+                     ) -> PairedThumbs:
+    """Per identity of the rater, its thumbs on each arm (active, canary) summed per request
+    (completion) into `Clustered`'s sums, and over the requests both arms answered into
+    `Shared`'s, over feedback matching `where` (which may name `Completion`): one grouping per
+    request, then one per rater, in the database."""
     rater = identity_column(Feedback).label("rater")
+    up = Feedback.rating == "up"
+
+    def arm(version: str, *, up_only: bool = False) -> sa.ColumnElement[int]:
+        on = sa.and_(Choice.policy_version == version, up) if up_only else (
+            Choice.policy_version == version)
+        return sa.func.sum(sa.case((on, 1), else_=0))
+
+    active, canary = arms
     per_request = (
-        sa.select(Completion.policy_version.label("version"), rater,
-                  sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0)).label("u"),
-                  sa.func.count().label("n"))
+        sa.select(rater, arm(active, up_only=True).label("ua"), arm(active).label("na"),
+                  arm(canary, up_only=True).label("uc"), arm(canary).label("nc"))
         .select_from(Feedback)
         .join(Choice, Choice.id == Feedback.choice_id)
         .join(Completion, Completion.id == Choice.completion_id)
-        .where(Completion.policy_version.in_(versions), Feedback.replaced_by.is_(None), *where)
-        .group_by(Completion.policy_version, rater, Completion.id)
+        .where(Choice.policy_version.in_(arms), Feedback.replaced_by.is_(None), *where)
+        .group_by(rater, Completion.id)
         .subquery()
     )
     c = per_request.c
-    rows = s.execute(
-        sa.select(c.version, c.rater, sa.func.sum(c.u), sa.func.sum(c.n), sa.func.sum(c.u * c.u),
-                  sa.func.sum(c.u * c.n), sa.func.sum(c.n * c.n), sa.func.count())
-        .group_by(c.version, c.rater)
-    )
-    found: dict[str, dict[str, Clustered]] = {}
-    for version, identity, *sums in rows:
-        found.setdefault(version, {})[identity] = Clustered(*(int(x or 0) for x in sums))
+
+    def clustered(u: sa.ColumnElement[int], n: sa.ColumnElement[int]) -> list[Any]:
+        return [sa.func.sum(u), sa.func.sum(n), sa.func.sum(u * u), sa.func.sum(u * n),
+                sa.func.sum(n * n), sa.func.sum(sa.case((n > 0, 1), else_=0))]
+
+    both = sa.case((sa.and_(c.na > 0, c.nc > 0), 1), else_=0)
+    rows = s.execute(sa.select(
+        c.rater, *clustered(c.ua, c.na), *clustered(c.uc, c.nc),
+        sa.func.sum(c.uc * c.ua), sa.func.sum(c.uc * c.na), sa.func.sum(c.nc * c.ua),
+        sa.func.sum(c.nc * c.na), sa.func.sum(both),
+    ).group_by(c.rater))
+    found = PairedThumbs({}, {}, {})
+    for identity, *sums in rows:
+        ints = [int(x or 0) for x in sums]
+        for into, part in ((found.active, ints[0:6]), (found.canary, ints[6:12])):
+            if part[1]:
+                into[identity] = Clustered(*part)
+        if ints[16]:
+            found.shared[identity] = Shared(*ints[12:17])
     return found
 
 
@@ -220,12 +241,12 @@ def _thumbs_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnEle
     up = sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0))
     down = sa.func.sum(sa.case((Feedback.rating == "down", 1), else_=0))
     rows = s.execute(
-        sa.select(Completion.policy_version, rater, up, down)
+        sa.select(Choice.policy_version, rater, up, down)
         .select_from(Feedback)
         .join(Choice, Choice.id == Feedback.choice_id)
         .join(Completion, Completion.id == Choice.completion_id)
-        .where(Completion.policy_version.in_(versions), Feedback.replaced_by.is_(None), *where)
-        .group_by(Completion.policy_version, rater)
+        .where(Choice.policy_version.in_(versions), Feedback.replaced_by.is_(None), *where)
+        .group_by(Choice.policy_version, rater)
     )
     found: dict[str, RaterThumbs] = {}
     for version, identity, n_up, n_down in rows:

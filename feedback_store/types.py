@@ -48,6 +48,9 @@ class NewChoice:
     token_ids: list[int]
     logprobs: list[float]  # of the sampled tokens, as sampled (after temperature / top-p)
     finish_reason: str  # "stop" or "length"
+    # The version that wrote this answer, when not the completion's: a canary assigned per
+    # request splits a request's answers between the two arms (server/canary_split.py).
+    policy_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,7 @@ class NewCompletion:
     prompt_token_ids: list[int]
     messages: list[dict[str, Any]] | None  # the chat messages, None for text prompts
     model: str  # served model name
-    policy_version: str  # e.g. "policy-3"
+    policy_version: str  # e.g. "policy-3": the version of its first answer
     params: dict[str, Any]  # sampling parameters as requested (temperature, top_p, n, ...)
     choices: list[NewChoice]
     user: str | None = None

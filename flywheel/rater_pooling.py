@@ -204,6 +204,16 @@ class Shared:
                    len(rows))
 
 
+@dataclass(frozen=True)
+class PairedThumbs:
+    """A canary's thumbs assigned per request: per rater, each arm's `Clustered` sums, and the
+    `Shared` ones of requests both arms answered (what `decide_paired` takes)."""
+
+    active: dict[str, Clustered]
+    canary: dict[str, Clustered]
+    shared: dict[str, Shared]
+
+
 def difference_variance(active: Clustered, canary: Clustered, shared: Shared | None = None
                         ) -> float:
     """Variance of one rater's p_canary - p_active: each arm's own (`Clustered.variance`) less

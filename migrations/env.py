@@ -46,6 +46,14 @@ def run_migrations_online() -> None:
     try:
         with engine.connect() as connection:
             is_sqlite = connection.dialect.name == "sqlite"
+            if is_sqlite:
+                # A batch operation copies a table into a new one; the copy of a table others
+                # reference (choices) must not trip their foreign keys half-way. SQLite takes
+                # this pragma outside a transaction only: on the driver's connection, before
+                # SQLAlchemy begins one.
+                driver = connection.connection.driver_connection
+                assert driver is not None
+                driver.execute("PRAGMA foreign_keys = OFF")
             _configure(connection=connection, render_as_batch=is_sqlite)
             with context.begin_transaction():
                 if connection.dialect.name == "postgresql":
@@ -53,6 +61,9 @@ def run_migrations_online() -> None:
                         sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_ID}
                     )
                 context.run_migrations()
+                if is_sqlite and (broken := connection.exec_driver_sql(
+                        "PRAGMA foreign_key_check").first()) is not None:
+                    raise RuntimeError(f"a migration broke a foreign key: {tuple(broken)}")
     finally:
         engine.dispose()
 

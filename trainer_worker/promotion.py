@@ -20,7 +20,7 @@ from feedback_store import Store
 from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
 from flywheel.approval import Arm, CanaryDecision, decide_canary, difference_sequence
 from flywheel.live_approval import forgotten
-from flywheel.rater_pooling import decide_paired, pool_arm
+from flywheel.rater_pooling import PairedThumbs, decide_paired, pool_arm
 from flywheel.serving_plan import Publisher, announce
 from flywheel.settings import Settings
 from trainer_worker.rater_review import RaterReview
@@ -145,11 +145,12 @@ class Promotion:
         sees both arms: `decide_paired`); else pooled per arm."""
         cfg = self.cfg
         if (canary.get("canary") or {}).get("unit") == "request":
-            clustered = self.store.canary_requests() or {}
+            paired = self.store.canary_requests() or PairedThumbs({}, {}, {})
             thumbs = {version: {name: (c.up, c.n - c.up) for name, c in raters.items()}
-                      for version, raters in clustered.items()}
+                      for version, raters in ((active, paired.active),
+                                              (canary["id"], paired.canary))}
             decision = decide_paired(
-                clustered.get(active, {}), clustered.get(canary["id"], {}),
+                paired.active, paired.canary, shared=paired.shared,
                 share=self.settings.feedback.user_share, weights=self._weights(thumbs),
                 min_ratings=cfg.min_ratings, margin=cfg.margin, alpha=cfg.alpha)
             return decision, thumbs

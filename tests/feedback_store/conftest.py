@@ -19,8 +19,10 @@ def add_completion(
     texts: tuple[str, ...] = ("Hi!", "Go away."),
     kind: str = "chat",
     policy_version: str = "policy-0",
+    versions: tuple[str, ...] | None = None,
 ) -> None:
-    """Store a completion of `prompt` with one choice per text (token ids from the text)."""
+    """Store a completion of `prompt` with one choice per text (token ids from the text), by
+    `policy_version`, or each by its version in `versions` (a request split between arms)."""
     store.record_completion(
         NewCompletion(
             id=cid,
@@ -32,7 +34,8 @@ def add_completion(
             policy_version=policy_version,
             params={"n": len(texts), "temperature": 1.0},
             choices=[
-                NewChoice(i, text, [ord(ch) for ch in text], [-0.5] * len(text), "stop")
+                NewChoice(i, text, [ord(ch) for ch in text], [-0.5] * len(text), "stop",
+                          None if versions is None else versions[i])
                 for i, text in enumerate(texts)
             ],
         )

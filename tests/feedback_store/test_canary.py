@@ -9,7 +9,7 @@ from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
 from feedback_store.models import Feedback
 from feedback_store.types import PooledLive, Rater
-from flywheel.rater_pooling import Clustered
+from flywheel.rater_pooling import Clustered, PairedThumbs, Shared
 
 
 def _versions(store: Store, *statuses: str) -> None:
@@ -19,11 +19,15 @@ def _versions(store: Store, *statuses: str) -> None:
                          sha256="ab" * 32, status=status)
 
 
-def _served(store: Store, cid: str, version: str, n: int = 1) -> None:
+def _served(store: Store, cid: str, version: str, n: int = 1, *versions: str) -> None:
+    """A request of `n` answers by `version`, or one answer by each of `versions` (a request
+    split between the arms)."""
+    each = versions or (version,) * n
     store.record_completion(NewCompletion(
         id=cid, kind="text", prompt_text=f"prompt {cid}", prompt_token_ids=[1, 2],
-        messages=None, model="flywheel", policy_version=version, params={},
-        choices=[NewChoice(i, f"answer {i}", [3 + i], [-0.1], "stop") for i in range(n)]))
+        messages=None, model="flywheel", policy_version=each[0], params={},
+        choices=[NewChoice(i, f"answer {i}", [3 + i], [-0.1], "stop", v)
+                 for i, v in enumerate(each)]))
 
 
 def _thumbs(store: Store, cid: str, *ratings: str, user: str | None = None) -> None:
@@ -178,26 +182,34 @@ def test_thumbs_are_counted_per_rater(store: Store) -> None:
 
 def test_canary_thumbs_are_summed_request_by_request(store: Store) -> None:
     """`canary_requests`: per arm and rater, the sums `Clustered` keeps (up, n, up^2, up n,
-    n^2, requests), grouped by the request that served each answer."""
+    n^2, requests), grouped by the request that served each answer, each answer counted for the
+    version that wrote it; and over the requests both arms answered, `Shared`'s sums."""
     _versions(store, "candidate")
     _served(store, "before", "policy-1", n=1)
     store.start_canary("policy-1", 0.5)
     _thumbs(store, "before", "up", user="ann")  # an answer from before the canary
     for request, version in (("a1", "policy-0"), ("a2", "policy-0"), ("c1", "policy-1")):
         _served(store, request, version, n=3)
+    _served(store, "m1", "", 0, "policy-1", "policy-0", "policy-0")  # split between the arms
     _thumbs(store, "a1", "up", "up", "up", user="ann")
     _thumbs(store, "a2", "down", "up", user="ann")
     _thumbs(store, "c1", "up", "down", user="ann")
     _thumbs(store, "c1", "up", user="bob")
+    _thumbs(store, "m1", "up", "up", "down", user="bob")
     found = store.canary_requests()
-    assert found == {
-        "policy-0": {"user:ann": Clustered(up=4, n=5, up_sq=9 + 1, up_n=9 + 2, n_sq=9 + 4,
-                                           requests=2)},
-        "policy-1": {"user:ann": Clustered(1, 2, 1, 2, 4, 1), "user:bob": Clustered.of([(1, 0)])},
-    }
+    assert found == PairedThumbs(
+        active={"user:ann": Clustered(up=4, n=5, up_sq=9 + 1, up_n=9 + 2, n_sq=9 + 4,
+                                      requests=2),
+                "user:bob": Clustered.of([(1, 1)])},
+        canary={"user:ann": Clustered(1, 2, 1, 2, 4, 1),
+                "user:bob": Clustered.of([(1, 0), (1, 0)])},
+        shared={"user:bob": Shared.of([((1, 1), (1, 0))])},
+    )
+    assert found.shared["user:bob"] == Shared(up_up=1, up_n=2, n_up=1, n_n=2, requests=1)
     assert store.canary_evidence() == {
         version: {name: (c.up, c.n - c.up) for name, c in raters.items()}
-        for version, raters in found.items()}
+        for version, raters in (("policy-0", found.active), ("policy-1", found.canary))}
+    assert store.live_ratings()["policy-0"] == (4 + 1, 1 + 1)  # counters by the answer's version
     store.end_canary("candidate")
     assert store.canary_requests() is None
 

@@ -170,3 +170,23 @@ def test_controller_state_is_filled_in_from_metrics(db_url: str) -> None:
     assert state.watermark == {"feedback": 20, "rankings": 0, "implicit": 0}
     assert not state.trained_on_train_split
     store.close()
+
+
+def test_answers_take_their_completions_version(db_url: str) -> None:
+    """Answers stored before 0012v get their completion's version; after it, each its own."""
+    migrate.upgrade(db_url)
+    store = Store(db_url)
+    add_completion(store, "chatcmpl-1", policy_version="policy-1")
+    add_completion(store, "chatcmpl-2", policy_version="policy-2",
+                   versions=("policy-2", "policy-3"))
+    store.close()
+    migrate.downgrade(db_url, "0011s")
+    migrate.upgrade(db_url)
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+'SELECT completion_id, policy_version FROM choices ORDER BY completion_id, "index"')).all()
+    engine.dispose()
+    # Downgrading dropped what 0012v recorded: chatcmpl-2's answers take its first one's.
+    assert [tuple(row) for row in rows] == [("chatcmpl-1", "policy-1"), ("chatcmpl-1", "policy-1"),
+                                            ("chatcmpl-2", "policy-2"), ("chatcmpl-2", "policy-2")]

@@ -1,0 +1,34 @@
+"""Each answer records the version that wrote it: a canary assigned per request answers one
+request from both versions, and every thumb is counted by its answer's version. Rows stored
+before take their completion's.
+
+Revision ID: 0012v
+Revises: 0011s
+Create Date: 2026-12-13
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0012v"
+down_revision: str | None = "0011s"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("choices") as batch:
+        batch.add_column(sa.Column("policy_version", sa.String(64), nullable=True))
+    op.execute("UPDATE choices SET policy_version = (SELECT completions.policy_version"
+               " FROM completions WHERE completions.id = choices.completion_id)")
+    with op.batch_alter_table("choices") as batch:
+        batch.alter_column("policy_version", existing_type=sa.String(64), nullable=False)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("choices") as batch:
+        batch.drop_column("policy_version")
