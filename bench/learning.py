@@ -101,16 +101,21 @@ class SimulatedUsers:
             self.failed["chat"] += 1
             return
         body = response.json()
-        version, now = body["system_fingerprint"], time.monotonic() - self.started
+        now = time.monotonic() - self.started
         answers = [c["message"]["content"] for c in body["choices"]]
         verdicts = [self.taste.approve(prompt, a) for a in answers]
-        record = self.stats.setdefault(version, VersionStats(first_seen=now))
-        record.answers += len(answers)
-        record.approved += sum(verdicts)
-        self.timeline.append((now, version, sum(verdicts), len(answers)))
-        for answer, up in zip(answers, verdicts, strict=True):
-            cell = record.openings[(answer.split() or [""])[0]]
-            cell[0], cell[1] = cell[0] + 1, cell[1] + up
+        # Each answer's version: a canary assigned per request splits a request between arms.
+        versions = [c.get("policy_version", body["system_fingerprint"]) for c in body["choices"]]
+        for version in sorted(set(versions)):
+            mine = [(a, up) for a, up, v in zip(answers, verdicts, versions, strict=True)
+                    if v == version]
+            record = self.stats.setdefault(version, VersionStats(first_seen=now))
+            record.answers += len(mine)
+            record.approved += sum(up for _, up in mine)
+            self.timeline.append((now, version, sum(up for _, up in mine), len(mine)))
+            for answer, up in mine:
+                cell = record.openings[(answer.split() or [""])[0]]
+                cell[0], cell[1] = cell[0] + 1, cell[1] + up
         for index, up in enumerate(verdicts):
             if await self._post("feedback", "/v1/feedback", {
                     "completion_id": body["id"], "choice_index": index,

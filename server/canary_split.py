@@ -2,7 +2,9 @@
 
 The unit is the canary's (chosen when it starts, `trainer_worker/promotion.py`): per request when
 raters are few, so each rater sees both arms and the judge compares the arms within raters;
-sticky per rater when they are many, so nobody's experience flips between versions.
+sticky per rater when they are many, so nobody's experience flips between versions. Per request,
+a request for several answers is split between the arms (`canary_answers`): both versions answer
+the same prompt, and what the prompt does to every answer cancels in their comparison.
 """
 
 from __future__ import annotations
@@ -46,3 +48,15 @@ class CanarySplit:
         else:
             point = random.random()
         return point < self.fraction
+
+    def canary_answers(self, rater: Rater | str | None, n: int) -> int:
+        """How many of a request's `n` answers the canary writes. Sticky per rater: all or none
+        (`to_canary`). Per request: the canary's fraction of them, n * fraction rounded down
+        or, with the probability of its fractional part, up (at 0.5, one or two of three
+        answers; one of one half the time), so that the split follows the fraction and as many
+        requests as it allows are answered by both arms."""
+        if self.version is None or self.unit != "request":
+            return n if self.to_canary(rater) else 0
+        exact = n * self.fraction
+        whole = int(exact)
+        return whole + (random.random() < exact - whole)

@@ -20,7 +20,10 @@ class CompletionJob:
     """A validated request for one prompt, ready for the engine.
 
     A text completion with several prompts is one job per prompt, sharing ``id``: its choices
-    are numbered from ``index_base`` (prompt i: i * n) and it is stored as ``store_id``.
+    are numbered from ``index_base`` (prompt i: i * n) and it is stored as ``store_id``. A
+    request split between a canary's arms is one job per arm (`serving.split_by_arm`), sharing
+    ``store_id``: its answers are stored from ``first_stored`` on, and the engine knows it as
+    ``engine_id``.
     """
 
     kind: Kind
@@ -38,6 +41,8 @@ class CompletionJob:
     tenant: str = ""  # whose share of the queue and the batch it takes (``Authenticator.tenant``)
     index_base: int = 0
     store_id: str = ""
+    first_stored: int = 0
+    engine_id: str = ""
     echo: str | None = None  # text the answers start with (`echo`: the prompt's)
     # When it was made, to the microsecond (`created` is whole seconds, as OpenAI sends it):
     # stored with the answer, which a canary started within the same second must count.
@@ -45,6 +50,7 @@ class CompletionJob:
 
     def __post_init__(self) -> None:
         self.store_id = self.store_id or self.id
+        self.engine_id = self.engine_id or self.store_id
 
 
 @dataclass
@@ -104,13 +110,15 @@ def text_logprobs(state: AppState, token_ids: list[int], logprobs: list[float],
 
 def usage(jobs: list[CompletionJob], choices: list[dict[int, ChoiceState]]) -> dict[str, int]:
     completion = sum(len(c.token_ids) for per_job in choices for c in per_job.values())
-    prompt = sum(len(job.prompt_ids) for job in jobs)
+    prompt = sum(len(job.prompt_ids) for job in jobs if job.first_stored == 0)  # once a prompt
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}
 
 
-def full_choice(state: AppState, job: CompletionJob, index: int,
-                choice: ChoiceState) -> dict[str, Any]:
+def full_choice(state: AppState, job: CompletionJob, index: int, choice: ChoiceState,
+                version: str) -> dict[str, Any]:
+    """A choice of a whole response, with the version that wrote it (`policy_version`: a
+    response a canary split between its arms has answers from both)."""
     logprobs = None
     if job.kind == "chat":
         if job.logprobs:
@@ -118,12 +126,14 @@ def full_choice(state: AppState, job: CompletionJob, index: int,
                                      choice.top_logprobs)
         return {"index": job.index_base + index,
                 "message": {"role": "assistant", "content": choice.text},
-                "logprobs": logprobs, "finish_reason": choice.finish_reason}
+                "logprobs": logprobs, "finish_reason": choice.finish_reason,
+                "policy_version": version}
     if job.logprobs:
         logprobs = text_logprobs(state, choice.token_ids, choice.logprobs, choice.top_logprobs,
                                  len(job.prompt_text))
     return {"index": job.index_base + index, "text": (job.echo or "") + choice.text,
-            "logprobs": logprobs, "finish_reason": choice.finish_reason}
+            "logprobs": logprobs, "finish_reason": choice.finish_reason,
+            "policy_version": version}
 
 
 def envelope(state: AppState, job: CompletionJob, policy: str, chunk: bool) -> dict[str, Any]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from anyio import to_thread
@@ -163,17 +165,41 @@ async def _decode(state: AppState, prompt_ids: list[int], param: str) -> str:
 
 # --- running ---------------------------------------------------------------------------------
 
-async def _store(state: AppState, job: CompletionJob, policy: str,
-                 choices: dict[int, ChoiceState]) -> None:
+def split_by_arm(state: AppState, job: CompletionJob) -> list[tuple[CompletionJob, bool]]:
+    """The job as the engine runs it, with whether on the canary: whole on one arm, or, when a
+    canary assigned per request gives it only some of the answers (`CanarySplit.
+    canary_answers`), as two jobs, one per arm, in random order (which answers a user reads
+    first says nothing of the arm)."""
+    n = job.params.n
+    on_canary = state.split.canary_answers(job.rater, n)
+    if on_canary in (0, n):
+        return [(job, on_canary == n)]
+    arms = [(on_canary, True), (n - on_canary, False)]
+    random.shuffle(arms)
+    parts, first = [], 0
+    for size, canary in arms:
+        parts.append((replace(job, params=replace(job.params, n=size),
+                              index_base=job.index_base + first, first_stored=first,
+                              engine_id=f"{job.store_id}-{'canary' if canary else 'active'}"),
+                      canary))
+        first += size
+    return parts
+
+
+async def _store(state: AppState, runs: list[Run]) -> None:
+    """One stored completion from the runs of one prompt (one, or one per arm), each answer
+    with the version that wrote it."""
+    job = runs[0].job
     record = NewCompletion(
         id=job.store_id, kind=job.kind, prompt_text=job.prompt_text,
         prompt_token_ids=job.prompt_ids, messages=job.messages,
-        model=state.settings.served_model_name, policy_version=policy,
+        model=state.settings.served_model_name, policy_version=runs[0].policy,
         params=job.request_params, user=job.user, created_at=job.made_at,
         key_scope=job.rater.key_scope,
-        choices=[NewChoice(index=i, text=c.text, token_ids=c.token_ids, logprobs=c.logprobs,
-                           finish_reason=c.finish_reason or "length")
-                 for i, c in sorted(choices.items())],
+        choices=[NewChoice(index=run.job.first_stored + i, text=c.text, token_ids=c.token_ids,
+                           logprobs=c.logprobs, finish_reason=c.finish_reason or "length",
+                           policy_version=run.policy)
+                 for run in runs for i, c in sorted(run.choices.items())],
     )
     try:
         error = await state.completion_writes.add(record)
@@ -188,15 +214,15 @@ async def _store(state: AppState, job: CompletionJob, policy: str,
 class Run:
     """One engine request, with metrics; iterate it for deltas."""
 
-    def __init__(self, state: AppState, job: CompletionJob, route: str) -> None:
+    def __init__(self, state: AppState, job: CompletionJob, route: str, *,
+                 canary: bool = False) -> None:
         admit(state, job.tenant)  # the queue bounds, checked where the engine takes it (no await)
         self.state, self.job, self.route = state, job, route
         self.started = time.perf_counter()
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}
         self.policy = state.engine.policy_version
-        self._it = state.engine.generate(job.prompt_ids, job.params, job.store_id,
-                                         canary=state.split.to_canary(job.rater),
-                                         tenant=job.tenant)
+        self._it = state.engine.generate(job.prompt_ids, job.params, job.engine_id,
+                                         canary=canary, tenant=job.tenant)
         state.shares.enter(job.tenant)
         self._waiting = True  # counted in its key's share until its first token
         self._tokens: Any = None  # the generation-token counter of its policy, from the first
@@ -233,8 +259,9 @@ class Run:
 
 
 class Runs:
-    """The engine requests of one API request (one per prompt), their deltas merged in the
-    order they come; ``next`` returns (run, delta), or None once all ended."""
+    """The engine requests of one API request (one per prompt, and per arm where a canary
+    splits it), their deltas merged in the order they come; ``next`` returns (run, delta), or
+    None once all ended."""
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs
@@ -247,7 +274,8 @@ class Runs:
         runs: list[Run] = []
         try:
             for job in jobs:
-                runs.append(Run(state, job, route))
+                for part, canary in split_by_arm(state, job):
+                    runs.append(Run(state, part, route, canary=canary))
         except BaseException:
             for run in runs:  # the engine took these (a later one got 429): free them
                 await run.close()
@@ -293,13 +321,16 @@ class Runs:
             await run.close()
 
     async def store(self) -> None:
+        prompts: dict[str, list[Run]] = {}
         for run in self.runs:
-            await _store(run.state, run.job, run.policy, run.choices)
+            prompts.setdefault(run.job.store_id, []).append(run)
+        for runs in prompts.values():
+            await _store(runs[0].state, runs)
 
 
 def _choices(state: AppState, runs: Runs) -> list[dict[str, Any]]:
-    return [full_choice(state, run.job, i, c) for run in runs.runs
-            for i, c in sorted(run.choices.items())]
+    return sorted((full_choice(state, run.job, i, c, run.policy) for run in runs.runs
+                   for i, c in run.choices.items()), key=lambda choice: choice["index"])
 
 
 def _usage(runs: Runs) -> dict[str, int]:

@@ -3,12 +3,15 @@ the split, stickiness, two replicas, live approval, a Redis restart, and bad req
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import redis
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from feedback_store import Store
+from feedback_store.models import Choice, Completion
 from flywheel.embedded_redis import EmbeddedRedis
 from flywheel.serving_plan import CanaryMessage, RedisKeys
 from flywheel.settings import Settings
@@ -76,6 +79,59 @@ def test_canary_splits_sticky_per_user_on_two_replicas(settings: Settings, store
         assert wait_for(lambda: canary_of(b), lambda v: v is None) is None
         assert {arm_of(b, u) for u in on_canary} == {"policy-0"}
         assert engine_a.canary_version is None and engine_b.canary_version is None
+
+
+def _stored_versions(store: Store, completion_id: str) -> tuple[str, list[str]]:
+    """A stored completion's version and its answers', in order."""
+    with store.engine.connect() as conn:
+        first = conn.scalar(sa.select(Completion.policy_version)
+                            .where(Completion.id == completion_id))
+        each = conn.scalars(sa.select(Choice.policy_version)
+                            .where(Choice.completion_id == completion_id)
+                            .order_by(Choice.index)).all()
+    assert first is not None
+    return first, list(each)
+
+
+def test_a_per_request_canary_answers_one_request_from_both_arms(
+        settings: Settings, store: Store, tmp_path: Path) -> None:
+    """At fraction 0.5, a request for three answers gets one or two from the canary, in either
+    order, each stored with the version that wrote it, as its stream chunks say; the thumbs
+    count for that version."""
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    checkpoint(settings, store, tmp_path, "policy-1")
+    with serving(settings, store) as (a, _):
+        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.5,
+                                                               "unit": "request"})
+        assert started.status_code == 201, started.text
+        assert wait_for(lambda: canary_of(a), lambda v: v == "policy-1") == "policy-1"
+        firsts = set()
+        for _ in range(12):
+            body = a.post("/v1/chat/completions", json={**CHAT, "n": 3, "user": "ann"}).json()
+            first, each = _stored_versions(store, body["id"])
+            assert each.count("policy-1") in (1, 2) and set(each) == {"policy-0", "policy-1"}
+            assert first == each[0] == body["system_fingerprint"]
+            assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+            assert [c["policy_version"] for c in body["choices"]] == each
+            firsts.add(first)
+        assert firsts == {"policy-0", "policy-1"}  # either arm first (1 in 2**11 to fail)
+        with a.stream("POST", "/v1/chat/completions",
+                      json={**CHAT, "n": 3, "stream": True,
+                            "stream_options": {"include_usage": True}}) as streamed:
+            events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                      if line.startswith("data: {")]
+        said = {c["index"]: e["system_fingerprint"] for e in events for c in e["choices"]}
+        usage = events[-1]["usage"]
+        one = a.post("/v1/chat/completions", json=CHAT).json()["usage"]
+        assert usage["prompt_tokens"] == one["prompt_tokens"]  # the prompt counted once
+        first, each = _stored_versions(store, events[0]["id"])
+        assert each == [said[i] for i in range(3)] and set(each) == {"policy-0", "policy-1"}
+        for index in range(3):
+            response = a.post("/v1/feedback", json={"completion_id": events[0]["id"],
+                                                    "choice_index": index, "rating": "up"})
+            assert response.status_code == 201, response.text
+        assert {v: up for v, (up, _) in store.live_ratings().items()} == {
+            v: each.count(v) for v in ("policy-0", "policy-1")}
 
 
 def test_promoting_the_canary_serves_it_to_everyone(settings: Settings, store: Store,
