@@ -17,6 +17,8 @@ test_rater_pooling.py checks them at smaller sizes. Then "who counts": 1 to 1,00
 a spread of tastes, the same with two hostile raters at half their volume (before and after the
 trainer catches them), and one untrusted key minting 300 `user` ids, alone and beside honest
 raters (tests/simulated_raters.py; tests/flywheel/test_rater_scenarios.py checks the targets).
+`--only-who --answers 3 --prompt-sd 0.2 --fraction 0.5 --mixed` prints that table for `flywheel
+up`'s canary with each request's answers split between the arms.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from tests.flywheel.test_approval import (
     REJECT,
     simulate_canary,
 )
+from tests.simulated_raters import FRACTION as RATER_FRACTION
 from tests.simulated_raters import SUPERSEDED, Crowd, simulate, thumbs_to
 from tests.simulated_raters import rate as crowd_rate
 
@@ -83,18 +86,26 @@ WHO_COUNTS = [  # (label, crowd): 1 to 1,000 honest raters, hostile ones, minted
 ]
 
 
-def _who_counts_rows(runs: int, seed: int, answers: int = 1, prompt_sd: float = 0.0) -> None:
+def _who_counts_rows(runs: int, seed: int, answers: int = 1, prompt_sd: float = 0.0,
+                     fraction: float = RATER_FRACTION, mixed: bool = False,
+                     crowds: str | None = None) -> None:
     """Per crowd: canary thumbs to decide a 10- and a 20-point difference (median, p90 of the
     runs that did, and the share that did within 3,000), false promotion of a 10-point-worse
     canary and false rejection of an equal one (within 1,000). `answers`, `prompt_sd`: thumbs
-    per request and how alike a request's answers are (`simulate`)."""
+    per request and how alike a request's answers are; `fraction`: the canary's share;
+    `mixed`: each request's answers split between the arms (per request only; `simulate`).
+    `crowds`: only the rows whose label contains it."""
     print(f"\nwho counts ({runs} runs each; canary unit auto: per request under 200 raters;"
-          f" {answers} thumb(s) a request, prompt sd {prompt_sd}; thumbs are canary thumbs;"
+          f" fraction {fraction}; {answers} thumb(s) a request, prompt sd {prompt_sd}"
+          f"{', split between the arms' if mixed else ''}; thumbs are canary thumbs;"
           f" raters' spread counted from {max(2, rater_pooling.FEW_RATERS)} raters):")
-    clustered = {"answers": answers, "prompt_sd": prompt_sd}
+    clustered = {"answers": answers, "prompt_sd": prompt_sd, "fraction": fraction,
+                 "mixed": mixed}
     head = ("+10: done", "median", "p90", "-20: done", "median", "p90", "false +", "false -")
     print(f"{'crowd':<34} " + " ".join(f"{c:>9}" for c in head))
     for i, (label, crowd) in enumerate(WHO_COUNTS):
+        if crowds is not None and crowds not in label:
+            continue
         cells = []
         for p_canary, verdict in ((0.7, PROMOTE), (0.4, REJECT)):
             out = simulate(crowd, 0.6, p_canary, runs, seed + i, **clustered)
@@ -185,6 +196,12 @@ def main() -> None:
                         help="'who counts': thumbs per request (every answer of it rated)")
     parser.add_argument("--prompt-sd", type=float, default=0.0,
                         help="'who counts': sd of a request's shared shift of approval")
+    parser.add_argument("--fraction", type=float, default=RATER_FRACTION,
+                        help="'who counts': the canary's share of requests (flywheel up: 0.5)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="'who counts': each request's answers split between the arms")
+    parser.add_argument("--crowds", default=None,
+                        help="'who counts': only the crowds whose label contains this")
     parser.add_argument("--few-raters", type=int, default=rater_pooling.FEW_RATERS,
                         help="'who counts': raters from which their spread counts (2: any "
                              "group, the rule before small groups were judged on their own)")
@@ -198,7 +215,8 @@ def main() -> None:
         print(f"\n{time.monotonic() - started:.1f} s")
         return
     if args.only_who:
-        _who_counts_rows(args.who_runs, args.seed, args.answers, args.prompt_sd)
+        _who_counts_rows(args.who_runs, args.seed, args.answers, args.prompt_sd,
+                         args.fraction, args.mixed, args.crowds)
         print(f"\n{time.monotonic() - started:.1f} s")
         return
     print(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flywheel.approval import Arm, GiveWay, decide_canary
-from flywheel.rater_pooling import Clustered, canary_unit, decide_paired, pool_arm
+from flywheel.rater_pooling import Clustered, Shared, canary_unit, decide_paired, pool_arm
 
 FRACTION = 0.2  # the settings' defaults (flywheel/settings.py, CanarySettings)
 MIN_RATINGS = 100
@@ -63,7 +63,7 @@ def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: in
              unit: str = "auto", cap: int = 3000, growth: float = 1.03,
              pooled: bool = True, fraction: float = FRACTION,
              min_ratings: int = MIN_RATINGS, give_way: GiveWay | None = None,
-             answers: int = 1, prompt_sd: float = 0.0) -> list[Outcome]:
+             answers: int = 1, prompt_sd: float = 0.0, mixed: bool = False) -> list[Outcome]:
     """The first verdict of each simulated canary, checked each time the thumbs grew by
     `growth` (checking less often than the judge can only lower the error rates), until `cap`
     canary thumbs. `pooled=False`: each arm's plain counts, every thumb independent evidence
@@ -71,21 +71,46 @@ def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: in
     (the defaults', or `flywheel up`'s). `give_way`: an undecided canary that the rule lets go
     ends SUPERSEDED (as if a newer candidate always waited: the most it can be cut short).
     `answers`: thumbs per request, every answer of a request rated, its approvals moved
-    together by the prompt (sd `prompt_sd`): answers to one prompt are alike."""
+    together by the prompt (sd `prompt_sd`): answers to one prompt are alike. `mixed` (per
+    request): each request's answers split between the arms (`canary_answers`), so both arms
+    answer the same prompts and the judge also gets each rater's `Shared` sums."""
     rng = np.random.default_rng(seed)
     unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
     return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, fraction,
-                        min_ratings, give_way, answers, prompt_sd, rng)
+                        min_ratings, give_way, answers, prompt_sd, mixed, rng)
             for _ in range(runs)]
 
 
-# Sums kept per arm and rater, as `Clustered` holds them: up, n, up^2, up n, n^2, requests.
+def canary_answers(answers: int, fraction: float, draws: np.ndarray) -> np.ndarray:
+    """The server's split of a request's answers: floor(n f) to the canary and one more with
+    probability frac(n f) (`draws`, uniform on [0, 1), one a request); with one answer, the
+    canary with probability f. Which of the n answers they are is drawn too, but thumbs here
+    come a request at a time, so only how many counts."""
+    whole, part = divmod(answers * fraction, 1.0)
+    return (whole + (draws < part)).astype(np.int64)
+
+
+def request_thumbs(p: np.ndarray, counts: np.ndarray, prompt_sd: float,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Thumbs up per arm and request, given each request's approvals `p` and answers `counts`
+    on each arm (both shaped (arm, request)): the prompt moves both arms' approvals of a
+    request alike (sd `prompt_sd`; minted thumbs, always up or down, it moves not). Drawn
+    request by request, so a request on one arm only draws as if the other were not there."""
+    if prompt_sd > 0:
+        moved = (p > 0) & (p < 1)
+        p = np.where(moved, np.clip(p + rng.normal(0, prompt_sd, p.shape[1]), 0.01, 0.99), p)
+    return rng.binomial(counts.T, p.T).T
+
+
+# Sums kept per arm and rater, as `Clustered` holds them: up, n, up^2, up n, n^2, requests;
+# and per rater, as `Shared` holds them: u_c u_a, u_c n_a, n_c u_a, n_c n_a, requests.
 _SUMS = 6
+_SHARED = 5
 
 
 def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
                 growth: float, pooled: bool, fraction: float, min_ratings: int,
-                give_way: GiveWay | None, answers: int, prompt_sd: float,
+                give_way: GiveWay | None, answers: int, prompt_sd: float, mixed: bool,
                 rng: np.random.Generator) -> Outcome:
     names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
     weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
@@ -93,21 +118,30 @@ def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: 
     sticky_canary = rng.random(total) < fraction
     requests = cap * 8 // answers
     order = rng.choice(total, size=requests, p=activity / activity.sum())
-    per_request = rng.random(requests) < fraction
+    draws = rng.random(requests)
+    per_request = draws < fraction
     to_canary = per_request if unit == "request" else sticky_canary[order]
-    p_up = np.where(to_canary, p_c[order], p_a[order])
-    if prompt_sd > 0:  # minted thumbs (always up or down) are moved by no prompt
-        moved = (p_up > 0) & (p_up < 1)
-        p_up = np.where(moved, np.clip(p_up + rng.normal(0, prompt_sd, requests), 0.01, 0.99),
-                        p_up)
-    up = rng.binomial(answers, p_up)
+    if mixed and unit == "request":
+        on_canary = canary_answers(answers, fraction, draws)
+    else:
+        on_canary = answers * to_canary
+    counts = np.stack([answers - on_canary, on_canary])  # (arm, request)
+    up = request_thumbs(np.stack([p_a[order], p_c[order]]), counts, prompt_sd, rng)
+    # Each arm's row of a request it answered, and the two arms' products where both did.
+    rows = np.stack([up, counts, up * up, up * counts, counts * counts, counts > 0], axis=-1)
+    both = (counts > 0).all(axis=0)
+    products = np.stack([up[1] * up[0], up[1] * counts[0], counts[1] * up[0],
+                         counts[1] * counts[0], both], axis=-1)
     sums = np.zeros((2, total, _SUMS), dtype=np.int64)  # arm (0 active, 1 canary), rater
+    shared = np.zeros((total, _SHARED), dtype=np.int64)
     start = 0
     while start < requests:
         stop = max(start + 20, int(start * growth))
-        arm, who, u = to_canary[start:stop].astype(int), order[start:stop], up[start:stop]
-        for column, value in enumerate((u, answers, u * u, u * answers, answers * answers, 1)):
-            np.add.at(sums, (arm, who, column), value)
+        arm, at = np.nonzero(counts[:, start:stop])
+        np.add.at(sums, (arm, order[start + at]), rows[arm, start + at])
+        if mixed:
+            at = start + np.flatnonzero(both[start:stop])
+            np.add.at(shared, order[at], products[at])
         start = stop
         arms = _arms(sums, names)
         canary_thumbs = int(sums[1, :, 1].sum())
@@ -118,7 +152,8 @@ def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: 
                                      min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
         elif unit == "request":
             decision = decide_paired(arms[0], arms[1], share=SHARE, weights=weights,
-                                     min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA)
+                                     min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA,
+                                     shared=_shared(shared, names) if mixed else None)
         else:
             decision = decide_canary(
                 *(pool_arm({name: (c.up, c.n - c.up) for name, c in arms[a].items()},
@@ -162,6 +197,12 @@ def _arms(sums: np.ndarray, names: list[str]) -> list[dict[str, Clustered]]:
     """Per arm, rater -> its thumbs summed per request, for raters with thumbs there."""
     return [{names[i]: Clustered(*(int(x) for x in sums[arm, i])) for i in
              np.flatnonzero(sums[arm, :, 1])} for arm in (0, 1)]
+
+
+def _shared(shared: np.ndarray, names: list[str]) -> dict[str, Shared]:
+    """Per rater with requests answered by both arms, their `Shared` sums."""
+    return {names[i]: Shared(*(int(x) for x in shared[i]))
+            for i in np.flatnonzero(shared[:, -1])}
 
 
 def rate(outcomes: list[Outcome], verdict: int) -> float:
