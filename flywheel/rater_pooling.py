@@ -31,6 +31,11 @@ theirs alone, each rater's clustered by request (answers to one prompt are alike
 thumbs are not independent evidence). In its place, `decide_paired` keeps any one rater from
 deciding: a verdict stands only if the thumbs without each rater still point its way, and without
 an untrusted API key (it could be anyone) still decide it.
+
+**A request's answers from both arms.** A per-request canary splits a request's answers between
+the arms (server/canary_split.py): a rater then compares them on the same prompts, and `Shared`
+sums over those requests give the covariance of its two approvals, which `difference_variance`
+takes off the variance of its difference.
 """
 
 from __future__ import annotations
