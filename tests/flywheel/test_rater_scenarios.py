@@ -38,13 +38,20 @@ def _slack(runs: int, p: float = ALPHA) -> float:
     return 2 * math.sqrt(p * (1 - p) / runs)
 
 
+# As thumbs come live under `flywheel up`: three answers a request, alike through their prompt
+# (docs/raters.md measured it), each request split between the arms at fraction 0.5.
+LIVE_LIKE = {"fraction": 0.5, "answers": 3, "prompt_sd": 0.2, "mixed": True}
+
+
 @pytest.mark.parametrize("honest", [1, 3])
-def test_a_few_raters_decide_within_400_canary_thumbs(honest: int) -> None:
+@pytest.mark.parametrize("thumbs", [{}, LIVE_LIKE], ids=["independent", "live-like"])
+def test_a_few_raters_decide_within_400_canary_thumbs(honest: int, thumbs: dict) -> None:
     """The target for one to three honest raters: a canary 15 points better promoted, and one 20
-    points worse rejected, within 400 canary thumbs (per request: each rater sees both arms)."""
+    points worse rejected, within 400 canary thumbs (per request: each rater sees both arms),
+    with independent thumbs and with thumbs as they come live."""
     runs = 60
-    better = simulate(Crowd(honest), 0.6, 0.75, runs, seed=honest)
-    worse = simulate(Crowd(honest), 0.6, 0.4, runs, seed=honest)
+    better = simulate(Crowd(honest), 0.6, 0.75, runs, seed=honest, **thumbs)
+    worse = simulate(Crowd(honest), 0.6, 0.4, runs, seed=honest, **thumbs)
     assert _within(better, PROMOTE, 400) >= 0.85, thumbs_to(better, PROMOTE, 0.9)
     assert _within(worse, REJECT, 400) >= 0.85, thumbs_to(worse, REJECT, 0.9)
     assert rate(better, REJECT) == rate(worse, PROMOTE) == 0
