@@ -134,10 +134,13 @@ def read_manifest(directory: Path) -> Manifest:
 
 
 def verify(directory: str | Path, expected_sha256: str | None = None,
-           expected_version: str | None = None, max_bytes: int | None = None) -> Manifest:
+           expected_version: str | None = None, max_bytes: int | None = None, *,
+           contents: bool = True) -> Manifest:
     """Check that ``directory`` is complete and matches its manifest (and the announced digest).
 
     ``max_bytes`` bounds the hashing: a directory holding more is refused before any file is read.
+    ``contents=False`` checks everything but the files' bytes, for a caller that loads them
+    through ``CheckpointReader`` (which hashes what it reads and holds it to the digest).
     Raises ``CheckpointError`` naming the first mismatch.
     """
     directory = Path(directory)
@@ -145,7 +148,7 @@ def verify(directory: str | Path, expected_sha256: str | None = None,
         raise CheckpointError(f"{directory}: not a directory")
     if not (directory / MANIFEST_NAME).exists() and expected_sha256:
         # A base model directory carries no manifest: it must match the recorded digest.
-        if digest_of(directory) != expected_sha256:
+        if contents and digest_of(directory) != expected_sha256:
             raise CheckpointError(f"{directory}: contents do not match the recorded digest")
         return Manifest(version=expected_version or "", sha256=expected_sha256, files={})
     manifest = read_manifest(directory)
@@ -166,7 +169,7 @@ def verify(directory: str | Path, expected_sha256: str | None = None,
         extra = sorted(actual - set(manifest.files))
         raise CheckpointError(f"{directory}: files differ from manifest (missing {missing}, "
                               f"unexpected {extra})")
-    for name, sha in manifest.files.items():
+    for name, sha in manifest.files.items() if contents else ():
         if file_sha256(directory / name) != sha:
             raise CheckpointError(f"{directory}: {name} does not match its digest")
     if directory_digest(manifest.files) != manifest.sha256:
@@ -180,23 +183,25 @@ _SAME_CONFIG = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
 
 
 def verify_servable(directory: str | Path, *, version: str, sha256: str | None,
-                    root: str | Path, base_model: str | Path) -> Manifest:
+                    root: str | Path, base_model: str | Path, contents: bool = True) -> Manifest:
     """Everything a server checks before it loads a policy (raises ``CheckpointError``).
 
     The base model itself passes on its recorded digest. Any other directory must resolve
     (symlinks included) inside the checkpoint ``root``, carry a recorded digest, match its
     manifest, hold no more than the base model's size allows (so hashing stays bounded), and have
-    the base model's architecture, vocabulary and at least its context.
+    the base model's architecture, vocabulary and at least its context. ``contents``: as in
+    ``verify``.
     """
     path, base = Path(directory).resolve(), Path(base_model).resolve()
     if path == base:
-        return verify(path, sha256 or None, version)
+        return verify(path, sha256 or None, version, contents=contents)
     if not path.is_relative_to(Path(root).resolve()):
         raise CheckpointError(f"{directory}: outside the checkpoint directory {root}")
     if not sha256:
         raise CheckpointError(f"{directory}: no recorded digest to check it against")
     base_bytes = sum(p.stat().st_size for p in _payload_files(base))
-    manifest = verify(path, sha256, version, max_bytes=2 * base_bytes + (64 << 20))
+    manifest = verify(path, sha256, version, max_bytes=2 * base_bytes + (64 << 20),
+                      contents=contents)
     check_compatible(path, base)
     return manifest
 

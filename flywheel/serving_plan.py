@@ -291,12 +291,14 @@ def decide(sql: Rows | None, announced: ServingPlan | None) -> ServingPlan | Non
     return plan_from_rows(active, canary)
 
 
-def check_servable(message: PolicyMessage, settings: Settings) -> Manifest:
+def check_servable(message: PolicyMessage, settings: Settings, *,
+                   contents: bool = True) -> Manifest:
     """What every server checks before loading a version, and what activation checks before
-    recording one (raises ``CheckpointError``): see ``flywheel.checkpoints.verify_servable``."""
+    recording one (raises ``CheckpointError``): see ``flywheel.checkpoints.verify_servable``.
+    ``contents=False`` for a loader that hashes the files as it reads them."""
     root = settings.checkpoint_dir or settings.data_dir / "checkpoints"
     return verify_servable(message.path, version=message.version, sha256=message.sha256 or None,
-                           root=root, base_model=settings.model)
+                           root=root, base_model=settings.model, contents=contents)
 
 
 def read_sql(store: Store) -> Rows | None:

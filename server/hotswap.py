@@ -12,6 +12,7 @@ old weights keep serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -207,13 +208,16 @@ class PolicyWatcher:
     async def _load(self, message: PolicyMessage,
                     load: Callable[[str, str, str | None], Awaitable[None]]) -> bool:
         """Verify the checkpoint and hand it to ``load`` with the digest it matched (the engine
-        holds the bytes it loads to it); False (logged, counted) on refusal."""
+        holds the bytes it loads to it; one that hashes them as it loads them spares this check
+        hashing them first); False (logged, counted) on refusal."""
         key = (message.version, message.sha256)
         refused_at = self._refused.get(key)
         if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_SECONDS:
             return False
         try:
-            await to_thread.run_sync(check_servable, message, self.settings)
+            await to_thread.run_sync(functools.partial(
+                check_servable, message, self.settings,
+                contents=not self.engine.hashes_what_it_loads))
             await load(message.path, message.version, message.sha256 or None)
         except (CheckpointError, SwapError, OSError) as exc:
             self._refused[key] = time.monotonic()

@@ -81,6 +81,10 @@ class Engine(Protocol):
     model_name: str
     max_model_len: int
     eos_token_ids: tuple[int, ...]
+    # True when ``swap_weights`` and ``set_canary`` hash every file they load and refuse any
+    # that does not make ``sha256``: the server then checks a checkpoint's manifest without
+    # hashing its contents first (``check_servable(..., contents=False)``), each byte hashed once.
+    hashes_what_it_loads: bool
 
     @property
     def policy_version(self) -> str: ...

@@ -29,6 +29,7 @@ class FakeEngine:
 
     model_name = "fake"
     eos_token_ids = (EOS,)
+    hashes_what_it_loads = False  # it loads nothing
     vocab_size = 0x110000  # the code points: what `decode` spells
 
     def __init__(self, max_model_len: int = 512, policy_version: str = BASE_POLICY,

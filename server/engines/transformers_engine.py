@@ -33,6 +33,8 @@ class TransformersEngine:
     """Serves a local Hugging Face causal LM directory (and optionally a canary beside it) with
     continuous batching."""
 
+    hashes_what_it_loads = True  # model_loading.load_model: built from the bytes it hashed
+
     def __init__(
         self,
         model_path: str,

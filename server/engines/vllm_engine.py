@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 class VLLMEngine:
     """Serves the active policy (and optionally a canary) from vLLM ``AsyncLLM``s."""
 
+    hashes_what_it_loads = False  # vLLM reads the files by path
+
     def __init__(
         self,
         settings: Settings,

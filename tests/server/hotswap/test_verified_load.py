@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 from feedback_store import Store
+from flywheel import checkpoints
 from flywheel.checkpoints import digest_of
 from flywheel.engine_types import EngineError
 from flywheel.serving_plan import PolicyMessage, record_base_policy
@@ -51,9 +52,9 @@ def test_weights_replaced_after_the_check_are_refused(
     other = make_checkpoint(base, root / "other", "other", perturb_seed=9, perturb_scale=1.0)
     real_check = hotswap.check_servable
 
-    def check_then_replace(message: PolicyMessage, settings: Settings) -> Any:
+    def check_then_replace(message: PolicyMessage, settings: Settings, **how: Any) -> Any:
         """The check passes; then the weights change on disk before the engine reads them."""
-        manifest = real_check(message, settings)
+        manifest = real_check(message, settings, **how)
         if message.version == "policy-1":
             shutil.copyfile(Path(other.path) / WEIGHTS, Path(message.path) / WEIGHTS)
         return manifest
@@ -79,6 +80,45 @@ def test_weights_replaced_after_the_check_are_refused(
         sealed = load_file(Path(good.path) / WEIGHTS)
         assert all(torch.equal(t, sealed[k]) for k, t in _served_weights(client).items()
                    if k in sealed)
+
+
+@pytest.mark.slow
+def test_a_swap_hashes_each_weight_file_once(
+    settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine hashes what it loads, so the server's check before it reads no weights: a
+    checkpoint whose weights were replaced before the check is still refused, by the engine."""
+    from server.engines.transformers_engine import TransformersEngine
+
+    base = Path(settings.model)
+    root = tmp_path / "checkpoints"
+    hashed: list[str] = []
+    real_hash = checkpoints.file_sha256
+
+    def counted(path: Path) -> str:
+        hashed.append(Path(path).name)
+        return real_hash(path)
+
+    monkeypatch.setattr(checkpoints, "file_sha256", counted)
+    record_base_policy(settings, store)
+    engine = TransformersEngine(str(base), device="cpu", max_batch_size=4)
+    with TestClient(create_app(settings, engine=engine, store=store, watch=True)) as client:
+        assert redis_followed(client)
+        tampered = make_checkpoint(base, root / "policy-1", "policy-1", parent="policy-0",
+                                   perturb_seed=1, store=store, status="active")
+        other = make_checkpoint(base, root / "other", "other", perturb_seed=9)
+        shutil.copyfile(Path(other.path) / WEIGHTS, Path(tampered.path) / WEIGHTS)
+        hashed.clear()
+        publish(tampered)
+        assert wait_for(lambda: swaps(client, "refused"), lambda n: n >= 1) == 1
+        assert served(client) == "policy-0"
+        good = make_checkpoint(base, root / "policy-2", "policy-2", parent="policy-0",
+                               perturb_seed=2, store=store, status="active")
+        hashed.clear()
+        publish(good)
+        assert wait_for(lambda: served(client), lambda v: v == "policy-2") == "policy-2"
+        assert WEIGHTS not in hashed  # read and hashed once, by the engine's CheckpointReader
 
 
 @pytest.mark.slow
