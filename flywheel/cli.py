@@ -197,9 +197,11 @@ def _up(settings: Settings, data_dir: Path, lock: DataDirLock) -> int:
         supervisor.spawn("server", [sys.executable, "-m", "flywheel.cli", "serve"])
         supervisor.spawn("worker", [sys.executable, "-m", "flywheel.cli", "worker"])
         _announce_when_ready(settings, supervisor)
-        # A child that dies is started again, the other left running; wait() returns 0 on
-        # Ctrl-C/SIGTERM/SIGHUP, non-zero once a child keeps dying right after its start.
-        return supervisor.wait()
+        # A child that dies is started again, the other left running (and so is the embedded
+        # Redis); wait() returns 0 on Ctrl-C/SIGTERM/SIGHUP, non-zero once a child keeps dying
+        # right after its start.
+        return supervisor.wait(also=[] if redis_server is None else
+                               [redis_server.restart_if_exited])
     finally:
         supervisor.stop()
         if redis_server is not None:

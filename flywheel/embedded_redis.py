@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import subprocess
@@ -9,7 +10,10 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from flywheel.supervisor import with_parent_death_signal
+from flywheel.supervisor import describe_exit, with_parent_death_signal
+
+log = logging.getLogger(__name__)
+RETRY_SECONDS = 5.0  # after a restart that failed
 
 
 def _redis_server_binary() -> str:
@@ -41,12 +45,15 @@ class EmbeddedRedis:
         self.directory = Path(directory)
         self.port = port or _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._wanted = False  # started and not stopped: what restart_if_exited keeps running
+        self._retry_at = 0.0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> None:
+        self._wanted = True
         self.directory.mkdir(parents=True, exist_ok=True)
         # It dies with its parent, however the parent dies (flywheel/supervisor.py).
         self._proc = subprocess.Popen(
@@ -66,10 +73,30 @@ class EmbeddedRedis:
                     return
             except OSError:
                 time.sleep(0.05)
-        self.stop()
+        self._proc.kill()
+        self._proc.wait()
         raise RuntimeError("redis-server did not start in time")
 
+    def restart_if_exited(self) -> None:
+        """Start the server again, on the same port, if it died (`flywheel up` calls this at
+        every poll of its children, from its main thread). It keeps nothing on disk: clients
+        reconnect, servers read the active version from SQL and the worker takes its lock
+        again. A restart that fails is tried again after RETRY_SECONDS."""
+        if not self._wanted or self._proc is None or self._proc.poll() is None:
+            return
+        if time.monotonic() < self._retry_at:
+            return
+        log.warning("embedded Redis (pid %d) %s; starting it again on port %d", self._proc.pid,
+                    describe_exit(self._proc.returncode), self.port)
+        try:
+            self.start()
+        except RuntimeError as exc:
+            self._retry_at = time.monotonic() + RETRY_SECONDS
+            log.error("embedded Redis did not start again: %s; trying again in %g s", exc,
+                      RETRY_SECONDS)
+
     def stop(self) -> None:
+        self._wanted = False
         if self._proc is not None and self._proc.poll() is None:
             self._proc.terminate()
             try:

@@ -158,14 +158,18 @@ class Supervisor:
         """Start a child; call from the main thread (see with_parent_death_signal)."""
         self._children[name] = _Child(list(argv), self._popen(name, argv), time.monotonic())
 
-    def wait(self) -> int:
+    def wait(self, also: Sequence[Callable[[], None]] = ()) -> int:
         """Restart children that exit until a signal arrives (0) or one keeps exiting at once
-        (its status, or 1 if it was killed: the status for `up`). Call from the main thread."""
+        (its status, or 1 if it was killed: the status for `up`). Call from the main thread.
+        ``also``: called at every poll, from the main thread too (what keeps a process of its
+        own running, as the embedded Redis does with ``restart_if_exited``)."""
         while not self._stopping:
             for name, child in self._children.items():
                 code = self._step(name, child)
                 if code is not None:
                     return code
+            for keep in also:
+                keep()
             time.sleep(self.poll_s)
         return 0
 

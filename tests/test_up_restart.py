@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import redis
 
 from flywheel.vllm.bindings import vllm_installed
 from tests.flywheel.test_supervisor import (
@@ -150,6 +151,35 @@ def test_a_killed_server_is_restarted(up: Up) -> None:
     assert up.child("serve") == new and up.child("worker") == worker
     assert f"server (pid {server.pid}) killed by SIGKILL" in up.log()
     assert not _wait_all_gone(engine, timeout=30)  # the dead server's engine process follows it
+
+
+def test_a_killed_embedded_redis_is_started_again(up: Up) -> None:
+    """The embedded Redis comes back on its port; the server reconnects to it and keeps
+    serving, and neither child is restarted for it."""
+    server, worker = up.child("serve"), up.child("worker")
+    assert server is not None and worker is not None
+    port = int(re.search(r"embedded Redis at redis://127\.0\.0\.1:(\d+)", up.log()).group(1))
+
+    def redis_server() -> psutil.Process | None:
+        return next((p for p in _alive(psutil.Process(up.proc.pid).children())
+                     if "redis-server" in " ".join(p.cmdline())), None)
+
+    old = redis_server()
+    assert old is not None
+    with HealthProbe(up.url) as probe:
+        probe.wait_for_answers(5)
+        old.kill()
+        deadline = time.monotonic() + 30
+        while (new := redis_server()) is None or new.pid == old.pid:
+            assert time.monotonic() < deadline, up.log()[-3000:]
+            time.sleep(0.1)
+        assert redis.Redis(port=port).ping()
+        while httpx.get(up.url + "/readyz", timeout=5).json().get("redis") is not True:
+            assert time.monotonic() < deadline + 30, up.log()[-3000:]
+            time.sleep(0.2)
+    assert set(probe.answers) == {200}, probe.answers
+    assert f"embedded Redis (pid {old.pid}) killed by SIGKILL" in up.log()
+    assert up.child("serve") == server and up.child("worker") == worker
 
 
 @pytest.mark.skipif(vllm_installed(), reason="needs a worker that cannot start: vLLM missing")
