@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 from feedback_store import Store
 from feedback_store.identities import Tally, limit_identities
-from feedback_store.training_data import Marks, balance_thumbs
-from feedback_store.types import RewardData, RewardModelState
+from feedback_store.preference_groups import balance_thumbs
+from feedback_store.types import Marks, RewardData, RewardModelState
 from flywheel.checkpoints import atomic_directory, seal
 from flywheel.live_approval import best_version
 from flywheel.settings import Settings

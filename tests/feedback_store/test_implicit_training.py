@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from feedback_store import RewardData, Store, ThumbExample
 from feedback_store.identities import limit_identities
-from feedback_store.training_data import balance_thumbs
+from feedback_store.preference_groups import balance_thumbs
 from feedback_store.types import Rater
 from flywheel.settings import Settings
 from trainer_worker.reward.consensus import new_event_counts

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from feedback_store import Store, ThumbExample
 from feedback_store.feedback_reads import sample_by_id
 from feedback_store.models import Prompt
-from feedback_store.training_data import balance_thumbs
+from feedback_store.preference_groups import balance_thumbs
 
 from .conftest import add_completion
 from .test_training_data import _prompt
