@@ -169,8 +169,14 @@ def split_by_arm(state: AppState, job: CompletionJob) -> list[tuple[CompletionJo
     """The job as the engine runs it, with whether on the canary: whole on one arm, or, when a
     canary assigned per request gives it only some of the answers (`CanarySplit.
     canary_answers`), as two jobs, one per arm, in random order (which answers a user reads
-    first says nothing of the arm)."""
+    first says nothing of the arm).
+
+    Never split: a request with a `seed` (each arm would sample its answers from the same
+    seeded streams, so the two arms' first answers would repeat each other), and any request
+    while this replica has no canary loaded (both arms would be the active version)."""
     n = job.params.n
+    if job.params.seed is not None or state.engine.canary_version is None:
+        return [(job, state.split.canary_answers(job.rater, 1) == 1)]  # one draw, all answers
     on_canary = state.split.canary_answers(job.rater, n)
     if on_canary in (0, n):
         return [(job, on_canary == n)]
@@ -212,22 +218,32 @@ async def _store(state: AppState, runs: list[Run]) -> None:
 
 
 class Run:
-    """One engine request, with metrics; iterate it for deltas."""
+    """One engine request, with metrics; iterate it for deltas.
+
+    ``counted``: the prompt's first engine request, which is admitted against the queue bounds,
+    waits in its key's share and enters the request metrics; the second arm of a request a
+    canary split (`split_by_arm`) is none of these, its prompt already counted once."""
 
     def __init__(self, state: AppState, job: CompletionJob, route: str, *,
-                 canary: bool = False) -> None:
-        admit(state, job.tenant)  # the queue bounds, checked where the engine takes it (no await)
-        self.state, self.job, self.route = state, job, route
+                 canary: bool = False, counted: bool = True) -> None:
+        if counted:
+            admit(state, job.tenant)  # the queue bounds, where the engine takes it (no await)
+        self.state, self.job, self.route, self.counted = state, job, route, counted
         self.started = time.perf_counter()
         self.choices: dict[int, ChoiceState] = {i: ChoiceState() for i in range(job.params.n)}
-        self.policy = state.engine.policy_version
-        self._it = state.engine.generate(job.prompt_ids, job.params, job.engine_id,
-                                         canary=canary, tenant=job.tenant)
-        state.shares.enter(job.tenant)
-        self._waiting = True  # counted in its key's share until its first token
+        engine = state.engine
+        # The version it will run on, for a stream's headers before its first delta (which
+        # says for sure: a swap may come in between).
+        self.policy = (engine.canary_version if canary and engine.canary_version
+                       else engine.policy_version)
+        self._it = engine.generate(job.prompt_ids, job.params, job.engine_id,
+                                   canary=canary, tenant=job.tenant)
+        self._waiting = counted  # counted in its key's share until its first token
         self._tokens: Any = None  # the generation-token counter of its policy, from the first
-        state.metrics.in_flight.inc()
-        state.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        if counted:
+            state.shares.enter(job.tenant)
+            state.metrics.in_flight.inc()
+            state.metrics.prompt_tokens.inc(len(job.prompt_ids))
 
     async def next(self) -> ChoiceDelta | None:
         try:
@@ -237,7 +253,9 @@ class Run:
         if self._tokens is None:
             self._started()
             self.policy = delta.policy_version
-            self.state.metrics.ttft.labels(self.route).observe(time.perf_counter() - self.started)
+            if self.counted:
+                self.state.metrics.ttft.labels(self.route).observe(
+                    time.perf_counter() - self.started)
             self._tokens = self.state.metrics.generation_tokens.labels(self.policy)
         self.choices[delta.index].add(delta)
         if delta.token_ids:
@@ -251,8 +269,10 @@ class Run:
 
     async def close(self) -> None:
         self._started()
-        self.state.metrics.in_flight.dec()
-        self.state.metrics.latency.labels(self.route).observe(time.perf_counter() - self.started)
+        if self.counted:
+            self.state.metrics.in_flight.dec()
+            self.state.metrics.latency.labels(self.route).observe(
+                time.perf_counter() - self.started)
         aclose = getattr(self._it, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -275,7 +295,8 @@ class Runs:
         try:
             for job in jobs:
                 for part, canary in split_by_arm(state, job):
-                    runs.append(Run(state, part, route, canary=canary))
+                    runs.append(Run(state, part, route, canary=canary,
+                                    counted=part.first_stored == 0))
         except BaseException:
             for run in runs:  # the engine took these (a later one got 429): free them
                 await run.close()

@@ -3,8 +3,10 @@ the split, stickiness, two replicas, live approval, a Redis restart, and bad req
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import redis
 import sqlalchemy as sa
@@ -100,7 +102,7 @@ def test_a_per_request_canary_answers_one_request_from_both_arms(
     count for that version."""
     checkpoint(settings, store, tmp_path, "policy-0", status="active")
     checkpoint(settings, store, tmp_path, "policy-1")
-    with serving(settings, store) as (a, _):
+    with serving(settings, store) as (a, engine):
         started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.5,
                                                                "unit": "request"})
         assert started.status_code == 201, started.text
@@ -132,6 +134,45 @@ def test_a_per_request_canary_answers_one_request_from_both_arms(
             assert response.status_code == 201, response.text
         assert {v: up for v, (up, _) in store.live_ratings().items()} == {
             v: each.count(v) for v in ("policy-0", "policy-1")}
+        generate = engine.generate
+
+        async def canary_late(*args: Any, canary: bool = False, **kwargs: Any) -> Any:
+            if canary:  # the other arm's first delta comes first
+                await asyncio.sleep(0.05)
+            async for delta in generate(*args, canary=canary, **kwargs):
+                yield delta
+
+        engine.generate = canary_late  # type: ignore[method-assign]
+        for _ in range(8):  # the header names the first answer's version, as stored
+            with a.stream("POST", "/v1/chat/completions",
+                          json={**CHAT, "n": 3, "stream": True}) as streamed:
+                header = streamed.headers["X-Flywheel-Policy"]
+                lines = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+                first_id = json.loads(lines[0][6:])["id"]
+            assert header == _stored_versions(store, first_id)[0]
+        # A seeded request is never split (each arm would draw the same seeded answers).
+        for _ in range(6):
+            seeded = a.post("/v1/chat/completions", json={**CHAT, "n": 3, "seed": 7}).json()
+            assert len({c["policy_version"] for c in seeded["choices"]}) == 1
+
+
+def test_a_split_request_takes_one_place_in_its_keys_queue_share(
+        settings: Settings, store: Store, tmp_path: Path) -> None:
+    """A request a canary splits is still one request to the admission bounds: with one
+    waiting request allowed per key, n=2 is served on an idle server."""
+    settings = settings.model_copy(update={"max_waiting_per_key": 1})
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    checkpoint(settings, store, tmp_path, "policy-1")
+    with serving(settings, store) as (a, _):
+        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.5,
+                                                               "unit": "request"})
+        assert started.status_code == 201, started.text
+        assert wait_for(lambda: canary_of(a), lambda v: v == "policy-1") == "policy-1"
+        for _ in range(6):
+            response = a.post("/v1/chat/completions", json={**CHAT, "n": 2})
+            assert response.status_code == 200, response.text
+            assert {c["policy_version"] for c in response.json()["choices"]} == {
+                "policy-0", "policy-1"}
 
 
 def test_promoting_the_canary_serves_it_to_everyone(settings: Settings, store: Store,
