@@ -19,7 +19,14 @@ from feedback_store.errors import (
     StoreError,
     StoreUnavailableError,
 )
-from feedback_store.models import Choice, Completion, Feedback, PolicyRatings, Ranking
+from feedback_store.models import (
+    Choice,
+    Completion,
+    Feedback,
+    PolicyRatings,
+    Ranking,
+    answer_version,
+)
 from feedback_store.types import Rater
 
 RATINGS = ("up", "down")
@@ -237,13 +244,14 @@ ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING feedback.public_id, feedback.id, feedback.choice_id, feedback.voter, feedback.rating
 ), counted AS (
 INSERT INTO policy_ratings (policy_version, up, down)
-SELECT choices.policy_version,
+SELECT COALESCE(choices.policy_version, completions.policy_version) AS version,
        SUM(CASE WHEN inserted.rating = 'up' THEN 1 ELSE 0 END),
        SUM(CASE WHEN inserted.rating = 'down' THEN 1 ELSE 0 END)
 FROM inserted
 JOIN choices ON choices.id = inserted.choice_id
-GROUP BY choices.policy_version
-ORDER BY choices.policy_version
+JOIN completions ON completions.id = choices.completion_id
+GROUP BY version
+ORDER BY version
 ON CONFLICT (policy_version) DO UPDATE
 SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
 )
@@ -253,7 +261,9 @@ SELECT public_id, id, choice_id, voter FROM inserted
 # SQLite: one stored row's thumb added to its version's counter.
 _COUNT_ONE_RATING = sa.text("""
 INSERT INTO policy_ratings (policy_version, up, down)
-SELECT policy_version, :up, :down FROM choices WHERE id = :choice_id
+SELECT COALESCE(choices.policy_version, completions.policy_version), :up, :down
+FROM choices JOIN completions ON completions.id = choices.completion_id
+WHERE choices.id = :choice_id
 ON CONFLICT (policy_version) DO UPDATE
 SET up = policy_ratings.up + excluded.up, down = policy_ratings.down + excluded.down
 """)
@@ -377,9 +387,9 @@ def _check_owner(completion: Completion, owner_scope: str | None) -> None:
 
 # The live votes of some (choice id, voter) pairs, with their versions.
 _LIVE_VOTES = (
-    sa.select(Feedback.id, Feedback.choice_id, Feedback.voter, Feedback.rating,
-              Choice.policy_version)
+    sa.select(Feedback.id, Feedback.choice_id, Feedback.voter, Feedback.rating, answer_version)
     .join(Choice, Choice.id == Feedback.choice_id)
+    .join(Completion, Completion.id == Choice.completion_id)
     .where(sa.tuple_(Feedback.choice_id, Feedback.voter).in_(sa.bindparam("pairs", expanding=True)),
            Feedback.replaced_by.is_(None))
 )

@@ -12,7 +12,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from feedback_store.base import StoreBase
-from feedback_store.models import Choice, Feedback
+from feedback_store.models import Choice, Completion, Feedback, answer_version
 
 HOUR_S = 3600
 MAX_HOURS = 24 * 14  # the widest page: two weeks of hourly buckets
@@ -46,10 +46,11 @@ class HistoryMixin(StoreBase):
         columns: list[Any] = [hour, up, down]
         query = sa.select(*columns).select_from(Feedback)
         if by_version:
-            query = (sa.select(hour, Choice.policy_version, up, down).select_from(Feedback)
-                     .join(Choice, Choice.id == Feedback.choice_id))
+            query = (sa.select(hour, answer_version, up, down).select_from(Feedback)
+                     .join(Choice, Choice.id == Feedback.choice_id)
+                     .join(Completion, Completion.id == Choice.completion_id))
         query = query.where(Feedback.created_at >= _at(start), Feedback.created_at < _at(end))
-        groups: list[Any] = [hour, Choice.policy_version] if by_version else [hour]
+        groups: list[Any] = [hour, answer_version] if by_version else [hour]
         query = query.group_by(*groups).order_by(*groups)
         with self._tx(write=False) as s:
             rows = s.execute(query).all()

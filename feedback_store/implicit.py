@@ -17,7 +17,7 @@ from feedback_store.base import StoreBase, public_id, storable, unix, utcnow
 from feedback_store.errors import InvalidInputError
 from feedback_store.feedback import _check_owner, _find_choice
 from feedback_store.feedback_reads import Signal
-from feedback_store.models import Choice, ImplicitFeedback
+from feedback_store.models import Choice, Completion, ImplicitFeedback, answer_version
 from feedback_store.types import IMPLICIT_SIGNALS, IMPLICIT_UP, Rater, ThumbExample
 
 
@@ -49,10 +49,11 @@ class ImplicitFeedbackMixin(StoreBase):
         """Signals per version of the answers they were sent on: {version: {signal: n}}, every
         signal named (0 when none)."""
         query = (
-            sa.select(Choice.policy_version, ImplicitFeedback.signal, sa.func.count())
+            sa.select(answer_version, ImplicitFeedback.signal, sa.func.count())
             .select_from(ImplicitFeedback)
             .join(Choice, Choice.id == ImplicitFeedback.choice_id)
-            .group_by(Choice.policy_version, ImplicitFeedback.signal)
+            .join(Completion, Completion.id == Choice.completion_id)
+            .group_by(answer_version, ImplicitFeedback.signal)
         )
         with self._tx(write=False) as s:
             rows = s.execute(query).all()

@@ -115,9 +115,10 @@ class Choice(Base):
     token_ids: Mapped[list[int]] = mapped_column(json_type())
     logprobs: Mapped[list[float]] = mapped_column(json_type())
     finish_reason: Mapped[str] = mapped_column(sa.String(16))
-    # The version that wrote it: every thumb, signal and canary comparison is counted by it.
-    # A canary assigned per request answers one request from both versions.
-    policy_version: Mapped[str] = mapped_column(sa.String(64))
+    # The version that wrote it (`answer_version`, below, reads it): every thumb, signal and
+    # canary comparison is counted by it. A canary assigned per request answers one request
+    # from both versions. NULL on answers stored before migration 0012v: their completion's.
+    policy_version: Mapped[str | None] = mapped_column(sa.String(64), default=None)
 
 
 class Feedback(Base):
@@ -343,3 +344,7 @@ class Identity(Base):
     agreed: Mapped[int] = mapped_column(default=0)  # of them, where the RM agreed
     weight: Mapped[float] = mapped_column(sa.Float, default=1.0)
     updated_at: Mapped[datetime]
+
+
+# The version that wrote an answer, in a query that joins Choice to its Completion.
+answer_version = sa.func.coalesce(Choice.policy_version, Completion.policy_version)

@@ -13,7 +13,14 @@ from sqlalchemy.orm import Session
 from feedback_store.base import StoreBase
 from feedback_store.errors import ConflictError, InvalidInputError, NotFoundError
 from feedback_store.identities import identity_column
-from feedback_store.models import Choice, Completion, Feedback, PolicyRatings, PolicyVersion
+from feedback_store.models import (
+    Choice,
+    Completion,
+    Feedback,
+    PolicyRatings,
+    PolicyVersion,
+    answer_version,
+)
 from feedback_store.policy_versions import (
     _begin_canary,
     _check_servable,
@@ -196,8 +203,7 @@ def _paired_by_rater(s: Session, arms: tuple[str, str], *where: sa.ColumnElement
     up = Feedback.rating == "up"
 
     def arm(version: str, *, up_only: bool = False) -> sa.ColumnElement[int]:
-        on = sa.and_(Choice.policy_version == version, up) if up_only else (
-            Choice.policy_version == version)
+        on = sa.and_(answer_version == version, up) if up_only else answer_version == version
         return sa.func.sum(sa.case((on, 1), else_=0))
 
     active, canary = arms
@@ -207,7 +213,7 @@ def _paired_by_rater(s: Session, arms: tuple[str, str], *where: sa.ColumnElement
         .select_from(Feedback)
         .join(Choice, Choice.id == Feedback.choice_id)
         .join(Completion, Completion.id == Choice.completion_id)
-        .where(Choice.policy_version.in_(arms), Feedback.replaced_by.is_(None), *where)
+        .where(answer_version.in_(arms), Feedback.replaced_by.is_(None), *where)
         .group_by(rater, Completion.id)
         .subquery()
     )
@@ -241,12 +247,12 @@ def _thumbs_by_rater(s: Session, versions: tuple[str, ...], *where: sa.ColumnEle
     up = sa.func.sum(sa.case((Feedback.rating == "up", 1), else_=0))
     down = sa.func.sum(sa.case((Feedback.rating == "down", 1), else_=0))
     rows = s.execute(
-        sa.select(Choice.policy_version, rater, up, down)
+        sa.select(answer_version, rater, up, down)
         .select_from(Feedback)
         .join(Choice, Choice.id == Feedback.choice_id)
         .join(Completion, Completion.id == Choice.completion_id)
-        .where(Choice.policy_version.in_(versions), Feedback.replaced_by.is_(None), *where)
-        .group_by(Choice.policy_version, rater)
+        .where(answer_version.in_(versions), Feedback.replaced_by.is_(None), *where)
+        .group_by(answer_version, rater)
     )
     found: dict[str, RaterThumbs] = {}
     for version, identity, n_up, n_down in rows:

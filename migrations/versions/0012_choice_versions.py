@@ -1,6 +1,8 @@
 """Each answer records the version that wrote it: a canary assigned per request answers one
 request from both versions, and every thumb is counted by its answer's version. Rows stored
-before take their completion's.
+before keep NULL, read as their completion's version (`feedback_store.models.answer_version`):
+no backfill, so the column arrives without rewriting or locking a large table, and servers still
+on the code before it go on storing answers (NULL: their completion's, which is right for them).
 
 Revision ID: 0012v
 Revises: 0011s
@@ -23,10 +25,6 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table("choices") as batch:
         batch.add_column(sa.Column("policy_version", sa.String(64), nullable=True))
-    op.execute("UPDATE choices SET policy_version = (SELECT completions.policy_version"
-               " FROM completions WHERE completions.id = choices.completion_id)")
-    with op.batch_alter_table("choices") as batch:
-        batch.alter_column("policy_version", existing_type=sa.String(64), nullable=False)
 
 
 def downgrade() -> None:

@@ -172,21 +172,34 @@ def test_controller_state_is_filled_in_from_metrics(db_url: str) -> None:
     store.close()
 
 
-def test_answers_take_their_completions_version(db_url: str) -> None:
-    """Answers stored before 0012v get their completion's version; after it, each its own."""
+def test_answers_stored_before_0012v_count_for_their_completions_version(db_url: str) -> None:
+    """0012v adds each answer's version without a backfill: answers stored before it (NULL) count
+    for their completion's version, and answers stored after it for their own."""
+    migrate.upgrade(db_url, "0011s")
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:  # what the code before 0012v stored: no version per answer
+        conn.execute(sa.text(
+            "INSERT INTO prompts (sha256, prompt_text, prompt_token_ids, holdout, created_at)"
+            " VALUES ('ab', 'Hi?', '[1]', false, CURRENT_TIMESTAMP)"))
+        conn.execute(sa.text(
+            "INSERT INTO completions (id, prompt_id, kind, model, policy_version, params,"
+            " created_at) SELECT 'chatcmpl-1', id, 'chat', 'flywheel', 'policy-1', '{}',"
+            " CURRENT_TIMESTAMP FROM prompts"))
+        conn.execute(sa.text(
+            'INSERT INTO choices (completion_id, "index", text, token_ids, logprobs,'
+            " finish_reason) VALUES ('chatcmpl-1', 0, 'Hello', '[2]', '[-0.1]', 'stop')"))
+    engine.dispose()
     migrate.upgrade(db_url)
     store = Store(db_url)
-    add_completion(store, "chatcmpl-1", policy_version="policy-1")
     add_completion(store, "chatcmpl-2", policy_version="policy-2",
                    versions=("policy-2", "policy-3"))
+    for completion, index in (("chatcmpl-1", 0), ("chatcmpl-2", 0), ("chatcmpl-2", 1)):
+        store.add_feedback(completion_id=completion, choice_index=index, rating="up",
+                           rater=Rater(user="ann"))
+    assert store.live_ratings() == {"policy-1": (1, 0), "policy-2": (1, 0), "policy-3": (1, 0)}
+    assert {v: sum(u for u, _ in raters.values())
+            for v, raters in store.thumbs_by_rater(["policy-1", "policy-3"]).items()} == {
+        "policy-1": 1, "policy-3": 1}
     store.close()
     migrate.downgrade(db_url, "0011s")
     migrate.upgrade(db_url)
-    engine = sa.create_engine(db_url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text(
-'SELECT completion_id, policy_version FROM choices ORDER BY completion_id, "index"')).all()
-    engine.dispose()
-    # Downgrading dropped what 0012v recorded: chatcmpl-2's answers take its first one's.
-    assert [tuple(row) for row in rows] == [("chatcmpl-1", "policy-1"), ("chatcmpl-1", "policy-1"),
-                                            ("chatcmpl-2", "policy-2"), ("chatcmpl-2", "policy-2")]
