@@ -229,14 +229,16 @@ def _paired_by_rater(s: Session, arms: tuple[str, str], *where: sa.ColumnElement
         sa.func.sum(c.uc * c.ua), sa.func.sum(c.uc * c.na), sa.func.sum(c.nc * c.ua),
         sa.func.sum(c.nc * c.na), sa.func.sum(both),
     ).group_by(c.rater))
-    found = PairedThumbs({}, {}, {})
+    found = PairedThumbs(arms)
     for identity, *sums in rows:
         ints = [int(x or 0) for x in sums]
-        for into, part in ((found.active, ints[0:6]), (found.canary, ints[6:12])):
-            if part[1]:
-                into[identity] = Clustered(*part)
-        if ints[16]:
-            found.shared[identity] = Shared(*ints[12:17])
+        active, canary, shared = Clustered(*ints[:6]), Clustered(*ints[6:12]), Shared(*ints[12:])
+        if active.n:
+            found.active[identity] = active
+        if canary.n:
+            found.canary[identity] = canary
+        if shared.requests:
+            found.shared[identity] = shared
     return found
 
 

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+import redis
+
 from flywheel.supervisor import describe_exit, with_parent_death_signal
 
 log = logging.getLogger(__name__)
@@ -68,30 +70,41 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited; see {self.directory / 'redis.log'}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
+            if self._answering():
+                return
+            time.sleep(0.05)
         self._proc.kill()
         self._proc.wait()
         raise RuntimeError("redis-server did not start in time")
+
+    def _answering(self) -> bool:
+        """Whether our redis-server answers on the port (not another process that holds it)."""
+        assert self._proc is not None
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                             socket_connect_timeout=0.2)
+        try:
+            return bool(client.info("server").get("process_id") == self._proc.pid)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
 
     def restart_if_exited(self) -> None:
         """Start the server again, on the same port, if it died (`flywheel up` calls this at
         every poll of its children, from its main thread). It keeps nothing on disk: clients
         reconnect, servers read the active version from SQL and the worker takes its lock
-        again. A restart that fails is tried again after RETRY_SECONDS."""
+        again. At most one restart every RETRY_SECONDS: one that fails, or a server that dies
+        again at once, is tried again after that."""
         if not self._wanted or self._proc is None or self._proc.poll() is None:
             return
         if time.monotonic() < self._retry_at:
             return
+        self._retry_at = time.monotonic() + RETRY_SECONDS
         log.warning("embedded Redis (pid %d) %s; starting it again on port %d", self._proc.pid,
                     describe_exit(self._proc.returncode), self.port)
         try:
             self.start()
-        except RuntimeError as exc:
-            self._retry_at = time.monotonic() + RETRY_SECONDS
+        except (RuntimeError, OSError) as exc:
             log.error("embedded Redis did not start again: %s; trying again in %g s", exc,
                       RETRY_SECONDS)
 

@@ -41,7 +41,7 @@ takes off the variance of its difference.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from flywheel.approval import Arm, CanaryDecision, decide_canary
 from flywheel.raters import is_untrusted_key
@@ -212,11 +212,13 @@ class Shared:
 @dataclass(frozen=True)
 class PairedThumbs:
     """A canary's thumbs assigned per request: per rater, each arm's `Clustered` sums, and the
-    `Shared` ones of requests both arms answered (what `decide_paired` takes)."""
+    `Shared` ones of requests both arms answered (what `decide_paired` takes), for the arms
+    `versions` (active, canary)."""
 
-    active: dict[str, Clustered]
-    canary: dict[str, Clustered]
-    shared: dict[str, Shared]
+    versions: tuple[str, str]
+    active: dict[str, Clustered] = field(default_factory=dict)
+    canary: dict[str, Clustered] = field(default_factory=dict)
+    shared: dict[str, Shared] = field(default_factory=dict)
 
 
 def difference_variance(active: Clustered, canary: Clustered, shared: Shared | None = None
@@ -224,7 +226,7 @@ def difference_variance(active: Clustered, canary: Clustered, shared: Shared | N
     """Variance of one rater's p_canary - p_active: each arm's own (`Clustered.variance`) less
     twice their cluster-robust covariance over the requests both arms answered, never below the
     binomial variance of independent thumbs."""
-    separate = active.variance() + canary.variance()
+    separate = active.variance() + canary.variance()  # both arms rated: n > 0
     if shared is None or shared.requests == 0:
         return separate
     p_a, p_c = active.up / active.n, canary.up / canary.n

@@ -168,7 +168,7 @@ class Supervisor:
                 code = self._step(name, child)
                 if code is not None:
                     return code
-            for keep in also:
+            for keep in also if not self._stopping else ():
                 keep()
             time.sleep(self.poll_s)
         return 0

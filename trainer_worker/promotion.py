@@ -145,7 +145,9 @@ class Promotion:
         sees both arms: `decide_paired`); else pooled per arm."""
         cfg = self.cfg
         if (canary.get("canary") or {}).get("unit") == "request":
-            paired = self.store.canary_requests() or PairedThumbs({}, {}, {})
+            paired = self.store.canary_requests()
+            if paired is None or paired.versions != (active, canary["id"]):
+                paired = PairedThumbs((active, canary["id"]))  # the arms changed meanwhile
             thumbs = {version: {name: (c.up, c.n - c.up) for name, c in raters.items()}
                       for version, raters in ((active, paired.active),
                                               (canary["id"], paired.canary))}

@@ -198,6 +198,7 @@ def test_canary_thumbs_are_summed_request_by_request(store: Store) -> None:
     _thumbs(store, "m1", "up", "up", "down", user="bob")
     found = store.canary_requests()
     assert found == PairedThumbs(
+        versions=("policy-0", "policy-1"),
         active={"user:ann": Clustered(up=4, n=5, up_sq=9 + 1, up_n=9 + 2, n_sq=9 + 4,
                                       requests=2),
                 "user:bob": Clustered.of([(1, 1)])},
