@@ -215,9 +215,11 @@ class PolicyWatcher:
         if refused_at is not None and time.monotonic() - refused_at < REFUSED_RETRY_SECONDS:
             return False
         try:
+            # An engine that hashes what it loads holds it to the digest: this check need not
+            # hash the files first, unless there is no digest to hold them to.
+            hashed_by_engine = self.engine.hashes_what_it_loads and bool(message.sha256)
             await to_thread.run_sync(functools.partial(
-                check_servable, message, self.settings,
-                contents=not self.engine.hashes_what_it_loads))
+                check_servable, message, self.settings, contents=not hashed_by_engine))
             await load(message.path, message.version, message.sha256 or None)
         except (CheckpointError, SwapError, OSError) as exc:
             self._refused[key] = time.monotonic()

@@ -3,6 +3,8 @@ request from both versions, and every thumb is counted by its answer's version. 
 before keep NULL, read as their completion's version (`feedback_store.models.answer_version`):
 no backfill, so the column arrives without rewriting or locking a large table, and servers still
 on the code before it go on storing answers (NULL: their completion's, which is right for them).
+A downgrade forgets which arm wrote each answer of a split request: they then count for their
+completion's version, while the live counters (policy_ratings) keep what they counted.
 
 Revision ID: 0012v
 Revises: 0011s
