@@ -3,6 +3,7 @@
     python bench/canary_serving.py [--model DIR] [--clients 16] [--fraction 0.2]
                                    [--max-tokens 64] [--seconds 10] [--rounds 2] [--own-process]
                                    [--canary-weights all|layers]
+                                   [--engine transformers|vllm] [--canary full|lora] [--vllm-eager]
 
 One ``TransformersEngine`` on one model (its core in this process, or in an engine process of its
 own with ``--own-process``); ``--clients`` closed-loop streaming clients send requests back to
@@ -13,7 +14,19 @@ ended after it) receiving ``--fraction`` of the requests, chosen per request wit
 generator, so that background load hits both alike. Prints tokens/s, CPU per token (this process
 and the engine process: what holds however much CPU other jobs leave), the process's resident
 memory (RSS, sampled during each round; (A)'s from the first round, before any canary was loaded)
-and the ratios B/A.
+and the ratios B/A: of the rounds' totals, and the median of each round's ratio.
+
+``--engine vllm`` measures Flywheel's ``VLLMEngine`` in this process instead (run with the
+interpreter of ``scripts/vllm-venv.sh`` on CPU), with the engine's own settings (on CPU: float32, a
+1 GiB KV cache per engine, compiled unless ``--vllm-eager``). ``--canary full``: the active policy
+is the model and the canary the perturbed copy above, which ``set_canary`` serves from a second
+``AsyncLLM`` (engine core and worker processes of its own, its own KV cache), started before each
+(B) round and shut down after it. ``--canary lora``: LoRA on, the active policy and the canary
+are each an adapter on the model (the trainer's: all linear layers, rank 16, written by its
+``save_policy``), the canary one more adapter in the same engine. Memory is then that of this
+process and its children (vLLM's engine processes): RSS summed, and PSS (shared pages split
+between the processes that map them) before and with the canary; the canary's start time is
+printed too.
 """
 
 from __future__ import annotations
@@ -23,17 +36,29 @@ import asyncio
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from serving import QUESTIONS, Run, conversations, cpu_per_token, cpu_seconds, ensure_model, report
+from serving import (
+    QUESTIONS,
+    ROOT,
+    Run,
+    conversations,
+    cpu_per_token,
+    cpu_seconds,
+    ensure_model,
+    report,
+)
 
 from server.engines.base import SamplingParams
 from server.engines.transformers_engine import TransformersEngine
@@ -45,6 +70,21 @@ def rss_mib() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def tree_memory_mib(pss: bool = False) -> float:
+    """Resident memory of this process and its children (vLLM's engine cores), MiB: RSS summed,
+    which counts shared pages (libraries) once per process, or ``pss``, which splits them."""
+    import psutil
+
+    root = psutil.Process()
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_full_info().pss if pss else proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total / 2**20
 
 
 def perturbed_copy(src: Path, dst: Path, seed: int = 1, layers_only: bool = False) -> Path:
@@ -64,13 +104,14 @@ def perturbed_copy(src: Path, dst: Path, seed: int = 1, layers_only: bool = Fals
     return dst
 
 
-async def clients_round(engine: TransformersEngine, prompts: list[list[int]], clients: int,
-                        fraction: float, max_new: int, seconds: float, seed: int
+async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
+                        fraction: float, max_new: int, seconds: float, seed: int,
+                        memory: Callable[[], float] = rss_mib
                         ) -> tuple[Run, float, dict[str, int]]:
     """Closed-loop streaming clients for ``seconds``: the run, peak RSS and tokens per version."""
     params = SamplingParams(max_tokens=max_new, temperature=1.0)
     rng = random.Random(seed)
-    run, peak, by_version = Run(), rss_mib(), {}
+    run, peak, by_version = Run(), memory(), {}
     cpu = cpu_seconds(os.getpid())
     start = time.perf_counter()
 
@@ -92,7 +133,7 @@ async def clients_round(engine: TransformersEngine, prompts: list[list[int]], cl
     async def sample_rss() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, rss_mib())
+            peak = max(peak, memory())
             await asyncio.sleep(0.1)
 
     sampler = asyncio.create_task(sample_rss())
@@ -101,28 +142,39 @@ async def clients_round(engine: TransformersEngine, prompts: list[list[int]], cl
     run.cpu, run.cpu_api = (after - before for after, before in
                             zip(cpu_seconds(os.getpid()), cpu, strict=True))
     sampler.cancel()
-    return run, max(peak, rss_mib()), by_version
+    return run, max(peak, memory()), by_version
 
 
-async def bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None:
-    engine = TransformersEngine(str(model), max_batch_size=max(32, args.clients),
-                                own_process=args.own_process)
-    await engine.start()
+async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
+                memory: Callable[[], float] = rss_mib,
+                pss: Callable[[], float] | None = None) -> None:
+    """Rounds of (A) no canary and (B) the canary at ``canary_dir`` on a started ``engine``,
+    which is stopped after them; ``pss``: also the PSS before and with the first canary."""
     prompts = [engine.encode_chat(c) for c in conversations(len(QUESTIONS))]
-    await clients_round(engine, prompts, args.clients, 0.0, args.max_tokens, 1.0, 0)  # warm-up
+    await clients_round(engine, prompts, args.clients, 0.0, args.max_tokens, 1.0, 0,
+                        memory)  # warm-up
     runs = {"A": Run(), "B": Run()}
+    per_round: list[tuple[Run, Run]] = []
     peaks = {"A": 0.0, "B": 0.0}
     tokens_by_version: dict[str, int] = {}
-    rss_before = rss_loaded = 0.0
+    rss_before = rss_loaded = pss_before = pss_loaded = 0.0
+    canary_starts: list[float] = []
     for round_ in range(args.rounds):
+        arms: dict[str, Run] = {}
         for arm, fraction in (("A", 0.0), ("B", args.fraction)):
             if arm == "B":
-                rss_before = rss_before or rss_mib()
+                rss_before = rss_before or memory()
+                pss_before = pss_before or (pss() if pss else 0.0)
+                started = time.perf_counter()
                 await engine.set_canary(str(canary_dir), "canary")
-                rss_loaded = rss_loaded or rss_mib()
+                canary_starts.append(time.perf_counter() - started)
+                rss_loaded = rss_loaded or memory()
+                pss_loaded = pss_loaded or (pss() if pss else 0.0)
             run, peak, by_version = await clients_round(
-                engine, prompts, args.clients, fraction, args.max_tokens, args.seconds, round_)
+                engine, prompts, args.clients, fraction, args.max_tokens, args.seconds, round_,
+                memory)
             runs[arm].add(run)
+            arms[arm] = run
             if arm == "B":
                 peaks["B"] = max(peaks["B"], peak)
                 for version, n in by_version.items():
@@ -130,6 +182,7 @@ async def bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None
                 await engine.end_canary()
             elif round_ == 0:  # later (A) rounds follow a freed canary, whose pages the
                 peaks["A"] = peak  # allocator may keep: only the first is clean
+        per_round.append((arms["A"], arms["B"]))
     await engine.stop()
     alone, shared = runs["A"], runs["B"]
     report(f"(A) {args.clients} streaming clients, no canary", alone)
@@ -143,6 +196,67 @@ async def bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None
     print(f"RSS: {rss_before:.0f} MiB before the first canary, {rss_loaded:.0f} MiB with it "
           f"loaded; peak during (A) {peaks['A']:.0f} MiB, during (B) {peaks['B']:.0f} MiB")
     print(f"    (B)/(A) peak RSS = {peaks['B'] / peaks['A']:.2f}x")
+    if pss is not None:
+        print(f"PSS: {pss_before:.0f} MiB before the first canary, {pss_loaded:.0f} MiB with it "
+              f"loaded ({pss_loaded / pss_before:.2f}x)")
+    rates = [b.rate / a.rate for a, b in per_round]
+    per_cpu = [(a.cpu / a.tokens) / (b.cpu / b.tokens) for a, b in per_round]
+    print(f"per round ({len(per_round)}): (B)/(A) tokens/s median {statistics.median(rates):.2f}x "
+          f"({min(rates):.2f}x to {max(rates):.2f}x), tokens per CPU second median "
+          f"{statistics.median(per_cpu):.2f}x ({min(per_cpu):.2f}x to {max(per_cpu):.2f}x)")
+    print("    each round's tokens/s " + " ".join(f"{r:.2f}x" for r in rates)
+          + ", per CPU second " + " ".join(f"{r:.2f}x" for r in per_cpu))
+    print(f"canary start (set_canary): median {statistics.median(canary_starts):.2f}s "
+          f"({min(canary_starts):.2f}s to {max(canary_starts):.2f}s)")
+
+
+async def transformers_bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None:
+    engine = TransformersEngine(str(model), max_batch_size=max(32, args.clients),
+                                own_process=args.own_process)
+    await engine.start()
+    await bench(engine, canary_dir, args)
+
+
+def lora_checkpoint(base: Path, dst: Path, seed: int) -> Path:
+    """A LoRA policy on ``base`` as the trainer writes one (``save_policy``: the adapter under
+    ``dst/adapter``, the merged model in ``dst``), its adapters' B matrices random (non-zero)."""
+    from flywheel.settings import PPOConfig
+    from trainer_worker.ppo.causal_lm import add_lora, load_causal_lm, save_policy
+
+    torch.manual_seed(seed)
+    policy = add_lora(load_causal_lm(base, "cpu"), PPOConfig(use_lora=True), "CAUSAL_LM")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    save_policy(policy, base, dst, use_lora=True)
+    return dst
+
+
+async def vllm_bench(model: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """The canary on Flywheel's ``VLLMEngine``: a second ``AsyncLLM`` or a second adapter."""
+    from flywheel.settings import Settings
+    from server.engines.vllm_engine import VLLMEngine
+
+    lora = args.canary == "lora"
+    if lora:
+        active = lora_checkpoint(model, tmp / "active", seed=2)
+        canary_dir = lora_checkpoint(model, tmp / "canary", seed=3)
+    else:
+        active = model
+        canary_dir = perturbed_copy(model, tmp / "canary",
+                                    layers_only=args.canary_weights == "layers")
+    settings = Settings(data_dir=tmp, model=str(model), engine="vllm", database_url="sqlite://",
+                        vllm_cache_dir=ROOT / ".flywheel" / "vllm",  # compiled once, kept
+                        vllm_enforce_eager=args.vllm_eager,
+                        ppo={"use_lora": lora})  # type: ignore[arg-type]
+    engine = VLLMEngine(settings, model_path=str(active), policy_version="active")
+    started = time.perf_counter()
+    await engine.start()
+    print(f"engine started in {time.perf_counter() - started:.1f}s, engine args "
+          f"{ {k: v for k, v in engine._engine_args.items() if k != 'model'} }", flush=True)
+    await bench(engine, canary_dir, args, memory=tree_memory_mib,
+                pss=lambda: tree_memory_mib(pss=True))
 
 
 def main() -> None:
@@ -157,8 +271,21 @@ def main() -> None:
                         help="the engine's core in a process of its own (RSS: this one's only)")
     parser.add_argument("--canary-weights", choices=["all", "layers"], default="all",
                         help="the weights the canary's noise changes (layers: a LoRA policy's)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--canary", choices=["full", "lora"], default="full",
+                        help="vLLM: a full-weight canary (a second AsyncLLM) or a LoRA adapter")
+    parser.add_argument("--vllm-eager", action="store_true", help="vLLM: no torch.compile")
     args = parser.parse_args()
     model = ensure_model(args.model.resolve())
+    if args.engine == "vllm":
+        print(f"model {model}, max_tokens {args.max_tokens}, {args.rounds} rounds of "
+              f"{args.seconds:.0f}s per arm, vLLM in this process, canary: "
+              f"{'a LoRA adapter' if args.canary == 'lora' else 'full weights, a second engine'}"
+              f", load average {os.getloadavg()[0]:.1f}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="flywheel-canary-") as tmp:
+            asyncio.run(vllm_bench(model, Path(tmp), args))
+        print(f"load average after {os.getloadavg()[0]:.1f}")
+        return
     print(f"model {model}, max_tokens {args.max_tokens}, {args.rounds} rounds of "
           f"{args.seconds:.0f}s per arm, core {'in its own' if args.own_process else 'in this'} "
           "process")
@@ -166,7 +293,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flywheel-canary-") as tmp:
         canary_dir = perturbed_copy(model, Path(tmp) / "canary",
                                     layers_only=args.canary_weights == "layers")
-        asyncio.run(bench(model, canary_dir, args))
+        asyncio.run(transformers_bench(model, canary_dir, args))
 
 
 if __name__ == "__main__":
