@@ -206,7 +206,9 @@ def test_stack_is_healthy_and_private(stack: Stack) -> None:
 def chat_and_rate(stack: Stack) -> None:
     """Twelve thumbs on six chats through nginx: more than the cycle's threshold of eight.
     Every answer can be rated, an answer holding a NUL character included (the tiny model emits
-    one now and then; PostgreSQL stores it as U+FFFD)."""
+    one now and then; PostgreSQL stores it as U+FFFD). The shorter answer gets the thumb up: a
+    taste a reward model can learn (thumbs by position would be noise, and a rater whose noise
+    the trainer's review finds inverted loses its weight, and with it every pair that judges)."""
     with stack.client() as client:
         for i in range(6):
             response = client.post("/v1/chat/completions", json={
@@ -215,7 +217,9 @@ def chat_and_rate(stack: Stack) -> None:
             assert response.status_code == 200, response.text
             body = response.json()
             assert body["system_fingerprint"] == response.headers["X-Flywheel-Policy"]
-            for index, rating in enumerate(("up", "down")):
+            lengths = [len(c["message"]["content"]) for c in body["choices"]]
+            ratings = ("up", "down") if lengths[0] <= lengths[1] else ("down", "up")
+            for index, rating in enumerate(ratings):
                 feedback = client.post("/v1/feedback", json={
                     "completion_id": body["id"], "choice_index": index, "rating": rating})
                 assert feedback.status_code == 201, \
