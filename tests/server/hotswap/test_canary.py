@@ -4,7 +4,9 @@ the split, stickiness, two replicas, live approval, a Redis restart, and bad req
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from feedback_store.models import Choice, Completion
 from flywheel.embedded_redis import EmbeddedRedis
 from flywheel.serving_plan import CanaryMessage, RedisKeys
 from flywheel.settings import Settings
+from server.engines.fake import FakeEngine
 from tests.server.hotswap.conftest import (
     CHAT,
     _settings_on,
@@ -95,18 +98,26 @@ def _stored_versions(store: Store, completion_id: str) -> tuple[str, list[str]]:
     return first, list(each)
 
 
+@contextlib.contextmanager
+def serving_a_canary_per_request(settings: Settings, store: Store, tmp_path: Path
+                                 ) -> Iterator[tuple[TestClient, FakeEngine]]:
+    """A replica serving policy-0, with policy-1 on canary at 0.5, assigned per request."""
+    checkpoint(settings, store, tmp_path, "policy-0", status="active")
+    checkpoint(settings, store, tmp_path, "policy-1")
+    with serving(settings, store) as (client, engine):
+        started = client.post("/v1/policies/policy-1/canary", json={"fraction": 0.5,
+                                                                    "unit": "request"})
+        assert started.status_code == 201, started.text
+        assert wait_for(lambda: canary_of(client), lambda v: v == "policy-1") == "policy-1"
+        yield client, engine
+
+
 def test_a_per_request_canary_answers_one_request_from_both_arms(
         settings: Settings, store: Store, tmp_path: Path) -> None:
     """At fraction 0.5, a request for three answers gets one or two from the canary, in either
     order, each stored with the version that wrote it, as its stream chunks say; the thumbs
     count for that version."""
-    checkpoint(settings, store, tmp_path, "policy-0", status="active")
-    checkpoint(settings, store, tmp_path, "policy-1")
-    with serving(settings, store) as (a, engine):
-        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.5,
-                                                               "unit": "request"})
-        assert started.status_code == 201, started.text
-        assert wait_for(lambda: canary_of(a), lambda v: v == "policy-1") == "policy-1"
+    with serving_a_canary_per_request(settings, store, tmp_path) as (a, engine):
         firsts = set()
         for _ in range(12):
             body = a.post("/v1/chat/completions", json={**CHAT, "n": 3, "user": "ann"}).json()
@@ -161,13 +172,7 @@ def test_a_split_request_takes_one_place_in_its_keys_queue_share(
     """A request a canary splits is still one request to the admission bounds: with one
     waiting request allowed per key, n=2 is served on an idle server."""
     settings = settings.model_copy(update={"max_waiting_per_key": 1})
-    checkpoint(settings, store, tmp_path, "policy-0", status="active")
-    checkpoint(settings, store, tmp_path, "policy-1")
-    with serving(settings, store) as (a, _):
-        started = a.post("/v1/policies/policy-1/canary", json={"fraction": 0.5,
-                                                               "unit": "request"})
-        assert started.status_code == 201, started.text
-        assert wait_for(lambda: canary_of(a), lambda v: v == "policy-1") == "policy-1"
+    with serving_a_canary_per_request(settings, store, tmp_path) as (a, _):
         for _ in range(6):
             response = a.post("/v1/chat/completions", json={**CHAT, "n": 2})
             assert response.status_code == 200, response.text
