@@ -4,8 +4,9 @@ Redis, SQLite)."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,23 @@ def _served_weights(client: TestClient) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+@contextlib.contextmanager
+def _transformers_server(settings: Settings, store: Store) -> Iterator[TestClient]:
+    """A server on the transformers engine (the base policy recorded), following Redis."""
+    from server.engines.transformers_engine import TransformersEngine
+
+    record_base_policy(settings, store)
+    engine = TransformersEngine(settings.model, device="cpu", max_batch_size=4)
+    with TestClient(create_app(settings, engine=engine, store=store, watch=True)) as client:
+        assert redis_followed(client)
+        yield client
+
+
 @pytest.mark.slow
 def test_weights_replaced_after_the_check_are_refused(
     settings: Settings, store: Store, tmp_path: Path, publish: Callable[[PolicyMessage], None],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from server.engines.transformers_engine import TransformersEngine
-
     base = Path(settings.model)
     root = tmp_path / "checkpoints"
     other = make_checkpoint(base, root / "other", "other", perturb_seed=9, perturb_scale=1.0)
@@ -60,10 +71,7 @@ def test_weights_replaced_after_the_check_are_refused(
         return manifest
 
     monkeypatch.setattr(hotswap, "check_servable", check_then_replace)
-    record_base_policy(settings, store)
-    engine = TransformersEngine(str(base), device="cpu", max_batch_size=4)
-    with TestClient(create_app(settings, engine=engine, store=store, watch=True)) as client:
-        assert redis_followed(client)
+    with _transformers_server(settings, store) as client:
         swapped = make_checkpoint(base, root / "policy-1", "policy-1", parent="policy-0",
                                   perturb_seed=1, store=store, status="active")
         publish(swapped)
@@ -89,8 +97,6 @@ def test_a_swap_hashes_each_weight_file_once(
 ) -> None:
     """The engine hashes what it loads, so the server's check before it reads no weights: a
     checkpoint whose weights were replaced before the check is still refused, by the engine."""
-    from server.engines.transformers_engine import TransformersEngine
-
     base = Path(settings.model)
     root = tmp_path / "checkpoints"
     hashed: list[str] = []
@@ -101,10 +107,7 @@ def test_a_swap_hashes_each_weight_file_once(
         return real_hash(path)
 
     monkeypatch.setattr(checkpoints, "file_sha256", counted)
-    record_base_policy(settings, store)
-    engine = TransformersEngine(str(base), device="cpu", max_batch_size=4)
-    with TestClient(create_app(settings, engine=engine, store=store, watch=True)) as client:
-        assert redis_followed(client)
+    with _transformers_server(settings, store) as client:
         tampered = make_checkpoint(base, root / "policy-1", "policy-1", parent="policy-0",
                                    perturb_seed=1, store=store, status="active")
         other = make_checkpoint(base, root / "other", "other", perturb_seed=9)
