@@ -170,13 +170,16 @@ class Clustered:
         """Plain counts: each thumb its own request."""
         return cls(up, up + down, up, up, up + down, up + down)
 
-    def variance(self) -> float:
-        """Variance of the approval: the larger of the binomial one (Agresti-Caffo) and the
-        cluster-robust one over the requests (Cameron & Miller 2015, with m / (m - 1)), which
-        counts a request whose answers are all up or all down as nearer one thumb than
-        several."""
+    def binomial_variance(self) -> float:
+        """Variance of the approval were every thumb independent (Agresti-Caffo)."""
         q = _shrunk(self.up, self.n)
-        variance = q * (1 - q) / self.n
+        return q * (1 - q) / self.n
+
+    def variance(self) -> float:
+        """Variance of the approval: the larger of the binomial one and the cluster-robust one
+        over the requests (Cameron & Miller 2015, with m / (m - 1)), which counts a request
+        whose answers are all up or all down as nearer one thumb than several."""
+        variance = self.binomial_variance()
         m = self.requests
         if m > 1:
             p = self.up / self.n
@@ -233,8 +236,7 @@ def difference_variance(active: Clustered, canary: Clustered, shared: Shared | N
     products = shared.up_up - p_a * shared.up_n - p_c * shared.n_up + p_a * p_c * shared.n_n
     m = active.requests + canary.requests - shared.requests
     covariance = products / (active.n * canary.n) * (m / (m - 1) if m > 1 else 1.0)
-    q_a, q_c = _shrunk(active.up, active.n), _shrunk(canary.up, canary.n)
-    binomial = q_a * (1 - q_a) / active.n + q_c * (1 - q_c) / canary.n
+    binomial = active.binomial_variance() + canary.binomial_variance()
     return max(binomial, separate - 2 * covariance)
 
 
