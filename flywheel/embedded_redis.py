@@ -15,7 +15,7 @@ import redis
 from flywheel.supervisor import describe_exit, with_parent_death_signal
 
 log = logging.getLogger(__name__)
-RETRY_SECONDS = 5.0  # after a restart that failed
+RETRY_SECONDS = 5.0  # the least time between two restarts (restart_if_exited)
 
 
 def _redis_server_binary() -> str:

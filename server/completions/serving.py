@@ -192,10 +192,10 @@ def split_by_arm(state: AppState, job: CompletionJob) -> list[tuple[CompletionJo
     return parts
 
 
-async def _store(state: AppState, runs: list[Run]) -> None:
+async def _store(runs: list[Run]) -> None:
     """One stored completion from the runs of one prompt (one, or one per arm), each answer
     with the version that wrote it."""
-    job = runs[0].job
+    state, job = runs[0].state, runs[0].job
     record = NewCompletion(
         id=job.store_id, kind=job.kind, prompt_text=job.prompt_text,
         prompt_token_ids=job.prompt_ids, messages=job.messages,
@@ -346,7 +346,7 @@ class Runs:
         for run in self.runs:
             prompts.setdefault(run.job.store_id, []).append(run)
         for runs in prompts.values():
-            await _store(runs[0].state, runs)
+            await _store(runs)
 
 
 def _choices(state: AppState, runs: Runs) -> list[dict[str, Any]]:
