@@ -23,6 +23,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 MANIFEST_NAME = "flywheel_manifest.json"
+# A LoRA policy's adapter (peft's files, relative to the base model) beside its merged weights.
+ADAPTER_DIR = "adapter"
+ADAPTER_CONFIG = f"{ADAPTER_DIR}/adapter_config.json"
+ADAPTER_WEIGHTS = f"{ADAPTER_DIR}/adapter_model.safetensors"
 _CHUNK = 1 << 20
 
 
@@ -267,3 +271,9 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def lora_adapter_dir(checkpoint: str | Path) -> Path | None:
+    """``<checkpoint>/adapter`` when the checkpoint is a LoRA policy, else None."""
+    adapter = Path(checkpoint) / ADAPTER_DIR
+    return adapter if (Path(checkpoint) / ADAPTER_CONFIG).is_file() else None

@@ -31,6 +31,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from flywheel.checkpoints import lora_adapter_dir
 from flywheel.settings import Settings
 from flywheel.versions import BASE_POLICY
 from flywheel.vllm.bindings import VLLMBindings, load_tokenizer, load_vllm_bindings
@@ -57,7 +58,6 @@ from server.engines.vllm_params import (
     build_sampling_params,
     eos_token_ids,
     full_checkpoint_problem,
-    lora_adapter_dir,
     spans_other_versions,
     to_choice_delta,
 )

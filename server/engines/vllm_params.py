@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from flywheel.checkpoints import lora_adapter_dir
 from flywheel.vllm.params import sampled_logprobs, sampling_kwargs
 from server.engines.base import ChoiceDelta, EngineError, FinishReason, SamplingParams
 from server.engines.detokenize import ChoiceTexts
@@ -23,9 +24,6 @@ SHAPE_KEYS = (
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings",
 )
-
-ADAPTER_DIR = "adapter"
-
 
 def build_sampling_params(
     params: SamplingParams, sampling_cls: Callable[..., Any], output_kind: Any
@@ -104,12 +102,6 @@ def spans_other_versions(completion: Any, policy_version: str) -> bool:
 
 
 
-
-
-def lora_adapter_dir(checkpoint: Path) -> Path | None:
-    """``<checkpoint>/adapter`` when the checkpoint is a LoRA policy, else None."""
-    adapter = Path(checkpoint) / ADAPTER_DIR
-    return adapter if (adapter / "adapter_config.json").is_file() else None
 
 
 def has_full_weights(checkpoint: Path) -> bool:

@@ -11,10 +11,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from flywheel.checkpoints import ADAPTER_DIR
 from flywheel.settings import PPOConfig
 from trainer_worker.reward.model import disable_dropout, read_eos_token_ids
-
-ADAPTER_DIR = "adapter"
 
 
 def load_causal_lm(path: Path, device: str, *, trainable: bool = False) -> PreTrainedModel:
