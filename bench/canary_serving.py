@@ -11,7 +11,11 @@ back. Rounds alternate between (A) no canary and (B) a canary (a perturbed copy 
 on every weight, or with ``--canary-weights layers`` on the decoder layers' linear weights only,
 what the trainer's merged LoRA adapters change; loaded with ``set_canary`` before the round and
 ended after it) receiving ``--fraction`` of the requests, chosen per request with a seeded
-generator, so that background load hits both alike. Prints tokens/s, CPU per token (this process
+generator, so that background load hits both alike. ``--canary lora``: the active policy and
+the canary are each a LoRA policy on the model (the trainer's: all linear layers, rank 16, merged
+and with the adapter beside, written by its ``save_policy``), which the routed forward serves as
+one base product plus each policy's low-rank difference.
+Prints tokens/s, CPU per token (this process
 and the engine process: what holds however much CPU other jobs leave), the process's resident
 memory (RSS, sampled during each round; (A)'s from the first round, before any canary was loaded)
 and the ratios B/A: of the rounds' totals, and the median of each round's ratio.
@@ -210,8 +214,17 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
           f"({min(canary_starts):.2f}s to {max(canary_starts):.2f}s)")
 
 
-async def transformers_bench(model: Path, canary_dir: Path, args: argparse.Namespace) -> None:
-    engine = TransformersEngine(str(model), max_batch_size=max(32, args.clients),
+async def transformers_bench(model: Path, tmp: Path, args: argparse.Namespace) -> None:
+    """The canary on the transformers engine: full weights, or a second LoRA policy beside the
+    active one (both carry their adapters: the canary's rows add its low-rank difference)."""
+    if args.canary == "lora":
+        active = lora_checkpoint(model, tmp / "active", seed=2)
+        canary_dir = lora_checkpoint(model, tmp / "canary", seed=3)
+    else:
+        active = model
+        canary_dir = perturbed_copy(model, tmp / "canary",
+                                    layers_only=args.canary_weights == "layers")
+    engine = TransformersEngine(str(active), max_batch_size=max(32, args.clients),
                                 own_process=args.own_process)
     await engine.start()
     await bench(engine, canary_dir, args)
@@ -273,7 +286,7 @@ def main() -> None:
                         help="the weights the canary's noise changes (layers: a LoRA policy's)")
     parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
     parser.add_argument("--canary", choices=["full", "lora"], default="full",
-                        help="vLLM: a full-weight canary (a second AsyncLLM) or a LoRA adapter")
+                        help="a full-weight canary (on vLLM a second AsyncLLM) or a LoRA policy")
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM: no torch.compile")
     args = parser.parse_args()
     model = ensure_model(args.model.resolve())
@@ -289,11 +302,11 @@ def main() -> None:
     print(f"model {model}, max_tokens {args.max_tokens}, {args.rounds} rounds of "
           f"{args.seconds:.0f}s per arm, core {'in its own' if args.own_process else 'in this'} "
           "process")
-    print(f"canary: noise on {'every weight' if args.canary_weights == 'all' else 'the layers'}")
+    noise = "every weight" if args.canary_weights == "all" else "the layers"
+    print("canary: " + ("a LoRA policy beside the active LoRA policy" if args.canary == "lora"
+                        else f"noise on {noise}"))
     with tempfile.TemporaryDirectory(prefix="flywheel-canary-") as tmp:
-        canary_dir = perturbed_copy(model, Path(tmp) / "canary",
-                                    layers_only=args.canary_weights == "layers")
-        asyncio.run(transformers_bench(model, canary_dir, args))
+        asyncio.run(transformers_bench(model, Path(tmp), args))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from transformers import (
 )
 
 from flywheel.checkpoints import CheckpointReader
+from server.engines.adapters import attach, read_adapter
 from server.engines.core_protocol import CoreConfig, CoreInfo
 from server.engines.cpu_linear import pack_linears
 from server.engines.scheduler import Deliver, Scheduler
@@ -120,17 +121,19 @@ def load_model(path: str, device: torch.device, dtype: torch.dtype,
     """The causal LM at ``path`` for serving, built from its config's and weights' bytes as read
     and hashed once (one weight file's bytes at a time): with ``sha256``, the digest ``verify``
     checked, those are the checked files or nothing loads (``CheckpointError``). Evaluation
-    mode on ``device``; on CPU its large linear layers through oneDNN (``cpu_linear.py``)."""
+    mode on ``device``; on CPU its large linear layers through oneDNN (``cpu_linear.py``); a
+    LoRA policy carries its adapter's factors (``adapters.py``) for a routed forward."""
     reader = CheckpointReader(path, sha256)
     data = json.loads(reader.read("config.json"))
     config = CONFIG_MAPPING[data["model_type"]].from_dict(data)
     state: dict[str, torch.Tensor] = {}
     for name in _weight_files(reader.names):
         state.update(_tensors(name, reader.read(name)))
+    adapter = read_adapter(reader)
     reader.check()
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     model = model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype)
-    return pack_linears(model.to(device).eval())
+    return attach(pack_linears(model.to(device).eval()), adapter)
 
 
 def _weight_files(names: list[str]) -> list[str]:

@@ -10,7 +10,11 @@ two (multi-LoRA serving does the same with adapters: S-LoRA, vLLM's punica kerne
 is copied: the routed model holds the models' modules. A weight module whose weights are equal in
 every model (a policy trained with LoRA adapters on its decoder's linear layers, merged, keeps
 the base's embeddings, tied output layer and norms) is not routed: the first model's runs once
-over all rows.
+over all rows. A linear layer where every other model's weight is the first's plus a low-rank
+difference known from the models' LoRA adapters (``adapters.py``) is a ``_LowRankRouted``: the
+first model's product over all rows, then each other model's rows through its difference's two
+thin products (a canary beside the active LoRA policy: one base product per layer, as
+multi-LoRA servers run adapters).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from server.engines.adapters import LowRank, adapter_of, difference, explains
 
 NAME_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version"})
 
@@ -37,6 +43,7 @@ class RowRuns:
         self.busy: list[int] = []  # the models with rows
         self.models = torch.zeros(0, dtype=torch.long, device=device)  # (B,) each row's model
         self.sizes: list[int] = []
+        self.bounds: list[tuple[int, int]] = []  # each model's rows: [start, stop)
         self.version = 0  # changes with ``sizes``: what modules derived from them is stale
         self._last: tuple[torch.Tensor | None, tuple[torch.Tensor, ...]] = (None, ())
 
@@ -47,6 +54,8 @@ class RowRuns:
         self.sizes, self.version = list(sizes), self.version + 1
         self.busy = [index for index, size in enumerate(sizes) if size]
         self.total = sum(sizes)
+        starts = [sum(sizes[:index]) for index in range(len(sizes))]
+        self.bounds = [(start, start + size) for start, size in zip(starts, sizes, strict=True)]
         self.models = torch.repeat_interleave(torch.arange(self.count), torch.tensor(sizes)).to(
             self.device)
         self._last = (None, ())
@@ -86,6 +95,38 @@ class _Routed(torch.nn.Module):
 
     # Called once per weight module and step, each call one small matmul on CPU: the hooks of
     # ``Module.__call__`` (none are set on these modules) would cost as much again.
+    __call__ = forward
+
+
+class _LowRankRouted(torch.nn.Module):
+    """The first model's linear layer over all rows, then each other model's rows plus their
+    ``x @ down.T @ up.T``: that model's weight less the first's (``adapters.difference``)."""
+
+    def __init__(self, head: torch.nn.Module, deltas: list[LowRank | None],
+                 runs: RowRuns) -> None:
+        super().__init__()
+        self.head = head
+        self._runs = [runs]
+        self._deltas = [None if d is None else (d.down, d.up.t().contiguous()) for d in deltas]
+        self._forward = (functools.partial(F.linear, weight=head.weight, bias=head.bias)
+                         if type(head) is torch.nn.Linear else head.forward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        runs = self._runs[0]
+        if x.shape[0] != runs.total:
+            raise NotRoutableError(f"{type(self.head).__name__} got {x.shape[0]} rows, "
+                                   f"not the batch's {runs.total}")
+        y = self._forward(x).contiguous()  # (B, ..., out): added to in place below
+        width = x[0].numel() // x.shape[-1]  # positions per row (1 in a decode step)
+        flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        for index in runs.busy:
+            delta = self._deltas[index]
+            if delta is not None:
+                start, stop = runs.bounds[index]
+                rows = slice(start * width, stop * width)
+                flat_y[rows].addmm_(F.linear(flat_x[rows], delta[0]), delta[1])
+        return y
+
     __call__ = forward
 
 
@@ -172,20 +213,47 @@ def fusion_key(model: Any) -> Hashable | None:
 
 def routed(models: list[Any], runs: RowRuns) -> Any:
     """The routed model over ``models`` (equal ``fusion_key``s), its row runs set in ``runs``."""
-    return _route([*models], runs)
+    return _route([*models], runs, [adapter_of(m) for m in models], "")
 
 
-def _route(modules: list[torch.nn.Module], runs: RowRuns) -> torch.nn.Module:
+def _route(modules: list[torch.nn.Module], runs: RowRuns,
+           adapters: list[dict[str, LowRank]], path: str) -> torch.nn.Module:
     head = modules[0]
     if next(head.parameters(recurse=False), None) is not None:
-        return head if _same_weights(modules) else _routed_leaf(modules, runs)
+        if _same_weights(modules):
+            return head
+        deltas = _low_rank_deltas(modules, [a.get(path) for a in adapters])
+        return (_LowRankRouted(head, deltas, runs) if deltas is not None
+                else _routed_leaf(modules, runs))
     clone = copy.copy(head)
     clone.__dict__ = head.__dict__.copy()
     clone._modules = {
-        name: None if child is None else _route([m._modules[name] for m in modules], runs)
+        name: None if child is None else _route([m._modules[name] for m in modules], runs,
+                                                adapters, f"{path}.{name}" if path else name)
         for name, child in head._modules.items()
     }
     return clone
+
+
+def _low_rank_deltas(modules: list[torch.nn.Module],
+                     factors: list[LowRank | None]) -> list[LowRank | None] | None:
+    """Each module's weight less the first's as a low-rank product from the adapters (None
+    where equal), when the adapters explain every weight; else None."""
+    weights = [getattr(m, "weight", None) for m in modules]
+    biases = [getattr(m, "bias", None) for m in modules]
+    if any(not isinstance(w, torch.Tensor) or w.dim() != 2 for w in weights) or any(
+            (b is None) != (biases[0] is None) or (b is not None and not torch.equal(b, biases[0]))
+            for b in biases):
+        return None  # not linear layers, or their biases differ
+    deltas = [difference(factors[0], f) for f in factors]
+    deltas[0] = None
+    first = weights[0]
+    assert first is not None
+    for weight, delta in zip(weights[1:], deltas[1:], strict=True):
+        assert weight is not None
+        if not explains(weight, first, delta):
+            return None
+    return deltas
 
 
 def routes_alike(model: Any, runs: RowRuns, parts: list[Any]) -> bool:

@@ -15,7 +15,7 @@ import torch
 from server.engines.base import SamplingParams
 from server.engines.batch import PaddedBatch
 from server.engines.groups import Group
-from server.engines.lanes import Lanes
+from server.engines.lanes import Lanes, _runs_in_place
 from server.engines.routing import RowRuns, fusion_key, routed
 from tests.server.test_engine_canary import ask, engine_on, rest, started_stream, until
 from tests.server.test_transformers_engine import chat, greedy_reference, perturbed_checkpoint
@@ -172,6 +172,26 @@ async def test_joins_and_leaves_keep_every_row_on_its_own_weights(
                                                      eng.eos_token_ids)
     finally:
         await eng.stop()
+
+
+@pytest.mark.parametrize(("sources", "old", "moves"), [
+    ([[0, 1, 2, 3, 16], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], 16, 1),  # a join
+    ([[0, 2, 3], [4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15]], 16, 3),  # one leaves each member
+    ([[0, 1, 4], [2, 5], [3, 6, 7]], 5, 3),  # three members, three join
+    ([[1, 2, 3, 4, 5, 6, 7]], 8, 1),  # one member: the first row left
+])
+def test_runs_in_place_keep_members_together_and_move_few_rows(
+        sources: list[list[int]], old: int, moves: int) -> None:
+    placed = _runs_in_place(sources, old)
+    start = 0
+    for rows, want in zip(placed, sources, strict=True):
+        assert sorted(rows) == sorted(want)  # each member's rows, in a run of its own
+        for place, src in enumerate(rows, start):
+            assert src >= old or src == place or src not in range(start, start + len(rows))
+        start += len(rows)
+    order = [src for rows in placed for src in rows]
+    moved = [src for place, src in enumerate(order) if src < old and src != place]
+    assert len(moved) == moves
 
 
 @pytest.mark.slow

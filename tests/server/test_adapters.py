@@ -1,0 +1,160 @@
+"""LoRA policies served as one base product plus each policy's low-rank difference
+(``adapters.py``, ``routing.py``): read from the trainer's own checkpoints, checked against the
+merged weights, and every row still on its own policy's weights."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from flywheel.checkpoints import ADAPTER_CONFIG, CheckpointReader
+from flywheel.settings import PPOConfig
+from server.engines.adapters import adapter_of, read_adapter
+from server.engines.base import SamplingParams
+from server.engines.batch import PaddedBatch
+from server.engines.model_loading import load_model
+from server.engines.routing import RowRuns, _LowRankRouted, _Routed, routed
+from tests.server.test_engine_canary import ask, engine_on
+from tests.server.test_transformers_engine import chat, greedy_reference
+from trainer_worker.ppo.causal_lm import add_lora, load_causal_lm, save_policy
+
+CPU = torch.device("cpu")
+
+
+def lora_policy(base: Path, dst: Path, seed: int) -> Path:
+    """A LoRA policy on ``base`` as the trainer writes one (merged weights, the adapter beside
+    them), its adapters' B matrices random so that it differs from the base."""
+    torch.manual_seed(seed)
+    policy = add_lora(load_causal_lm(base, "cpu"), PPOConfig(use_lora=True, lora_rank=4),
+                      "CAUSAL_LM")
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    save_policy(policy, base, dst, use_lora=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def policies(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    return {"a": lora_policy(tiny_model_dir, root / "a", seed=1),
+            "b": lora_policy(tiny_model_dir, root / "b", seed=2)}
+
+
+def load(path: Path) -> torch.nn.Module:
+    return load_model(str(path), CPU, torch.float32)
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: m.weight for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def test_the_adapter_read_explains_the_merged_weights(tiny_model_dir: Path,
+                                                      policies: dict[str, Path]) -> None:
+    base, policy = load(tiny_model_dir), load(policies["a"])
+    factors = adapter_of(policy)
+    assert adapter_of(base) == {}
+    layers = {n for n in linear_weights(policy) if n.startswith("model.layers.")}
+    assert set(factors) == layers  # every linear layer of the decoder, none else
+    before, after = linear_weights(base), linear_weights(policy)
+    for name, low_rank in factors.items():
+        assert low_rank.rank == 4
+        assert torch.allclose(after[name], before[name] + low_rank.weight(), atol=1e-6)
+        assert not torch.allclose(after[name], before[name], atol=1e-4)
+
+
+@pytest.mark.parametrize("change", [{"use_dora": True}, {"alpha_pattern": {"q_proj": 4}},
+                                    {"modules_to_save": ["lm_head"]}])
+def test_adapters_it_does_not_read_are_served_as_full_weights(
+        policies: dict[str, Path], tmp_path: Path, change: dict[str, object]) -> None:
+    copy = Path(shutil.copytree(policies["a"], tmp_path / "policy"))
+    config = json.loads((copy / ADAPTER_CONFIG).read_text())
+    (copy / ADAPTER_CONFIG).write_text(json.dumps({**config, **change}))
+    assert read_adapter(CheckpointReader(copy, None)) == {}
+    assert read_adapter(CheckpointReader(policies["a"], None)) != {}
+
+
+def routed_kinds(model: torch.nn.Module) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for module in model.modules():
+        kinds[type(module).__name__] = kinds.get(type(module).__name__, 0) + 1
+    return kinds
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("first", ["base", "a"])
+def test_each_row_decodes_on_its_own_lora_policy(tiny_model_dir: Path, policies: dict[str, Path],
+                                                 first: str) -> None:
+    parts = [load(tiny_model_dir if first == "base" else policies["a"]), load(policies["b"])]
+    runs = RowRuns(len(parts), CPU)
+    model = routed(parts, runs)
+    kinds = routed_kinds(model)
+    assert kinds.get("_LowRankRouted") == len(adapter_of(parts[1])) and "_Routed" not in kinds
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    for sizes in ([2, 1], [1, 2], [0, 3], [3, 0]):
+        runs.set(sizes)
+        batch, logits = PaddedBatch.prefill(model, prompts, pad_id=0)
+        alone = [PaddedBatch.prefill(part, prompts[start:stop], pad_id=0)
+                 for part, (start, stop) in zip(parts, runs.bounds, strict=True) if stop > start]
+        assert torch.allclose(logits, torch.cat([lg for _, lg in alone]), atol=1e-5)
+        busy = [part for part, size in zip(parts, sizes, strict=True) if size]
+        for _ in range(3):
+            batch.tokens = logits.argmax(-1, keepdim=True)  # (B, 1)
+            row = 0
+            for own, _ in alone:
+                own.tokens = batch.tokens[row:row + own.size]
+                row += own.size
+            logits = batch.decode(model)
+            own_logits = torch.cat([own.decode(part) for part, (own, _) in
+                                    zip(busy, alone, strict=True)])
+            assert torch.allclose(logits, own_logits, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_weights_the_adapter_does_not_explain_are_routed_whole(
+        tiny_model_dir: Path, policies: dict[str, Path], tmp_path: Path) -> None:
+    """A policy whose weights changed beyond its adapter (here one layer's, by hand) keeps the
+    adapter where it explains the weights and full weights where it does not."""
+    from transformers import AutoModelForCausalLM
+
+    edited = Path(shutil.copytree(policies["b"], tmp_path / "edited"))
+    model = AutoModelForCausalLM.from_pretrained(edited)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.mul_(1.01)
+    model.save_pretrained(edited)
+    parts = [load(policies["a"]), load(edited)]
+    runs = RowRuns(2, CPU)
+    model = routed(parts, runs)
+    up = model.model.layers[0].mlp.up_proj
+    assert isinstance(up, _Routed)
+    assert isinstance(model.model.layers[0].mlp.down_proj, _LowRankRouted)
+    runs.set([1, 1])
+    ids = torch.tensor([[3, 4, 5, 6]] * 2)
+    together = model(input_ids=ids, use_cache=False).logits
+    alone = torch.cat([p(input_ids=ids[:1], use_cache=False).logits for p in parts])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.slow
+async def test_a_lora_canary_serves_its_own_answers_beside_the_active_lora_policy(
+        policies: dict[str, Path]) -> None:
+    eng = await engine_on(policies["a"], ignore_eos=True)
+    try:
+        await eng.set_canary(str(policies["b"]), "policy-b")
+        params = SamplingParams(max_tokens=16, temperature=0.0)
+        arms = [False, True, False, True, False]
+        results = await asyncio.gather(*(ask(eng, "Hello!", params, f"r{i}", canary)
+                                         for i, canary in enumerate(arms)))
+        for canary, result in zip(arms, results, strict=True):
+            model = eng.canary_model if canary else eng.model  # type: ignore[attr-defined]
+            assert result["ids"] == greedy_reference(model, chat(eng, "Hello!"), 16, ())
+        assert results[0]["ids"] != results[1]["ids"]
+    finally:
+        await eng.stop()
