@@ -2,7 +2,7 @@
 
     python bench/canary_cost.py --trees BEFORE_DIR . [--fractions 0.2 0.5] [--rounds 5]
                                 [--seconds 8] [--model DIR] [--own-process]
-                                [--canary-weights all|layers]
+                                [--canary-weights all|layers] [--canary full|lora]
 
 Runs this checkout's ``canary_serving.py`` (one round each) against each tree's code, the trees
 and fractions interleaved round by round so that background load hits all alike, and prints each
@@ -37,6 +37,7 @@ def one_run(tree: Path, fraction: float, args: argparse.Namespace) -> tuple[floa
                f"runpy.run_path({str(BENCH)!r}, run_name='__main__')",
                "--model", str(args.model), "--fraction", str(fraction), "--rounds", "1",
                "--seconds", str(args.seconds), "--canary-weights", args.canary_weights,
+               "--canary", args.canary,
                *(["--own-process"] if args.own_process else [])]
     out = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=True)
     rate, per_cpu = RATES.search(out.stdout), PER_CPU.search(out.stdout)
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path(".flywheel/models/base").resolve())
     parser.add_argument("--own-process", action="store_true")
     parser.add_argument("--canary-weights", choices=["all", "layers"], default="all")
+    parser.add_argument("--canary", choices=["full", "lora"], default="full")
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
     load = os.getloadavg()
@@ -68,7 +70,7 @@ def main() -> None:
                       f"per CPU second {per_cpu:.2f}x", flush=True)
     print(f"with a canary / without, medians of {args.rounds} rounds of {args.seconds:.0f}s "
           f"per arm, core {'in its own' if args.own_process else 'in the bench'} process, "
-          f"canary weights: {args.canary_weights}")
+          f"canary: {args.canary}, weights: {args.canary_weights}")
     print(f"{'':<24}" + "".join(f"{'tokens/s ' + f'{f:.0%}':>16}" for f in args.fractions)
           + "".join(f"{'per CPU s ' + f'{f:.0%}':>16}" for f in args.fractions))
     for tree in trees:

@@ -107,7 +107,9 @@ class _LowRankRouted(torch.nn.Module):
         super().__init__()
         self.head = head
         self._runs = [runs]
-        self._deltas = [None if d is None else (d.down, d.up.t().contiguous()) for d in deltas]
+        # Transposed once: (in, r) and (r, out), so a step runs ``mm`` and ``addmm_`` alone.
+        self._factors = [None if d is None else (d.down.t().contiguous(), d.up.t().contiguous())
+                         for d in deltas]
         self._forward = (functools.partial(F.linear, weight=head.weight, bias=head.bias)
                          if type(head) is torch.nn.Linear else head.forward)
 
@@ -116,15 +118,17 @@ class _LowRankRouted(torch.nn.Module):
         if x.shape[0] != runs.total:
             raise NotRoutableError(f"{type(self.head).__name__} got {x.shape[0]} rows, "
                                    f"not the batch's {runs.total}")
-        y = self._forward(x).contiguous()  # (B, ..., out): added to in place below
-        width = x[0].numel() // x.shape[-1]  # positions per row (1 in a decode step)
+        y = self._forward(x)  # (B, ..., out): each other model's rows added to in place
+        if not y.is_contiguous():
+            y = y.contiguous()
         flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        width = flat_y.shape[0] // runs.total  # positions per row (1 in a decode step)
         for index in runs.busy:
-            delta = self._deltas[index]
-            if delta is not None:
+            factors = self._factors[index]
+            if factors is not None:
                 start, stop = runs.bounds[index]
                 rows = slice(start * width, stop * width)
-                flat_y[rows].addmm_(F.linear(flat_x[rows], delta[0]), delta[1])
+                flat_y[rows].addmm_(torch.mm(flat_x[rows], factors[0]), factors[1])
         return y
 
     __call__ = forward
