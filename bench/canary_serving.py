@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -112,27 +113,40 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
                         fraction: float, max_new: int, seconds: float, seed: int,
                         memory: Callable[[], float] = rss_mib
                         ) -> tuple[Run, float, dict[str, int]]:
-    """Closed-loop streaming clients for ``seconds``: the run, peak RSS and tokens per version."""
+    """Closed-loop streaming clients for ``seconds``: the run, peak RSS and tokens per version.
+    Tokens and CPU count up to the deadline, where the requests in flight are cancelled: let
+    finish, their tail (the batch draining, seconds on a larger model) would weigh on either arm
+    by chance."""
     params = SamplingParams(max_tokens=max_new, temperature=1.0)
     rng = random.Random(seed)
     run, peak, by_version = Run(), memory(), {}
     cpu = cpu_seconds(os.getpid())
     start = time.perf_counter()
+    deadline = start + seconds
 
     async def client(c: int) -> None:
         r = 0
-        while time.perf_counter() - start < seconds:
+        while time.perf_counter() < deadline:
             canary = rng.random() < fraction
             sent, first = time.perf_counter(), True
-            async for delta in engine.generate(prompts[(c + r) % len(prompts)], params,
-                                               f"b{c}-{r}", canary=canary):
-                if first:
-                    run.ttft.append(time.perf_counter() - sent)
-                    first = False
-                run.tokens += len(delta.token_ids)
-                by_version[delta.policy_version] = (by_version.get(delta.policy_version, 0)
-                                                    + len(delta.token_ids))
+            stream = engine.generate(prompts[(c + r) % len(prompts)], params, f"b{c}-{r}",
+                                     canary=canary)
+            async with aclosing(stream):
+                async for delta in stream:
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        break
+                    if first:
+                        run.ttft.append(now - sent)
+                        first = False
+                    run.tokens += len(delta.token_ids)
+                    by_version[delta.policy_version] = (by_version.get(delta.policy_version, 0)
+                                                        + len(delta.token_ids))
             r += 1
+
+    async def clock() -> tuple[float, float]:
+        await asyncio.sleep(max(0.0, deadline - time.perf_counter()))
+        return cpu_seconds(os.getpid())
 
     async def sample_rss() -> None:
         nonlocal peak
@@ -141,10 +155,11 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
             await asyncio.sleep(0.1)
 
     sampler = asyncio.create_task(sample_rss())
+    at_deadline = asyncio.create_task(clock())
     await asyncio.gather(*(client(c) for c in range(clients)))
-    run.seconds = time.perf_counter() - start
+    run.seconds = seconds
     run.cpu, run.cpu_api = (after - before for after, before in
-                            zip(cpu_seconds(os.getpid()), cpu, strict=True))
+                            zip(await at_deadline, cpu, strict=True))
     sampler.cancel()
     return run, max(peak, memory()), by_version
 
