@@ -156,11 +156,14 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
 
     sampler = asyncio.create_task(sample_rss())
     at_deadline = asyncio.create_task(clock())
-    await asyncio.gather(*(client(c) for c in range(clients)))
-    run.seconds = seconds
-    run.cpu, run.cpu_api = (after - before for after, before in
-                            zip(await at_deadline, cpu, strict=True))
-    sampler.cancel()
+    try:
+        await asyncio.gather(*(client(c) for c in range(clients)))
+        run.seconds = seconds
+        run.cpu, run.cpu_api = (after - before for after, before in
+                                zip(await at_deadline, cpu, strict=True))
+    finally:
+        sampler.cancel()
+        at_deadline.cancel()
     return run, max(peak, memory()), by_version
 
 

@@ -47,6 +47,12 @@ class Manifest:
         return json.dumps(self.__dict__, indent=2, sort_keys=True)
 
 
+def lora_adapter_dir(checkpoint: str | Path) -> Path | None:
+    """``<checkpoint>/adapter`` when the checkpoint is a LoRA policy, else None."""
+    adapter = Path(checkpoint) / ADAPTER_DIR
+    return adapter if (Path(checkpoint) / ADAPTER_CONFIG).is_file() else None
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -271,9 +277,3 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def lora_adapter_dir(checkpoint: str | Path) -> Path | None:
-    """``<checkpoint>/adapter`` when the checkpoint is a LoRA policy, else None."""
-    adapter = Path(checkpoint) / ADAPTER_DIR
-    return adapter if (Path(checkpoint) / ADAPTER_CONFIG).is_file() else None

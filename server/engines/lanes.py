@@ -90,9 +90,10 @@ class Lane:
                 sources.append([*range(row, row + len(group.seqs)),
                                 *range(joining, joining + len(added))])
                 row, joining = row + len(group.seqs), joining + len(added)
-            order = self._relayout(sources, [s for g in self.members for s in g.seqs]
-                                   + [s for added in new for s in added], old)
-            self.batch.merge(batch, order)
+            seqs = self.seqs() + [s for added in new for s in added]
+            placed = _runs_in_place(sources, old)
+            self.batch.merge(batch, [src for rows in placed for src in rows])
+            self._reorder(placed, seqs)
         self.sampler = None
 
     def drop(self, keep: list[int]) -> None:
@@ -108,18 +109,16 @@ class Lane:
         for group in self.members:
             sources.append([r for r in range(row, row + len(group.seqs)) if r in kept])
             row += len(group.seqs)
-        order = self._relayout(sources, self.seqs(), row)
-        self.batch.select(order)
+        seqs, placed = self.seqs(), _runs_in_place(sources, row)
+        self.batch.select([src for rows in placed for src in rows])
+        self._reorder(placed, seqs)
         self.sampler = None
 
-    def _relayout(self, sources: list[list[int]], seqs: list[Sequence], old: int) -> list[int]:
-        """Each member's rows from ``sources[i]`` (old rows below ``old``, joining ones from
-        there, ``seqs`` theirs) placed by ``_runs_in_place``; the members' sequences in their
-        new row order, and each new row's source."""
-        placed = _runs_in_place(sources, old)
+    def _reorder(self, placed: list[list[int]], seqs: list[Sequence]) -> None:
+        """Each member's sequences in its new rows' order (``placed``: their sources, indices
+        into ``seqs``), once the batch holds them so."""
         for group, rows in zip(self.members, placed, strict=True):
             group.seqs = [seqs[src] for src in rows]
-        return [src for rows in placed for src in rows]
 
     def reset(self) -> None:
         """After a failure: no rows, every member's sequences already failed and cleared."""

@@ -29,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 from server.engines.adapters import LowRank, adapter_of, difference, explains
+from server.engines.cpu_linear import PackedLinear
 
 NAME_KEYS = frozenset({"_name_or_path", "name_or_path", "transformers_version"})
+LINEAR_TYPES = (torch.nn.Linear, PackedLinear)  # what ``_LowRankRouted`` can run as its head
 
 
 class RowRuns:
@@ -241,23 +243,22 @@ def _route(modules: list[torch.nn.Module], runs: RowRuns,
 
 def _low_rank_deltas(modules: list[torch.nn.Module],
                      factors: list[LowRank | None]) -> list[LowRank | None] | None:
-    """Each module's weight less the first's as a low-rank product from the adapters (None
-    where equal), when the adapters explain every weight; else None."""
-    weights = [getattr(m, "weight", None) for m in modules]
-    biases = [getattr(m, "bias", None) for m in modules]
-    if any(not isinstance(w, torch.Tensor) or w.dim() != 2 for w in weights) or any(
-            (b is None) != (biases[0] is None) or (b is not None and not torch.equal(b, biases[0]))
-            for b in biases):
-        return None  # not linear layers, or their biases differ
-    deltas = [difference(factors[0], f) for f in factors]
-    deltas[0] = None
-    first = weights[0]
-    assert first is not None
-    for weight, delta in zip(weights[1:], deltas[1:], strict=True):
-        assert weight is not None
-        if not explains(weight, first, delta):
-            return None
-    return deltas
+    """Each linear layer's weight less the first's as a low-rank product from the adapters
+    (None where equal), when the adapters explain every weight; else None."""
+    head = modules[0]
+    if type(head) not in LINEAR_TYPES or any(type(m) is not type(head) for m in modules):
+        return None
+    biases = [m.bias for m in modules]
+    if any((b is None) != (biases[0] is None) or (b is not None and not torch.equal(b, biases[0]))
+           for b in biases):
+        return None  # their biases differ
+    deltas = [None, *(difference(factors[0], f) for f in factors[1:])]
+    try:
+        explained = all(explains(m.weight, head.weight, delta)
+                        for m, delta in zip(modules[1:], deltas[1:], strict=True))
+    except RuntimeError:  # factors that do not fit the weights: served as full weights
+        explained = False
+    return deltas if explained else None
 
 
 def routes_alike(model: Any, runs: RowRuns, parts: list[Any]) -> bool:

@@ -48,7 +48,6 @@ def map_finish_reason(reason: str | None) -> FinishReason | None:
     raise EngineError(f"the engine failed the request (finish reason {reason!r})")
 
 
-
 def top_alternatives(flat: Any, k: int, decode: Callable[[int], str]) -> list[dict[str, float]]:
     """The ``k`` most likely tokens per position, by rank, as ``{token text: logprob}``.
 
@@ -99,9 +98,6 @@ def spans_other_versions(completion: Any, policy_version: str) -> bool:
     """
     spans = getattr(completion, "weight_versions", None) or []
     return any(span.version != policy_version for span in spans)
-
-
-
 
 
 def has_full_weights(checkpoint: Path) -> bool:

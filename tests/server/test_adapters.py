@@ -10,9 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
-from flywheel.checkpoints import ADAPTER_CONFIG, CheckpointReader
+from flywheel.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointReader
 from flywheel.settings import PPOConfig
 from server.engines.adapters import adapter_of, read_adapter
 from server.engines.base import SamplingParams
@@ -81,6 +82,27 @@ def test_adapters_it_does_not_read_are_served_as_full_weights(
     assert read_adapter(CheckpointReader(policies["a"], None)) != {}
 
 
+@pytest.mark.parametrize("damage", ["json", "weights", "shape"])
+def test_a_damaged_adapter_leaves_the_merged_weights_to_serve_alone(
+        policies: dict[str, Path], tmp_path: Path, damage: str) -> None:
+    copy = Path(shutil.copytree(policies["a"], tmp_path / "policy"))
+    if damage == "json":
+        (copy / ADAPTER_CONFIG).write_text("{not json")
+    elif damage == "weights":
+        weights = copy / ADAPTER_WEIGHTS
+        weights.write_bytes(weights.read_bytes()[:100])
+    else:  # factors of another model's width
+        tensors = safetensors.torch.load_file(copy / ADAPTER_WEIGHTS)
+        key = next(k for k in tensors if k.endswith("lora_A.weight"))
+        tensors[key] = torch.zeros(tensors[key].shape[0], 7)
+        safetensors.torch.save_file(tensors, copy / ADAPTER_WEIGHTS)
+    model = load(copy)
+    assert adapter_of(model) == {}
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, load(policies["a"])(input_ids=ids).logits)
+
+
 def routed_kinds(model: torch.nn.Module) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for module in model.modules():
@@ -115,6 +137,56 @@ def test_each_row_decodes_on_its_own_lora_policy(tiny_model_dir: Path, policies:
             own_logits = torch.cat([own.decode(part) for part, (own, _) in
                                     zip(busy, alone, strict=True)])
             assert torch.allclose(logits, own_logits, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_half_precision_weights_that_differ_a_little_are_never_taken_as_equal(
+        tiny_model_dir: Path, policies: dict[str, Path]) -> None:
+    """In bfloat16 a small change is within a few roundings of the weights: still routed."""
+    parts = [load_model(str(path), CPU, torch.bfloat16) for path in (tiny_model_dir,
+                                                                     policies["b"])]
+    with torch.no_grad():  # a full-weight policy: a small change on one layer, no adapter
+        parts[1].model.layers[0].mlp.up_proj.weight.mul_(1.004)
+    del parts[1].flywheel_adapter
+    runs = RowRuns(2, CPU)
+    model = routed(parts, runs)
+    assert isinstance(model.model.layers[0].mlp.up_proj, _Routed)
+    assert "_LowRankRouted" not in routed_kinds(model)
+
+
+@torch.inference_mode()
+def test_large_layers_through_onednn_take_their_low_rank_difference_too(tmp_path: Path) -> None:
+    """Layers of ``cpu_linear.MIN_WEIGHT`` elements and more are packed for oneDNN
+    (``PackedLinear``): the first model's packed product, then the difference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from server.engines.adapters import LowRank, attach
+    from server.engines.cpu_linear import PackedLinear, pack_linears
+
+    config = LlamaConfig(vocab_size=64, hidden_size=512, intermediate_size=512,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval()
+    policy = LlamaForCausalLM(config).eval()
+    policy.load_state_dict(base.state_dict())
+    factors = {}
+    for name, module in policy.model.layers.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            low_rank = LowRank(torch.randn(4, module.in_features) * 0.05,
+                               torch.randn(module.out_features, 4) * 0.05)
+            module.weight.add_(low_rank.weight())
+            factors[f"model.layers.{name}"] = low_rank
+    parts = [pack_linears(base), attach(pack_linears(policy), factors)]
+    assert isinstance(parts[0].model.layers[0].mlp.up_proj, PackedLinear)
+    runs = RowRuns(2, CPU)
+    model = routed(parts, runs)
+    assert isinstance(model.model.layers[0].mlp.up_proj, _LowRankRouted)
+    runs.set([2, 1])
+    ids = torch.tensor([[3, 4, 5, 6]] * 3)
+    together = model(input_ids=ids, use_cache=False).logits
+    alone = torch.cat([parts[0](input_ids=ids[:2], use_cache=False).logits,
+                       parts[1](input_ids=ids[2:], use_cache=False).logits])
+    assert torch.allclose(together, alone, atol=1e-4)
 
 
 @torch.inference_mode()
@@ -156,5 +228,7 @@ async def test_a_lora_canary_serves_its_own_answers_beside_the_active_lora_polic
             model = eng.canary_model if canary else eng.model  # type: ignore[attr-defined]
             assert result["ids"] == greedy_reference(model, chat(eng, "Hello!"), 16, ())
         assert results[0]["ids"] != results[1]["ids"]
+        lanes = list(eng._core._scheduler._lanes)  # type: ignore[attr-defined]
+        assert len(lanes) == 1 and "_LowRankRouted" in routed_kinds(lanes[0]._routed)
     finally:
         await eng.stop()

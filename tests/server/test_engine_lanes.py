@@ -177,7 +177,7 @@ async def test_joins_and_leaves_keep_every_row_on_its_own_weights(
 @pytest.mark.parametrize(("sources", "old", "moves"), [
     ([[0, 1, 2, 3, 16], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]], 16, 1),  # a join
     ([[0, 2, 3], [4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15]], 16, 3),  # one leaves each member
-    ([[0, 1, 4], [2, 5], [3, 6, 7]], 5, 3),  # three members, three join
+    ([[0, 1, 5], [2, 6], [3, 4, 7]], 5, 3),  # three members, one joins each
     ([[1, 2, 3, 4, 5, 6, 7]], 8, 1),  # one member: the first row left
 ])
 def test_runs_in_place_keep_members_together_and_move_few_rows(

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from flywheel.checkpoints import ADAPTER_DIR
+from flywheel.checkpoints import ADAPTER_CONFIG, ADAPTER_DIR
 from flywheel.settings import PPOConfig
 from trainer_worker.reward.model import disable_dropout, read_eos_token_ids
 
@@ -88,7 +88,7 @@ def load_lora_policy(policy_dir: Path, base_dir: Path, cfg: PPOConfig, device: s
     adapter = Path(policy_dir) / ADAPTER_DIR
     is_base = Path(policy_dir).resolve() == Path(base_dir).resolve()
     if not is_base:
-        config = adapter / "adapter_config.json"
+        config = Path(policy_dir) / ADAPTER_CONFIG
         if not config.is_file():
             return None
         on = json.loads(config.read_text()).get("base_model_name_or_path") or ""

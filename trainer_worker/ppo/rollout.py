@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor, nn
 
-from flywheel.hf_compat import cache_keyword
+from flywheel.hf_compat import cache_keyword, output_cache
 from trainer_worker.ppo.core import logprobs_from_logits
 from trainer_worker.reward.model import RewardModel, position_ids_from_mask
 
@@ -84,7 +84,7 @@ def _last_logits(model: nn.Module, **inputs: object) -> tuple[Tensor, object]:
     if _accepts_logits_to_keep(model):
         inputs["logits_to_keep"] = 1
     out = model(**inputs, use_cache=True)
-    return out.logits[:, -1, :].float(), out.past_key_values
+    return out.logits[:, -1, :].float(), output_cache(out)
 
 
 @torch.no_grad()
