@@ -232,16 +232,20 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
           f"({min(canary_starts):.2f}s to {max(canary_starts):.2f}s)")
 
 
+def policies(model: Path, tmp: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The active policy and the canary: two LoRA policies on ``model`` (``--canary lora``), or
+    ``model`` and a perturbed copy of it."""
+    if args.canary == "lora":
+        return (lora_checkpoint(model, tmp / "active", seed=2),
+                lora_checkpoint(model, tmp / "canary", seed=3))
+    return model, perturbed_copy(model, tmp / "canary",
+                                 layers_only=args.canary_weights == "layers")
+
+
 async def transformers_bench(model: Path, tmp: Path, args: argparse.Namespace) -> None:
     """The canary on the transformers engine: full weights, or a second LoRA policy beside the
     active one (both carry their adapters: the canary's rows add its low-rank difference)."""
-    if args.canary == "lora":
-        active = lora_checkpoint(model, tmp / "active", seed=2)
-        canary_dir = lora_checkpoint(model, tmp / "canary", seed=3)
-    else:
-        active = model
-        canary_dir = perturbed_copy(model, tmp / "canary",
-                                    layers_only=args.canary_weights == "layers")
+    active, canary_dir = policies(model, tmp, args)
     engine = TransformersEngine(str(active), max_batch_size=max(32, args.clients),
                                 own_process=args.own_process)
     await engine.start()
@@ -270,13 +274,7 @@ async def vllm_bench(model: Path, tmp: Path, args: argparse.Namespace) -> None:
     from server.engines.vllm_engine import VLLMEngine
 
     lora = args.canary == "lora"
-    if lora:
-        active = lora_checkpoint(model, tmp / "active", seed=2)
-        canary_dir = lora_checkpoint(model, tmp / "canary", seed=3)
-    else:
-        active = model
-        canary_dir = perturbed_copy(model, tmp / "canary",
-                                    layers_only=args.canary_weights == "layers")
+    active, canary_dir = policies(model, tmp, args)
     settings = Settings(data_dir=tmp, model=str(model), engine="vllm", database_url="sqlite://",
                         vllm_cache_dir=ROOT / ".flywheel" / "vllm",  # compiled once, kept
                         vllm_enforce_eager=args.vllm_eager,
