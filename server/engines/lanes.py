@@ -36,6 +36,7 @@ class Lane:
         self.sampler: RowSampler | None = None  # None: rebuild before the next step
         self._runs: RowRuns | None = None
         self._routed: Any = None  # over ``members``; built when two groups first share a step
+        self._probed: tuple[Group, RowRuns, Any] | None = None  # ``admits``' last yes
 
     def seqs(self) -> list[Sequence]:
         """The batch's sequences in row order."""
@@ -59,11 +60,17 @@ class Lane:
             return False
         models = [g.model for g in self.members] + [group.model]
         runs = RowRuns(len(models), group.model.device)
-        return routes_alike(routed(models, runs), runs, models)
+        model = routed(models, runs)
+        if not routes_alike(model, runs, models):
+            return False
+        self._probed = (group, runs, model)  # what ``join`` serves with: built and checked once
+        return True
 
     def join(self, group: Group) -> None:
+        """Add ``group``, which this lane ``admits``; the routed model of that probe serves."""
+        probed, self._probed = self._probed, None
         self.members.append(group)
-        self._routed = None
+        self._runs, self._routed = probed[1:] if probed and probed[0] is group else (None, None)
 
     def leave(self, group: Group) -> None:
         """Drop ``group`` (idle: none of the batch's rows is its; maybe freed, without a model)
