@@ -22,7 +22,14 @@ import sqlalchemy as sa
 
 from feedback_store.base import StoreBase, unix, utcnow
 from feedback_store.models import Feedback, Identity, ImplicitFeedback, Ranking
-from feedback_store.types import ANONYMOUS, PreferenceGroup, Rater, RewardData, ThumbExample
+from feedback_store.types import (
+    ANONYMOUS,
+    Marks,
+    PreferenceGroup,
+    Rater,
+    RewardData,
+    ThumbExample,
+)
 from flywheel.approval import wilson_interval
 from flywheel.rater_pooling import capped_masses
 
@@ -127,6 +134,19 @@ class IdentitiesMixin(StoreBase):
                         Identity.identity.in_(wanted[start:start + 500]))):
                     found[row.identity] = Tally(row.events, row.scored, row.agreed)
         return found
+
+    def rater_count(self, until: Marks, at_most: int) -> int:
+        """Distinct raters (not anonymous) of the thumbs and rankings up to ``until``'s ids,
+        counted up to ``at_most``: how many a reward model trained on them could stand for."""
+        found: set[str] = set()
+        with self._tx(write=False) as s:
+            for model, table in ((Feedback, "feedback"), (Ranking, "rankings")):
+                identity = identity_column(model)
+                found.update(s.scalars(
+                    sa.select(identity).where(model.id <= until.get(table, 0),
+                                              identity != ANONYMOUS)
+                    .distinct().limit(at_most)))
+        return min(len(found), at_most)
 
     def weights_with(self, tallies: Mapping[str, Tally], identities: Iterable[str],
                      disagreeing_weight: float) -> dict[str, float]:

@@ -33,7 +33,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,10 +112,28 @@ def warm_start(previous: RewardModelState | None, holdout: RewardData, need: int
     return previous
 
 
+def judging_raters(weights: Mapping[str, float], *pairs_from: RewardData | None) -> set[str]:
+    """The identities (of ``weights``) whose pairs judge a new RM: those that kept their full
+    weight, or everyone when those gave no pair in ``pairs_from`` (a lone rater down-weighted,
+    or every rater): with no one else to judge by, leaving them out left no pair to judge any
+    RM by, and since only a kept RM's tallies move a weight, every later cycle skipped for good.
+    """
+    from trainer_worker.reward.data import holdout_pairs
+
+    trusted = {name for name, weight in weights.items() if weight >= 1.0}
+    if any(holdout_pairs(RewardData(
+            [g for g in data.groups if g.identity in trusted],
+            [t for t in data.thumbs if t.identity in trusted and t.source != "implicit"]))
+           for data in pairs_from if data is not None):
+        return trusted
+    return set(weights)
+
+
 def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     """Step 0: the held-out feedback the new RM is judged on: a bounded sample, without
-    identities whose ratings lost weight, each capped at its share. Whether there are enough
-    pairs to judge by is checked once the window is read (`reward_window`)."""
+    identities whose ratings lost weight (unless no one else gave any: `judging_raters`),
+    each capped at its share. Whether there are enough pairs to judge by is checked once the window
+    is read (`reward_window`)."""
     if ctx.store.holdout_prompt_count() == 0:
         raise Skip("waiting for the first rated answers to held-out prompts (a fifth of the "
                    "distinct prompts is held out to judge each new reward model)")
@@ -123,8 +141,9 @@ def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     sample = ctx.store.holdout_reward_data(until=until, size=limits.holdout_examples, seed=0)
     weights = ctx.store.identity_weights(
         item.identity for item in [*sample.groups, *sample.thumbs])
-    trusted = RewardData([g for g in sample.groups if weights[g.identity] >= 1.0],
-                         [t for t in sample.thumbs if weights[t.identity] >= 1.0])
+    judges = judging_raters(weights, sample)
+    trusted = RewardData([g for g in sample.groups if g.identity in judges],
+                         [t for t in sample.thumbs if t.identity in judges])
     return limit_identities(trusted, limits.user_share, {}, seed=0)[0]
 
 
@@ -134,7 +153,7 @@ class RewardWindow:
 
     data: RewardData  # capped per identity and weighted
     tallies: dict[str, Tally]  # the new events' agreement (stored only if the new RM is kept)
-    judges: set[str]  # identities whose ratings kept their weight: only they judge an RM
+    judges: set[str]  # identities whose pairs judge an RM (`judging_raters`)
     metrics: dict[str, Any]
 
 
@@ -160,7 +179,11 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
                   holdout: RewardData, *, cold: bool) -> RewardWindow:
     """Step 1a: the RM's bounded data, capped per identity and weighted. A ``cold`` RM (from
     the base model) is skipped here when it could not be judged."""
-    from trainer_worker.reward.consensus import agreement_tallies, cross_fitted_tallies
+    from trainer_worker.reward.consensus import (
+        MIN_CROSS_FIT_RATERS,
+        cross_fitted_tallies,
+        in_service_tallies,
+    )
 
     limits = ctx.settings.feedback
     since = previous.watermark if previous is not None else {}
@@ -172,8 +195,9 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     if cold:  # before the cross-fitted RMs: an upper bound of what the caps will keep
         _check_cold_evidence(ctx, data, holdout, {})
     if previous is not None:
-        tallies = agreement_tallies(Path(previous.path), data, ctx.settings.reward.max_length,
-                                    ctx.device)
+        raters = ctx.store.rater_count(previous.watermark, MIN_CROSS_FIT_RATERS)
+        tallies = in_service_tallies(Path(previous.path), raters, data,
+                                     ctx.settings.reward.max_length, ctx.device)
     else:  # no RM in service yet: RMs fitted on the other raters judge each one
         tallies = cross_fitted_tallies(Path(ctx.settings.model), data, ctx.settings.reward,
                                        share=limits.user_share, device=ctx.device,
@@ -193,7 +217,7 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
         metrics["reward/implicit_examples"] = float(
             sum(t.source == "implicit" for t in data.thumbs))
     data = RewardData(data.groups, balance_thumbs(data.thumbs))
-    judges = {name for name, weight in weights.items() if weight >= 1.0}
+    judges = judging_raters(weights, data, holdout)
     if cold:
         _check_cold_evidence(ctx, data, holdout, capped, judges)
     return RewardWindow(data, tallies, judges, metrics | capped)
@@ -229,7 +253,7 @@ def train_reward(ctx: CycleContext, holdout: RewardData, until: Marks, seed: int
                                                    should_stop=ctx.should_stop)
     data = window.data
     rm_id = ctx.store.next_reward_model_id()
-    out = _dirs(ctx.settings)[1] / rm_id
+    out = unrecorded_leftover_removed(_dirs(ctx.settings)[1] / rm_id)
     log.info("reward model %s: %d groups, %d lone thumbs, from %s", rm_id, len(data.groups),
              len(data.thumbs), init_dir)
     with atomic_directory(out) as tmp:
@@ -294,7 +318,7 @@ def train_policy(ctx: CycleContext, active: dict, rm_dir: Path, run_id: int
         kl_ctl = kl_budget_controller(budget, _carried_kl_coef(ctx), cfg.rollout_batch_size)
         kl_limit = KL_LIMIT_SHARE * budget
     policy_id = ctx.store.next_policy_id()
-    out = _dirs(ctx.settings)[0] / policy_id
+    out = unrecorded_leftover_removed(_dirs(ctx.settings)[0] / policy_id)
     log.info("PPO %s from %s on %d prompts", policy_id, active["id"], len(prompts))
     dtype = autocast_dtype(cfg, ctx.device)  # bf16 forward passes on CUDA, fp32 weights
     with atomic_directory(out) as tmp, torch.autocast("cuda", dtype=dtype or torch.bfloat16,
@@ -403,3 +427,16 @@ def remove_temporaries(settings: Settings) -> None:
             for tmp in root.glob(".tmp-*"):
                 shutil.rmtree(tmp, ignore_errors=True)
                 log.info("removed unfinished %s", tmp)
+
+
+def unrecorded_leftover_removed(out: Path) -> Path:
+    """``out``, the directory of the id the store just handed out (no row holds it), without
+    what a cycle wrote there and never recorded. A policy is written before its gate and
+    recorded after it, an RM recorded just after it is written: a worker killed in between (or,
+    for an RM, a database gone in between) left a complete directory no row names, and every
+    later cycle, taking that id again, failed on it ("already exists"), each failure consuming
+    its feedback. Only the leader writes there, and this id is not recorded: nothing to keep."""
+    if out.exists():
+        log.warning("removing %s: written by a cycle that never recorded it", out)
+        shutil.rmtree(out)
+    return out

@@ -5,7 +5,11 @@ feedback arrived, on data in which no identity had more than its capped share, a
 service only because it ranked held-out feedback better than chance. Each new event is judged
 once (later cycles see it as replay, and never score it again); the tallies go to the store,
 which turns them into weights (`feedback_store.identities.agreement_weight`). Before any RM is
-in service, `cross_fitted_tallies` stands in for it with RMs fitted on the other raters.
+in service, `cross_fitted_tallies` stands in for it with RMs fitted on the other raters. An RM
+trained on the feedback of fewer than `MIN_CROSS_FIT_RATERS` raters stands for no consensus of
+others either (`in_service_tallies`): a lone rater would be judged by a model of its own taste,
+and one weak early model finding a few of its pairs inverted left it down-weighted with no one
+else to judge any later model by.
 """
 
 from __future__ import annotations
@@ -66,6 +70,15 @@ def agreement_tallies(rm_dir: Path, data: RewardData, max_length: int,
         agreed[thumb.identity] += int(right)
     return {name: tally + Tally(0, scored[name], agreed[name])
             for name, tally in tallies.items()}
+
+
+def in_service_tallies(rm_dir: Path, trained_raters: int, data: RewardData, max_length: int,
+                       device: str = "cpu") -> dict[str, Tally]:
+    """`agreement_tallies` against the RM in service, whose window held ``trained_raters``
+    raters; with fewer than `MIN_CROSS_FIT_RATERS` the events are counted, not judged."""
+    if trained_raters < MIN_CROSS_FIT_RATERS:
+        return new_event_counts(data)
+    return agreement_tallies(rm_dir, data, max_length, device)
 
 
 def _explicit(thumbs: Sequence[ThumbExample]) -> list[ThumbExample]:
