@@ -496,7 +496,7 @@ def main() -> None:
     model = ensure_model(args.model.resolve())
     threads = decode_threads(torch.device("cpu"), None) if not torch.cuda.is_available() else None
     if threads is not None:
-        torch.set_num_threads(threads)  # generate gets the threads the engine's decode thread gets
+        threads.start()  # generate gets the threads the in-process decode thread gets
     print(f"model {model}, max_tokens {args.max_tokens}, {torch.get_num_threads()} torch threads")
     gen = in_process(args, model) if args.engine != "vllm" and not args.http_only else None
     if not args.engine_only:

@@ -29,6 +29,7 @@ from flywheel.checkpoints import CheckpointReader
 from server.engines.adapters import attach, read_adapter
 from server.engines.core_protocol import CoreConfig, CoreInfo
 from server.engines.cpu_linear import pack_linears
+from server.engines.decode_threads import DecodeThreads
 from server.engines.scheduler import Deliver, Scheduler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,23 +51,27 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def decode_threads(device: torch.device, requested: int | None) -> int | None:
+def decode_threads(device: torch.device, requested: int | None,
+                   own_process: bool = False) -> DecodeThreads | None:
     """Intra-op threads for the decode thread on CPU (None: leave torch's setting alone).
 
-    The event loop, HTTP handling and database calls share the process with decoding. With as many
-    OpenMP threads as cores, every one of their turns stalls an OpenMP barrier in the forward pass;
-    on a 2-core machine we measured the HTTP throughput drop tenfold. One core stays theirs. The
-    same holds in an engine process of its own: there 2 threads on 2 cores gave 0.68x the tokens/s
-    of 1 at 16 streaming clients, for twice the CPU per token (bench/serving.py).
+    In-process, the event loop, HTTP handling and database calls share the process with
+    decoding. With as many OpenMP threads as cores, every one of their turns stalls an OpenMP
+    barrier in the forward pass; on a 2-core machine we measured the HTTP throughput drop
+    tenfold. One core stays theirs. In an engine process of its own the API's turns are short and
+    few: there the decode thread measures both, one core less and every core, per batch size
+    (``decode_threads.py``; 2 threads on 2 cores: 0.68x the tokens/s of 1 at 16 streaming
+    clients on the demo model, 1.13x on a 28M Llama, 0.89x at one client).
     """
     if device.type != "cpu":
         return None
     if requested is not None:
-        return max(1, requested)
+        return DecodeThreads([max(1, requested)])
     if os.environ.get("OMP_NUM_THREADS"):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) - 1)
+    fewer = max(1, (cores or 1) - 1)
+    return DecodeThreads([fewer, cores or 1] if own_process else [fewer])
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def open_scheduler(config: CoreConfig,
         pad_token_id=info.pad_token_id,
         max_batch_size=config.max_batch_size,
         stream_interval_s=config.stream_interval_ms / 1000.0,
-        threads=decode_threads(device, config.cpu_threads),
+        threads=decode_threads(device, config.cpu_threads, own_process=deliver is not None),
         deliver=deliver,
         fair_share=config.fair_share,
         max_batch_share=config.max_batch_share,

@@ -30,6 +30,7 @@ from server.engines.base import ChoiceDelta, EngineError
 from server.engines.batch import PaddedBatch
 from server.engines.bridge import Mailbox
 from server.engines.core_protocol import CoreStats
+from server.engines.decode_threads import DecodeThreads
 from server.engines.fair_queue import BatchShare, FairQueue
 from server.engines.groups import Change, ChangeKind, Group, Groups
 from server.engines.lanes import Lane, Lanes
@@ -59,7 +60,7 @@ class Scheduler:
         pad_token_id: int,
         max_batch_size: int,
         stream_interval_s: float,
-        threads: int | None = None,
+        threads: DecodeThreads | None = None,
         deliver: Deliver | None = None,
         fair_share: bool = True,
         max_batch_share: float = 1.0,
@@ -177,7 +178,7 @@ class Scheduler:
 
     def _run(self) -> None:
         if self._threads is not None:
-            torch.set_num_threads(self._threads)  # this thread's OpenMP team (see decode_threads)
+            self._threads.start()  # this thread's OpenMP team (``decode_threads.py``)
         try:
             with torch.inference_mode():
                 while self._next_iteration():
@@ -318,7 +319,12 @@ class Scheduler:
     def _decode(self, lane: Lane) -> None:
         assert lane.batch is not None
         seqs = lane.seqs()
-        logits = lane.batch.decode(lane.model_for([len(g.seqs) for g in lane.members]))
+        model = lane.model_for([len(g.seqs) for g in lane.members])
+        if self._threads is None:
+            logits = lane.batch.decode(model)
+        else:
+            with self._threads.step(len(seqs)):
+                logits = lane.batch.decode(model)
         if lane.sampler is None:
             lane.sampler = RowSampler([s.row for s in seqs], logits.device)
         sampled = lane.sampler.sample(logits, self._shared_gen)
