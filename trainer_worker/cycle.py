@@ -112,21 +112,14 @@ def warm_start(previous: RewardModelState | None, holdout: RewardData, need: int
     return previous
 
 
-def judging_raters(weights: Mapping[str, float], *pairs_from: RewardData | None) -> set[str]:
-    """The identities (of ``weights``) whose pairs judge a new RM: those that kept their full
-    weight, or everyone when those gave no pair in ``pairs_from`` (a lone rater down-weighted,
-    or every rater): with no one else to judge by, leaving them out left no pair to judge any
-    RM by, and since only a kept RM's tallies move a weight, every later cycle skipped for good.
-    """
-    from trainer_worker.reward.data import holdout_pairs
-
+def judging_raters(weights: Mapping[str, float]) -> set[str]:
+    """The identities (of ``weights``: the raters of the feedback at hand) whose pairs judge a
+    new RM: those that kept their full weight, or everyone when none did (a lone rater
+    down-weighted, or every rater): with no one else to judge by, leaving them out left no pair
+    to judge any RM by, and since only a kept RM's tallies move a weight, every later cycle
+    skipped for good. Trusted raters without pairs yet are waited for, as before."""
     trusted = {name for name, weight in weights.items() if weight >= 1.0}
-    if any(holdout_pairs(RewardData(
-            [g for g in data.groups if g.identity in trusted],
-            [t for t in data.thumbs if t.identity in trusted and t.source != "implicit"]))
-           for data in pairs_from if data is not None):
-        return trusted
-    return set(weights)
+    return trusted or set(weights)
 
 
 def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
@@ -141,7 +134,7 @@ def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     sample = ctx.store.holdout_reward_data(until=until, size=limits.holdout_examples, seed=0)
     weights = ctx.store.identity_weights(
         item.identity for item in [*sample.groups, *sample.thumbs])
-    judges = judging_raters(weights, sample)
+    judges = judging_raters(weights)
     trusted = RewardData([g for g in sample.groups if g.identity in judges],
                          [t for t in sample.thumbs if t.identity in judges])
     return limit_identities(trusted, limits.user_share, {}, seed=0)[0]
@@ -204,7 +197,8 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
                                        holdout=holdout,
                                        floor=ctx.settings.train.reward_accuracy_floor,
                                        should_stop=ctx.should_stop)
-    names = {item.identity for item in [*data.groups, *data.thumbs]}
+    held_out = [] if holdout is None else [*holdout.groups, *holdout.thumbs]
+    names = {item.identity for item in [*data.groups, *data.thumbs, *held_out]}  # they judge too
     weights = ctx.store.weights_with(tallies, names, limits.disagreeing_weight)
     items = [*data.groups, *data.thumbs]
     metrics: dict[str, Any] = {
@@ -217,7 +211,7 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
         metrics["reward/implicit_examples"] = float(
             sum(t.source == "implicit" for t in data.thumbs))
     data = RewardData(data.groups, balance_thumbs(data.thumbs))
-    judges = judging_raters(weights, data, holdout)
+    judges = judging_raters(weights)
     if cold:
         _check_cold_evidence(ctx, data, holdout, capped, judges)
     return RewardWindow(data, tallies, judges, metrics | capped)
@@ -430,13 +424,16 @@ def remove_temporaries(settings: Settings) -> None:
 
 
 def unrecorded_leftover_removed(out: Path) -> Path:
-    """``out``, the directory of the id the store just handed out (no row holds it), without
-    what a cycle wrote there and never recorded. A policy is written before its gate and
-    recorded after it, an RM recorded just after it is written: a worker killed in between (or,
-    for an RM, a database gone in between) left a complete directory no row names, and every
-    later cycle, taking that id again, failed on it ("already exists"), each failure consuming
-    its feedback. Only the leader writes there, and this id is not recorded: nothing to keep."""
-    if out.exists():
-        log.warning("removing %s: written by a cycle that never recorded it", out)
-        shutil.rmtree(out)
+    """``out``, the directory of the id the store just handed out (no row holds it), with what
+    a cycle wrote there and never recorded moved aside (``.tmp-leftover-*``, which the next
+    start removes). A policy is written before its gate and recorded after it, an RM recorded
+    just after it is written: a worker killed in between (or, for an RM, a database gone in
+    between) left a complete directory no row names, and every later cycle, taking that id
+    again, failed on it ("already exists"), each failure consuming its feedback. Moved, not
+    deleted: a stale leader still reading it keeps its open files."""
+    if out.exists() or out.is_symlink():
+        aside = out.with_name(f".tmp-leftover-{out.name}-{time.time_ns()}")
+        log.warning("moving %s aside to %s: written by a cycle that never recorded it", out,
+                    aside.name)
+        out.rename(aside)
     return out

@@ -2,14 +2,15 @@
 
 On CPU the decode thread keeps one core free for the API (``model_loading.decode_threads``). In
 an engine process of its own the API needs far less than a core (under a tenth at 16 streaming
-clients), and whether a step gains from the last core depends on the model and the batch: a 28M
-Llama's decode step at 16 rows streams its weights from memory, which two cores do faster (1.13x
-the tokens/s on a 2-core AVX2 machine), while one row's step, or the demo model's small
-products, pay OpenMP's fork and barrier for nothing (0.89x at one client). So the engine process
-measures instead of guessing: for each size of batch (rows, in powers of two), its first steps
-alternate the candidate thread counts, and the count whose median step took less wall time runs
-the next ``REPROBE`` steps of that size, after which they are measured again (the machine's
-load changes).
+clients), and whether a step gains from the last core depends on the model, the batch and the
+machine: on a 2-core AVX2 machine a 28M Llama's decode step at 16 rows streams its weights from
+memory, which two cores do faster (two threads throughout: 1.13x the tokens/s at 16 streaming
+clients, 0.89x at one), while on an AVX-512 machine two threads gave the demo model's small
+products 0.68x. So the engine process measures instead of guessing: for each size of batch
+(rows, in powers of two), its first steps alternate the candidate thread counts, and the count
+whose median step took less wall time runs the next ``REPROBE`` steps of that size, after which
+they are measured again (the machine's load changes). Buckets are by rows alone: two lanes of
+one size (a canary of another architecture beside the active version) share one.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class DecodeThreads:
         self._current: int | None = None
 
     def start(self) -> None:
+        """On the decode thread, before its first step."""
+        self._current = None
         self._use(self.candidates[0])
 
     def chosen(self) -> dict[int, int]:

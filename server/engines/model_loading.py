@@ -60,8 +60,8 @@ def decode_threads(device: torch.device, requested: int | None,
     barrier in the forward pass; on a 2-core machine we measured the HTTP throughput drop
     tenfold. One core stays theirs. In an engine process of its own the API's turns are short and
     few: there the decode thread measures both, one core less and every core, per batch size
-    (``decode_threads.py``; 2 threads on 2 cores: 0.68x the tokens/s of 1 at 16 streaming
-    clients on the demo model, 1.13x on a 28M Llama, 0.89x at one client).
+    (``decode_threads.py``; on 2 cores, timed against one thread: 1.09x the tokens/s at 16
+    streaming clients on a 28M Llama, 0.98x on the demo model; docs/benchmarks.md).
     """
     if device.type != "cpu":
         return None

@@ -59,18 +59,12 @@ def _pairs(identity: str, n: int) -> list[PreferenceGroup]:
                             identity=identity) for i in range(n)]
 
 
-def test_the_distrusted_judge_only_when_no_one_else_gave_a_pair() -> None:
+def test_the_distrusted_judge_only_when_no_rater_kept_its_weight() -> None:
     trusted, distrusted = "user:honest", "user:inverted"
-    weights = {trusted: 1.0, distrusted: 0.1}
-    minority = RewardData(_pairs(trusted, 6) + _pairs(distrusted, 2), [])
-    assert judging_raters(weights, minority) == {trusted}
-    majority = RewardData(_pairs(trusted, 1) + _pairs(distrusted, 60), [])
-    assert judging_raters(weights, majority) == {trusted}  # a hostile majority never judges
-    alone = RewardData(_pairs(distrusted, 6), [])
-    assert judging_raters(weights, alone) == {trusted, distrusted}
-    # Counted over every set of pairs given (the window and the held-out sample).
-    assert judging_raters(weights, alone, minority) == {trusted}
-    assert judging_raters({distrusted: 0.1}, alone, None) == {distrusted}
+    assert judging_raters({trusted: 1.0, distrusted: 0.1}) == {trusted}  # whoever gave more
+    assert judging_raters({distrusted: 0.1}) == {distrusted}  # a lone rater, down-weighted
+    assert judging_raters({distrusted: 0.1, "user:also": 0.1}) == {distrusted, "user:also"}
+    assert judging_raters({}) == set()
 
 
 def test_fewer_raters_than_a_consensus_are_counted_not_judged(store: Store) -> None:
@@ -147,3 +141,5 @@ def test_a_cycle_takes_back_the_id_a_killed_one_wrote_but_never_recorded(
         (tmp / "model.safetensors").write_bytes(b"new weights")
     assert (out / "model.safetensors").read_bytes() == b"new weights"
     assert (root / "policy-1" / "model.safetensors").read_bytes() == b"weights"
+    (aside,) = root.glob(".tmp-leftover-policy-2-*")  # moved aside, removed at the next start
+    assert (aside / "model.safetensors").read_bytes() == b"weights"
