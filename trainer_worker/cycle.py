@@ -124,9 +124,9 @@ def judging_raters(weights: Mapping[str, float]) -> set[str]:
 
 def check_evidence(ctx: CycleContext, until: Marks) -> RewardData:
     """Step 0: the held-out feedback the new RM is judged on: a bounded sample, without
-    identities whose ratings lost weight (unless no one else gave any: `judging_raters`),
-    each capped at its share. Whether there are enough pairs to judge by is checked once the window
-    is read (`reward_window`)."""
+    identities whose ratings lost weight (unless every one in it did: `judging_raters`), each
+    capped at its share. Whether there are enough pairs to judge by is checked once the window is
+    read (`reward_window`)."""
     if ctx.store.holdout_prompt_count() == 0:
         raise Skip("waiting for the first rated answers to held-out prompts (a fifth of the "
                    "distinct prompts is held out to judge each new reward model)")
@@ -172,11 +172,7 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
                   holdout: RewardData, *, cold: bool) -> RewardWindow:
     """Step 1a: the RM's bounded data, capped per identity and weighted. A ``cold`` RM (from
     the base model) is skipped here when it could not be judged."""
-    from trainer_worker.reward.consensus import (
-        MIN_CROSS_FIT_RATERS,
-        cross_fitted_tallies,
-        in_service_tallies,
-    )
+    from trainer_worker.reward.consensus import cross_fitted_tallies, in_service_tallies
 
     limits = ctx.settings.feedback
     since = previous.watermark if previous is not None else {}
@@ -188,9 +184,8 @@ def reward_window(ctx: CycleContext, previous: RewardModelState | None, until: M
     if cold:  # before the cross-fitted RMs: an upper bound of what the caps will keep
         _check_cold_evidence(ctx, data, holdout, {})
     if previous is not None:
-        raters = ctx.store.rater_count(previous.watermark, MIN_CROSS_FIT_RATERS)
-        tallies = in_service_tallies(Path(previous.path), raters, data,
-                                     ctx.settings.reward.max_length, ctx.device)
+        tallies = in_service_tallies(ctx.store, previous, data, ctx.settings.reward.max_length,
+                                     ctx.device)
     else:  # no RM in service yet: RMs fitted on the other raters judge each one
         tallies = cross_fitted_tallies(Path(ctx.settings.model), data, ctx.settings.reward,
                                        share=limits.user_share, device=ctx.device,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from pathlib import Path
 
 from feedback_store import Store
 from feedback_store.errors import StoreError
@@ -70,7 +69,7 @@ class RaterReview:
                  rm.id, len(self._tallies), len(low), f" ({', '.join(low[:5])})" if low else "")
 
     def _score(self, rm: RewardModelState, until: Marks, device: str) -> dict[str, Tally]:
-        from trainer_worker.reward.consensus import MIN_CROSS_FIT_RATERS, in_service_tallies
+        from trainer_worker.reward.consensus import in_service_tallies
 
         data = self.store.cycle_reward_data(since=rm.watermark, until=until,
                                             new=min(REVIEW_EVENTS,
@@ -78,6 +77,4 @@ class RaterReview:
                                             replay=0, seed=0)
         if not data.groups and not data.thumbs:
             return {}
-        raters = self.store.rater_count(rm.watermark, MIN_CROSS_FIT_RATERS)
-        return in_service_tallies(Path(rm.path), raters, data, self.settings.reward.max_length,
-                                  device)
+        return in_service_tallies(self.store, rm, data, self.settings.reward.max_length, device)

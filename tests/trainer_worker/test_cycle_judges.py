@@ -11,7 +11,7 @@ import pytest
 from feedback_store import NewChoice, NewCompletion, Store
 from feedback_store.identities import Tally
 from feedback_store.training_data import is_holdout_hash
-from feedback_store.types import PreferenceGroup, RewardData
+from feedback_store.types import PreferenceGroup, RewardData, RewardModelState
 from flywheel.checkpoints import CheckpointError, atomic_directory
 from flywheel.settings import Settings, TrainSettings
 from trainer_worker.cycle import (
@@ -75,17 +75,21 @@ def test_fewer_raters_than_a_consensus_are_counted_not_judged(store: Store) -> N
     first = store.feedback_watermark()
     _rate(store, "c", _prompts(False, 1), rounds=1)
     _rate(store, None, _prompts(False, 1), rounds=1)  # anonymous: never a rater
+    three = store.feedback_watermark()
     assert store.rater_count(first, MIN_CROSS_FIT_RATERS) == 2
-    assert store.rater_count(store.feedback_watermark(), MIN_CROSS_FIT_RATERS) == 3
+    assert store.rater_count(three, MIN_CROSS_FIT_RATERS) == 3
     _rate(store, "d", _prompts(False, 1), rounds=1)
     _rate(store, "e", _prompts(False, 1), rounds=1)
     assert store.rater_count(store.feedback_watermark(), MIN_CROSS_FIT_RATERS) == 4
 
+    def rm(until: dict[str, int]) -> RewardModelState:
+        return RewardModelState("rm-1", "/no/such/reward-model", until, True)
+
     data = RewardData(_pairs("user:a", 3), [])
-    counted = in_service_tallies(Path("/no/such/reward-model"), 3, data, max_length=64)
+    counted = in_service_tallies(store, rm(three), data, max_length=64)
     assert counted == {"user:a": Tally(events=3)}
     with pytest.raises(OSError):  # four raters: judged by the model, which must exist
-        in_service_tallies(Path("/no/such/reward-model"), 4, data, max_length=64)
+        in_service_tallies(store, rm(store.feedback_watermark()), data, max_length=64)
 
 
 def test_a_lone_rater_the_trainer_distrusts_still_judges(tmp_path: Path, store: Store) -> None:

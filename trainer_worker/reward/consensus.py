@@ -19,16 +19,26 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from feedback_store.identities import Tally, agreement_weight, limit_identities
-from feedback_store.types import ANONYMOUS, PreferenceGroup, RewardData, ThumbExample
+from feedback_store.types import (
+    ANONYMOUS,
+    PreferenceGroup,
+    RewardData,
+    RewardModelState,
+    ThumbExample,
+)
 from flywheel.settings import RewardConfig
 from trainer_worker.reward.data import rm_sequence
 from trainer_worker.reward.losses import group_pairs
 from trainer_worker.reward.model import RewardModel
 from trainer_worker.reward.train import score_sequences, train_reward_model
+
+if TYPE_CHECKING:
+    from feedback_store import Store
 
 # Below this many identities, the others are no consensus: the first cycle counts, not judges.
 MIN_CROSS_FIT_RATERS = 4
@@ -72,13 +82,14 @@ def agreement_tallies(rm_dir: Path, data: RewardData, max_length: int,
             for name, tally in tallies.items()}
 
 
-def in_service_tallies(rm_dir: Path, trained_raters: int, data: RewardData, max_length: int,
+def in_service_tallies(store: Store, rm: RewardModelState, data: RewardData, max_length: int,
                        device: str = "cpu") -> dict[str, Tally]:
-    """`agreement_tallies` against the RM in service, whose window held ``trained_raters``
-    raters; with fewer than `MIN_CROSS_FIT_RATERS` the events are counted, not judged."""
-    if trained_raters < MIN_CROSS_FIT_RATERS:
+    """`agreement_tallies` against ``rm``, the RM in service; when the feedback up to its
+    watermark came from fewer than `MIN_CROSS_FIT_RATERS` raters, the events are counted, not
+    judged."""
+    if store.rater_count(rm.watermark, MIN_CROSS_FIT_RATERS) < MIN_CROSS_FIT_RATERS:
         return new_event_counts(data)
-    return agreement_tallies(rm_dir, data, max_length, device)
+    return agreement_tallies(Path(rm.path or ""), data, max_length, device)
 
 
 def _explicit(thumbs: Sequence[ThumbExample]) -> list[ThumbExample]:
