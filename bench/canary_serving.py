@@ -111,15 +111,18 @@ def perturbed_copy(src: Path, dst: Path, seed: int = 1, layers_only: bool = Fals
 
 async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
                         fraction: float, max_new: int, seconds: float, seed: int,
-                        memory: Callable[[], float] = rss_mib
+                        memory: Callable[[], float] = rss_mib,
+                        lengths: dict[str, list[int]] | None = None,
                         ) -> tuple[Run, float, dict[str, int]]:
-    """Closed-loop streaming clients for ``seconds``: the run, peak RSS and tokens per version.
+    """Closed-loop streaming clients for ``seconds``: the run, peak RSS and tokens per version;
+    each finished completion's length is appended to ``lengths[version]``.
     Tokens and CPU count up to the deadline, where the requests in flight are cancelled: let
     finish, their tail (the batch draining, seconds on a larger model) would weigh on either arm
     by chance."""
     params = SamplingParams(max_tokens=max_new, temperature=1.0)
     rng = random.Random(seed)
     run, peak, by_version = Run(), memory(), {}
+    lengths = {} if lengths is None else lengths
     cpu = cpu_seconds(os.getpid())
     start = time.perf_counter()
     deadline = start + seconds
@@ -131,17 +134,22 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
             sent, first = time.perf_counter(), True
             stream = engine.generate(prompts[(c + r) % len(prompts)], params, f"b{c}-{r}",
                                      canary=canary)
+            version, length, finished = "", 0, True
             async with aclosing(stream):
                 async for delta in stream:
                     now = time.perf_counter()
                     if now >= deadline:
+                        finished = False
                         break
                     if first:
                         run.ttft.append(now - sent)
                         first = False
                     run.tokens += len(delta.token_ids)
-                    by_version[delta.policy_version] = (by_version.get(delta.policy_version, 0)
-                                                        + len(delta.token_ids))
+                    length += len(delta.token_ids)
+                    version = delta.policy_version
+                    by_version[version] = by_version.get(version, 0) + len(delta.token_ids)
+            if finished and version:
+                lengths.setdefault(version, []).append(length)
             r += 1
 
     async def clock() -> tuple[float, float]:
@@ -179,6 +187,7 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
     per_round: list[tuple[Run, Run]] = []
     peaks = {"A": 0.0, "B": 0.0}
     tokens_by_version: dict[str, int] = {}
+    lengths: dict[str, dict[str, list[int]]] = {"A": {}, "B": {}}  # arm: version: lengths
     rss_before = rss_loaded = pss_before = pss_loaded = 0.0
     canary_starts: list[float] = []
     for round_ in range(args.rounds):
@@ -194,7 +203,7 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
                 pss_loaded = pss_loaded or (pss() if pss else 0.0)
             run, peak, by_version = await clients_round(
                 engine, prompts, args.clients, fraction, args.max_tokens, args.seconds, round_,
-                memory)
+                memory, lengths[arm])
             runs[arm].add(run)
             arms[arm] = run
             if arm == "B":
@@ -211,6 +220,9 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
     report(f"(B) {args.clients} streaming clients, {args.fraction:.0%} on a canary", shared)
     canary_share = tokens_by_version.get("canary", 0) / max(1, shared.tokens)
     print(f"    the canary produced {canary_share:.1%} of (B)'s tokens")
+    print("    mean completion length: " + ", ".join(
+        f"({arm}) {version} {statistics.mean(n):.1f} of {len(n)}"
+        for arm, by in lengths.items() for version, n in sorted(by.items())))
     print(f"    (B)/(A) tokens/s = {shared.rate / alone.rate:.2f}x")
     print(f"CPU: (A) {cpu_per_token(alone)}, (B) {cpu_per_token(shared)}")
     print(f"    (A)/(B) tokens per CPU second = "
@@ -247,7 +259,7 @@ async def transformers_bench(model: Path, tmp: Path, args: argparse.Namespace) -
     active one (both carry their adapters: the canary's rows add its low-rank difference)."""
     active, canary_dir = policies(model, tmp, args)
     engine = TransformersEngine(str(active), max_batch_size=max(32, args.clients),
-                                own_process=args.own_process)
+                                own_process=args.own_process, ignore_eos=args.ignore_eos)
     await engine.start()
     await bench(engine, canary_dir, args)
 
@@ -304,6 +316,9 @@ def main() -> None:
     parser.add_argument("--canary", choices=["full", "lora"], default="full",
                         help="a full-weight canary (on vLLM a second AsyncLLM) or a LoRA policy")
     parser.add_argument("--vllm-eager", action="store_true", help="vLLM: no torch.compile")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="transformers engine: every completion max_tokens long, so that the "
+                        "two versions' answer lengths do not weigh on the ratio")
     args = parser.parse_args()
     model = ensure_model(args.model.resolve())
     if args.engine == "vllm":
