@@ -23,11 +23,14 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent / "canary_serving.py"
 RATES = re.compile(r"\(B\)/\(A\) tokens/s = ([0-9.]+)x")
 PER_CPU = re.compile(r"\(A\)/\(B\) tokens per CPU second = ([0-9.]+)x")
+LONGEST = re.compile(r"longest wait between two deltas of a stream: \(A\) ([0-9.]+)s, "
+                     r"\(B\) ([0-9.]+)s")
 
 
-def one_run(tree: Path, fraction: float, args: argparse.Namespace) -> tuple[float, float]:
+def one_run(tree: Path, fraction: float,
+            args: argparse.Namespace) -> tuple[float, float, float]:
     """One round of ``canary_serving.py`` on ``tree``'s engine: its ratios of tokens/s and of
-    tokens per CPU second."""
+    tokens per CPU second, and (B)'s longest wait between two deltas of a stream (seconds)."""
     # The tree's packages are imported first: the bench's own ``sys.path`` entry (this
     # checkout) then finds them in ``sys.modules``.
     command = [sys.executable, "-c",
@@ -41,9 +44,10 @@ def one_run(tree: Path, fraction: float, args: argparse.Namespace) -> tuple[floa
                *(["--own-process"] if args.own_process else [])]
     out = subprocess.run(command, cwd=tree, capture_output=True, text=True, check=True)
     rate, per_cpu = RATES.search(out.stdout), PER_CPU.search(out.stdout)
-    if rate is None or per_cpu is None:
+    longest = LONGEST.search(out.stdout)
+    if rate is None or per_cpu is None or longest is None:
         raise RuntimeError(f"no ratio in the output of {tree}:\n{out.stdout}\n{out.stderr}")
-    return float(rate.group(1)), float(per_cpu.group(1))
+    return float(rate.group(1)), float(per_cpu.group(1)), float(longest.group(2))
 
 
 def main() -> None:
@@ -59,24 +63,28 @@ def main() -> None:
     args = parser.parse_args()
     trees = [t.resolve() for t in args.trees]
     load = os.getloadavg()
-    ratios: dict[tuple[Path, float], list[tuple[float, float]]] = {
+    ratios: dict[tuple[Path, float], list[tuple[float, float, float]]] = {
         (t, f): [] for t in trees for f in args.fractions}
     for round_ in range(args.rounds):
         for tree in trees:
             for fraction in args.fractions:
-                rate, per_cpu = one_run(tree, fraction, args)
-                ratios[tree, fraction].append((rate, per_cpu))
+                rate, per_cpu, longest = one_run(tree, fraction, args)
+                ratios[tree, fraction].append((rate, per_cpu, longest))
                 print(f"round {round_ + 1}: {tree.name} {fraction:.0%} tokens/s {rate:.2f}x, "
-                      f"per CPU second {per_cpu:.2f}x", flush=True)
+                      f"per CPU second {per_cpu:.2f}x, (B)'s longest wait {longest:.2f}s",
+                      flush=True)
     print(f"with a canary / without, medians of {args.rounds} rounds of {args.seconds:.0f}s "
           f"per arm, core {'in its own' if args.own_process else 'in the bench'} process, "
           f"canary: {args.canary}, weights: {args.canary_weights}")
     print(f"{'':<24}" + "".join(f"{'tokens/s ' + f'{f:.0%}':>16}" for f in args.fractions)
-          + "".join(f"{'per CPU s ' + f'{f:.0%}':>16}" for f in args.fractions))
+          + "".join(f"{'per CPU s ' + f'{f:.0%}':>16}" for f in args.fractions)
+          + "".join(f"{'longest wait ' + f'{f:.0%}':>19}" for f in args.fractions))
     for tree in trees:
         print(f"{tree.name:<24}" + "".join(
             f"{statistics.median(r[i] for r in ratios[tree, f]):>15.2f}x"
-            for i in (0, 1) for f in args.fractions))
+            for i in (0, 1) for f in args.fractions) + "".join(
+            f"{statistics.median(r[2] for r in ratios[tree, f]):>18.2f}s"
+            for f in args.fractions))
     print(f"load average (1, 5, 15 min): before {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}, "
           "after {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 

@@ -15,6 +15,9 @@ generator, so that background load hits both alike. ``--canary lora``: the activ
 the canary are each a LoRA policy on the model (the trainer's: all linear layers, rank 16, merged
 and with the adapter beside, written by its ``save_policy``), which the routed forward serves as
 one base product plus each policy's low-rank difference.
+A last round (C) loads the canary a second into a round of streaming clients, as a release reaches
+a busy server, and prints the longest wait between two deltas of a stream (a stall of the decode
+thread shows there; (B)'s rounds start after ``set_canary`` returned, on an idle engine).
 Prints tokens/s, CPU per token (this process
 and the engine process: what holds however much CPU other jobs leave), the process's resident
 memory (RSS, sampled during each round; (A)'s from the first round, before any canary was loaded)
@@ -68,6 +71,8 @@ from serving import (
 from server.engines.base import SamplingParams
 from server.engines.transformers_engine import TransformersEngine
 
+LOAD_AFTER_S = 1.0  # (C): the canary is loaded this long into a round of streaming clients
+
 
 def rss_mib() -> float:
     """Resident memory of this process (Linux ``/proc``), MiB."""
@@ -113,25 +118,28 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
                         fraction: float, max_new: int, seconds: float, seed: int,
                         memory: Callable[[], float] = rss_mib,
                         lengths: dict[str, list[int]] | None = None,
-                        ) -> tuple[Run, float, dict[str, int]]:
-    """Closed-loop streaming clients for ``seconds``: the run, peak RSS and tokens per version;
+                        ) -> tuple[Run, float, dict[str, int], float]:
+    """Closed-loop streaming clients for ``seconds``: the run, peak RSS, tokens per version and
+    the longest wait between two deltas of a stream (a stall of the decode thread shows there);
     each finished completion's length is appended to ``lengths[version]``.
     Tokens and CPU count up to the deadline, where the requests in flight are cancelled: let
     finish, their tail (the batch draining, seconds on a larger model) would weigh on either arm
     by chance."""
     params = SamplingParams(max_tokens=max_new, temperature=1.0)
     rng = random.Random(seed)
-    run, peak, by_version = Run(), memory(), {}
+    run, peak, by_version, longest = Run(), memory(), {}, 0.0
     lengths = {} if lengths is None else lengths
     cpu = cpu_seconds(os.getpid())
     start = time.perf_counter()
     deadline = start + seconds
 
     async def client(c: int) -> None:
+        nonlocal longest
         r = 0
         while time.perf_counter() < deadline:
             canary = rng.random() < fraction
             sent, first = time.perf_counter(), True
+            last = sent
             stream = engine.generate(prompts[(c + r) % len(prompts)], params, f"b{c}-{r}",
                                      canary=canary)
             version, length, finished = "", 0, True
@@ -144,6 +152,9 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
                     if first:
                         run.ttft.append(now - sent)
                         first = False
+                    else:
+                        longest = max(longest, now - last)
+                    last = now
                     run.tokens += len(delta.token_ids)
                     length += len(delta.token_ids)
                     version = delta.policy_version
@@ -172,7 +183,7 @@ async def clients_round(engine: Any, prompts: list[list[int]], clients: int,
     finally:
         sampler.cancel()
         at_deadline.cancel()
-    return run, max(peak, memory()), by_version
+    return run, max(peak, memory()), by_version, longest
 
 
 async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
@@ -188,6 +199,7 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
     peaks = {"A": 0.0, "B": 0.0}
     tokens_by_version: dict[str, int] = {}
     lengths: dict[str, dict[str, list[int]]] = {"A": {}, "B": {}}  # arm: version: lengths
+    longest_gap = {"A": 0.0, "B": 0.0}
     rss_before = rss_loaded = pss_before = pss_loaded = 0.0
     canary_starts: list[float] = []
     for round_ in range(args.rounds):
@@ -201,11 +213,12 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
                 canary_starts.append(time.perf_counter() - started)
                 rss_loaded = rss_loaded or memory()
                 pss_loaded = pss_loaded or (pss() if pss else 0.0)
-            run, peak, by_version = await clients_round(
+            run, peak, by_version, longest = await clients_round(
                 engine, prompts, args.clients, fraction, args.max_tokens, args.seconds, round_,
                 memory, lengths[arm])
             runs[arm].add(run)
             arms[arm] = run
+            longest_gap[arm] = max(longest_gap[arm], longest)
             if arm == "B":
                 peaks["B"] = max(peaks["B"], peak)
                 for version, n in by_version.items():
@@ -214,6 +227,8 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
             elif round_ == 0:  # later (A) rounds follow a freed canary, whose pages the
                 peaks["A"] = peak  # allocator may keep: only the first is clean
         per_round.append((arms["A"], arms["B"]))
+    under_load, load_took, longest_under_load = await canary_under_load(
+        engine, canary_dir, prompts, args, memory)
     await engine.stop()
     alone, shared = runs["A"], runs["B"]
     report(f"(A) {args.clients} streaming clients, no canary", alone)
@@ -240,8 +255,35 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
           f"{statistics.median(per_cpu):.2f}x ({min(per_cpu):.2f}x to {max(per_cpu):.2f}x)")
     print("    each round's tokens/s " + " ".join(f"{r:.2f}x" for r in rates)
           + ", per CPU second " + " ".join(f"{r:.2f}x" for r in per_cpu))
+    print(f"longest wait between two deltas of a stream: (A) {longest_gap['A']:.2f}s, "
+          f"(B) {longest_gap['B']:.2f}s")
+    print(f"(C) the canary loaded {LOAD_AFTER_S:.0f}s into a round of streaming clients "
+          f"(set_canary took {load_took:.2f}s): {under_load.rate:.1f} tok/s, longest wait "
+          f"between two deltas of a stream {longest_under_load:.2f}s")
     print(f"canary start (set_canary): median {statistics.median(canary_starts):.2f}s "
           f"({min(canary_starts):.2f}s to {max(canary_starts):.2f}s)")
+
+
+async def canary_under_load(engine: Any, canary_dir: Path, prompts: list[list[int]],
+                            args: argparse.Namespace, memory: Callable[[], float]
+                            ) -> tuple[Run, float, float]:
+    """(C) A round in which the canary is loaded ``LOAD_AFTER_S`` into the round, as a release
+    reaches a busy server (canary requests before it run on the active version): the run, how
+    long ``set_canary`` took and the longest wait between two deltas of a stream, which shows
+    any stall of the decode thread while the canary loads or first joins."""
+
+    async def load_later() -> float:
+        await asyncio.sleep(LOAD_AFTER_S)
+        started = time.perf_counter()
+        await engine.set_canary(str(canary_dir), "canary")
+        return time.perf_counter() - started
+
+    loading = asyncio.create_task(load_later())
+    run, _, _, longest = await clients_round(engine, prompts, args.clients, args.fraction,
+                                             args.max_tokens, args.seconds, args.rounds, memory)
+    took = await loading
+    await engine.end_canary()
+    return run, took, longest
 
 
 def policies(model: Path, tmp: Path, args: argparse.Namespace) -> tuple[Path, Path]:

@@ -19,6 +19,7 @@ import torch
 
 from server.engines.base import SwapError
 from server.engines.request import Request
+from server.engines.routing import Probed
 from server.engines.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Group:
     version: str
     seqs: list[Sequence] = field(default_factory=list)  # in the order of their rows in the lane
     joining: list[Request] = field(default_factory=list)
+    probed: Probed | None = None  # its model's lane probes, until it is placed in a lane
 
     def requests(self) -> list[Request]:
         unique = {id(s.request): s.request for s in self.seqs}
@@ -50,6 +52,7 @@ class Change:
     kind: ChangeKind
     model: Any = None
     version: str = ""
+    probed: Probed | None = None  # ``model`` probed against the lanes where it was loaded
     done: Future[None] = field(default_factory=Future)
 
 
@@ -70,9 +73,9 @@ class Groups:
     def apply(self, change: Change) -> None:
         """Apply ``change`` (on the decode thread, between steps) and resolve its future."""
         if change.kind == "activate":
-            self.active = self._add(change.model, change.version)
+            self.active = self._add(change)
         elif change.kind == "canary":
-            self.canary = self._add(change.model, change.version)  # the old canary drains
+            self.canary = self._add(change)  # the old canary drains
         elif change.kind == "promote":
             if self.canary is None:
                 change.done.set_exception(SwapError("no canary is loaded to promote"))
@@ -82,8 +85,8 @@ class Groups:
             self.canary = None  # drains: its requests finish on it
         change.done.set_result(None)
 
-    def _add(self, model: Any, version: str) -> Group:
-        group = Group(model, version)
+    def _add(self, change: Change) -> Group:
+        group = Group(change.model, change.version, probed=change.probed)
         self.all.append(group)
         return group
 
@@ -95,6 +98,7 @@ class Groups:
             self.all.remove(group)
             logger.info("policy %s drained; its weights released", group.version)
             del group.model
+            group.probed = None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 

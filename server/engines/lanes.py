@@ -6,7 +6,8 @@ order (each group's ``seqs`` in row order), and runs it through the one group's 
 one has rows, else through a routed model over the members' models (``routing.py``). Groups
 whose models share an architecture share a lane, so a canary, or a version draining after a
 swap, costs no forward pass of its own; a model that cannot be routed with the others gets a
-lane of its own and its own forward, as every group had before lanes.
+lane of its own and its own forward, as every group had before lanes. Whether a new model routes
+with a lane's is probed where the model was loaded (``Lanes.probe``), not on the decode thread.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from server.engines.batch import PaddedBatch
 from server.engines.groups import Group
-from server.engines.routing import RowRuns, fusion_key, routed, routes_alike
+from server.engines.routing import Probed, Routing, RowRuns, fusion_key, route, routed
 from server.engines.sampling import RowSampler
 from server.engines.sequence import Sequence
 from server.engines.slot_batch import SlotBatch, slots_fit
@@ -36,7 +37,6 @@ class Lane:
         self.sampler: RowSampler | None = None  # None: rebuild before the next step
         self._runs: RowRuns | None = None
         self._routed: Any = None  # over ``members``; built when two groups first share a step
-        self._probed: tuple[Group, RowRuns, Any] | None = None  # ``admits``' last yes
 
     def seqs(self) -> list[Sequence]:
         """The batch's sequences in row order."""
@@ -54,23 +54,10 @@ class Lane:
         self._runs.set(sizes)
         return self._routed
 
-    def admits(self, group: Group, key: Hashable | None) -> bool:
-        """Whether ``group`` (its model's ``fusion_key`` ``key``) can decode in this lane."""
-        if key is None or key != self.key:
-            return False
-        models = [g.model for g in self.members] + [group.model]
-        runs = RowRuns(len(models), group.model.device)
-        model = routed(models, runs)
-        if not routes_alike(model, runs, models):
-            return False
-        self._probed = (group, runs, model)  # what ``join`` serves with: built and checked once
-        return True
-
-    def join(self, group: Group) -> None:
-        """Add ``group``, which this lane ``admits``; the routed model of that probe serves."""
-        probed, self._probed = self._probed, None
+    def join(self, group: Group, routing: Routing) -> None:
+        """Add ``group``, whose model ``routing`` routes with the members' (``routing.route``)."""
         self.members.append(group)
-        self._runs, self._routed = probed[1:] if probed and probed[0] is group else (None, None)
+        self._runs, self._routed = routing
 
     def leave(self, group: Group) -> None:
         """Drop ``group`` (idle: none of the batch's rows is its; maybe freed, without a model)
@@ -142,27 +129,57 @@ class Lanes:
     def __iter__(self) -> Iterator[Lane]:
         return iter(list(self._lanes))
 
+    def probe(self, model: Any, groups: list[Group]) -> Probed:
+        """``model`` routed beside each lane of its architecture, and beside each of ``groups``
+        of that architecture not yet in a lane (any thread: where the model was loaded, so that
+        placing its group costs the decode thread no probe; ``routing.route``)."""
+        key = fusion_key(model)
+        members: list[list[Any]] = []
+        if key is None:
+            return Probed(model, key, members)
+        for lane in list(self._lanes):  # the decode thread may change them meanwhile: copies
+            models = [getattr(g, "model", None) for g in list(lane.members)]
+            if lane.key == key and None not in models:
+                members.append(models)
+        for group in groups:
+            other = getattr(group, "model", None)  # None: freed meanwhile
+            if other is not None and id(group) not in self._of and fusion_key(other) == key:
+                members.append([other])
+        return Probed(model, key, members)
+
     def place(self, group: Group) -> Lane:
         """``group``'s lane: the one it is in, else the first that routes its model alike, else
         a new one (on the decode thread, when the group first has rows to prefill)."""
         lane = self._of.get(id(group))
         if lane is not None:
             return lane
-        key = fusion_key(group.model)
-        lane = next((lane for lane in self._lanes if lane.admits(group, key)), None)
+        probed, group.probed = group.probed, None
+        key = probed.key if probed is not None else fusion_key(group.model)
+        lane = None
+        for candidate in self._lanes if key is not None else ():
+            if candidate.key != key:
+                continue
+            models = [g.model for g in candidate.members] + [group.model]
+            routing = probed.route(models) if probed is not None else route(models)
+            if routing is not None:
+                lane = candidate
+                lane.join(group, routing)
+                break
         if lane is None:
             lane = Lane(key, group)
             self._lanes.append(lane)
             if key is None or len(self._lanes) > 1:
                 logger.info("policy %s decodes in a forward pass of its own", group.version)
-        else:
-            lane.join(group)
         self._of[id(group)] = lane
         return lane
 
     def prune(self, alive: list[Group]) -> None:
         """Forget groups that were freed (``Groups.retire``) and lanes left without members."""
         ids = {id(g) for g in alive}
+        models = [g.model for g in alive]
+        for group in alive:
+            if group.probed is not None:
+                group.probed.keep(models)
         for lane in self:
             for group in list(lane.members):
                 if id(group) not in ids:

@@ -261,6 +261,47 @@ def _low_rank_deltas(modules: list[torch.nn.Module],
     return deltas if explained else None
 
 
+Routing = tuple[RowRuns, Any]  # a routed model over some models, and its row runs
+
+
+@torch.inference_mode()  # as on the decode thread: the probe records no autograd graph
+def route(models: list[Any]) -> Routing | None:
+    """The routed model over ``models`` (equal ``fusion_key``s) with its runs, when it gives each
+    row its own model's logits (``routes_alike``); else None. Costs a pass over every weight
+    that differs between the models (``adapters.explains``: a LoRA canary's deltas, on a 80M
+    model 1.6 s of CPU) and a probe forward: done where the newest model is loaded, not between
+    two decode steps (``Probed``)."""
+    runs = RowRuns(len(models), models[0].device)
+    model = routed(models, runs)
+    return (runs, model) if routes_alike(model, runs, models) else None
+
+
+class Probed:
+    """A model's ``route`` beside lanes' members (``(*members, model)``), probed off the decode
+    thread before its group exists, so that placing the group in a lane probes nothing."""
+
+    def __init__(self, model: Any, key: Hashable | None, members: list[list[Any]]) -> None:
+        """``key``: ``model``'s ``fusion_key``; ``members``: the models of each lane of that key."""
+        self.key = key
+        self._routes: list[tuple[tuple[Any, ...], Routing | None]] = [
+            ((*models, model), route([*models, model])) for models in members]
+
+    def route(self, models: list[Any]) -> Routing | None:
+        """``route(models)``: as probed, where these were probed (the same objects), else now."""
+        for probed, routing in self._routes:
+            if len(probed) == len(models) and all(
+                    a is b for a, b in zip(probed, models, strict=True)):
+                return routing
+        return route(models)
+
+    def keep(self, alive: list[Any]) -> None:
+        """Forget the probes of members that are not in ``alive`` (freed models): they will not
+        be asked for, and their routed models hold those models' weights."""
+        ids = {id(model) for model in alive}
+        self._routes = [(probed, routing) for probed, routing in self._routes
+                        if all(id(model) in ids for model in probed[:-1])]
+
+
 def routes_alike(model: Any, runs: RowRuns, parts: list[Any]) -> bool:
     """Whether ``model`` (routed over ``parts``) gives each row its own part's logits: a probe
     of one short row per part, against each part alone; False for an architecture whose weight

@@ -155,8 +155,12 @@ class Scheduler:
 
     def change(self, kind: ChangeKind, model: Any = None, version: str = "") -> Future[None]:
         """Queue a weight change (``groups.Change``) for the decode thread; the future resolves
-        once it is applied, that is once new requests are admitted accordingly."""
-        change = Change(kind, model, version)
+        once it is applied, that is once new requests are admitted accordingly. A new model is
+        first probed beside the lanes' models (``Lanes.probe``): call this where the model was
+        loaded, off the event loop, as the probe is a pass over its weights that would otherwise
+        hold up every stream between two steps when its first request joins."""
+        probed = self._lanes.probe(model, list(self._groups.all)) if model is not None else None
+        change = Change(kind, model, version, probed)
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 self._apply(change)

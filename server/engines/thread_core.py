@@ -69,7 +69,9 @@ class ThreadCore:
             model = await asyncio.to_thread(self._weights.load_checked, path, sha256)
         except Exception as exc:
             raise load_failed(path, version, exc) from exc
-        await asyncio.wrap_future(self._scheduler.change(kind, model, version))
+        # Off the event loop: the scheduler probes the model beside the served ones first.
+        done = await asyncio.to_thread(self._scheduler.change, kind, model, version)
+        await asyncio.wrap_future(done)
 
     async def switch(self, kind: SwitchKind) -> None:
         await asyncio.wrap_future(self._scheduler.change(kind))

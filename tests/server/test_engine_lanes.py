@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import gc
 import shutil
+import threading
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
 
+from server.engines import lanes as lanes_module
+from server.engines import routing as routing_module
 from server.engines.base import SamplingParams
 from server.engines.batch import PaddedBatch
 from server.engines.groups import Group
 from server.engines.lanes import Lanes, _runs_in_place
-from server.engines.routing import RowRuns, fusion_key, routed
+from server.engines.routing import RowRuns, fusion_key, route, routed
 from tests.server.test_engine_canary import ask, engine_on, rest, started_stream, until
 from tests.server.test_transformers_engine import chat, greedy_reference, perturbed_checkpoint
 
@@ -123,6 +126,80 @@ def test_only_models_of_one_architecture_share_a_lane(
     assert lanes.place(canary) is first  # placed once
     lanes.prune([active, shallow])  # the canary was freed
     assert first.members == [active] and len(list(lanes)) == 2
+
+
+@torch.inference_mode()
+def test_a_probe_made_where_a_model_was_loaded_is_taken_when_its_lane_still_matches(
+        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Lanes.probe`` routes a new model beside each lane's members; placing its group takes
+    that probe while the lane's members are the ones probed, and probes anew once they changed."""
+    active, canary, third = (Group(load(p), v) for p, v in (
+        (tiny_model_dir, "policy-0"), (models["policy-1"], "policy-1"),
+        (models["policy-2"], "policy-2")))
+    lanes = Lanes()
+    lane = lanes.place(active)
+    canary.probed, third.probed = (lanes.probe(g.model, []) for g in (canary, third))
+    probes_now: list[int] = []
+
+
+    def recorded(models: list[torch.nn.Module]) -> object:
+        probes_now.append(len(models))
+        return route(models)
+
+    monkeypatch.setattr(lanes_module, "route", recorded)
+    monkeypatch.setattr(routing_module, "route", recorded)  # ``Probed``'s fallback
+    assert lanes.place(canary) is lane and probes_now == []  # probed beside [active]
+    assert canary.probed is None  # taken: its routed models are the lane's or freed
+    assert lanes.place(third) is lane and probes_now == [3]  # the lane changed: probed now
+    assert lane.members == [active, canary, third]
+
+
+def test_probes_beside_freed_models_are_forgotten(tiny_model_dir: Path,
+                                                  models: dict[str, Path]) -> None:
+    """A canary loaded but not yet placed (no request asked for it) holds its probes' routed
+    models, and so the probed members' weights: a freed member's go with it."""
+    active, canary = Group(load(tiny_model_dir), "policy-0"), Group(load(models["policy-1"]), "c")
+    lanes = Lanes()
+    lanes.place(active)
+    canary.probed = lanes.probe(canary.model, [])
+    freed = weakref.ref(active.model)
+    lanes.prune([canary])  # the active version drained and was freed (``Groups.retire``)
+    del active.model
+    gc.collect()
+    assert freed() is None
+    assert lanes.place(canary).members == [canary]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("served_before", [True, False])
+async def test_a_canary_is_probed_where_it_is_loaded_not_between_decode_steps(
+        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        served_before: bool) -> None:
+    """Routing a canary beside the active policy is checked on every differing weight (a LoRA
+    canary's deltas: seconds on a large model): done by ``set_canary``, never by the decode
+    thread, whose every stream would wait meanwhile; also when the active policy has served
+    nothing yet (no lane)."""
+    threads: list[str] = []
+
+    def recorded(models: list[torch.nn.Module]) -> object:
+        threads.append(threading.current_thread().name)
+        return route(models)
+
+    monkeypatch.setattr(routing_module, "route", recorded)
+    monkeypatch.setattr(lanes_module, "route", recorded)
+    eng = await engine_on(tiny_model_dir, ignore_eos=True)
+    try:
+        if served_before:
+            await ask(eng, "Hello!", GREEDY, "warm", canary=False)  # the active policy's lane
+        await eng.set_canary(str(models["policy-1"]), "policy-1")
+        assert threads and "flywheel-decode" not in threads
+        results = await asyncio.gather(*(ask(eng, "Hello!", GREEDY, f"r{i}", canary=i % 2 == 1)
+                                         for i in range(4)))
+        assert [r["versions"] for r in results] == [{"policy-0"}, {"policy-1"}] * 2
+        assert "flywheel-decode" not in threads
+        assert len(list(eng._core._scheduler._lanes)) == 1  # type: ignore[attr-defined]
+    finally:
+        await eng.stop()
 
 
 @pytest.mark.slow
