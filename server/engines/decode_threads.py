@@ -9,8 +9,10 @@ clients, 0.89x at one), while on an AVX-512 machine two threads gave the demo mo
 products 0.68x. So the engine process measures instead of guessing: for each size of batch
 (rows, in powers of two), its first steps alternate the candidate thread counts, and the count
 whose median step took less wall time runs the next ``REPROBE`` steps of that size, after which
-they are measured again (the machine's load changes). Buckets are by rows alone: two lanes of
-one size (a canary of another architecture beside the active version) share one.
+they are measured again (the machine's load changes). Buckets are by rows and by how many
+versions share the step: a canary's routed step adds small products beside the large ones, which
+may want another count than one version's step of as many rows (two lanes of one size, a canary
+of another architecture beside the active version, still share one).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class DecodeThreads:
         assert candidates and all(c >= 1 for c in candidates)
         self.candidates = tuple(dict.fromkeys(candidates))
         self._clock = clock
-        self._sizes: dict[int, _Size] = {}
+        self._sizes: dict[tuple[int, int], _Size] = {}
         self._current: int | None = None
 
     def start(self) -> None:
@@ -73,18 +75,20 @@ class DecodeThreads:
         self._current = None
         self._use(self.candidates[0])
 
-    def chosen(self) -> dict[int, int]:
-        """Per batch size measured (its largest row count) the count chosen so far."""
-        return {(1 << bucket) - 1: size.chosen for bucket, size in self._sizes.items()
-                if size.chosen is not None}
+    def chosen(self) -> dict[tuple[int, int], int]:
+        """Per batch size measured (its largest row count, and the versions sharing the step)
+        the count chosen so far."""
+        return {((1 << bucket) - 1, versions): size.chosen
+                for (bucket, versions), size in self._sizes.items() if size.chosen is not None}
 
     @contextmanager
-    def step(self, rows: int) -> Iterator[None]:
-        """Runs the step in the block on this batch size's count, and times it."""
+    def step(self, rows: int, versions: int = 1) -> Iterator[None]:
+        """Runs the step in the block on the count of its batch size (``rows`` over
+        ``versions`` sharing the forward pass), and times it."""
         if len(self.candidates) == 1:
             yield
             return
-        size = self._sizes.setdefault(rows.bit_length(), _Size(self.candidates))
+        size = self._sizes.setdefault((rows.bit_length(), versions), _Size(self.candidates))
         threads = size.next()
         self._use(threads)
         start = self._clock()
@@ -93,8 +97,9 @@ class DecodeThreads:
         if size.chosen is not None and size.steps == 0:
             medians = ", ".join(f"{statistics.median(times) * 1e3:.1f} ms on {count}"
                                 for count, times in size.times.items())
-            logger.info("decode steps of up to %d rows: %d threads (median step %s)",
-                        (1 << rows.bit_length()) - 1, size.chosen, medians)
+            logger.info("decode steps of up to %d rows over %d version(s): %d threads "
+                        "(median step %s)", (1 << rows.bit_length()) - 1, versions, size.chosen,
+                        medians)
 
     def _use(self, threads: int) -> None:
         if threads != self._current:

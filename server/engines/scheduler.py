@@ -327,7 +327,8 @@ class Scheduler:
         if self._threads is None:
             logits = lane.batch.decode(model)
         else:
-            with self._threads.step(len(seqs)):
+            versions = sum(1 for g in lane.members if g.seqs)
+            with self._threads.step(len(seqs), versions):
                 logits = lane.batch.decode(model)
         if lane.sampler is None:
             lane.sampler = RowSampler([s.row for s in seqs], logits.device)

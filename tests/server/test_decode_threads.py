@@ -48,7 +48,25 @@ def test_each_batch_size_runs_on_the_count_that_measured_faster() -> None:
     assert sorted(set(big[:probe])) == [1, 2] and set(big[probe:]) == {2}
     small = _run(threads, clock, 1, probe + 100)
     assert set(small[probe:]) == {1}
-    assert threads.chosen() == {31: 2, 1: 1}
+    assert threads.chosen() == {(31, 1): 2, (1, 1): 1}
+
+
+def test_a_step_shared_by_two_versions_is_timed_apart_from_one_versions() -> None:
+    # A canary's routed step of 16 rows runs its small products best on one thread here, while
+    # one version's step of 16 rows gains from two.
+    cost = {(1, 16, 1): 0.050, (2, 16, 1): 0.040, (1, 16, 2): 0.055, (2, 16, 2): 0.060}
+    now = [0.0]
+    threads = DecodeThreads([1, 2], clock=lambda: now[0])
+    threads.start()
+    probe = 2 * decode_threads.SAMPLES
+    for versions in (1, 2, 1):
+        used = []
+        for _ in range(probe + 50):
+            with threads.step(16, versions):
+                used.append(torch.get_num_threads())
+                now[0] += cost[(used[-1], 16, versions)]
+        assert set(used[-50:]) == {2 if versions == 1 else 1}
+    assert threads.chosen() == {(31, 1): 2, (31, 2): 1}
 
 
 def test_a_choice_is_measured_again_after_reprobe_steps(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -57,7 +75,7 @@ def test_a_choice_is_measured_again_after_reprobe_steps(monkeypatch: pytest.Monk
     threads = DecodeThreads([1, 2], clock=clock)
     probe = 2 * decode_threads.SAMPLES
     _run(threads, clock, 16, probe + 20)
-    assert threads.chosen() == {31: 2}
+    assert threads.chosen() == {(31, 1): 2}
     clock.cost = {(1, 16): 0.030, (2, 16): 0.040}  # the machine got busier: one is faster now
     again = _run(threads, clock, 16, probe + 20)
     assert set(again[probe:]) == {1}
