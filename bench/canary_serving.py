@@ -227,7 +227,7 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
             elif round_ == 0:  # later (A) rounds follow a freed canary, whose pages the
                 peaks["A"] = peak  # allocator may keep: only the first is clean
         per_round.append((arms["A"], arms["B"]))
-    under_load, load_took, longest_under_load = await canary_under_load(
+    under_load, load_took, longest_under_load, canary_share_c = await canary_under_load(
         engine, canary_dir, prompts, args, memory)
     await engine.stop()
     alone, shared = runs["A"], runs["B"]
@@ -259,18 +259,22 @@ async def bench(engine: Any, canary_dir: Path, args: argparse.Namespace,
           f"(B) {longest_gap['B']:.2f}s")
     print(f"(C) the canary loaded {LOAD_AFTER_S:.0f}s into a round of streaming clients "
           f"(set_canary took {load_took:.2f}s): {under_load.rate:.1f} tok/s, longest wait "
-          f"between two deltas of a stream {longest_under_load:.2f}s")
+          f"between two deltas of a stream {longest_under_load:.2f}s, the canary's share of "
+          f"its tokens {canary_share_c:.1%}"
+          + (" (it loaded too late to serve in the round: raise --seconds)"
+             if not canary_share_c else ""))
     print(f"canary start (set_canary): median {statistics.median(canary_starts):.2f}s "
           f"({min(canary_starts):.2f}s to {max(canary_starts):.2f}s)")
 
 
 async def canary_under_load(engine: Any, canary_dir: Path, prompts: list[list[int]],
                             args: argparse.Namespace, memory: Callable[[], float]
-                            ) -> tuple[Run, float, float]:
+                            ) -> tuple[Run, float, float, float]:
     """(C) A round in which the canary is loaded ``LOAD_AFTER_S`` into the round, as a release
     reaches a busy server (canary requests before it run on the active version): the run, how
     long ``set_canary`` took and the longest wait between two deltas of a stream, which shows
-    any stall of the decode thread while the canary loads or first joins."""
+    any stall of the decode thread while the canary loads or first joins; and the canary's share
+    of the round's tokens (none: it loaded too late to serve in the round, and to be measured)."""
 
     async def load_later() -> float:
         await asyncio.sleep(LOAD_AFTER_S)
@@ -279,11 +283,12 @@ async def canary_under_load(engine: Any, canary_dir: Path, prompts: list[list[in
         return time.perf_counter() - started
 
     loading = asyncio.create_task(load_later())
-    run, _, _, longest = await clients_round(engine, prompts, args.clients, args.fraction,
-                                             args.max_tokens, args.seconds, args.rounds, memory)
+    run, _, by_version, longest = await clients_round(
+        engine, prompts, args.clients, args.fraction, args.max_tokens, args.seconds, args.rounds,
+        memory)
     took = await loading
     await engine.end_canary()
-    return run, took, longest
+    return run, took, longest, by_version.get("canary", 0) / max(1, run.tokens)
 
 
 def policies(model: Path, tmp: Path, args: argparse.Namespace) -> tuple[Path, Path]:

@@ -139,10 +139,11 @@ class IdentitiesMixin(StoreBase):
         """Distinct raters (not anonymous) of the thumbs and rankings up to ``until``'s ids,
         counted up to ``at_most``: how many a reward model trained on them could stand for.
 
-        One row at a time, each of a rater not found yet: a scan that stops at its first row,
-        where ``SELECT DISTINCT ... LIMIT`` reads every row up to the mark first (PostgreSQL 15:
-        0.5 s at two million rows, against under a millisecond), each cycle and review. Only
-        with fewer raters than ``at_most`` does the last query read to the mark."""
+        One row at a time, each of a rater not found yet: a scan that stops at the first row of
+        a new rater, where ``SELECT DISTINCT ... LIMIT`` reads every row up to the mark first
+        (PostgreSQL 15: 0.5 s at two million rows, against under a millisecond), each cycle and
+        review. A query reads past the rows of the raters found before it (at most ``at_most``
+        scans a table); with fewer raters than ``at_most`` the last reads to the mark."""
         found: list[str] = []
         with self._tx(write=False) as s:
             for model, table in ((Feedback, "feedback"), (Ranking, "rankings")):

@@ -13,6 +13,7 @@ with a lane's is probed where the model was loaded (``Lanes.probe``), not on the
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Hashable, Iterator
 from typing import Any
 
@@ -35,8 +36,11 @@ class Lane:
         self.batch: SlotBatch | PaddedBatch | None = None
         self._slots: bool | None = None  # whether the models decode in a ``SlotBatch``
         self.sampler: RowSampler | None = None  # None: rebuild before the next step
-        self._runs: RowRuns | None = None
-        self._routed: Any = None  # over ``members``; built when two groups first share a step
+        self._routing: Routing | None = None  # a routed model and its runs, over ``_over``
+        self._over: list[Group] = []  # the members when it was built: these, or more
+        self._changes = 0  # joins and leaves so far
+        self._rebuilt: tuple[int, Routing | None] | None = None  # from ``leave``'s thread
+        self._rebuilt_lock = threading.Lock()
 
     def seqs(self) -> list[Sequence]:
         """The batch's sequences in row order."""
@@ -44,26 +48,51 @@ class Lane:
 
     def model_for(self, sizes: list[int]) -> Any:
         """The model for a forward pass whose rows are ``sizes[i]`` rows of member ``i``, in
-        member order: the member's own model when only one has rows."""
+        member order: the member's own model when only one has rows. After a member left, the
+        routed model over the members before (the one that left given no rows) serves until
+        the one over those left is built off this thread (``leave``)."""
+        if self._rebuilt is not None:  # (first: the old routed model's weights go with it)
+            with self._rebuilt_lock:
+                rebuilt, self._rebuilt = self._rebuilt, None
+            if rebuilt is not None and rebuilt[0] == self._changes:  # over the members now
+                self._over, self._routing = list(self.members), rebuilt[1]
         busy = [g for g, n in zip(self.members, sizes, strict=True) if n]
         if len(busy) == 1:
             return busy[0].model
-        if self._routed is None or self._runs is None:
-            self._runs = RowRuns(len(self.members), self.members[0].model.device)
-            self._routed = routed([g.model for g in self.members], self._runs)
-        self._runs.set(sizes)
-        return self._routed
+        if self._routing is None:  # none probed, or the members left do not route alike
+            runs = RowRuns(len(self.members), self.members[0].model.device)
+            self._over, self._routing = list(self.members), (runs, routed(
+                [g.model for g in self.members], runs))
+        runs, model = self._routing
+        by_group = {id(g): n for g, n in zip(self.members, sizes, strict=True)}
+        runs.set([by_group.get(id(g), 0) for g in self._over])
+        return model
 
     def join(self, group: Group, routing: Routing) -> None:
         """Add ``group``, whose model ``routing`` routes with the members' (``routing.route``)."""
         self.members.append(group)
-        self._runs, self._routed = routing
+        self._changes += 1
+        self._over, self._routing = list(self.members), routing
 
     def leave(self, group: Group) -> None:
         """Drop ``group`` (idle: none of the batch's rows is its; maybe freed, without a model)
-        from the members."""
+        from the members. The routed model holds its modules: with one member left it goes at
+        once; with more it serves until the routed model over those left, built on a thread of
+        its own (a pass over the weights, ``routing.route``), takes its place."""
         self.members = [g for g in self.members if g is not group]  # by identity, not fields
-        self._routed = None  # it holds the group's modules: they must be freed with the group
+        self._changes += 1
+        if len(self.members) < 2 or self._routing is None:
+            self._over, self._routing = [], None
+            return
+        changes, models = self._changes, [g.model for g in self.members]
+
+        def rebuild() -> None:
+            routing = route(models)
+            with self._rebuilt_lock:  # a later leave's rebuild may have finished first
+                if self._rebuilt is None or self._rebuilt[0] < changes:
+                    self._rebuilt = (changes, routing)
+
+        threading.Thread(target=rebuild, name="flywheel-route", daemon=True).start()
 
     def merge(self, batch: PaddedBatch, new: list[list[Sequence]]) -> None:
         """Add ``batch``, the rows of ``new[i]`` for member ``i`` in member order, keeping each
@@ -174,7 +203,8 @@ class Lanes:
         return lane
 
     def prune(self, alive: list[Group]) -> None:
-        """Forget groups that were freed (``Groups.retire``) and lanes left without members."""
+        """Forget groups that were freed (``Groups.retire``), lanes left without members, and
+        the probes of groups not yet placed beside freed models (``Probed.keep``)."""
         ids = {id(g) for g in alive}
         models = [g.model for g in alive]
         for group in alive:

@@ -281,7 +281,8 @@ class Probed:
     thread before its group exists, so that placing the group in a lane probes nothing."""
 
     def __init__(self, model: Any, key: Hashable | None, members: list[list[Any]]) -> None:
-        """``key``: ``model``'s ``fusion_key``; ``members``: the models of each lane of that key."""
+        """``key``: ``model``'s ``fusion_key``; ``members``: the models of each lane of that key
+        (and of each group of that key not yet in a lane, alone)."""
         self.key = key
         self._routes: list[tuple[tuple[Any, ...], Routing | None]] = [
             ((*models, model), route([*models, model])) for models in members]

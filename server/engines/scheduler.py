@@ -159,7 +159,12 @@ class Scheduler:
         first probed beside the lanes' models (``Lanes.probe``): call this where the model was
         loaded, off the event loop, as the probe is a pass over its weights that would otherwise
         hold up every stream between two steps when its first request joins."""
-        probed = self._lanes.probe(model, list(self._groups.all)) if model is not None else None
+        probed = None
+        if model is not None:
+            try:
+                probed = self._lanes.probe(model, list(self._groups.all))
+            except Exception:  # the decode thread probes when the group is placed, as before
+                logger.exception("probing policy %s beside the served ones failed", version)
         change = Change(kind, model, version, probed)
         with self._cond:
             if self._thread is None or not self._thread.is_alive():

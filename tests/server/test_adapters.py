@@ -229,6 +229,6 @@ async def test_a_lora_canary_serves_its_own_answers_beside_the_active_lora_polic
             assert result["ids"] == greedy_reference(model, chat(eng, "Hello!"), 16, ())
         assert results[0]["ids"] != results[1]["ids"]
         lanes = list(eng._core._scheduler._lanes)  # type: ignore[attr-defined]
-        assert len(lanes) == 1 and "_LowRankRouted" in routed_kinds(lanes[0]._routed)
+        assert len(lanes) == 1 and "_LowRankRouted" in routed_kinds(lanes[0]._routing[1])
     finally:
         await eng.stop()

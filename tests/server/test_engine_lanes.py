@@ -154,6 +154,46 @@ def test_a_probe_made_where_a_model_was_loaded_is_taken_when_its_lane_still_matc
     assert lane.members == [active, canary, third]
 
 
+@torch.inference_mode()
+def test_after_a_member_leaves_the_routed_model_over_the_rest_is_built_off_the_decode_thread(
+        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A canary drains beside the active version and a newer canary: until the routed model
+    over the two left is built on a thread of its own, the one over all three serves, the
+    drained one given no rows; every row stays on its own weights throughout."""
+    groups = [Group(load(p), v) for p, v in ((tiny_model_dir, "policy-0"),
+                                              (models["policy-1"], "policy-1"),
+                                              (models["policy-2"], "policy-2"))]
+    lanes = Lanes()
+    lane = lanes.place(groups[0])
+    for group in groups[1:]:
+        lanes.place(group)
+    threads: list[str] = []
+    built = threading.Event()
+
+    def recorded(models: list[torch.nn.Module]) -> object:
+        threads.append(threading.current_thread().name)
+        built.wait(timeout=30)  # held until the old routed model has served a step
+        return route(models)
+
+    monkeypatch.setattr(lanes_module, "route", recorded)
+    old = lane.model_for([1, 1, 1])
+    lanes.prune([groups[0], groups[2]])  # policy-1 drained and was freed
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    alone = torch.cat([PaddedBatch.prefill(g.model, [p], pad_id=0)[1]
+                       for g, p in zip((groups[0], groups[2]), prompts, strict=True)])
+    assert lane.model_for([1, 1]) is old  # the rebuild is held: the old one serves
+    _, logits = PaddedBatch.prefill(old, prompts, pad_id=0)
+    assert torch.allclose(logits, alone, atol=1e-5)
+    built.set()
+    for thread in threading.enumerate():
+        if thread.name == "flywheel-route":
+            thread.join(timeout=30)
+    new = lane.model_for([1, 1])
+    assert new is not old and threads == ["flywheel-route"]
+    _, logits = PaddedBatch.prefill(new, prompts, pad_id=0)
+    assert torch.allclose(logits, alone, atol=1e-5)
+
+
 def test_probes_beside_freed_models_are_forgotten(tiny_model_dir: Path,
                                                   models: dict[str, Path]) -> None:
     """A canary loaded but not yet placed (no request asked for it) holds its probes' routed
