@@ -243,6 +243,24 @@ async def test_a_canary_is_probed_where_it_is_loaded_not_between_decode_steps(
 
 
 @pytest.mark.slow
+async def test_a_probe_that_fails_where_the_canary_loads_leaves_it_to_the_decode_thread(
+        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self: Lanes, model: torch.nn.Module, groups: list[Group]) -> None:
+        raise RuntimeError("probe failed")
+
+    monkeypatch.setattr(Lanes, "probe", broken)
+    eng = await engine_on(tiny_model_dir, ignore_eos=True)
+    try:
+        await asyncio.wait_for(eng.set_canary(str(models["policy-1"]), "policy-1"), timeout=60)
+        results = await asyncio.gather(*(ask(eng, "Hello!", GREEDY, f"r{i}", canary=i == 1)
+                                         for i in range(2)))
+        assert [r["versions"] for r in results] == [{"policy-0"}, {"policy-1"}]
+        assert len(list(eng._core._scheduler._lanes)) == 1  # type: ignore[attr-defined]
+    finally:
+        await eng.stop()
+
+
+@pytest.mark.slow
 async def test_active_and_canary_decode_in_one_forward_pass_per_step(
         tiny_model_dir: Path, models: dict[str, Path]) -> None:
     eng = await engine_on(tiny_model_dir, ignore_eos=True)
