@@ -204,19 +204,39 @@ class Lanes:
 
     def prune(self, alive: list[Group]) -> None:
         """Forget groups that were freed (``Groups.retire``), lanes left without members, and
-        the probes of groups not yet placed beside freed models (``Probed.keep``)."""
+        the probes of groups not yet placed beside freed models (``Probed.keep``): those are
+        probed again beside the lanes as they are now, off this thread."""
         ids = {id(g) for g in alive}
         models = [g.model for g in alive]
         for group in alive:
             if group.probed is not None:
                 group.probed.keep(models)
+        left = False
         for lane in self:
             for group in list(lane.members):
                 if id(group) not in ids:
                     lane.leave(group)
                     del self._of[id(group)]
+                    left = True
             if not lane.members:
                 self._lanes.remove(lane)
+        if left:
+            for group in alive:
+                if group.probed is not None and id(group) not in self._of:
+                    self._probe_again(group, [g for g in alive if g is not group])
+
+    def _probe_again(self, group: Group, others: list[Group]) -> None:
+        """Probe ``group`` (not yet placed) beside the lanes and ``others`` on a thread of its
+        own; its new probes replace the old unless it was placed meanwhile."""
+
+        def probe() -> None:
+            model = getattr(group, "model", None)  # None: freed meanwhile
+            if model is not None:
+                probed = self.probe(model, others)
+                if group.probed is not None:
+                    group.probed = probed
+
+        threading.Thread(target=probe, name="flywheel-route", daemon=True).start()
 
     def clear(self) -> None:
         self._lanes, self._of = [], {}

@@ -194,6 +194,37 @@ def test_after_a_member_leaves_the_routed_model_over_the_rest_is_built_off_the_d
     assert torch.allclose(logits, alone, atol=1e-5)
 
 
+@torch.inference_mode()
+def test_a_group_probed_beside_a_member_that_left_is_probed_again_off_the_decode_thread(
+        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A newer canary probed beside the active version and the canary it replaces, which
+    drains and is freed before the newer one's first request: probed again beside the active
+    version alone, on a thread of its own, so placing it probes nothing."""
+    active, old, new = (Group(load(p), v) for p, v in (
+        (tiny_model_dir, "policy-0"), (models["policy-1"], "policy-1"),
+        (models["policy-2"], "policy-2")))
+    lanes = Lanes()
+    lane = lanes.place(active)
+    lanes.place(old)
+    new.probed = lanes.probe(new.model, [])
+    threads: list[str] = []
+
+    def recorded(models: list[torch.nn.Module]) -> object:
+        threads.append(threading.current_thread().name)
+        return route(models)
+
+    monkeypatch.setattr(lanes_module, "route", recorded)
+    monkeypatch.setattr(routing_module, "route", recorded)
+    lanes.prune([active, new])  # the replaced canary drained and was freed
+    for thread in threading.enumerate():
+        if thread.name == "flywheel-route":
+            thread.join(timeout=30)
+    assert threads and set(threads) == {"flywheel-route"}
+    threads.clear()
+    assert lanes.place(new) is lane and lane.members == [active, new]
+    assert threads == []  # placed on the probe made again
+
+
 def test_probes_beside_freed_models_are_forgotten(tiny_model_dir: Path,
                                                   models: dict[str, Path]) -> None:
     """A canary loaded but not yet placed (no request asked for it) holds its probes' routed
