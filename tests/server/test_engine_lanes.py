@@ -128,9 +128,45 @@ def test_only_models_of_one_architecture_share_a_lane(
     assert first.members == [active] and len(list(lanes)) == 2
 
 
+class RouteCalls:
+    """``routing.route``'s calls (patched where ``lanes.py`` and ``Probed`` call it): each one's
+    thread and number of models; while ``released`` is clear, calls wait for it."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.sizes: list[int] = []
+        self.released = threading.Event()
+        self.released.set()
+
+    def __call__(self, models: list[torch.nn.Module]) -> object:
+        self.threads.append(threading.current_thread().name)
+        self.sizes.append(len(models))
+        self.released.wait(timeout=30)
+        return route(models)
+
+    def clear(self) -> None:
+        self.threads.clear()
+        self.sizes.clear()
+
+
+@pytest.fixture
+def route_calls(monkeypatch: pytest.MonkeyPatch) -> RouteCalls:
+    calls = RouteCalls()
+    monkeypatch.setattr(lanes_module, "route", calls)
+    monkeypatch.setattr(routing_module, "route", calls)
+    return calls
+
+
+def join_route_threads() -> None:
+    """Wait for the lanes' rebuilds and probes on threads of their own (``flywheel-route``)."""
+    for thread in threading.enumerate():
+        if thread.name == "flywheel-route":
+            thread.join(timeout=30)
+
+
 @torch.inference_mode()
 def test_a_probe_made_where_a_model_was_loaded_is_taken_when_its_lane_still_matches(
-        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, models: dict[str, Path], route_calls: RouteCalls) -> None:
     """``Lanes.probe`` routes a new model beside each lane's members; placing its group takes
     that probe while the lane's members are the ones probed, and probes anew once they changed."""
     active, canary, third = (Group(load(p), v) for p, v in (
@@ -139,24 +175,16 @@ def test_a_probe_made_where_a_model_was_loaded_is_taken_when_its_lane_still_matc
     lanes = Lanes()
     lane = lanes.place(active)
     canary.probed, third.probed = (lanes.probe(g.model, []) for g in (canary, third))
-    probes_now: list[int] = []
-
-
-    def recorded(models: list[torch.nn.Module]) -> object:
-        probes_now.append(len(models))
-        return route(models)
-
-    monkeypatch.setattr(lanes_module, "route", recorded)
-    monkeypatch.setattr(routing_module, "route", recorded)  # ``Probed``'s fallback
-    assert lanes.place(canary) is lane and probes_now == []  # probed beside [active]
+    route_calls.clear()
+    assert lanes.place(canary) is lane and route_calls.sizes == []  # probed beside [active]
     assert canary.probed is None  # taken: its routed models are the lane's or freed
-    assert lanes.place(third) is lane and probes_now == [3]  # the lane changed: probed now
+    assert lanes.place(third) is lane and route_calls.sizes == [3]  # the lane changed
     assert lane.members == [active, canary, third]
 
 
 @torch.inference_mode()
 def test_after_a_member_leaves_the_routed_model_over_the_rest_is_built_off_the_decode_thread(
-        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, models: dict[str, Path], route_calls: RouteCalls) -> None:
     """A canary drains beside the active version and a newer canary: until the routed model
     over the two left is built on a thread of its own, the one over all three serves, the
     drained one given no rows; every row stays on its own weights throughout."""
@@ -167,16 +195,9 @@ def test_after_a_member_leaves_the_routed_model_over_the_rest_is_built_off_the_d
     lane = lanes.place(groups[0])
     for group in groups[1:]:
         lanes.place(group)
-    threads: list[str] = []
-    built = threading.Event()
-
-    def recorded(models: list[torch.nn.Module]) -> object:
-        threads.append(threading.current_thread().name)
-        built.wait(timeout=30)  # held until the old routed model has served a step
-        return route(models)
-
-    monkeypatch.setattr(lanes_module, "route", recorded)
     old = lane.model_for([1, 1, 1])
+    route_calls.clear()
+    route_calls.released.clear()  # the rebuild is held until the old routed model served
     lanes.prune([groups[0], groups[2]])  # policy-1 drained and was freed
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     alone = torch.cat([PaddedBatch.prefill(g.model, [p], pad_id=0)[1]
@@ -184,19 +205,17 @@ def test_after_a_member_leaves_the_routed_model_over_the_rest_is_built_off_the_d
     assert lane.model_for([1, 1]) is old  # the rebuild is held: the old one serves
     _, logits = PaddedBatch.prefill(old, prompts, pad_id=0)
     assert torch.allclose(logits, alone, atol=1e-5)
-    built.set()
-    for thread in threading.enumerate():
-        if thread.name == "flywheel-route":
-            thread.join(timeout=30)
+    route_calls.released.set()
+    join_route_threads()
     new = lane.model_for([1, 1])
-    assert new is not old and threads == ["flywheel-route"]
+    assert new is not old and route_calls.threads == ["flywheel-route"]
     _, logits = PaddedBatch.prefill(new, prompts, pad_id=0)
     assert torch.allclose(logits, alone, atol=1e-5)
 
 
 @torch.inference_mode()
 def test_a_group_probed_beside_a_member_that_left_is_probed_again_off_the_decode_thread(
-        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_model_dir: Path, models: dict[str, Path], route_calls: RouteCalls) -> None:
     """A newer canary probed beside the active version and the canary it replaces, which
     drains and is freed before the newer one's first request: probed again beside the active
     version alone, on a thread of its own, so placing it probes nothing."""
@@ -207,22 +226,13 @@ def test_a_group_probed_beside_a_member_that_left_is_probed_again_off_the_decode
     lane = lanes.place(active)
     lanes.place(old)
     new.probed = lanes.probe(new.model, [])
-    threads: list[str] = []
-
-    def recorded(models: list[torch.nn.Module]) -> object:
-        threads.append(threading.current_thread().name)
-        return route(models)
-
-    monkeypatch.setattr(lanes_module, "route", recorded)
-    monkeypatch.setattr(routing_module, "route", recorded)
+    route_calls.clear()
     lanes.prune([active, new])  # the replaced canary drained and was freed
-    for thread in threading.enumerate():
-        if thread.name == "flywheel-route":
-            thread.join(timeout=30)
-    assert threads and set(threads) == {"flywheel-route"}
-    threads.clear()
+    join_route_threads()
+    assert route_calls.threads and set(route_calls.threads) == {"flywheel-route"}
+    route_calls.clear()
     assert lanes.place(new) is lane and lane.members == [active, new]
-    assert threads == []  # placed on the probe made again
+    assert route_calls.threads == []  # placed on the probe made again
 
 
 def test_probes_beside_freed_models_are_forgotten(tiny_model_dir: Path,
@@ -244,20 +254,13 @@ def test_probes_beside_freed_models_are_forgotten(tiny_model_dir: Path,
 @pytest.mark.slow
 @pytest.mark.parametrize("served_before", [True, False])
 async def test_a_canary_is_probed_where_it_is_loaded_not_between_decode_steps(
-        tiny_model_dir: Path, models: dict[str, Path], monkeypatch: pytest.MonkeyPatch,
+        tiny_model_dir: Path, models: dict[str, Path], route_calls: RouteCalls,
         served_before: bool) -> None:
     """Routing a canary beside the active policy is checked on every differing weight (a LoRA
     canary's deltas: seconds on a large model): done by ``set_canary``, never by the decode
     thread, whose every stream would wait meanwhile; also when the active policy has served
     nothing yet (no lane)."""
-    threads: list[str] = []
-
-    def recorded(models: list[torch.nn.Module]) -> object:
-        threads.append(threading.current_thread().name)
-        return route(models)
-
-    monkeypatch.setattr(routing_module, "route", recorded)
-    monkeypatch.setattr(lanes_module, "route", recorded)
+    threads = route_calls.threads
     eng = await engine_on(tiny_model_dir, ignore_eos=True)
     try:
         if served_before:
