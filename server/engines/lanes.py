@@ -64,8 +64,10 @@ class Lane:
             self._over, self._routing = list(self.members), (runs, routed(
                 [g.model for g in self.members], runs))
         runs, model = self._routing
-        by_group = {id(g): n for g, n in zip(self.members, sizes, strict=True)}
-        runs.set([by_group.get(id(g), 0) for g in self._over])
+        if len(self._over) != len(self.members):  # a member left: it gets no rows
+            by_group = {id(g): n for g, n in zip(self.members, sizes, strict=True)}
+            sizes = [by_group.get(id(g), 0) for g in self._over]
+        runs.set(sizes)
         return model
 
     def join(self, group: Group, routing: Routing) -> None:
