@@ -15,7 +15,7 @@ import torch
 
 from flywheel.checkpoints import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointReader
 from flywheel.settings import PPOConfig
-from server.engines.adapters import adapter_of, read_adapter
+from server.engines.adapters import LowRank, adapter_of, difference, explains, read_adapter
 from server.engines.base import SamplingParams
 from server.engines.batch import PaddedBatch
 from server.engines.model_loading import load_model
@@ -69,6 +69,36 @@ def test_the_adapter_read_explains_the_merged_weights(tiny_model_dir: Path,
         assert low_rank.rank == 4
         assert torch.allclose(after[name], before[name] + low_rank.weight(), atol=1e-6)
         assert not torch.allclose(after[name], before[name], atol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "part"), [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_explains_takes_a_merge_and_rejects_any_change_beyond_it(dtype: torch.dtype,
+                                                                  part: float) -> None:
+    """Two rank-16 adapters on one 2,500 x 300 weight (more rows than a chunk), merged in the
+    weights' dtype as the trainer merges: their difference explains the one merged weight
+    beside the other; not the same weight with one element or one row moved by ``part`` of
+    the weight's largest magnitude (a few of the dtype's roundings), nor another adapter's."""
+    generator = torch.Generator().manual_seed(0)
+
+    def adapter() -> LowRank:
+        return LowRank(torch.randn(16, 300, generator=generator) / 300 ** 0.5,
+                       torch.randn(2500, 16, generator=generator) * 0.02)
+
+    base = torch.randn(2500, 300, generator=generator) * 0.05
+    a, b = adapter(), adapter()
+    first, second = (base + a.weight()).to(dtype), (base + b.weight()).to(dtype)
+    delta = difference(a, b)
+    assert explains(second, first, delta)
+    assert explains(first, first, None) and not explains(second, first, None)
+    step = part * float(second.float().abs().max())
+    for rows in (slice(2100, 2101), slice(3, 4)):
+        moved = second.clone()
+        if rows.start == 3:
+            moved[rows] += step  # a whole row
+        else:
+            moved[rows, 7] += step  # one element, in the second chunk
+        assert not explains(moved, first, delta)
+    assert not explains(second, first, difference(a, adapter()))
 
 
 @pytest.mark.parametrize("change", [{"use_dora": True}, {"alpha_pattern": {"q_proj": 4}},
