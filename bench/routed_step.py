@@ -1,18 +1,18 @@
 """A decode step's CPU time through a routed model over two versions, against one version alone.
 
-    python bench/routed_step.py [--sizes 13/3 8/8] [--cycles 40] [--shape demo|28m]
+    python bench/routed_step.py [--sizes 13/3 8/8] [--cycles 40] [--shape demo|28m|80m]
                                 [--canary-weights all|layers|lora]
 
 A randomly initialised Llama of the demo model's shape (4 layers of 128, MLP 384, 2,048 tokens,
-tied embeddings; ``--shape 28m``: ``random_llama.py``'s 8 layers of 512, MLP 1536), oneDNN-packed
-where ``cpu_linear.py`` packs, and a perturbed copy: noise on every weight, or on the decoder
-layers' linear weights only (a merged LoRA policy served as full weights), or ``lora``: both
-models LoRA policies on that base (rank 16 on every decoder linear layer, as the trainer writes
-them) that carry their adapters, so the routed model adds the canary's low-rank difference to its
-rows (``adapters.py``). One intra-op thread, as the engine's decode thread. 16-step blocks of one
-model and of the routed model (rows split as ``--sizes``) alternate, so background load hits both
-alike; prints the routed / one ratio of the decode thread's CPU time (``time.thread_time``,
-which holds however much CPU other jobs leave).
+tied embeddings; ``--shape 28m``: ``random_llama.py``'s 8 layers of 512, MLP 1536; ``80m``: its
+6 layers of 1024, MLP 2816), oneDNN-packed where ``cpu_linear.py`` packs, and a perturbed copy:
+noise on every weight, or on the decoder layers' linear weights only (a merged LoRA policy served
+as full weights), or ``lora``: both models LoRA policies on that base (rank 16 on every decoder
+linear layer, as the trainer writes them) that carry their adapters, so the routed model adds
+the canary's low-rank difference to its rows (``adapters.py``). One intra-op thread, as the
+engine's decode thread. 16-step blocks of one model and of the routed model (rows split as
+``--sizes``) alternate, so background load hits both alike; prints the routed / one ratio of the
+decode thread's CPU time (``time.thread_time``, which holds however much CPU other jobs leave).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ SHAPES = {
              "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 2048},
     "28m": {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
             "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 2048},
+    "80m": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 6,
+            "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 2048},
 }
 RANK = 16
 
