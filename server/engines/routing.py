@@ -269,7 +269,7 @@ def route(models: list[Any]) -> Routing | None:
     """The routed model over ``models`` (equal ``fusion_key``s) with its runs, when it gives each
     row its own model's logits (``routes_alike``); else None. Costs a pass over every weight
     that differs between the models (``adapters.explains``: a LoRA canary's deltas, on a 80M
-    model 0.2 s of CPU) and a probe forward: done where the newest model is loaded, not between
+    model 0.3 s of CPU) and a probe forward: done where the newest model is loaded, not between
     two decode steps (``Probed``)."""
     runs = RowRuns(len(models), models[0].device)
     model = routed(models, runs)
