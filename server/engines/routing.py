@@ -147,8 +147,11 @@ class _RowScaled(torch.nn.Module):
         self._names = [name for name, _ in parts[0].named_parameters(recurse=False)]
         self._stacked = {name: torch.stack([p._parameters[name] for p in parts])[:, None]
                          for name in self._names}  # (G, 1, H) each: copies of small vectors
-        self._shadow = copy.copy(parts[0])  # the module without parameters, given rows' vectors
-        self._shadow.__dict__ = {**parts[0].__dict__, "_parameters": {}}
+        # The module without parameters, given the rows' vectors; in a list, as ``_runs``: not a
+        # submodule (``modules()`` lists each of the parts once).
+        shadow = copy.copy(parts[0])
+        shadow.__dict__ = {**parts[0].__dict__, "_parameters": {}}
+        self._shadow = [shadow]
         self._version = -1  # of the runs the shadow's vectors were gathered for
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,8 +162,8 @@ class _RowScaled(torch.nn.Module):
         if self._version != runs.version:
             self._version = runs.version
             for name in self._names:  # plain attributes: found before ``Module.__getattr__``
-                self._shadow.__dict__[name] = self._stacked[name].index_select(0, runs.models)
-        return self._shadow.forward(x)
+                self._shadow[0].__dict__[name] = self._stacked[name].index_select(0, runs.models)
+        return self._shadow[0].forward(x)
 
     __call__ = forward
 

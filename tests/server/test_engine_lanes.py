@@ -19,7 +19,7 @@ from server.engines.base import SamplingParams
 from server.engines.batch import PaddedBatch
 from server.engines.groups import Group
 from server.engines.lanes import Lanes, _runs_in_place
-from server.engines.routing import RowRuns, fusion_key, route, routed
+from server.engines.routing import RowRuns, _RowScaled, fusion_key, route, routed
 from tests.server.test_engine_canary import ask, engine_on, rest, started_stream, until
 from tests.server.test_transformers_engine import chat, greedy_reference, perturbed_checkpoint
 
@@ -57,6 +57,8 @@ def test_a_routed_model_gives_each_run_of_rows_its_own_models_logits(
     parts = [load(tiny_model_dir), load(models["policy-1"]), load(models["policy-2"])]
     runs = RowRuns(len(parts), parts[0].device)
     model = routed(parts, runs)
+    assert any(isinstance(m, _RowScaled) for m in model.modules())  # the norms differ too
+    assert not any("_shadow" in name for name, _ in model.named_modules())  # no stray submodule
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16], [17, 18], [19, 20, 21, 22, 23]]
     for sizes in ([2, 1, 2], [3, 0, 2], [0, 5, 0]):
         runs.set(sizes)

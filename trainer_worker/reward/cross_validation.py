@@ -45,11 +45,14 @@ def folds_of(data: RewardData, folds: int = FOLDS) -> list[tuple[RewardData, Rew
     """(what the fold's RM trains on, what it judges) for each fold."""
     group_fold = [prompt_fold(g.prompt_token_ids, folds) for g in data.groups]
     thumb_fold = [prompt_fold(t.prompt_token_ids, folds) for t in data.thumbs]
-    return [(RewardData([g for g, f in zip(data.groups, group_fold, strict=True) if f != k],
-                        [t for t, f in zip(data.thumbs, thumb_fold, strict=True) if f != k]),
-             RewardData([g for g, f in zip(data.groups, group_fold, strict=True) if f == k],
-                        [t for t, f in zip(data.thumbs, thumb_fold, strict=True) if f == k]))
-            for k in range(folds)]
+
+    def part(k: int, held_out: bool) -> RewardData:
+        return RewardData([g for g, f in zip(data.groups, group_fold, strict=True)
+                           if (f == k) == held_out],
+                          [t for t, f in zip(data.thumbs, thumb_fold, strict=True)
+                           if (f == k) == held_out])
+
+    return [(part(k, held_out=False), part(k, held_out=True)) for k in range(folds)]
 
 
 def _judges(data: RewardData, judges: Collection[str] | None) -> RewardData:
