@@ -127,7 +127,7 @@ def _give_way_rows(runs: int, seed: int) -> None:
     and true effect, the share of canaries promoted (P) and cut short (S) under the default
     rule (`CanarySettings.give_way`: at the minimum while showing under +5 points, at three
     times the minimum whatever they show) beside giving way at the minimum whatever."""
-    rule = CanarySettings().give_way()
+    rule = GiveWay.of(CanarySettings())
     rules = (("default", rule), ("at minimum", GiveWay(rule.after, gain=1.0)))
     print(f"\ngive way ({runs} runs each; fraction 0.5, a newer candidate always waiting; "
           "P promoted, S gave way):")

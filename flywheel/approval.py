@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from flywheel.settings import CanarySettings
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -194,6 +197,12 @@ class GiveWay:
     after: float
     gain: float = 0.05
     always_after: float = 0.0
+
+    @classmethod
+    def of(cls, canary: CanarySettings) -> GiveWay:
+        """The rule of ``canary.supersede_*``, in thumbs (multiples of ``min_ratings``)."""
+        return cls(canary.supersede_after * canary.min_ratings, canary.supersede_gain,
+                   canary.supersede_always_after * canary.min_ratings)
 
     def due(self, decision: CanaryDecision) -> bool:
         """Whether ``decision`` (undecided) has had its thumbs; a newer candidate must wait too."""

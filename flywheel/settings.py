@@ -14,8 +14,6 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from flywheel.approval import GiveWay
-
 
 class RewardConfig(BaseModel):
     """Reward model: Bradley-Terry on rankings and thumbs pairs, logistic on lone thumbs."""
@@ -148,14 +146,10 @@ class CanarySettings(BaseModel):
     # each arm has `supersede_after` x min_ratings counted thumbs while they show a gain under
     # `supersede_gain`, and from `supersede_always_after` x min_ratings whatever they show (0:
     # never). A small gain takes many thumbs to decide, and better candidates trained on more
-    # feedback should not wait behind it; a clear gain keeps its place (flywheel.approval.GiveWay).
+    # feedback should not wait behind it; a clear gain keeps its place (approval.GiveWay).
     supersede_after: float = Field(default=1.0, ge=0.0)
     supersede_gain: float = Field(default=0.05, ge=-1.0, le=1.0)
     supersede_always_after: float = Field(default=3.0, ge=0.0)
-
-    def give_way(self) -> GiveWay:
-        return GiveWay(self.supersede_after * self.min_ratings, self.supersede_gain,
-                       self.supersede_always_after * self.min_ratings)
 
     auto_rollback: bool = False  # roll back when a stored version beats the active (on in `up`)
     min_rollback_ratings: int = 100  # thumbs a version needs before it can be called better

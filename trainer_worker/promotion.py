@@ -18,7 +18,7 @@ from typing import Any
 
 from feedback_store import Store
 from feedback_store.types import ANONYMOUS, PooledLive, RaterThumbs
-from flywheel.approval import Arm, CanaryDecision, decide_canary, difference_sequence
+from flywheel.approval import Arm, CanaryDecision, GiveWay, decide_canary, difference_sequence
 from flywheel.live_approval import forgotten
 from flywheel.rater_pooling import PairedThumbs, decide_paired, pool_arm
 from flywheel.serving_plan import Publisher, announce
@@ -174,7 +174,7 @@ class Promotion:
             metrics[f"canary/{arm}_raters"] = len(raters)
         if decision.verdict == "wait":
             self._note_wait(canary["id"], canary_wait_reason(
-                decision, thumbs, active["id"], canary["id"], self.cfg.give_way()))
+                decision, thumbs, active["id"], canary["id"], GiveWay.of(self.cfg)))
         # Each change applies only while `canary` is on canary against `active`, as decided: an
         # operator's activation or abort that came first stands, and nothing is raised.
         if decision.verdict == "promote":
@@ -240,7 +240,7 @@ class Promotion:
         """Whether an undecided canary gives way (``canary.supersede_*``, ``GiveWay``) and a
         newer candidate waits. Ending it decides nothing about it: no decision's error rate
         changes, and the active version stays."""
-        return self.cfg.give_way().due(decision) and self.store.candidate_waits()
+        return GiveWay.of(self.cfg).due(decision) and self.store.candidate_waits()
 
     @staticmethod
     def _hours_on(canary: dict[str, Any]) -> float:

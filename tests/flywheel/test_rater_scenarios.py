@@ -108,7 +108,7 @@ def test_a_clear_gain_keeps_its_place_and_a_marginal_one_gives_way(honest: int) 
     thousands of thumbs), one 15 points better keeps its place and is promoted in most runs;
     giving way at the minimum whatever the thumbs show cut such a canary short in most runs."""
     runs = 60
-    rule = CanarySettings().give_way()
+    rule = GiveWay.of(CanarySettings())
     flat = simulate(Crowd(honest), 0.3, 0.3, runs, seed=30 + honest, fraction=0.5,
                     give_way=rule)
     better = simulate(Crowd(honest), 0.3, 0.45, runs, seed=40 + honest, fraction=0.5,
