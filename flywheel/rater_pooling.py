@@ -165,11 +165,6 @@ class Clustered:
                    sum(u * u for u, _ in rows), sum(u * n for u, n in rows),
                    sum(n * n for _, n in rows), len(rows))
 
-    @classmethod
-    def independent(cls, up: int, down: int) -> Clustered:
-        """Plain counts: each thumb its own request."""
-        return cls(up, up + down, up, up, up + down, up + down)
-
     def binomial_variance(self) -> float:
         """Variance of the approval were every thumb independent (Agresti-Caffo)."""
         q = _shrunk(self.up, self.n)

@@ -33,10 +33,15 @@ from tests.simulated_raters import (
 RULES = {"share": 0.1, "min_ratings": 50, "margin": 0.02, "alpha": 0.05}
 
 
+def _independent(up: int, down: int) -> Clustered:
+    """Plain counts: each thumb its own request."""
+    return Clustered.of([(1, 0)] * up + [(0, 1)] * down)
+
+
 def _rater(up_active: int, n_active: int, up_canary: int, n_canary: int
            ) -> tuple[Clustered, Clustered]:
-    return (Clustered.independent(up_active, n_active - up_active),
-            Clustered.independent(up_canary, n_canary - up_canary))
+    return (_independent(up_active, n_active - up_active),
+            _independent(up_canary, n_canary - up_canary))
 
 
 def _arms(**raters: tuple[Clustered, Clustered]
@@ -50,7 +55,7 @@ def test_a_request_whose_answers_agree_counts_nearer_one_thumb() -> None:
     about 1/sqrt(20), not 1/sqrt(60) as sixty independent thumbs would have it."""
     together = Clustered.of([(3, 0)] * 10 + [(0, 3)] * 10)
     mixed = Clustered.of([(2, 1), (1, 2)] * 10)
-    independent = Clustered.independent(30, 30)
+    independent = _independent(30, 30)
     assert (together.up, together.n, together.requests) == (30, 60, 20)
     assert together.variance() == pytest.approx(0.25 / 20 * 20 / 19)
     assert independent.variance() == pytest.approx(0.25 / 60 * 60 / 59, rel=0.02)
