@@ -88,19 +88,20 @@ WHO_COUNTS = [  # (label, crowd): 1 to 1,000 honest raters, hostile ones, minted
 
 def _who_counts_rows(runs: int, seed: int, answers: int = 1, prompt_sd: float = 0.0,
                      fraction: float = RATER_FRACTION, mixed: bool = False,
-                     crowds: str | None = None) -> None:
+                     crowds: str | None = None,
+                     few_raters: int = rater_pooling.FEW_RATERS) -> None:
     """Per crowd: canary thumbs to decide a 10- and a 20-point difference (median, p90 of the
     runs that did, and the share that did within 3,000), false promotion of a 10-point-worse
     canary and false rejection of an equal one (within 1,000). `answers`, `prompt_sd`: thumbs
     per request and how alike a request's answers are; `fraction`: the canary's share;
     `mixed`: each request's answers split between the arms (per request only; `simulate`).
-    `crowds`: only the rows whose label contains it."""
+    `crowds`: only the rows whose label contains it; `few_raters`: the judge's."""
     print(f"\nwho counts ({runs} runs each; canary unit auto: per request under 200 raters;"
           f" fraction {fraction}; {answers} thumb(s) a request, prompt sd {prompt_sd}"
           f"{', split between the arms' if mixed else ''}; thumbs are canary thumbs;"
-          f" raters' spread counted from {max(2, rater_pooling.FEW_RATERS)} raters):")
+          f" raters' spread counted from {max(2, few_raters)} raters):")
     clustered = {"answers": answers, "prompt_sd": prompt_sd, "fraction": fraction,
-                 "mixed": mixed}
+                 "mixed": mixed, "few_raters": few_raters}
     head = ("+10: done", "median", "p90", "-20: done", "median", "p90", "false +", "false -")
     print(f"{'crowd':<34} " + " ".join(f"{c:>9}" for c in head))
     for i, (label, crowd) in enumerate(WHO_COUNTS):
@@ -208,7 +209,6 @@ def main() -> None:
     parser.add_argument("--give-way", action="store_true",
                         help="print the table of undecided canaries giving way alone")
     args = parser.parse_args()
-    rater_pooling.FEW_RATERS = args.few_raters
     started = time.monotonic()
     if args.give_way:
         _give_way_rows(args.who_runs, args.seed)
@@ -216,7 +216,7 @@ def main() -> None:
         return
     if args.only_who:
         _who_counts_rows(args.who_runs, args.seed, args.answers, args.prompt_sd,
-                         args.fraction, args.mixed, args.crowds)
+                         args.fraction, args.mixed, args.crowds, args.few_raters)
         print(f"\n{time.monotonic() - started:.1f} s")
         return
     print(
@@ -240,7 +240,7 @@ def main() -> None:
     for tau in (0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3):
         print(f"{tau:>5.2f} " + " ".join(f"{_needed(t, tau):>6d}" for t in targets))
     _rater_rows(args.rater_runs, args.seed)
-    _who_counts_rows(args.who_runs, args.seed)
+    _who_counts_rows(args.who_runs, args.seed, few_raters=args.few_raters)
     print(f"\n{time.monotonic() - started:.1f} s")
 
 

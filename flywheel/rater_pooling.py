@@ -237,7 +237,8 @@ def difference_variance(active: Clustered, canary: Clustered, shared: Shared | N
 
 def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
                 share: float, weights: Mapping[str, float] | None = None,
-                shared: Mapping[str, Shared] | None = None) -> tuple[Arm, Arm]:
+                shared: Mapping[str, Shared] | None = None,
+                few_raters: int = FEW_RATERS) -> tuple[Arm, Arm]:
     """The two arms compared within raters: each rater who rated both contributes its own
     difference d_i = p_canary,i - p_active,i, weighted by its effective thumbs
     n_a n_c / (n_a + n_c) (the inverse of the difference's variance at equal approvals) under
@@ -247,7 +248,7 @@ def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
     Returns (active, canary) arms whose approvals are the weighted means of the raters' (so
     their difference is the weighted mean difference), whose counts are the thumbs of the
     counted raters (for `min_ratings`), and whose variances add up to that of the difference:
-    the raters' own (within each rater, clustered by request), and from `FEW_RATERS` raters the
+    the raters' own (within each rater, clustered by request), and from `few_raters` raters the
     larger of that and the sandwich over the raters' d_i.
     """
     weights, shared = weights or {}, shared or {}
@@ -268,7 +269,7 @@ def pool_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered]
     p_c = sum(w * pc for w, _, pc, *_ in rows) / total
     variance = sum(w * w * v for w, _, _, v, _, _ in rows) / (total * total)
     k = len(rows)
-    if k > 1 and len(both) >= FEW_RATERS:
+    if k > 1 and len(both) >= few_raters:
         spread = sum((w * ((pc - pa) - (p_c - p_a))) ** 2 for w, pa, pc, *_ in rows)
         variance = max(variance, spread / (total * total) * k / (k - 1))
     n_a = sum(row[4] for row in rows)
@@ -288,20 +289,22 @@ def _paired_raters(active: Mapping[str, Clustered], canary: Mapping[str, Cluster
 def decide_paired(active: Mapping[str, Clustered], canary: Mapping[str, Clustered], *,
                   share: float, min_ratings: int, margin: float, alpha: float,
                   weights: Mapping[str, float] | None = None,
-                  shared: Mapping[str, Shared] | None = None) -> CanaryDecision:
-    """`decide_canary` on `pool_paired`'s arms, and with fewer than `FEW_RATERS` raters no
+                  shared: Mapping[str, Shared] | None = None,
+                  few_raters: int = FEW_RATERS) -> CanaryDecision:
+    """`decide_canary` on `pool_paired`'s arms, and with fewer than `few_raters` raters no
     verdict that rests on one of them (module docstring): it waits, naming that rater in
     `tipped_by`, unless the others' thumbs still show the canary not worse by the margin (a
     promotion) or worse (a rejection), and, for an untrusted API key, decide it without it.
     Leaving a rater out can only turn a verdict into a wait, so each error stays at most alpha.
     """
     def decide(a: Mapping[str, Clustered], c: Mapping[str, Clustered]) -> CanaryDecision:
-        arms = pool_paired(a, c, share=share, weights=weights, shared=shared)
+        arms = pool_paired(a, c, share=share, weights=weights, shared=shared,
+                           few_raters=few_raters)
         return decide_canary(*arms, min_ratings=min_ratings, margin=margin, alpha=alpha)
 
     decision = decide(active, canary)
     raters = _paired_raters(active, canary)
-    if decision.verdict == "wait" or not 1 < len(raters) < FEW_RATERS:
+    if decision.verdict == "wait" or not 1 < len(raters) < few_raters:
         return decision
     for name in raters:
         rest = decide({k: v for k, v in active.items() if k != name},

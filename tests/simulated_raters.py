@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from flywheel.approval import Arm, GiveWay, decide_canary
-from flywheel.rater_pooling import Clustered, Shared, canary_unit, decide_paired, pool_arm
+from flywheel.rater_pooling import (
+    FEW_RATERS,
+    Clustered,
+    Shared,
+    canary_unit,
+    decide_paired,
+    pool_arm,
+)
 
 FRACTION = 0.2  # the settings' defaults (flywheel/settings.py, CanarySettings)
 MIN_RATINGS = 100
@@ -63,7 +70,8 @@ def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: in
              unit: str = "auto", cap: int = 3000, growth: float = 1.03,
              pooled: bool = True, fraction: float = FRACTION,
              min_ratings: int = MIN_RATINGS, give_way: GiveWay | None = None,
-             answers: int = 1, prompt_sd: float = 0.0, mixed: bool = False) -> list[Outcome]:
+             answers: int = 1, prompt_sd: float = 0.0, mixed: bool = False,
+             few_raters: int = FEW_RATERS) -> list[Outcome]:
     """The first verdict of each simulated canary, checked each time the thumbs grew by
     `growth` (checking less often than the judge can only lower the error rates), until `cap`
     canary thumbs. `pooled=False`: each arm's plain counts, every thumb independent evidence
@@ -73,11 +81,12 @@ def simulate(crowd: Crowd, p_active: float, p_canary: float, runs: int, seed: in
     `answers`: thumbs per request, every answer of a request rated, its approvals moved
     together by the prompt (sd `prompt_sd`): answers to one prompt are alike. `mixed` (per
     request): each request's answers split between the arms (`canary_answers`), so both arms
-    answer the same prompts and the judge also gets each rater's `Shared` sums."""
+    answer the same prompts and the judge also gets each rater's `Shared` sums. `few_raters`:
+    the judge's (`rater_pooling.decide_paired`)."""
     rng = np.random.default_rng(seed)
     unit = canary_unit(unit, crowd.raters, STICKY_RATERS)
     return [_one_canary(crowd, p_active, p_canary, unit, cap, growth, pooled, fraction,
-                        min_ratings, give_way, answers, prompt_sd, mixed, rng)
+                        min_ratings, give_way, answers, prompt_sd, mixed, few_raters, rng)
             for _ in range(runs)]
 
 
@@ -111,7 +120,7 @@ _SHARED = 5
 def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: int,
                 growth: float, pooled: bool, fraction: float, min_ratings: int,
                 give_way: GiveWay | None, answers: int, prompt_sd: float, mixed: bool,
-                rng: np.random.Generator) -> Outcome:
+                few_raters: int, rng: np.random.Generator) -> Outcome:
     names, p_a, p_c, activity = _raters(crowd, p_active, p_canary, rng)
     weights = {name: crowd.hostile_weight for name in names if name.startswith("user:x")}
     total = len(names)
@@ -153,7 +162,8 @@ def _one_canary(crowd: Crowd, p_active: float, p_canary: float, unit: str, cap: 
         elif unit == "request":
             decision = decide_paired(arms[0], arms[1], share=SHARE, weights=weights,
                                      min_ratings=min_ratings, margin=MARGIN, alpha=ALPHA,
-                                     shared=_shared(shared, names) if mixed else None)
+                                     shared=_shared(shared, names) if mixed else None,
+                                     few_raters=few_raters)
         else:
             decision = decide_canary(
                 *(pool_arm({name: (c.up, c.n - c.up) for name, c in arms[a].items()},
