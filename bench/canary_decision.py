@@ -126,7 +126,7 @@ GIVE_WAY_EFFECTS = (-0.1, 0.0, 0.03, 0.1, 0.15, 0.2)
 def _give_way_rows(runs: int, seed: int) -> None:
     """`flywheel up`'s canary (half the requests), a newer candidate always waiting: per crowd
     and true effect, the share of canaries promoted (P) and cut short (S) under the default
-    rule (`CanarySettings.give_way`: at the minimum while showing under +5 points, at three
+    rule (`GiveWay.of` the defaults: at the minimum while showing under +5 points, at three
     times the minimum whatever they show) beside giving way at the minimum whatever."""
     rule = GiveWay.of(CanarySettings())
     rules = (("default", rule), ("at minimum", GiveWay(rule.after, gain=1.0)))
